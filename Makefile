@@ -1,0 +1,36 @@
+# One command per task; CI and people use the same targets.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# pytest-timeout guards against a hung collective; -p no:cacheprovider keeps a fresh clone clean.
+PYTEST_ARGS ?= -q -p no:cacheprovider
+
+.PHONY: install test demo lint format bench clean
+
+install: $(STAMP)
+
+# The pinned CPU stack: torch 2.13.0+cpu, fbgemm-gpu-cpu 1.8.0, then torchrec 1.8.0 without its
+# dependency on the CUDA fbgemm-gpu (see README "GPU install" for the CUDA variant).
+$(STAMP): requirements/cpu.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -U pip 'setuptools>=77' wheel
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements/cpu.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps torchrec==1.8.0
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+demo: install
+	$(BIN)/python -m pipelines.demo
+
+lint: install
+	$(BIN)/ruff check pep_torchrec pipelines tests benchmarks
+
+format: install
+	$(BIN)/ruff format pep_torchrec pipelines tests benchmarks
+
+clean:
+	rm -rf out runs

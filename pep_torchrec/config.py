@@ -1,0 +1,285 @@
+"""One typed config tree for every run.
+
+Precedence: command line (`--set a.b=value`, `--data`, `--run-dir`) > YAML file > dataclass defaults.
+Unknown keys and values of the wrong type are errors that name the key (and the file).
+YAML in `configs/` only serialises these dataclasses; the resolved config is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key (and file)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Prepared dataset directory (`pep-torchrec data prepare --out`); `--data` sets it."""
+    batch_size: int = 1024
+    """Global training batch size (split evenly across ranks; must be divisible by the world size)."""
+    eval_batch_size: int = 8192
+    """Global evaluation batch size."""
+    shuffle_buffer_row_groups: int = 8
+    """Parquet row groups shuffled together per rank (bounded-memory shuffle)."""
+    prefetch: int = 4
+    """Batches decoded ahead by the loader's background thread (0 = synchronous)."""
+    max_train_rows: int | None = None
+    """Use only the first N training rows (smoke tests)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fm"
+    """One of fm, deepfm, autoint, dlrm."""
+    embedding_dim: int = 16
+    """Width of every field's embedding (the paper: 32 MovieLens, 24 Criteo/Avazu)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Model-specific hyper-parameters passed to `models.build_model` (e.g. mlp_dims, dropout)."""
+
+
+@dataclass
+class EmbeddingOptimizerConfig:
+    name: str = "adagrad"
+    """Fused TBE optimizer: sgd, adagrad (element-wise), rowwise_adagrad, adam (GPU only), lamb (GPU only)."""
+    lr: float = 0.05
+    """Learning rate of the embedding tables."""
+    eps: float = 1e-8
+    """Epsilon of adaptive optimizers."""
+    weight_decay: float = 0.0
+    """L2 weight decay applied by the fused optimizer to looked-up rows."""
+
+
+@dataclass
+class DenseOptimizerConfig:
+    name: str = "adam"
+    """torch.optim class for the non-embedding parameters: adam, adamw, sgd, adagrad."""
+    lr: float = 1e-3
+    """Learning rate of the dense parameters."""
+    weight_decay: float = 0.0
+    """Weight decay of the dense parameters."""
+
+
+@dataclass
+class OptimConfig:
+    embedding: EmbeddingOptimizerConfig = field(default_factory=EmbeddingOptimizerConfig)
+    """Fused optimizer of the sharded embedding tables."""
+    dense: DenseOptimizerConfig = field(default_factory=DenseOptimizerConfig)
+    """Optimizer of everything else (MLPs, attention, linear terms, bias)."""
+
+
+@dataclass
+class ShardingConfig:
+    types: list[str] = field(default_factory=list)
+    """Sharding types the planner may use for every table (table_wise, row_wise, column_wise,
+    table_row_wise, data_parallel); empty = TorchRec's default choice."""
+    compute_kernel: str = "fused"
+    """Embedding compute kernel: fused (optimizer fused into backward) or dense."""
+    min_partition: int | None = None
+    """Smallest column-wise shard width (TorchRec's default when unset)."""
+    dry_run_world_size: int = 16
+    """World size `--dry-run` plans for."""
+    dry_run_local_world_size: int = 8
+    """Ranks per node `--dry-run` assumes."""
+    hbm_gb: float = 80.0
+    """Per-rank accelerator memory the planner assumes for `--dry-run` on cuda topologies."""
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "baseline"
+    """baseline (the plain model)."""
+    seed: int = 0
+    """Seeds model init and data order."""
+    epochs: int = 1
+    """Maximum epochs."""
+    max_steps: int | None = None
+    """Stop after this many steps (overrides epochs when smaller)."""
+    eval_every: int = 0
+    """Evaluate on valid every N steps (0 = once per epoch)."""
+    patience: int = 0
+    """Early stopping: stop after this many evals without a better valid AUC (0 = off)."""
+    checkpoint_every: int = 0
+    """Save a DCP checkpoint every N steps (0 = only at evals)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk (the best-on-valid one is always kept)."""
+    log_every: int = 50
+    """Steps between training-loss log lines in metrics.jsonl."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu or cuda."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building a config from plain data, with errors that name the key.
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _from_dict(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp}")
+
+
+def _from_dict(cls: type, obj: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(obj) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {sorted(names)})")
+    kwargs = {}
+    for name, value in obj.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    # Nested dataclasses not mentioned keep their defaults; given ones are merged field by field.
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (["a", "b", "c"], YAML-parsed value). Lists are written `[x,y]`."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r} ({e})") from e
+    return key.split("."), value
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> RunConfig:
+    """Build a RunConfig from defaults, an optional YAML file and dotted overrides.
+
+    Args:
+        path: YAML file whose mapping mirrors RunConfig.
+        overrides: `key=value` strings applied after the file.
+        base: plain-data settings applied between defaults and the file (used by resume).
+    Raises:
+        ConfigError naming the file and the key.
+    """
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}{line}: invalid YAML ({getattr(e, 'problem', e)})") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+        # Validate the file on its own first so errors name the file.
+        try:
+            _from_dict(RunConfig, loaded)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from e
+        data = _merge(data, loaded)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        data = _merge(data, _nest(keys, value))
+        try:
+            _from_dict(RunConfig, data)
+        except ConfigError as e:
+            raise ConfigError(f"--set {text}: {e}") from e
+    return _from_dict(RunConfig, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, p)

@@ -1,0 +1,1 @@
+"""Datasets: raw readers, the synthetic generator, the prepared (Parquet) format and its loader."""

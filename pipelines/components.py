@@ -1,0 +1,85 @@
+"""torchx components for each stage of the workflow, so the same steps run locally or on a cluster.
+
+    torchx run -s local_cwd pipelines/components.py:prepare --dataset synthetic --out out/synth
+    torchx run -s local_cwd pipelines/components.py:train --config configs/debug_cpu.yaml \
+        --data out/synth --run_dir runs/debug -j 1x2
+    torchx run -s kubernetes pipelines/components.py:train ... -j 2x8 --gpu 8 --image <your image>
+
+`train` is TorchX's own `dist.ddp` around `pep_torchrec/train.py` (torchrun under the hood), so
+rendezvous, retries and per-node process counts are TorchX's.
+"""
+
+from __future__ import annotations
+
+import torchx
+from torchx import specs
+from torchx.components import dist, utils
+
+
+def prepare(
+    dataset: str = "synthetic",
+    out: str = "out/synthetic",
+    raw: str | None = None,
+    min_count: int | None = None,
+    split: str = "random",
+    seed: int = 0,
+    rows: int | None = None,
+    image: str = torchx.IMAGE,
+) -> specs.AppDef:
+    """Prepare a dataset (`pep-torchrec data prepare`) as a single-process job.
+
+    Args:
+        dataset: synthetic, criteo, avazu or movielens.
+        out: output directory of the prepared dataset.
+        raw: raw input file or directory (not for synthetic).
+        min_count: frequency threshold (values seen fewer times map to the field's OOV id).
+        split: random (seeded 80/10/10) or temporal.
+        seed: split / generator seed.
+        rows: synthetic rows.
+        image: container image (local_cwd ignores it).
+    """
+    args = ["data", "prepare", "--dataset", dataset, "--out", out, "--split", split, "--seed", str(seed)]
+    if raw is not None:
+        args += ["--raw", raw]
+    if min_count is not None:
+        args += ["--min-count", str(min_count)]
+    if rows is not None:
+        args += ["--rows", str(rows)]
+    return utils.python(*args, m="pep_torchrec.cli", name="pep-prepare", image=image)
+
+
+def train(
+    *overrides: str,
+    config: str,
+    data: str,
+    run_dir: str,
+    resume: bool = False,
+    j: str = "1x2",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 4096,
+    image: str = torchx.IMAGE,
+    omp_num_threads: int = 1,
+) -> specs.AppDef:
+    """Train (any stage the config names) with DistributedModelParallel over `j` = nodes x procs.
+
+    Args:
+        overrides: `key=value` config overrides (each becomes `--set key=value`).
+        config: YAML config file.
+        data: prepared dataset directory.
+        run_dir: output directory.
+        resume: continue from the latest checkpoint in run_dir.
+        j: {nnodes}x{nproc_per_node}, e.g. 1x2 locally, 2x8 on two 8-GPU nodes.
+        cpu: CPUs per replica.
+        gpu: GPUs per replica (0 on CPU: gloo; >0: NCCL).
+        memMB: memory per replica.
+        image: container image.
+        omp_num_threads: intra-op threads per process (1 avoids oversubscribing CPU hosts).
+    """
+    args = ["--config", config, "--data", data, "--run-dir", run_dir]
+    for item in overrides:
+        args += ["--set", item]
+    if resume:
+        args.append("--resume")
+    return dist.ddp(*args, script="pep_torchrec/train.py", j=j, cpu=cpu, gpu=gpu, memMB=memMB, image=image,
+                    name="pep-train", env={"OMP_NUM_THREADS": str(omp_num_threads)})

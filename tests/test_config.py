@@ -1,0 +1,64 @@
+"""Config tree: precedence, overrides, and errors that name the key and file."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pep_torchrec.config import ConfigError, RunConfig, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_file_and_overrides_precedence(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 3\n  seed: 7\nmodel:\n  name: deepfm\n")
+    cfg = load_config(path, ["train.epochs=5", "sharding.types=[table_wise,row_wise]", "model.options={dropout: 0.2}"])
+    assert cfg.train.epochs == 5  # CLI beats file
+    assert cfg.train.seed == 7  # file beats default
+    assert cfg.model.name == "deepfm"
+    assert cfg.data.batch_size == RunConfig().data.batch_size  # untouched default
+    assert cfg.sharding.types == ["table_wise", "row_wise"]
+    assert cfg.model.options == {"dropout": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown key train.epoch"),
+        ("nope.x=1", "unknown key nope"),
+        ("train.epochs=abc", "train.epochs: expected an integer"),
+        ("train.progress=3", "train.progress: expected true/false"),
+        ("data.batch_size=1.5", "data.batch_size: expected an integer"),
+        ("sharding.types=row_wise", "sharding.types: expected a list"),
+        ("train.epochs", "expected key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_file_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochz: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key train\.epochz"):
+        load_config(path)
+    path.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.max_steps=10", "model.embedding_dim=8"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    load_config(path)
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
