@@ -24,6 +24,7 @@ from pep_torchrec.config import ConfigError, EmbeddingOptimizerConfig, ShardingC
 
 SHARDING_TYPES = {t.value for t in ShardingType}
 COMPUTE_KERNELS = {"fused", "dense"}
+_MODEL_PARALLEL_TYPES = ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise")
 
 # Fused TBE optimizers by config name. Adam and LAMB have no CPU implementation in fbgemm.
 _FUSED_OPTIMIZERS = {
@@ -75,11 +76,12 @@ def make_constraints(table_names: list[str], cfg: ShardingConfig) -> dict[str, P
     if ShardingType.DATA_PARALLEL.value in cfg.types:
         # Replicated tables are ordinary DDP parameters: dense kernel, stepped by the dense optimizer.
         kernels.append("dense")
+    # Without an explicit choice, every model-parallel type is open to the planner; data-parallel
+    # is left out because replicated tables cannot use the fused kernel.
+    types = list(cfg.types) or [t for t in _MODEL_PARALLEL_TYPES]
     constraints = {}
     for name in table_names:
-        kwargs: dict = {"compute_kernels": kernels}
-        if cfg.types:
-            kwargs["sharding_types"] = list(cfg.types)
+        kwargs: dict = {"compute_kernels": kernels, "sharding_types": types}
         if cfg.min_partition is not None:
             kwargs["min_partition"] = cfg.min_partition
         constraints[name] = ParameterConstraints(**kwargs)

@@ -1,0 +1,124 @@
+"""Training entry point: config → Trainer → train → summary.
+
+Launch-agnostic; the same module runs as::
+
+    pep-torchrec train --config configs/movielens_fm.yaml --data out/ml100k --run-dir runs/fm
+    python -m pep_torchrec.train --config ...
+    torchrun --nproc-per-node 2 pep_torchrec/train.py --config ...
+    torchx run -s local_cwd dist.ddp -j 1x2 --script pep_torchrec/train.py -- --config ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (torchrun/torchx `--script pep_torchrec/train.py`): make the package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config (configs/*.yaml)")
+    parser.add_argument("--data", help="prepared dataset directory (sets data.path)")
+    parser.add_argument("--run-dir", help="output directory (config.yaml, metrics.jsonl, summary.json, checkpoints/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.epochs=3 --set sharding.types=[row_wise]")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the sharding plan and per-rank memory for sharding.dry_run_world_size ranks, then exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pep_torchrec.config import load_config
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.resume and not args.run_dir:
+        raise SystemExit("--resume needs --run-dir")
+    base = None
+    if args.resume and args.config is None:
+        # Resume with the run's own resolved config unless another one is given.
+        import yaml
+
+        base = yaml.safe_load((Path(args.run_dir) / "config.yaml").read_text())
+    cfg = load_config(args.config, overrides, base=base)
+    if not cfg.data.path:
+        raise SystemExit("no dataset: pass --data DIR (a `pep-torchrec data prepare` output) or set data.path")
+    if args.dry_run:
+        return _dry_run(cfg)
+    if not args.run_dir:
+        raise SystemExit("--run-dir is required for training")
+
+    from pep_torchrec.distributed.env import init_distributed, shutdown
+    from pep_torchrec.trainer import Trainer
+
+    env = init_distributed(cfg.train.device)
+    try:
+        trainer = Trainer(cfg, env, args.run_dir, resume=args.resume)
+        summary = trainer.train()
+        if env.is_main:
+            _print_summary(summary)
+    finally:
+        shutdown(env)
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    """Plan for `sharding.dry_run_world_size` ranks without a process group or any table memory."""
+    import torch
+
+    from pep_torchrec.data.schema import Schema
+    from pep_torchrec.distributed.sharding import make_constraints, make_sharders, plan_sharding
+    from pep_torchrec.trainer import build_train_model
+
+    schema = Schema.load(cfg.data.path)
+    world = cfg.sharding.dry_run_world_size
+    local = min(cfg.sharding.dry_run_local_world_size, world)
+    device_type = "cuda" if cfg.train.device in ("auto", "cuda") else "cpu"
+    meta = torch.device("meta")
+    model = build_train_model(cfg, schema, embedding_device=meta, dense_device=meta)
+    names = [t.name for t in model.model.ebc.embedding_bag_configs()]
+    report = plan_sharding(
+        model, sharders=make_sharders(cfg.optim.embedding, device_type),
+        constraints=make_constraints(names, cfg.sharding), world_size=world, local_world_size=local,
+        compute_device=device_type, batch_size=max(1, cfg.data.batch_size // world),
+        hbm_cap=int(cfg.sharding.hbm_gb * 1024**3) if device_type == "cuda" else None)
+    print(f"dry run: {world} ranks ({world // local} nodes x {local}), device {device_type}, "
+          f"{len(names)} tables, model {cfg.model.name}, dim {cfg.model.embedding_dim}")
+    print(report.format())
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    keys = ("stage", "dataset", "model", "world_size", "steps", "examples_per_sec", "valid_auc", "test_auc",
+            "test_logloss", "embedding_params_total", "embedding_params_kept")
+    width = max(map(len, keys))
+    for k in keys:
+        v = summary.get(k)
+        print(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pep_torchrec.logging_utils import setup_logging
+
+    setup_logging()
+    parser = argparse.ArgumentParser(prog="pep-torchrec train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from pep_torchrec.config import ConfigError
+    from pep_torchrec.data.schema import SchemaError
+
+    try:
+        return run(args)
+    except (ConfigError, SchemaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

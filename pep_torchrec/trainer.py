@@ -1,0 +1,375 @@
+"""The Trainer: DistributedModelParallel + fused TBE optimizer + TrainPipelineSparseDist, honest
+evaluation (all ranks' predictions gathered; model selection on valid only) and exact resume.
+
+The training loop runs in *segments*: runs of steps that end at an eval, a checkpoint, an epoch end or
+the last step. TrainPipelineSparseDist reads two batches ahead; ending each segment drains it, so at
+every segment boundary the model, optimizer and data position are consistent and can be checkpointed
+and restored exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from pep_torchrec.checkpoint import CheckpointManager
+from pep_torchrec.config import ConfigError, RunConfig, save_config, to_dict
+from pep_torchrec.data.loader import ParquetBatchLoader
+from pep_torchrec.data.schema import Schema
+from pep_torchrec.distributed.env import DistEnv
+from pep_torchrec.distributed.sharding import (
+    make_constraints,
+    make_sharders,
+    plan_sharding,
+    shard_model,
+)
+from pep_torchrec.metrics import log_loss, roc_auc
+from pep_torchrec.models import TrainModel, build_model, embedding_tables
+
+logger = logging.getLogger(__name__)
+
+_DENSE_OPTIMIZERS = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+def build_train_model(cfg: RunConfig, schema: Schema, *, embedding_device: torch.device,
+                      dense_device: torch.device) -> TrainModel:
+    """The unsharded model: one EBC table per sparse feature (on `embedding_device`, usually meta so
+    the full tables are never allocated before sharding), dense parts on `dense_device`."""
+    tables = embedding_tables(schema.sparse_features, cfg.model.embedding_dim)
+    ebc = EmbeddingBagCollection(tables=tables, device=embedding_device)
+    with torch.device(dense_device):
+        model = build_model(cfg.model.name, ebc=ebc, num_dense=len(schema.dense_features), **cfg.model.options)
+    return TrainModel(model)
+
+
+def embedding_params_total(schema: Schema, embedding_dim: int) -> int:
+    return sum(f.cardinality for f in schema.sparse_features) * embedding_dim
+
+
+@dataclass
+class EvalResult:
+    auc: float
+    logloss: float
+    examples: int
+
+
+class Trainer:
+    """Builds the sharded model, optimizers, loaders and pipeline from a RunConfig and trains it.
+
+    Args:
+        cfg: the resolved config (cfg.data.path must point at a prepared dataset).
+        env: the process group / device this rank runs in.
+        run_dir: output directory (config.yaml, metrics.jsonl, summary.json, checkpoints/).
+        resume: continue from the latest checkpoint in run_dir (an error if there is none).
+    """
+
+    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str | os.PathLike, *, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.env = env
+        self.run_dir = Path(run_dir)
+        self.schema = Schema.load(cfg.data.path)
+        self._check_config()
+
+        torch.manual_seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        device = env.device
+        # Tables are materialised shard by shard by DMP (which runs each table's init_fn).
+        self.train_model = build_train_model(cfg, self.schema, embedding_device=torch.device("meta"),
+                                             dense_device=device)
+        table_names = [t.name for t in self.train_model.model.ebc.embedding_bag_configs()]
+        self.sharders = make_sharders(cfg.optim.embedding, device.type)
+        self.plan_report = plan_sharding(
+            self.train_model,
+            sharders=self.sharders,
+            constraints=make_constraints(table_names, cfg.sharding),
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            compute_device=device.type,
+            batch_size=self.per_rank_batch,
+            pg=dist.group.WORLD,
+        )
+        self.model = shard_model(self.train_model, plan=self.plan_report.plan, sharders=self.sharders,
+                                 device=device, pg=dist.group.WORLD)
+        dense_cls = _DENSE_OPTIMIZERS[cfg.optim.dense.name]
+        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        self.dense_optimizer = KeyedOptimizerWrapper(
+            dense_params,
+            lambda params: dense_cls(params, lr=cfg.optim.dense.lr, weight_decay=cfg.optim.dense.weight_decay),
+        )
+        self.optimizer = CombinedOptimizer([("embedding", self.model.fused_optimizer),
+                                            ("dense", self.dense_optimizer)])
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device, execute_all_batches=True)
+
+        loader_kwargs = dict(rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
+                             prefetch=cfg.data.prefetch)
+        self.train_loader = ParquetBatchLoader(
+            cfg.data.path, "train", batch_size=self.per_rank_batch,
+            shuffle_buffer_row_groups=cfg.data.shuffle_buffer_row_groups,
+            max_rows=cfg.data.max_train_rows, **loader_kwargs)
+        eval_batch = max(1, cfg.data.eval_batch_size // env.world_size)
+        self.eval_loaders = {split: ParquetBatchLoader(cfg.data.path, split, batch_size=eval_batch, **loader_kwargs)
+                             for split in ("valid", "test")}
+        self.steps_per_epoch = self.train_loader.num_batches()
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{cfg.data.path}: the train split has fewer rows than one global batch "
+                             f"({cfg.data.batch_size}); lower data.batch_size")
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", rank=env.rank,
+                                             keep=cfg.train.keep_checkpoints)
+        self.state: dict[str, Any] = {
+            "step": 0, "best_valid_auc": None, "best_step": None, "best_valid_logloss": None,
+            "evals_since_best": 0, "train_seconds": 0.0, "examples": 0, "stopped_early": False,
+        }
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        elif env.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            (self.run_dir / "metrics.jsonl").write_text("")
+        self._barrier()
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def per_rank_batch(self) -> int:
+        return self.cfg.data.batch_size // self.env.world_size
+
+    def _check_config(self) -> None:
+        cfg, env = self.cfg, self.env
+        if cfg.train.stage != "baseline":
+            raise ConfigError(f"train.stage: {cfg.train.stage!r} is not supported (supported: baseline)")
+        if cfg.data.batch_size % env.world_size:
+            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by world size {env.world_size}")
+        if cfg.optim.dense.name not in _DENSE_OPTIMIZERS:
+            raise ConfigError(f"optim.dense.name: {cfg.optim.dense.name!r} is not one of {sorted(_DENSE_OPTIMIZERS)}")
+        if cfg.train.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+
+    def _barrier(self) -> None:
+        dist.barrier()
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optim": self.optimizer.state_dict()}
+
+    def _resume(self) -> None:
+        step = self.checkpoints.latest()
+        if step is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.checkpoints.directory}")
+        state = self._checkpoint_state()
+        saved = self.checkpoints.load(step, state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.state = saved["trainer"]
+        if self.env.is_main:
+            # metrics.jsonl continues from the checkpoint: drop lines written after it.
+            path = self.run_dir / "metrics.jsonl"
+            lines = path.read_text().splitlines() if path.exists() else []
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        logger.info("resumed from %s (step %d)", self.checkpoints.path(step), step)
+
+    def _save_checkpoint(self) -> None:
+        protect = (self.state["best_step"],) if self.state["best_step"] is not None else ()
+        self.checkpoints.save(self.state["step"], self._checkpoint_state(), {"trainer": self.state},
+                              protect=protect)
+
+    def _log_metrics(self, record: dict[str, Any]) -> None:
+        if self.env.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------------------------------
+    def _next_boundary(self, step: int) -> int:
+        """The first step after `step` at which the loop must stop to eval / checkpoint / end an epoch."""
+        cfg = self.cfg.train
+        candidates = [self.total_steps, (step // self.steps_per_epoch + 1) * self.steps_per_epoch]
+        for every in (cfg.eval_every, cfg.checkpoint_every):
+            if every > 0:
+                candidates.append((step // every + 1) * every)
+        return min(candidates)
+
+    def _is_eval_step(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        at_epoch_end = step % self.steps_per_epoch == 0
+        return step == self.total_steps or (every > 0 and step % every == 0) or (every == 0 and at_epoch_end)
+
+    def train(self) -> dict[str, Any]:
+        """Train to the end (or early stop), then evaluate the best-on-valid model on test."""
+        cfg = self.cfg.train
+        progress = None
+        if self.env.is_main and cfg.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step",
+                            dynamic_ncols=True)
+        segment_losses: list[float] = []
+        while self.state["step"] < self.total_steps and not self.state["stopped_early"]:
+            step = self.state["step"]
+            epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
+            end = self._next_boundary(step)
+            self.model.train()
+            t0 = time.perf_counter()
+            with self.train_loader.iter_epoch(epoch, start_batch=batch_in_epoch) as epoch_batches:
+                batches = itertools.islice(epoch_batches, end - step)
+                while True:
+                    try:
+                        loss, _, _, _ = self.pipeline.progress(batches)
+                    except StopIteration:
+                        break
+                    segment_losses.append(float(loss))
+                    self.state["step"] += 1
+                    if progress is not None:
+                        progress.update(1)
+                        if self.state["step"] % max(1, cfg.log_every) == 0:
+                            progress.set_postfix(loss=f"{np.mean(segment_losses[-cfg.log_every:]):.4f}")
+            self.state["train_seconds"] += time.perf_counter() - t0
+            self.state["examples"] += (self.state["step"] - step) * self.cfg.data.batch_size
+            if self.state["step"] != end:
+                raise RuntimeError(f"train loader ended at step {self.state['step']}, expected {end}")
+
+            step = self.state["step"]
+            if self._is_eval_step(step):
+                self._eval_and_select(float(np.mean(segment_losses)) if segment_losses else float("nan"))
+                segment_losses = []
+            elif cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
+                self._save_checkpoint()
+        if progress is not None:
+            progress.close()
+        return self._finish()
+
+    def _eval_and_select(self, train_loss: float) -> None:
+        step = self.state["step"]
+        valid = self.evaluate("valid")
+        best_auc = self.state["best_valid_auc"]
+        improved = best_auc is None or valid.auc > best_auc
+        if improved:
+            self.state.update(best_valid_auc=valid.auc, best_valid_logloss=valid.logloss, best_step=step,
+                              evals_since_best=0)
+        else:
+            self.state["evals_since_best"] += 1
+        patience = self.cfg.train.patience
+        if patience > 0 and self.state["evals_since_best"] >= patience:
+            self.state["stopped_early"] = True
+        seconds = self.state["train_seconds"]
+        self._log_metrics({
+            "step": step, "epoch": step / self.steps_per_epoch, "train_loss": train_loss,
+            "valid_auc": valid.auc, "valid_logloss": valid.logloss,
+            "best_valid_auc": self.state["best_valid_auc"],
+            "examples_per_sec": self.state["examples"] / seconds if seconds > 0 else None,
+            "train_seconds": seconds,
+        })
+        # Checkpoint every improvement (the model we will test) and on the checkpoint schedule.
+        every = self.cfg.train.checkpoint_every
+        if improved or (every > 0 and step % every == 0) or self.state["stopped_early"]:
+            self._save_checkpoint()
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> EvalResult:
+        """AUC / logloss on `split` over every rank's examples (gathered, so exact for any world size)."""
+        model = self.pipeline.detach()  # plain (non-pipelined) forward for eval
+        model.eval()
+        logits, labels, weights = [], [], []
+        for batch in self.eval_loaders[split]:
+            batch = batch.to(self.env.device)
+            _, (_, batch_logits, batch_labels, batch_weights) = model(batch)
+            logits.append(batch_logits.float().cpu())
+            labels.append(batch_labels.float().cpu())
+            weights.append(batch_weights.float().cpu())
+        model.train()
+        local = torch.stack([torch.cat(logits), torch.cat(labels), torch.cat(weights)])
+        gathered = _all_gather_ragged(local, self.env)
+        z, y, w = (gathered[i].double().numpy() for i in range(3))
+        return EvalResult(auc=roc_auc(y, z, w), logloss=log_loss(y, z, w), examples=int(w.sum()))
+
+    def _finish(self) -> dict[str, Any]:
+        best = self.state["best_step"]
+        if best is None:
+            raise RuntimeError("no evaluation ran; nothing to select")
+        if best != self.state["step"]:
+            # Model selection on valid: test the best-on-valid checkpoint, not the last weights.
+            state = self._checkpoint_state()
+            self.checkpoints.load(best, state)
+            self.model.load_state_dict(state["model"])
+        test = self.evaluate("test")
+        valid = self.evaluate("valid")
+        total = embedding_params_total(self.schema, self.cfg.model.embedding_dim)
+        seconds = self.state["train_seconds"]
+        summary = {
+            "stage": self.cfg.train.stage,
+            "dataset": self.schema.dataset,
+            "model": self.cfg.model.name,
+            "world_size": self.env.world_size,
+            "device": self.env.device.type,
+            "steps": self.state["step"],
+            "steps_per_epoch": self.steps_per_epoch,
+            "best_step": best,
+            "stopped_early": self.state["stopped_early"],
+            "examples_per_sec": self.state["examples"] / seconds if seconds > 0 else None,
+            "train_seconds": seconds,
+            "valid_auc": valid.auc,
+            "valid_logloss": valid.logloss,
+            "test_auc": test.auc,
+            "test_logloss": test.logloss,
+            "test_examples": test.examples,
+            "embedding_params_total": total,
+            "embedding_params_kept": total,
+            "sharding": self.plan_report.tables(),
+            "versions": _versions(),
+        }
+        if self.env.is_main:
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.run_dir / "summary.json")
+        self._barrier()
+        return summary
+
+def _all_gather_ragged(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Concatenate [C, n_r] tensors from every rank along dim 1 (n_r may differ)."""
+    if env.world_size == 1:
+        return local
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(env.world_size)]
+    dist.all_gather(sizes, torch.tensor([local.shape[1]], dtype=torch.int64))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(local.shape[0], longest, dtype=local.dtype)
+    padded[:, : local.shape[1]] = local
+    chunks = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(chunks, padded)
+    return torch.cat([c[:, : int(s.item())] for c, s in zip(chunks, sizes)], dim=1)
+
+
+def _versions() -> dict[str, str]:
+    import torchrec
+
+    import pep_torchrec
+
+    out = {"pep_torchrec": pep_torchrec.__version__, "torch": torch.__version__,
+           "torchrec": getattr(torchrec, "__version__", "unknown")}
+    try:
+        import fbgemm_gpu
+
+        out["fbgemm_gpu"] = getattr(fbgemm_gpu, "__version__", "unknown")
+    except ImportError:
+        pass
+    return out
