@@ -4,9 +4,9 @@ A prepared dataset is a directory::
 
     DIR/schema.json            this module's `Schema`, as JSON
     DIR/report.json            what the preparation read, kept and rejected (per reason)
-    DIR/vocab.parquet          columns feature (string), value (string), id (int64): the raw value →
-                               id map of every sparse feature (absent for the synthetic dataset, whose
-                               raw values *are* ids)
+    DIR/vocab.parquet          columns feature (string), value (string), id (int64), count (int64): the
+                               raw value → id map of every sparse feature, with each value's frequency
+                               (absent for the synthetic dataset, whose raw values *are* ids)
     DIR/train/part-00000.parquet, DIR/valid/..., DIR/test/...
 
 Parquet columns of every split file:
@@ -15,8 +15,9 @@ Parquet columns of every split file:
                      list<int64> for a multi-hot one (an empty list is an empty bag)
     <dense name>     float32, already transformed (e.g. log1p), missing → 0
 
-Id 0 of every sparse feature is its OOV id: values seen fewer than `min_count` times in the training
-input, values unseen at serving time and missing values that were not frequent enough all map to it.
+Id 0 of every sparse feature is its OOV id: values seen fewer than `min_count` times in the input
+(all splits, as the paper counts them), values unseen at serving time and missing values that were
+not frequent enough all map to it.
 Ids 1..cardinality-1 are the kept values, most frequent first (ties broken by the raw value's string).
 """
 
