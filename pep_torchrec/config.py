@@ -36,6 +36,9 @@ class DataConfig:
     """Batches decoded ahead by the loader's background thread (0 = synchronous)."""
     max_train_rows: int | None = None
     """Use only the first N training rows (smoke tests)."""
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    """If set and `path` holds no prepared dataset yet, rank 0 first generates the synthetic dataset
+    there with these generator options (e.g. {rows: 20000, cardinality: 1000}); other ranks wait."""
 
 
 @dataclass

@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (configs/*.yaml)")
     parser.add_argument("--data", help="prepared dataset directory (sets data.path)")
     parser.add_argument("--run-dir", help="output directory (config.yaml, metrics.jsonl, summary.json, checkpoints/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set train.epochs=3 --set sharding.types=[row_wise]")
+    # nargs="+" as well as repetition: torchx rejects a repeated flag after `--`, so under torchx the
+    # overrides go in one `--set a=1 b=2`.
+    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override config fields, e.g. --set train.epochs=3 sharding.types=[row_wise]")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the sharding plan and per-rank memory for sharding.dry_run_world_size ranks, then exit")
@@ -111,11 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     from pep_torchrec.config import ConfigError
+    from pep_torchrec.data.report import PrepareError
     from pep_torchrec.data.schema import SchemaError
 
     try:
         return run(args)
-    except (ConfigError, SchemaError) as e:
+    except (ConfigError, SchemaError, PrepareError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

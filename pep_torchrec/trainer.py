@@ -27,7 +27,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from pep_torchrec.checkpoint import CheckpointManager
-from pep_torchrec.config import ConfigError, RunConfig, save_config, to_dict
+from pep_torchrec.config import ConfigError, RunConfig, save_config
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.distributed.env import DistEnv
@@ -61,6 +61,17 @@ def build_train_model(cfg: RunConfig, schema: Schema, *, embedding_device: torch
     return TrainModel(model)
 
 
+def ensure_dataset(path: str, synthetic_options: dict[str, Any], env: DistEnv) -> None:
+    """Generate the configured synthetic dataset at `path` if it is not there yet (rank 0 writes,
+    atomically; the others wait at a barrier)."""
+    if synthetic_options and not (Path(path) / "schema.json").is_file():
+        if env.is_main:
+            from pep_torchrec.data.prepare import prepare_dataset
+
+            prepare_dataset("synthetic", None, path, **synthetic_options)
+        dist.barrier()
+
+
 def embedding_params_total(schema: Schema, embedding_dim: int) -> int:
     return sum(f.cardinality for f in schema.sparse_features) * embedding_dim
 
@@ -86,6 +97,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.run_dir = Path(run_dir)
+        ensure_dataset(cfg.data.path, cfg.data.synthetic, env)
         self.schema = Schema.load(cfg.data.path)
         self._check_config()
 
@@ -177,6 +189,10 @@ class Trainer:
         step = self.checkpoints.latest()
         if step is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.checkpoints.directory}")
+        # Adam & co. create their state lazily at the first step; DCP loads in place, so the state
+        # must exist first (a zero-gradient step; the weights are overwritten by the load anyway).
+        self.dense_optimizer.init_state()
+        self.dense_optimizer.zero_grad(set_to_none=True)
         state = self._checkpoint_state()
         saved = self.checkpoints.load(step, state)
         self.model.load_state_dict(state["model"])
