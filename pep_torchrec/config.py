@@ -47,6 +47,8 @@ class ModelConfig:
     """One of fm, deepfm, autoint, dlrm."""
     embedding_dim: int = 16
     """Width of every field's embedding (the paper: 32 MovieLens, 24 Criteo/Avazu)."""
+    init_std: float | None = None
+    """Embedding init N(0, init_std²); null keeps TorchRec's uniform ±sqrt(1/num_embeddings)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Model-specific hyper-parameters passed to `models.build_model` (e.g. mlp_dims, dropout)."""
 
@@ -122,6 +124,10 @@ class TrainConfig:
     """auto (cuda if available, else cpu), cpu or cuda."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    num_threads: int = 0
+    """Intra-op threads per process; 0 = OMP_NUM_THREADS if set, else (cores per rank) - 1, leaving a
+    core to the data loader (on a 2-core machine 2 OpenMP threads next to the loader ran 4x slower
+    than 1, because OpenMP threads spin while they wait)."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pep_torchrec.checkpoint import CheckpointManager
 from pep_torchrec.config import ConfigError, RunConfig, save_config
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import Schema
-from pep_torchrec.distributed.env import DistEnv
+from pep_torchrec.distributed.env import DistEnv, configure_threads
 from pep_torchrec.distributed.sharding import (
     make_constraints,
     make_sharders,
@@ -54,7 +54,7 @@ def build_train_model(cfg: RunConfig, schema: Schema, *, embedding_device: torch
                       dense_device: torch.device) -> TrainModel:
     """The unsharded model: one EBC table per sparse feature (on `embedding_device`, usually meta so
     the full tables are never allocated before sharding), dense parts on `dense_device`."""
-    tables = embedding_tables(schema.sparse_features, cfg.model.embedding_dim)
+    tables = embedding_tables(schema.sparse_features, cfg.model.embedding_dim, init_std=cfg.model.init_std)
     ebc = EmbeddingBagCollection(tables=tables, device=embedding_device)
     with torch.device(dense_device):
         model = build_model(cfg.model.name, ebc=ebc, num_dense=len(schema.dense_features), **cfg.model.options)
@@ -101,6 +101,7 @@ class Trainer:
         self.schema = Schema.load(cfg.data.path)
         self._check_config()
 
+        configure_threads(cfg.train.num_threads, env.local_world_size)
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         device = env.device

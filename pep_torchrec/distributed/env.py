@@ -66,6 +66,15 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     )
 
 
+def configure_threads(requested: int, local_world_size: int) -> int:
+    """Set torch's intra-op thread count (see TrainConfig.num_threads); returns the count in use."""
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size) - 1))
+    return torch.get_num_threads()
+
+
 def shutdown(env: DistEnv) -> None:
     if env.owns_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -36,11 +37,22 @@ class _SparseFeatureLike(Protocol):
     cardinality: int
 
 
+@dataclass(frozen=True)
+class NormalInit:
+    """Table init_fn: N(0, std²). A picklable object, because DMP re-runs init_fn on every shard."""
+
+    std: float
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.nn.init.normal_(weight, mean=0.0, std=self.std)
+
+
 def embedding_tables(
     schema_sparse_features: Iterable[_SparseFeatureLike],
     embedding_dim: int,
     *,
     prefix: str = "t_",
+    init_std: float | None = None,
 ) -> list[EmbeddingBagConfig]:
     """One sum-pooled table per sparse field, named `prefix + field name`.
 
@@ -49,10 +61,11 @@ def embedding_tables(
             `cardinality`), in model order.
         embedding_dim: D, shared by all tables.
         prefix: table-name prefix; the feature name stays the field name.
+        init_std: initialise each table N(0, init_std²); None keeps TorchRec's default, uniform
+            ±sqrt(1/num_embeddings), which is large for small vocabularies.
 
     Returns:
-        EmbeddingBagConfigs with `num_embeddings = cardinality`, `feature_names = [name]` and
-        TorchRec's default init (uniform ±sqrt(1/num_embeddings)).
+        EmbeddingBagConfigs with `num_embeddings = cardinality` and `feature_names = [name]`.
     """
     if embedding_dim <= 0:
         raise ValueError(f"embedding_dim must be positive, got {embedding_dim}")
@@ -66,6 +79,7 @@ def embedding_tables(
                 embedding_dim=embedding_dim,
                 num_embeddings=feature.cardinality,
                 feature_names=[feature.name],
+                init_fn=None if init_std is None else NormalInit(init_std),
             )
         )
     if not tables:
