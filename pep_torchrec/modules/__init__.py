@@ -1,1 +1,28 @@
-"""modules."""
+"""Unsharded PEP embedding modules: the semantics the sharded modules in `pep_torchrec.distributed`
+reproduce."""
+
+from pep_torchrec.modules.pep_embedding_modules import (
+    ALIASES,
+    COARSE_GRANULARITIES,
+    GRANULARITIES,
+    ROW_GRANULARITIES,
+    PEPEmbeddingBagCollection,
+    PEPInitFn,
+    canonical_granularity,
+    pep_reference_pooled,
+    stored_width,
+    threshold_mode,
+)
+
+__all__ = [
+    "ALIASES",
+    "COARSE_GRANULARITIES",
+    "GRANULARITIES",
+    "ROW_GRANULARITIES",
+    "PEPEmbeddingBagCollection",
+    "PEPInitFn",
+    "canonical_granularity",
+    "pep_reference_pooled",
+    "stored_width",
+    "threshold_mode",
+]

@@ -1,1 +1,25 @@
-"""ops."""
+"""Kernels of PEP: thresholding + pooling of gathered embedding rows.
+
+`threshold_pool` is the single entry point the embedding modules (unsharded and sharded) call; the
+pure-PyTorch reference in `threshold_pool.py` is its specification.
+"""
+
+from pep_torchrec.ops.threshold_pool import (
+    ROW_S_COLUMNS,
+    ThresholdMode,
+    margins,
+    row_width,
+    s_columns,
+    threshold,
+    threshold_pool,
+)
+
+__all__ = [
+    "ROW_S_COLUMNS",
+    "ThresholdMode",
+    "margins",
+    "row_width",
+    "s_columns",
+    "threshold",
+    "threshold_pool",
+]
