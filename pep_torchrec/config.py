@@ -101,9 +101,40 @@ class ShardingConfig:
 
 
 @dataclass
+class PEPConfig:
+    granularity: str = "feature_dim"
+    """Threshold granularity: global, dimension, field, field_dim, feature, feature_dim."""
+    s0: float = -15.0
+    """Initial threshold logit s (the paper: -15 MovieLens, -150 Criteo/Avazu)."""
+    gk: float = 1.0
+    """Threshold scale: g(s) = gk * sigmoid(s)."""
+    s_decay: float = 0.0
+    """L2 pull of s towards 0 added to its gradient where rows are looked up (the authors' weight decay)."""
+    s_push: float = 0.0
+    """Constant upward force on s added (negated) to its gradient per looked-up row."""
+    target_epochs: float = 0.0
+    """Pressure controller: bring the kept share down to `target_floor` over this many epochs along
+    a geometric schedule, adapting gk at every eval (0 = fixed gk, the paper's mechanism)."""
+    target_floor: float = 0.0
+    """Kept share the schedule ends at (0 = 0.8 x the smallest budget)."""
+    controller_gain: float = 2.0
+    """Largest factor by which the controller changes gk per eval."""
+    budgets: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02])
+    """Search: save a mask keeping exactly this many elements when the kept count first reaches it
+    (<= 1: share of embedding_params_total; > 1: absolute count)."""
+    stop_after_budgets: bool = True
+    """Search: stop once every budget has its snapshot."""
+    mask: str = ""
+    """Retrain: the mask directory (a search's masks/budget_*; `--mask` sets it)."""
+    reinit: bool = False
+    """Retrain: start from a fresh initialisation instead of the mask's init (lottery-ticket rewind)."""
+
+
+@dataclass
 class TrainConfig:
     stage: str = "baseline"
-    """baseline (the plain model)."""
+    """baseline (plain model), search (PEP thresholds learn, masks saved at budgets) or retrain
+    (embedding rewound to the mask's init x mask, thresholds off)."""
     seed: int = 0
     """Seeds model init and data order."""
     epochs: int = 1
@@ -136,6 +167,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    pep: PEPConfig = field(default_factory=PEPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

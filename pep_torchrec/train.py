@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # overrides go in one `--set a=1 b=2`.
     parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override config fields, e.g. --set train.epochs=3 sharding.types=[row_wise]")
+    parser.add_argument("--mask", help="retrain: mask directory from a search run (sets pep.mask)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the sharding plan and per-rank memory for sharding.dry_run_world_size ranks, then exit")
@@ -39,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={json.dumps(args.data)}")
+    if args.mask:
+        overrides.append(f"pep.mask={json.dumps(args.mask)}")
     if args.resume and not args.run_dir:
         raise SystemExit("--resume needs --run-dir")
     base = None

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -31,7 +32,9 @@ from pep_torchrec.config import ConfigError, RunConfig, save_config
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.distributed.env import DistEnv, configure_threads
+from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_sharders
 from pep_torchrec.distributed.sharding import (
+    fused_params,
     make_constraints,
     make_sharders,
     plan_sharding,
@@ -39,6 +42,9 @@ from pep_torchrec.distributed.sharding import (
 )
 from pep_torchrec.metrics import log_loss, roc_auc
 from pep_torchrec.models import TrainModel, build_model, embedding_tables
+from pep_torchrec.modules import PEPEmbeddingBagCollection
+from pep_torchrec.pep_stage import PEPStage
+from pep_torchrec.pruning import read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +56,43 @@ _DENSE_OPTIMIZERS = {
 }
 
 
+STAGES = ("baseline", "search", "retrain")
+PEP_STAGES = ("search", "retrain")
+
+
+def all_table_names(model: nn.Module) -> list[str]:
+    """Every embedding table of the (unsharded) model: plain EBCs and PEP modules."""
+    names = []
+    for module in model.modules():
+        if isinstance(module, (EmbeddingBagCollection, PEPEmbeddingBagCollection)):
+            names += [c.name for c in module.embedding_bag_configs()]
+    return list(dict.fromkeys(names))
+
+
+def plan_inputs(cfg: RunConfig, model: nn.Module, device_type: str):
+    """(sharders, constraints) for `model`: PEP tables restricted to the sharding types they support."""
+    fused = fused_params(cfg.optim.embedding, device_type)
+    constraints = make_constraints(all_table_names(model), cfg.sharding)
+    if cfg.train.stage in PEP_STAGES:
+        try:
+            constraints = pep_constraints(model, constraints)
+        except ValueError as e:
+            raise ConfigError(f"sharding.types: {e}") from e
+        return pep_sharders(fused), constraints
+    return make_sharders(cfg.optim.embedding, device_type), constraints
+
+
 def build_train_model(cfg: RunConfig, schema: Schema, *, embedding_device: torch.device,
                       dense_device: torch.device) -> TrainModel:
     """The unsharded model: one EBC table per sparse feature (on `embedding_device`, usually meta so
     the full tables are never allocated before sharding), dense parts on `dense_device`."""
     tables = embedding_tables(schema.sparse_features, cfg.model.embedding_dim, init_std=cfg.model.init_std)
-    ebc = EmbeddingBagCollection(tables=tables, device=embedding_device)
+    if cfg.train.stage in PEP_STAGES:
+        ebc = PEPEmbeddingBagCollection(
+            tables, granularity=cfg.pep.granularity, s0=cfg.pep.s0, gk=cfg.pep.gk, s_decay=cfg.pep.s_decay,
+            s_push=cfg.pep.s_push, retrain=cfg.train.stage == "retrain", device=embedding_device)
+    else:
+        ebc = EmbeddingBagCollection(tables=tables, device=embedding_device)
     with torch.device(dense_device):
         model = build_model(cfg.model.name, ebc=ebc, num_dense=len(schema.dense_features), **cfg.model.options)
     return TrainModel(model)
@@ -108,12 +145,12 @@ class Trainer:
         # Tables are materialised shard by shard by DMP (which runs each table's init_fn).
         self.train_model = build_train_model(cfg, self.schema, embedding_device=torch.device("meta"),
                                              dense_device=device)
-        table_names = [t.name for t in self.train_model.model.ebc.embedding_bag_configs()]
-        self.sharders = make_sharders(cfg.optim.embedding, device.type)
+        self.sharders, constraints = plan_inputs(cfg, self.train_model, device.type)
+        pep_tables = {c.name: c.num_embeddings for c in self.train_model.model.ebc.embedding_bag_configs()}
         self.plan_report = plan_sharding(
             self.train_model,
             sharders=self.sharders,
-            constraints=make_constraints(table_names, cfg.sharding),
+            constraints=constraints,
             world_size=env.world_size,
             local_world_size=env.local_world_size,
             compute_device=device.type,
@@ -154,14 +191,26 @@ class Trainer:
         self.state: dict[str, Any] = {
             "step": 0, "best_valid_auc": None, "best_step": None, "best_valid_logloss": None,
             "evals_since_best": 0, "train_seconds": 0.0, "examples": 0, "stopped_early": False,
+            "stop_reason": None, "snapshots": [], "gk": cfg.pep.gk, "kept": None,
         }
+        self.pep: PEPStage | None = None
+        if cfg.train.stage in PEP_STAGES:
+            self.pep = PEPStage(cfg.pep, cfg.train.stage, self.model, tables=pep_tables,
+                                dim=cfg.model.embedding_dim, rank=env.rank, run_dir=self.run_dir,
+                                steps_per_epoch=self.steps_per_epoch)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._barrier()
         if resume:
             self._resume()
-        elif env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
-            (self.run_dir / "metrics.jsonl").write_text("")
+        else:
+            if env.is_main:
+                save_config(cfg, self.run_dir / "config.yaml")
+                (self.run_dir / "metrics.jsonl").write_text("")
+            if cfg.train.stage == "search":
+                self.pep.save_init()  # the lottery ticket's rewind point
+            elif cfg.train.stage == "retrain":
+                self.pep.load_ticket()
         self._barrier()
 
     # ------------------------------------------------------------------------------------------------
@@ -171,8 +220,10 @@ class Trainer:
 
     def _check_config(self) -> None:
         cfg, env = self.cfg, self.env
-        if cfg.train.stage != "baseline":
-            raise ConfigError(f"train.stage: {cfg.train.stage!r} is not supported (supported: baseline)")
+        if cfg.train.stage not in STAGES:
+            raise ConfigError(f"train.stage: {cfg.train.stage!r} is not one of {list(STAGES)}")
+        if cfg.train.stage == "retrain" and not cfg.pep.mask:
+            raise ConfigError("train.stage=retrain needs a mask: pass --mask DIR (a search's masks/budget_*)")
         if cfg.data.batch_size % env.world_size:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by world size {env.world_size}")
         if cfg.optim.dense.name not in _DENSE_OPTIMIZERS:
@@ -199,6 +250,10 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.state = saved["trainer"]
+        if self.pep is not None:
+            self.pep.module.gk = self.state["gk"]
+            if self.cfg.train.stage == "retrain":
+                self.pep.mask_meta = read_meta(self.cfg.pep.mask)
         if self.env.is_main:
             # metrics.jsonl continues from the checkpoint: drop lines written after it.
             path = self.run_dir / "metrics.jsonl"
@@ -287,20 +342,42 @@ class Trainer:
         else:
             self.state["evals_since_best"] += 1
         patience = self.cfg.train.patience
-        if patience > 0 and self.state["evals_since_best"] >= patience:
-            self.state["stopped_early"] = True
+        # A search is driven by its budgets, not by valid AUC (which falls as it prunes).
+        if patience > 0 and self.cfg.train.stage != "search" and self.state["evals_since_best"] >= patience:
+            self.state.update(stopped_early=True, stop_reason="patience")
         seconds = self.state["train_seconds"]
-        self._log_metrics({
+        record = {
             "step": step, "epoch": step / self.steps_per_epoch, "train_loss": train_loss,
             "valid_auc": valid.auc, "valid_logloss": valid.logloss,
             "best_valid_auc": self.state["best_valid_auc"],
             "examples_per_sec": self.state["examples"] / seconds if seconds > 0 else None,
             "train_seconds": seconds,
-        })
+        }
+        if self.cfg.train.stage == "search":
+            record.update(self._search_eval(step, valid.auc))
+        self._log_metrics(record)
         # Checkpoint every improvement (the model we will test) and on the checkpoint schedule.
         every = self.cfg.train.checkpoint_every
         if improved or (every > 0 and step % every == 0) or self.state["stopped_early"]:
             self._save_checkpoint()
+
+    def _search_eval(self, step: int, valid_auc: float) -> dict[str, Any]:
+        """Count kept elements, snapshot the budgets just reached, adapt the pressure."""
+        assert self.pep is not None
+        by_table = self.pep.kept_by_table()
+        kept = sum(by_table.values())
+        self.state["kept"] = kept
+        done = {snap["budget"] for snap in self.state["snapshots"]}
+        for count, budget in self.pep.budgets:
+            if budget not in done and kept <= count:
+                self.state["snapshots"].append(
+                    self.pep.snapshot(budget, count, step=step, valid_auc=valid_auc, kept_now=kept))
+        gk = self.pep.adapt_pressure(step, kept / self.pep.total)
+        self.state["gk"] = gk
+        if self.cfg.pep.stop_after_budgets and len(self.state["snapshots"]) == len(self.pep.budgets):
+            self.state.update(stopped_early=True, stop_reason="budgets_reached")
+        return {"kept": kept, "kept_share": kept / self.pep.total, "kept_by_table": by_table, "gk": gk,
+                "snapshots": len(self.state["snapshots"])}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> EvalResult:
@@ -320,10 +397,19 @@ class Trainer:
         z, y, w = (gathered[i].double().numpy() for i in range(3))
         return EvalResult(auc=roc_auc(y, z, w), logloss=log_loss(y, z, w), examples=int(w.sum()))
 
+    def _kept_params(self, total: int) -> int:
+        if self.cfg.train.stage == "search":
+            return self.state["kept"] if self.state["kept"] is not None else total
+        if self.cfg.train.stage == "retrain":
+            return int(self.pep.mask_meta["kept"])
+        return total
+
     def _finish(self) -> dict[str, Any]:
         best = self.state["best_step"]
         if best is None:
             raise RuntimeError("no evaluation ran; nothing to select")
+        if self.cfg.train.stage == "search":
+            best = self.state["step"]  # a search's product is its masks; report the final model
         if best != self.state["step"]:
             # Model selection on valid: test the best-on-valid checkpoint, not the last weights.
             state = self._checkpoint_state()
@@ -351,10 +437,18 @@ class Trainer:
             "test_logloss": test.logloss,
             "test_examples": test.examples,
             "embedding_params_total": total,
-            "embedding_params_kept": total,
+            "embedding_params_kept": self._kept_params(total),
+            "stop_reason": self.state["stop_reason"],
             "sharding": self.plan_report.tables(),
             "versions": _versions(),
         }
+        if self.cfg.train.stage == "search":
+            summary["snapshots"] = self.state["snapshots"]
+            summary["gk"] = self.state["gk"]
+        elif self.cfg.train.stage == "retrain":
+            summary["mask"] = str(self.cfg.pep.mask)
+            summary["reinit"] = self.cfg.pep.reinit
+            summary["nonzero_embedding_params"] = self.pep.nonzero_v()
         if self.env.is_main:
             tmp = self.run_dir / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,467 @@
+"""The shard-local half of sharded PEP: TorchRec sharding classes, lookup and TBE kernels that gather
+the looked-up `[v | s]` rows of a shard and threshold + pool them with `threshold_pool`.
+
+Legend: T = features of a kernel's group, B = bags per feature on this shard (after the input
+all-to-all: the global batch for table-wise, every rank's batch for row-wise), N_f = ids of feature f
+on this shard, N_max = max_f N_f, C = stored columns of a table on this shard (W, or a column slice of
+D for column-wise coarse tables), D = logical embedding dim, W = stored row width.
+
+How TorchRec builds a sharded EBC, and where we plug in (torchrec 1.8 sources):
+
+    ShardedEmbeddingBagCollection.__init__                      (distributed/embeddingbag.py:628)
+      └─ self.create_embedding_bag_sharding(infos, ...)         (embeddingbag.py:732, one per type)
+           └─ Tw/Rw/TwRw/Cw/TwCwPooledEmbeddingSharding          (distributed/sharding/*.py)
+      └─ _create_lookups(): sharding.create_lookup()            (embeddingbag.py:1676)
+           └─ GroupedPooledEmbeddingsLookup                      (distributed/embedding_lookup.py:605)
+                └─ _create_embedding_kernel(config, ...)         (embedding_lookup.py:686)
+                     └─ BatchedFusedEmbeddingBag (one fbgemm TBE per group of tables)
+                                                                 (distributed/batched_embedding_kernel.py:3724)
+      └─ _create_output_dist(): sharding.create_output_dist() and sharding.embedding_dims()
+                                                                 (embeddingbag.py:1682)
+
+The classes below subclass each of those links and change only:
+  * the kernel's `forward` (gather rows through the pooled TBE path, then `threshold_pool`), so the
+    TBE's fused backward applies the optimizer to exactly the looked-up rows, v and s together;
+  * the output widths the shardings report: a `[v | s]` table of width W pools to D columns, and
+    only those cross ranks (the output all-to-all / reduce-scatter sizes come from
+    `embedding_dims()` / `_dim_sum_per_rank()` / `_emb_dim_per_rank_per_feature()` /
+    `_dim_sum_per_node()` / `_emb_dim_per_node_per_feature()`, which TorchRec derives from
+    `GroupedEmbeddingConfig.embedding_dims()` (= the tables' local_cols); we return D instead).
+Everything else (planning, input distribution, state dict, checkpointing, the fused optimizer)
+stays TorchRec's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from itertools import accumulate
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
+from torchrec.distributed.comm_ops import get_gradient_division
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.distributed.embedding_types import (
+    BaseEmbeddingLookup,
+    BaseGroupedFeatureProcessor,
+    EmbeddingComputeKernel,
+    GroupedEmbeddingConfig,
+)
+from torchrec.distributed.sharding.cw_sharding import CwPooledEmbeddingSharding
+from torchrec.distributed.sharding.rw_sharding import RwPooledEmbeddingSharding
+from torchrec.distributed.sharding.tw_sharding import TwPooledEmbeddingSharding
+from torchrec.distributed.sharding.twcw_sharding import TwCwPooledEmbeddingSharding
+from torchrec.distributed.sharding.twrw_sharding import TwRwPooledEmbeddingSharding
+from torchrec.distributed.types import ShardingEnv, ShardingType
+from torchrec.modules.embedding_configs import PoolingMode
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pep_torchrec.ops import ThresholdMode, row_width, threshold_pool
+
+# Modes whose stored row carries more than v ([v | s], [v | s | pad], [v | m]): the row must stay
+# whole on one shard, and the pooled output (D columns) is narrower than the stored row (W).
+FULL_ROW_MODES = frozenset({ThresholdMode.ROW_DIM, ThresholdMode.ROW, ThresholdMode.MASK})
+
+
+@dataclasses.dataclass(frozen=True)
+class PEPTableSpec:
+    """What a shard needs to know about a PEP table besides TorchRec's own table config.
+
+    Attributes:
+        name: the (stored) table name.
+        dim: D, the logical embedding dim (the pooled output width).
+        mode: where the table's thresholds live.
+    """
+
+    name: str
+    dim: int
+    mode: ThresholdMode
+
+    @property
+    def width(self) -> int:
+        """W, the stored row width TorchRec sees."""
+        return row_width(self.dim, self.mode)
+
+    @property
+    def full_row(self) -> bool:
+        """Whether a shard must hold whole stored rows (row-carried thresholds or mask)."""
+        return self.mode in FULL_ROW_MODES
+
+    def output_cols(self, local_cols: int) -> int:
+        """Pooled columns a shard holding `local_cols` stored columns produces: D for whole
+        `[v | s]` / `[v | m]` rows, else its slice of v (coarse / plain tables, maybe column-wise)."""
+        return self.dim if self.full_row else local_cols
+
+
+@dataclasses.dataclass(frozen=True)
+class PEPStepParams:
+    """The per-forward PEP values of one table, read from the owning sharded module every forward
+    (so a controller can change s_push between steps, and coarse thresholds are live parameters).
+
+    Attributes:
+        gk: threshold scale.
+        s_decay, s_push: sparsity pressure, as `threshold_pool` takes them (already rescaled by the
+            owner to TorchRec's gradient semantics; see `ShardedPEPEmbeddingBagCollection`).
+        coarse_s: [D] threshold logits (COARSE), with the owner's gradient scaling applied; else None.
+    """
+
+    gk: float
+    s_decay: float
+    s_push: float
+    coarse_s: Tensor | None
+
+
+# table name, the shard's column offset into [0, D), its column count → the table's step params.
+StepParamsFn = Callable[[str, int, int], PEPStepParams]
+
+
+def gradient_scale_factor(pg: dist.ProcessGroup | None) -> int:
+    """The factor TorchRec's output all-to-all / reduce-scatter divides routed gradients by: the
+    world size when gradient division is on (the default), else 1.
+
+    Mirrors `GroupedPooledEmbeddingsLookup._scale_gradient_factor` (embedding_lookup.py:676), which
+    TorchRec uses to scale the gradient of data-parallel per-sample weights back up.
+    """
+    return dist.get_world_size(pg) if get_gradient_division() else 1
+
+
+class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
+    """TorchRec's fused TBE kernel (one fbgemm TBE over a group of tables, optimizer applied in
+    backward) with the PEP forward.
+
+    The TBE is asked for one id per bag (pooled path, offsets = per-feature aranges): its output row
+    n of feature f is exactly the stored row of the n-th id, and its fused backward applies the
+    optimizer to exactly those rows (v and s columns alike). fbgemm's unpooled
+    (PoolingMode.NONE) path would do the same but its CPU backward is ~12x slower (DESIGN.md).
+    """
+
+    def __init__(
+        self,
+        config: GroupedEmbeddingConfig,
+        pg: dist.ProcessGroup | None = None,
+        device: torch.device | None = None,
+        sharding_type: ShardingType | None = None,
+        env: ShardingEnv | None = None,
+        *,
+        pep_specs: Mapping[str, PEPTableSpec],
+    ) -> None:
+        super().__init__(config, pg=pg, device=device, sharding_type=sharding_type, env=env)
+        self._pep_table_specs: list[PEPTableSpec] = []
+        for table in self._config.embedding_tables:
+            if table.name not in pep_specs:
+                raise ValueError(f"table {table.name}: no PEP spec given to the PEP kernel")
+            spec = pep_specs[table.name]
+            if spec.full_row and table.local_cols != spec.width:
+                # The sharder refuses these plans; this guards hand-made ones.
+                raise ValueError(
+                    f"table {table.name}: this shard holds {table.local_cols} of the {spec.width} stored "
+                    f"columns, but mode {spec.mode.value!r} needs whole [v | s] / [v | m] rows"
+                )
+            self._pep_table_specs.append(spec)
+        self._pep_pooling = "mean" if self._pooling == PoolingMode.MEAN else "sum"
+        self._pep_step_params: StepParamsFn | None = None
+
+    def bind_step_params(self, fn: StepParamsFn) -> None:
+        """Set where the kernel reads gk, s_decay, s_push and coarse thresholds each forward (a
+        bound method of the owning `ShardedPEPEmbeddingBagCollection`; a plain attribute, so the
+        owner is not registered as a submodule of its own kernel)."""
+        self._pep_step_params = fn
+
+    def pep_tables(self) -> list[tuple[PEPTableSpec, int, int, Tensor]]:
+        """This kernel's local shards: (spec, row offset, column offset, [rows, C] stored weight)."""
+        return [
+            (spec, row_offset, col_offset, weight)
+            for spec, row_offset, col_offset, weight in zip(
+                self._pep_table_specs,
+                self._row_offset,
+                self._col_offset,
+                self.split_embedding_weights(),
+            )
+        ]
+
+    def forward(
+        self,
+        features: KeyedJaggedTensor,
+        vbe_output: Tensor | None = None,
+        vbe_output_offsets: Tensor | None = None,
+    ) -> Tensor:
+        """Thresholded, pooled embeddings of this shard's features.
+
+        Args:
+            features: this group's features on this shard (local row ids), T keys × B bags.
+
+        Returns:
+            [B, sum over features of output cols] in feature order: what the stock kernel returns,
+            except that a whole `[v | s]` row pools to its D v-columns.
+        """
+        if features.variable_stride_per_key():
+            raise NotImplementedError("PEP tables do not support variable batch size per feature (VBE)")
+        if self._pep_step_params is None:
+            raise RuntimeError(
+                "PEP kernel called before ShardedPEPEmbeddingBagCollection bound its parameters "
+                "(build it through PEPEmbeddingBagCollectionSharder)"
+            )
+        num_features = len(features.keys())
+        batch = features.stride()
+        values = features.values()
+        offsets = features.offsets()
+        weights = features.weights_or_none()
+        if weights is not None and not torch.is_floating_point(weights):
+            weights = None  # as BaseBatchedEmbeddingBag.forward: integer weights are not weights
+        ids_per_feature: list[int] = features.length_per_key()
+        starts = list(accumulate(ids_per_feature, initial=0))
+
+        # Gather: feature f gets N_max one-id bags; bag n holds id n of f while n < N_f, later bags
+        # are empty (zero rows, no gradient). One TBE call for the whole group: the TBE wants the
+        # same bag count for every feature (short of VBE), hence the padding to N_max, which costs
+        # T·N_max·C output elements (∝ ids when the features of a group have similar id counts).
+        # `length_per_key()` is cached by the input dist when it can be; else it syncs the host.
+        num_bags = max([*ids_per_feature, 1])
+        device = values.device
+        start_T = torch.tensor(starts[:-1], dtype=torch.int64, device=device)
+        count_T = torch.tensor(ids_per_feature, dtype=torch.int64, device=device)
+        bag_N = torch.arange(num_bags, dtype=torch.int64, device=device)
+        gather_offsets = torch.cat(
+            [
+                (start_T.unsqueeze(1) + torch.minimum(bag_N.unsqueeze(0), count_T.unsqueeze(1))).reshape(-1),
+                torch.tensor([starts[-1]], dtype=torch.int64, device=device),
+            ]
+        )
+        rows_all = self.emb_module(
+            indices=values.to(self._embedding_table_index_type),
+            offsets=gather_offsets.to(self._embedding_table_offset_type),
+        )  # [N_max, sum over features of C]
+
+        pooled: list[Tensor] = []
+        col = 0
+        for f in range(num_features):
+            t = self._feature_table_map[f]
+            spec = self._pep_table_specs[t]
+            cols = self._local_cols[t]
+            rows_NC = rows_all[: ids_per_feature[f], col : col + cols]
+            col += cols
+            params = self._pep_step_params(spec.name, self._col_offset[t], cols)
+            bag_offsets = offsets[f * batch : (f + 1) * batch + 1] - starts[f]
+            pooled.append(
+                threshold_pool(
+                    rows_NC,
+                    bag_offsets,
+                    dim=spec.output_cols(cols),
+                    mode=spec.mode,
+                    gk=params.gk,
+                    coarse_s=params.coarse_s,
+                    per_sample_weights=None if weights is None else weights[starts[f] : starts[f + 1]],
+                    pooling=self._pep_pooling,
+                    s_decay=params.s_decay,
+                    s_push=params.s_push,
+                )
+            )
+        return torch.cat(pooled, dim=1)
+
+
+class PEPGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
+    """TorchRec's pooled lookup, building PEP kernels (`_create_embedding_kernel` is the hook:
+    embedding_lookup.py:686, called from `__init__` once per group of tables)."""
+
+    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
+        # Set before nn.Module.__init__ (a plain attribute, allowed) because the base __init__
+        # already calls `_create_embedding_kernel`.
+        self._pep_specs = pep_specs
+        super().__init__(*args, **kwargs)
+
+    def _create_embedding_kernel(
+        self,
+        config: GroupedEmbeddingConfig,
+        device: torch.device | None,
+        pg: dist.ProcessGroup | None,
+        sharding_type: ShardingType | None,
+        env: ShardingEnv | None,
+    ) -> PEPBatchedFusedEmbeddingBag:
+        names = [table.name for table in config.embedding_tables]
+        if getattr(env, "sharding_strategy", None) is not None:
+            # ShardingEnv2D (2D / fully-sharded parallelism) builds a different kernel class.
+            raise ValueError(f"tables {names}: PEP tables do not support 2D parallel sharding envs")
+        if config.compute_kernel == EmbeddingComputeKernel.FUSED:
+            return PEPBatchedFusedEmbeddingBag(
+                config, pg=pg, device=device, sharding_type=sharding_type, env=env, pep_specs=self._pep_specs
+            )
+        raise ValueError(
+            f"tables {names}: compute kernel {config.compute_kernel.value!r} is not supported for PEP "
+            "tables; use 'fused' (the TBE that applies the optimizer to v and s in backward)"
+        )
+
+
+# ---- shardings ---------------------------------------------------------------------------------
+# One subclass per stock pooled sharding: `create_lookup` is copied from the stock class with our
+# lookup swapped in (tw_sharding.py:438, rw_sharding.py:693, twrw_sharding.py:704, cw_sharding.py:280;
+# TwCw inherits Cw's), and the output-width methods report D for whole-row tables.
+
+
+class _PEPShardingMixin:
+    _pep_specs: Mapping[str, PEPTableSpec]
+
+    def _pep_output_dims(self, grouped_config: GroupedEmbeddingConfig) -> list[int]:
+        """Per feature of `grouped_config`: the pooled width its kernel returns (replaces
+        `GroupedEmbeddingConfig.embedding_dims()`, embedding_types.py:303)."""
+        return [
+            self._pep_specs[table.name].output_cols(table.local_cols)
+            for table in grouped_config.embedding_tables
+            for _ in range(table.num_features())
+        ]
+
+    def _pep_lookup(
+        self, grouped_configs: list[GroupedEmbeddingConfig], **kwargs: Any
+    ) -> BaseEmbeddingLookup:
+        return PEPGroupedPooledEmbeddingsLookup(
+            grouped_configs=grouped_configs, pep_specs=self._pep_specs, **kwargs
+        )
+
+
+class PEPTwPooledEmbeddingSharding(_PEPShardingMixin, TwPooledEmbeddingSharding):
+    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
+        self._pep_specs = pep_specs
+        super().__init__(*args, **kwargs)
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: BaseGroupedFeatureProcessor | None = None,
+    ) -> BaseEmbeddingLookup:
+        return self._pep_lookup(
+            self._grouped_embedding_configs,
+            pg=self._pg,
+            device=device if device is not None else self._device,
+            feature_processor=feature_processor,
+            env=self._env,
+        )
+
+    # Output widths (tw_sharding.py:194-217).
+    def _dim_sum_per_rank(self) -> list[int]:
+        return [
+            sum(sum(self._pep_output_dims(c)) for c in configs)
+            for configs in self._grouped_embedding_configs_per_rank
+        ]
+
+    def _emb_dim_per_rank_per_feature(self) -> list[list[int]]:
+        return [
+            [d for c in configs for d in self._pep_output_dims(c)]
+            for configs in self._grouped_embedding_configs_per_rank
+        ]
+
+    def embedding_dims(self) -> list[int]:
+        return [
+            d
+            for configs in self._grouped_embedding_configs_per_rank
+            for c in configs
+            for d in self._pep_output_dims(c)
+        ]
+
+
+class PEPRwPooledEmbeddingSharding(_PEPShardingMixin, RwPooledEmbeddingSharding):
+    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
+        self._pep_specs = pep_specs
+        super().__init__(*args, **kwargs)
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: BaseGroupedFeatureProcessor | None = None,
+    ) -> BaseEmbeddingLookup:
+        return self._pep_lookup(
+            self._grouped_embedding_configs,
+            pg=self._pg,
+            device=device if device is not None else self._device,
+            feature_processor=feature_processor,
+            sharding_type=ShardingType.ROW_WISE,
+            env=self._env,
+        )
+
+    # Output widths (rw_sharding.py:272).
+    def embedding_dims(self) -> list[int]:
+        return [d for c in self._grouped_embedding_configs for d in self._pep_output_dims(c)]
+
+
+class PEPTwRwPooledEmbeddingSharding(_PEPShardingMixin, TwRwPooledEmbeddingSharding):
+    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
+        self._pep_specs = pep_specs
+        super().__init__(*args, **kwargs)
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: BaseGroupedFeatureProcessor | None = None,
+    ) -> BaseEmbeddingLookup:
+        return self._pep_lookup(
+            self._grouped_embedding_configs_per_rank[self._rank],
+            pg=self._pg,
+            device=device if device is not None else self._device,
+            feature_processor=feature_processor,
+            sharding_type=ShardingType.TABLE_ROW_WISE,
+            env=self._env,
+        )
+
+    # Output widths (twrw_sharding.py:237-291).
+    def embedding_dims(self) -> list[int]:
+        return [
+            d
+            for configs in self._grouped_embedding_configs_per_node
+            for c in configs
+            for d in self._pep_output_dims(c)
+        ]
+
+    def _dim_sum_per_node(self) -> list[int]:
+        return [
+            sum(sum(self._pep_output_dims(c)) for c in configs)
+            for configs in self._grouped_embedding_configs_per_node
+        ]
+
+    def _emb_dim_per_node_per_feature(self) -> list[list[int]]:
+        return [
+            [d for c in configs for d in self._pep_output_dims(c)]
+            for configs in self._grouped_embedding_configs_per_node
+        ]
+
+
+class PEPCwPooledEmbeddingSharding(_PEPShardingMixin, CwPooledEmbeddingSharding):
+    """Column-wise: coarse / plain tables only (a column shard of v pools to its own columns, so the
+    stock output widths are already right)."""
+
+    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
+        self._pep_specs = pep_specs
+        super().__init__(*args, **kwargs)
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: BaseGroupedFeatureProcessor | None = None,
+    ) -> BaseEmbeddingLookup:
+        return self._pep_lookup(
+            self._grouped_embedding_configs,
+            pg=self._pg,
+            device=device if device is not None else self._device,
+            feature_processor=feature_processor,
+            env=self._env,
+        )
+
+
+class PEPTwCwPooledEmbeddingSharding(PEPCwPooledEmbeddingSharding, TwCwPooledEmbeddingSharding):
+    """Table-column-wise: as column-wise (TwCwPooledEmbeddingSharding adds nothing to Cw's lookup)."""
+
+
+PEP_SHARDINGS: dict[str, type] = {
+    ShardingType.TABLE_WISE.value: PEPTwPooledEmbeddingSharding,
+    ShardingType.ROW_WISE.value: PEPRwPooledEmbeddingSharding,
+    ShardingType.TABLE_ROW_WISE.value: PEPTwRwPooledEmbeddingSharding,
+    ShardingType.COLUMN_WISE.value: PEPCwPooledEmbeddingSharding,
+    ShardingType.TABLE_COLUMN_WISE.value: PEPTwCwPooledEmbeddingSharding,
+}
+
+# The Cw shardings take `permute_embeddings` (embeddingbag.py:1000-1017); the others do not.
+SHARDINGS_WITH_PERMUTE = frozenset({ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value})

@@ -1,0 +1,183 @@
+"""What the search and retrain stages add to the training loop.
+
+search:  the step-0 embedding is saved (`RUN/init/`); at every eval the kept elements of every
+         shard are counted (an eval-interval scan, never per step) and all-reduced; the first eval at
+         which the kept count is <= a budget saves a mask keeping *exactly* that many elements
+         (`RUN/masks/budget_*/`, ranked by margin); an optional controller adapts the threshold
+         scale `gk` so the kept share follows a geometric schedule down to the budgets.
+retrain: the tables start as init x mask (`[v | m]` rows, thresholds off); masked elements get zero
+         gradient in the kernel, so they stay exactly zero through training and in checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pep_torchrec.config import ConfigError, PEPConfig
+from pep_torchrec.distributed.pep_embeddingbag import pep_modules
+from pep_torchrec.distributed.state import local_pieces
+from pep_torchrec.pruning import (
+    budget_count,
+    budget_tag,
+    open_array,
+    read_meta,
+    select_top_k,
+    write_arrays,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class PEPStage:
+    """Search / retrain bookkeeping for one sharded model with one PEP embedding module.
+
+    Args:
+        cfg: the `pep` config section.
+        stage: "search" or "retrain".
+        model: the DistributedModelParallel model.
+        rank: this process's rank.
+        run_dir: the run directory.
+        tables: the PEP module's logical tables, name → num_embeddings, in model order.
+        dim: the logical embedding dim D.
+        steps_per_epoch: for the pressure schedule.
+    """
+
+    def __init__(self, cfg: PEPConfig, stage: str, model: nn.Module, *, tables: dict[str, int], dim: int,
+                 rank: int, run_dir: Path, steps_per_epoch: int) -> None:
+        self.cfg, self.stage, self.model, self.rank, self.run_dir = cfg, stage, model, rank, run_dir
+        self.steps_per_epoch = steps_per_epoch
+        modules = pep_modules(model)
+        if len(modules) != 1:
+            raise ConfigError(f"train.stage={stage}: expected one PEP embedding module, found {len(modules)}")
+        (self.module_fqn, self.module), = modules.items()
+        self.dim = dim
+        self.tables = dict(tables)
+        self.table_order = list(self.tables)
+        self.total = sum(self.tables.values()) * self.dim
+        self.budgets = sorted((budget_count(b, self.total), b) for b in cfg.budgets) if stage == "search" else []
+        self.mask_meta: dict[str, Any] | None = None
+
+    # ---- stored-table pieces on this rank ------------------------------------------------------
+    def _stored_pieces(self) -> dict[str, list[tuple[int, int, torch.Tensor]]]:
+        """table → this rank's (row offset, stored column offset, [R, C] live weight views)."""
+        out: dict[str, list] = {t: [] for t in self.table_order}
+        for key, value in self.model.state_dict().items():
+            parts = key.split(".")
+            if len(parts) >= 3 and parts[-1] == "weight" and parts[-3] == "embedding_bags" \
+                    and "_embedding_bag_collection" in parts and parts[-2] in out:
+                for index, tensor in local_pieces(value):
+                    out[parts[-2]].append((index[0].start, index[1].start, tensor))
+        return out
+
+    def _v_pieces(self) -> dict[str, list[tuple[int, int, torch.Tensor]]]:
+        """table → this rank's pieces of v (stored columns [0, D))."""
+        out: dict[str, list] = {}
+        for table, pieces in self._stored_pieces().items():
+            out[table] = []
+            for r, c, tensor in pieces:
+                if c < self.dim:
+                    out[table].append((r, c, tensor[:, : self.dim - c]))
+        return out
+
+    # ---- search ------------------------------------------------------------------------------
+    def save_init(self) -> Path:
+        """Save the step-0 embedding (v only) for lottery-ticket retraining."""
+        path = self.run_dir / "init"
+        meta = {"kind": "init", "dim": self.dim, "tables": {t: {"rows": n} for t, n in self.tables.items()}}
+        return write_arrays(path, {t: (n, self.dim) for t, n in self.tables.items()}, np.float32,
+                            self._v_pieces(), meta, rank=self.rank)
+
+    def kept_by_table(self) -> dict[str, int]:
+        """Kept elements per table over all ranks (one all-reduce)."""
+        local = self.module.kept_counts()
+        counts = torch.tensor([local.get(t, 0) for t in self.table_order], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(counts)
+        return dict(zip(self.table_order, counts.tolist()))
+
+    def snapshot(self, budget: float, count: int, *, step: int, valid_auc: float, kept_now: int) -> dict[str, Any]:
+        """Save the mask keeping exactly `count` elements, ranked by margin."""
+        margins = {t: list(self.module.local_margins(t)) for t in self.table_order}
+        keep = select_top_k(margins, count, self.table_order)
+        kept_by_table = torch.tensor([sum(int(m.sum()) for _, _, m in keep[t]) for t in self.table_order])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(kept_by_table)
+        path = self.run_dir / "masks" / budget_tag(budget)
+        meta = {
+            "kind": "mask", "criterion": "pep_margin", "budget": budget, "kept": count, "step": step,
+            "valid_auc": valid_auc, "learned_kept": kept_now, "granularity": self.cfg.granularity,
+            "dim": self.dim, "init": "../../init", "embedding_params_total": self.total,
+            "tables": {t: {"rows": n, "kept": int(k)} for (t, n), k in zip(self.tables.items(), kept_by_table)},
+        }
+        write_arrays(path, {t: (n, self.dim) for t, n in self.tables.items()}, np.bool_, keep, meta, rank=self.rank)
+        logger.info("saved %s (%d elements) at step %d", path, count, step)
+        return {"budget": budget, "kept": count, "step": step, "valid_auc": valid_auc, "path": str(path)}
+
+    def target_share(self, step: int) -> float | None:
+        """The pressure schedule's kept share at `step` (geometric from 1 to the floor)."""
+        if self.cfg.target_epochs <= 0 or not self.budgets:
+            return None
+        floor = self.cfg.target_floor or 0.8 * self.budgets[0][0] / self.total
+        progress = min(1.0, step / (self.cfg.target_epochs * self.steps_per_epoch))
+        return math.exp(progress * math.log(floor))
+
+    def adapt_pressure(self, step: int, kept_share: float) -> float:
+        """Steer the threshold scale gk so the kept share follows the schedule.
+
+        Why gk and not s_push: the tables' fused Adagrad normalises every gradient, so a bigger push
+        on s does not move s faster (each touch moves it by at most ~lr/sqrt(touches)); gk scales
+        every threshold gk·sigmoid(s) at once, and the kept share falls monotonically as it grows.
+        The learned s still sets each element's share of gk: elements the loss needs push their s
+        (and so their threshold) down. Multiplicative, proportional control: gk *= kept/target,
+        clipped to [1/gain, gain] per eval.
+        """
+        target = self.target_share(step)
+        if target is not None and kept_share > 0:
+            gain = self.cfg.controller_gain
+            self.module.gk = float(self.module.gk * min(max(kept_share / target, 1.0 / gain), gain))
+        return float(self.module.gk)
+
+    # ---- retrain -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_ticket(self) -> dict[str, Any]:
+        """Start from init x mask (or the fresh init x mask with `reinit`), m = mask."""
+        mask_dir = Path(self.cfg.mask)
+        meta = read_meta(mask_dir)
+        if meta.get("kind") != "mask":
+            raise ConfigError(f"pep.mask: {mask_dir} is not a mask directory (meta kind {meta.get('kind')!r})")
+        if int(meta["dim"]) != self.dim:
+            raise ConfigError(f"pep.mask: {mask_dir} is for embedding_dim {meta['dim']}, the model has {self.dim}")
+        missing = sorted(set(self.tables) - set(meta["tables"]))
+        if missing:
+            raise ConfigError(f"pep.mask: {mask_dir} has no mask for tables {missing}")
+        init_dir = None if self.cfg.reinit else (mask_dir / meta["init"]).resolve()
+        for table, pieces in self._stored_pieces().items():
+            shape = (self.tables[table], self.dim)
+            mask = open_array(mask_dir, table, shape)
+            init = None if init_dir is None else open_array(init_dir, table, shape)
+            for r, c, stored in pieces:
+                if c != 0 or stored.shape[1] != 2 * self.dim:
+                    raise ConfigError(f"table {table}: retrain needs whole [v | m] rows on a shard")
+                rows = slice(r, r + stored.shape[0])
+                m = torch.from_numpy(np.array(mask[rows])).to(stored.dtype)
+                v = stored[:, : self.dim] if init is None else torch.from_numpy(np.array(init[rows]))
+                stored[:, : self.dim] = v.to(stored.dtype) * m
+                stored[:, self.dim :] = m
+        self.mask_meta = meta
+        return meta
+
+    def nonzero_v(self) -> int:
+        """Non-zero v elements over all ranks (retrain: must equal the mask size)."""
+        local = sum(int((t != 0).sum()) for pieces in self._v_pieces().values() for _, _, t in pieces)
+        count = torch.tensor([local], dtype=torch.int64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(count)
+        return int(count.item())

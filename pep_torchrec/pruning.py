@@ -1,0 +1,203 @@
+"""Exact-budget masks and per-table arrays, computed and written from sharded tables.
+
+A *mask directory* (what the search saves per budget and what retrain loads)::
+
+    masks/budget_0.1/meta.json          written last: its presence means the directory is complete
+    masks/budget_0.1/<table>.npy        bool [num_embeddings, D], True = kept
+
+`meta.json` names the budget, the kept count (== the budget, exactly), the step, the criterion
+(PEP margin or |v|), and `init`: the directory of the embedding values a retrain starts from (the
+search's step-0 embedding for a lottery ticket; the trained weights for magnitude pruning), whose
+`<table>.npy` are float32 [num_embeddings, D].
+
+Every rank holds only its shards, so arrays are written through memory-mapped .npy files: rank 0
+creates them, each rank writes its own row/column blocks, rank 0 writes meta.json and renames the
+directory into place. Reading slices with mmap means a rank never loads a whole table.
+
+Exactness: a budget of k keeps the k largest scores (margin |v| − gk·sigmoid(s), or |v|) over all
+tables; ties at the k-th value are broken by (table order, row, column), so the mask does not depend
+on the world size or the sharding plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+# Piece = (row offset, column offset, [R, C] tensor) of one table on this rank.
+Piece = tuple[int, int, torch.Tensor]
+
+_MAX_TIES = 5_000_000
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _ordered_keys(x: torch.Tensor) -> torch.Tensor:
+    """float32 → int64 keys with the same order (NaN excluded by the caller)."""
+    bits = x.detach().contiguous().float().view(torch.int32).to(torch.int64)
+    # Negative floats: flip the magnitude bits so that a larger magnitude sorts lower.
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequence[str]) -> dict[str, list[Piece]]:
+    """Keep exactly the `k` largest scores over every table (all ranks together).
+
+    Args:
+        pieces: table → this rank's (row offset, col offset, [R, C] float scores).
+        k: elements to keep in total, 0 <= k <= total elements over all ranks.
+        table_order: every table name in one global order (the tie-break's first key).
+    Returns:
+        table → this rank's (row offset, col offset, [R, C] bool keep) for the same pieces.
+    """
+    keys = {t: [(r, c, _ordered_keys(s)) for r, c, s in pieces.get(t, [])] for t in table_order}
+    flat = [kk.flatten() for t in table_order for _, _, kk in keys[t]]
+    local = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.int64)
+    total = int(_all_reduce_sum(torch.tensor([local.numel()], dtype=torch.int64)).item())
+    if not 0 <= k <= total:
+        raise ValueError(f"budget {k} is outside [0, {total}] elements")
+    if k == 0:
+        return {t: [(r, c, torch.zeros_like(kk, dtype=torch.bool)) for r, c, kk in keys[t]] for t in table_order}
+
+    # Bisection for tau = the k-th largest key: the largest tau with count(key >= tau) >= k.
+    bounds = torch.tensor([local.min().item() if local.numel() else 2**62,
+                           -(local.max().item() if local.numel() else -(2**62))], dtype=torch.int64)
+    if _world() > 1:
+        dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
+    lo, hi = int(bounds[0]), -int(bounds[1])  # count(key >= lo) = total >= k; answer in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        count = int(_all_reduce_sum(torch.tensor([(local >= mid).sum().item()], dtype=torch.int64)).item())
+        if count >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    tau = lo
+    above = int(_all_reduce_sum(torch.tensor([(local > tau).sum().item()], dtype=torch.int64)).item())
+    need = k - above  # how many of the ties at tau to keep
+
+    # Ties: gather their global positions (table index, row, column), keep the first `need`.
+    local_ties = []
+    for ti, t in enumerate(table_order):
+        for r, c, kk in keys[t]:
+            rows, cols = torch.nonzero(kk == tau, as_tuple=True)
+            if rows.numel():
+                local_ties.append(torch.stack([torch.full_like(rows, ti), rows + r, cols + c], dim=1))
+    mine = torch.cat(local_ties) if local_ties else torch.zeros(0, 3, dtype=torch.int64)
+    if mine.shape[0] > _MAX_TIES:
+        raise RuntimeError(f"{mine.shape[0]} elements tie at the budget's threshold; refusing to rank them")
+    if _world() > 1:
+        gathered: list[Any] = [None] * _world()
+        dist.all_gather_object(gathered, mine.numpy())
+        everyone = torch.from_numpy(np.concatenate([g for g in gathered if len(g)] or [np.zeros((0, 3), np.int64)]))
+    else:
+        everyone = mine
+    order = np.lexsort((everyone[:, 2].numpy(), everyone[:, 1].numpy(), everyone[:, 0].numpy()))
+    chosen = {tuple(x) for x in everyone[order[:need]].tolist()}
+
+    out: dict[str, list[Piece]] = {}
+    for ti, t in enumerate(table_order):
+        out[t] = []
+        for r, c, kk in keys[t]:
+            keep = kk > tau
+            if need:
+                rows, cols = torch.nonzero(kk == tau, as_tuple=True)
+                for i, j in zip(rows.tolist(), cols.tolist()):
+                    if (ti, i + r, j + c) in chosen:
+                        keep[i, j] = True
+            out[t].append((r, c, keep))
+    return out
+
+
+def write_arrays(directory: str | os.PathLike, shapes: Mapping[str, tuple[int, int]], dtype: np.dtype,
+                 pieces: Mapping[str, Sequence[Piece]], meta: Mapping[str, Any], *, rank: int) -> Path:
+    """Write one [rows, cols] .npy per table from every rank's pieces, then meta.json; atomic.
+
+    Args:
+        directory: final directory (replaced if it exists).
+        shapes: table → full (rows, cols).
+        dtype: numpy dtype of every array.
+        pieces: this rank's blocks per table.
+        meta: JSON-able metadata (rank 0's is written).
+        rank: this process's rank.
+    """
+    final = Path(directory)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for table, shape in shapes.items():
+            np.lib.format.open_memmap(tmp / f"{table}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    _barrier()
+    for table, blocks in pieces.items():
+        if not blocks:
+            continue
+        array = np.load(tmp / f"{table}.npy", mmap_mode="r+")
+        for r, c, block in blocks:
+            values = block.detach().cpu().numpy()
+            array[r : r + values.shape[0], c : c + values.shape[1]] = values
+        array.flush()
+        del array
+    _barrier()
+    if rank == 0:
+        (tmp / "meta.json").write_text(json.dumps(dict(meta), indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    _barrier()
+    return final
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """meta.json of a complete mask / init directory; a clear error for anything else."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a complete mask/init directory (meta.json missing)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+
+
+def open_array(directory: str | os.PathLike, table: str, shape: tuple[int, int]) -> np.ndarray:
+    """Memory-map `<directory>/<table>.npy`, checking its shape."""
+    path = Path(directory) / f"{table}.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (table {table!r})")
+    array = np.load(path, mmap_mode="r")
+    if tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{path}: shape {tuple(array.shape)} does not match table {table!r} {tuple(shape)}")
+    return array
+
+
+def budget_count(budget: float, total: int) -> int:
+    """Fractions in (0, 1] are shares of `total`; larger numbers are absolute counts."""
+    if budget <= 0:
+        raise ValueError(f"budget {budget} must be positive")
+    count = int(round(budget * total)) if budget <= 1 else int(budget)
+    if count > total:
+        raise ValueError(f"budget {budget} ({count} elements) exceeds the {total} embedding parameters")
+    return count
+
+
+def budget_tag(budget: float) -> str:
+    return f"budget_{budget:g}"
