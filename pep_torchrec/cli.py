@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pep_torchrec import train
+    from pep_torchrec import prune, train
     from pep_torchrec.data import prepare
 
     parser = argparse.ArgumentParser(prog="pep-torchrec", description="Learnable embedding sizes for TorchRec models.")
@@ -20,10 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_arguments(prep)
     prep.set_defaults(handler=prepare.run)
 
-    tr = sub.add_parser("train", help="train a model (baseline)", description=train.__doc__,
+    tr = sub.add_parser("train", help="train a model (baseline, search or retrain stage)", description=train.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(tr)
     tr.set_defaults(handler=train.run)
+
+    pr = sub.add_parser("prune", help="magnitude-prune a trained run into masks (the baseline PEP must beat)",
+                        description=prune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_arguments(pr)
+    pr.set_defaults(handler=prune.run)
     return parser
 
 

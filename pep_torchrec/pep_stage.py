@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from pep_torchrec.config import ConfigError, PEPConfig
@@ -171,8 +172,17 @@ class PEPStage:
                 v = stored[:, : self.dim] if init is None else torch.from_numpy(np.array(init[rows]))
                 stored[:, : self.dim] = v.to(stored.dtype) * m
                 stored[:, self.dim :] = m
+        if meta.get("warm_start"):
+            self._warm_start(Path(meta["warm_start"]))
         self.mask_meta = meta
         return meta
+
+    def _warm_start(self, checkpoint: Path) -> None:
+        """Fine-tuning a magnitude-pruned model: every non-PEP parameter and buffer (MLPs, linear
+        terms, batch-norm statistics) starts from the pruned run's checkpoint too."""
+        state = {k: v for k, v in self.model.state_dict().items() if "._embedding_bag_collection." not in k}
+        dcp.load({"model": state}, checkpoint_id=str(checkpoint))
+        self.model.load_state_dict(state, strict=False)
 
     def nonzero_v(self) -> int:
         """Non-zero v elements over all ranks (retrain: must equal the mask size)."""

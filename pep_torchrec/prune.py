@@ -1,0 +1,106 @@
+"""Magnitude pruning of a trained run: the baseline PEP has to beat.
+
+    pep-torchrec prune --run-dir runs/fm --budgets 0.2,0.1,0.05,0.02 --out runs/fm_magnitude
+
+keeps, per budget, exactly the k largest |v| over every table of the run's best checkpoint (ties by
+table, row, column, as the search does), and writes the same mask directories a search writes
+(OUT/masks/budget_*/) with `init` = the trained weights (OUT/init/) and `warm_start` = the checkpoint,
+so `pep-torchrec train --config <..._retrain.yaml> --mask OUT/masks/budget_0.1` fine-tunes the
+pruned model with the mask fixed, starting from all of its trained parameters.
+
+Runs in one process and reads the sharded DCP checkpoint of any world size into whole tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+
+from pep_torchrec.config import ConfigError, load_config
+from pep_torchrec.data.schema import Schema
+from pep_torchrec.models import embedding_tables
+from pep_torchrec.pruning import budget_count, budget_tag, select_top_k, write_arrays
+
+# Where a baseline run's embedding tables live in its checkpoint (DMP(TrainModel(model)).state_dict()).
+TABLE_KEY = "model.ebc.embedding_bags.{table}.weight"
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a run selected on valid (summary.json's best_step)."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise ConfigError(f"{summary_path}: missing (has the run finished?)")
+    summary = json.loads(summary_path.read_text())
+    path = run_dir / "checkpoints" / f"step_{summary['best_step']:08d}"
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"{path}: the best checkpoint is missing or incomplete")
+    return path
+
+
+def load_full_tables(checkpoint: Path, shapes: dict[str, tuple[int, int]], key: str = TABLE_KEY) -> dict[str, torch.Tensor]:
+    """Read whole [rows, D] tables from a DCP checkpoint written by any number of ranks."""
+    state = {"model": {key.format(table=t): torch.empty(shape) for t, shape in shapes.items()}}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return {t: state["model"][key.format(table=t)] for t in shapes}
+
+
+def magnitude_masks(run_dir: Path, budgets: list[float], out: Path) -> list[dict]:
+    cfg = load_config(base=yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if cfg.train.stage != "baseline":
+        raise ConfigError(f"{run_dir}: magnitude pruning starts from a baseline run (this one is {cfg.train.stage})")
+    schema = Schema.load(cfg.data.path)
+    dim = cfg.model.embedding_dim
+    tables = {t.name: t.num_embeddings for t in embedding_tables(schema.sparse_features, dim)}
+    checkpoint = best_checkpoint(run_dir)
+    weights = load_full_tables(checkpoint, {t: (n, dim) for t, n in tables.items()})
+    total = sum(tables.values()) * dim
+    shapes = {t: (n, dim) for t, n in tables.items()}
+    write_arrays(out / "init", shapes, np.float32, {t: [(0, 0, w)] for t, w in weights.items()},
+                 {"kind": "init", "dim": dim, "source": str(checkpoint.resolve()),
+                  "tables": {t: {"rows": n} for t, n in tables.items()}}, rank=0)
+    scores = {t: [(0, 0, w.abs())] for t, w in weights.items()}
+    results = []
+    for budget in budgets:
+        count = budget_count(budget, total)
+        keep = select_top_k(scores, count, list(tables))
+        meta = {
+            "kind": "mask", "criterion": "magnitude", "budget": budget, "kept": count,
+            "source_run": str(run_dir.resolve()), "warm_start": str(checkpoint.resolve()),
+            "dim": dim, "init": "../../init", "embedding_params_total": total,
+            "tables": {t: {"rows": n, "kept": int(keep[t][0][2].sum())} for t, n in tables.items()},
+        }
+        path = write_arrays(out / "masks" / budget_tag(budget), shapes, np.bool_, keep, meta, rank=0)
+        results.append({"budget": budget, "kept": count, "path": str(path)})
+    return results
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", required=True, help="a finished baseline run")
+    parser.add_argument("--budgets", default="0.2,0.1,0.05,0.02",
+                        help="comma-separated; <= 1 are shares of the embedding parameters, > 1 counts")
+    parser.add_argument("--out", required=True, help="output directory (masks/budget_*, init/)")
+
+
+def run(args: argparse.Namespace) -> int:
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    for result in magnitude_masks(Path(args.run_dir), budgets, Path(args.out)):
+        print(f"{result['path']}: {result['kept']:,} elements kept (budget {result['budget']:g})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pep-torchrec prune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
