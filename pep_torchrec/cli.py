@@ -7,7 +7,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pep_torchrec import prune, train
+    from pep_torchrec import prune, report, train
     from pep_torchrec.data import prepare
 
     parser = argparse.ArgumentParser(prog="pep-torchrec", description="Learnable embedding sizes for TorchRec models.")
@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description=prune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     prune.add_arguments(pr)
     pr.set_defaults(handler=prune.run)
+
+    rep = sub.add_parser("report", help="plots and a Markdown summary of a run", description=report.__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(rep)
+    rep.set_defaults(handler=report.run)
     return parser
 
 
