@@ -113,12 +113,13 @@ class PEPConfig:
     s_push: float = 0.0
     """Constant upward force on s added (negated) to its gradient per looked-up row."""
     target_epochs: float = 0.0
-    """Pressure controller: bring the kept share down to `target_floor` over this many epochs along
-    a geometric schedule, adapting gk at every eval (0 = fixed gk, the paper's mechanism)."""
+    """Controller: bring the kept share down to `target_floor` over this many epochs along a
+    geometric schedule, setting gk every `control_every` steps so the kept count is exactly on it
+    (0 = no controller: fixed gk, the paper's mechanism)."""
     target_floor: float = 0.0
     """Kept share the schedule ends at (0 = 0.8 x the smallest budget)."""
-    controller_gain: float = 2.0
-    """Largest factor by which the controller changes gk per eval."""
+    control_every: int = 0
+    """Steps between controller updates (0 = at every eval)."""
     budgets: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02])
     """Search: save a mask keeping exactly this many elements when the kept count first reaches it
     (<= 1: share of embedding_params_total; > 1: absolute count)."""

@@ -3,8 +3,8 @@
 search:  the step-0 embedding is saved (`RUN/init/`); at every eval the kept elements of every
          shard are counted (an eval-interval scan, never per step) and all-reduced; the first eval at
          which the kept count is <= a budget saves a mask keeping *exactly* that many elements
-         (`RUN/masks/budget_*/`, ranked by margin); an optional controller adapts the threshold
-         scale `gk` so the kept share follows a geometric schedule down to the budgets.
+         (`RUN/masks/budget_*/`, ranked by margin); an optional controller sets the threshold
+         scale `gk` so the kept share follows a geometric schedule down to the budgets, exactly.
 retrain: the tables start as init x mask (`[v | m]` rows, thresholds off); masked elements get zero
          gradient in the kernel, so they stay exactly zero through training and in checkpoints.
 """
@@ -28,6 +28,7 @@ from pep_torchrec.distributed.state import local_pieces
 from pep_torchrec.pruning import (
     budget_count,
     budget_tag,
+    kth_largest,
     open_array,
     read_meta,
     select_top_k,
@@ -130,20 +131,33 @@ class PEPStage:
         progress = min(1.0, step / (self.cfg.target_epochs * self.steps_per_epoch))
         return math.exp(progress * math.log(floor))
 
-    def adapt_pressure(self, step: int, kept_share: float) -> float:
-        """Steer the threshold scale gk so the kept share follows the schedule.
+    @torch.no_grad()
+    def set_kept_share(self, share: float) -> float:
+        """Set the threshold scale gk so that exactly round(share·total) elements are kept.
 
-        Why gk and not s_push: the tables' fused Adagrad normalises every gradient, so a bigger push
-        on s does not move s faster (each touch moves it by at most ~lr/sqrt(touches)); gk scales
-        every threshold gk·sigmoid(s) at once, and the kept share falls monotonically as it grows.
-        The learned s still sets each element's share of gk: elements the loss needs push their s
-        (and so their threshold) down. Multiplicative, proportional control: gk *= kept/target,
-        clipped to [1/gain, gain] per eval.
+        Why gk: the tables' fused Adagrad normalises every gradient, so a push on s cannot move it
+        faster than ~lr/sqrt(touches) however strong it is; gk scales every threshold gk·sigmoid(s)
+        at once. An element is kept iff z = |v| / sigmoid(s) > gk, so gk is set to the
+        (K+1)-th largest z over all shards: the schedule is met exactly at every control step, and
+        each element's learned s decides its place in the ranking (the loss pushes the s of
+        elements it needs down, so they survive a larger gk).
+        Returns:
+            The new gk.
         """
-        target = self.target_share(step)
-        if target is not None and kept_share > 0:
-            gain = self.cfg.controller_gain
-            self.module.gk = float(self.module.gk * min(max(kept_share / target, 1.0 / gain), gain))
+        count = round(share * self.total)
+        if count >= self.total:
+            self.module.gk = 0.0
+            return 0.0
+        saved = self.module.gk
+        ratios: dict[str, list] = {}
+        for table in self.table_order:
+            self.module.gk = 0.0
+            magnitude = self.module.local_margins(table)  # |v|
+            self.module.gk = 1.0
+            unit = self.module.local_margins(table)  # |v| - sigmoid(s)
+            ratios[table] = [(r, c, a / (a - b).clamp_min(1e-30)) for (r, c, a), (_, _, b) in zip(magnitude, unit)]
+        self.module.gk = saved
+        self.module.gk = kth_largest(ratios, count + 1)
         return float(self.module.gk)
 
     # ---- retrain -------------------------------------------------------------------------------

@@ -60,6 +60,40 @@ def _ordered_keys(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
+def _from_keys(key: int) -> float:
+    """Inverse of `_ordered_keys` for one key."""
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    return float(torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item())
+
+
+def _kth_largest_key(local: torch.Tensor, k: int) -> int:
+    """The k-th largest key over all ranks (1 <= k <= total): bisection on the key range, one
+    all-reduced count per step (32 steps for float32 keys), so no rank ever holds more than its own."""
+    bounds = torch.tensor([local.min().item() if local.numel() else 2**62,
+                           -(local.max().item() if local.numel() else -(2**62))], dtype=torch.int64)
+    if _world() > 1:
+        dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
+    lo, hi = int(bounds[0]), -int(bounds[1])  # count(key >= lo) = total >= k; the answer is in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        count = int(_all_reduce_sum(torch.tensor([(local >= mid).sum().item()], dtype=torch.int64)).item())
+        if count >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def kth_largest(pieces: Mapping[str, Sequence[Piece]], k: int) -> float:
+    """The k-th largest value over every table's pieces on all ranks (NaN-free float32 scores)."""
+    flat = [_ordered_keys(s).flatten() for blocks in pieces.values() for _, _, s in blocks]
+    local = torch.cat(flat) if flat else torch.zeros(0, dtype=torch.int64)
+    total = int(_all_reduce_sum(torch.tensor([local.numel()], dtype=torch.int64)).item())
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} is outside [1, {total}]")
+    return _from_keys(_kth_largest_key(local, k))
+
+
 def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequence[str]) -> dict[str, list[Piece]]:
     """Keep exactly the `k` largest scores over every table (all ranks together).
 
@@ -79,20 +113,7 @@ def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Seq
     if k == 0:
         return {t: [(r, c, torch.zeros_like(kk, dtype=torch.bool)) for r, c, kk in keys[t]] for t in table_order}
 
-    # Bisection for tau = the k-th largest key: the largest tau with count(key >= tau) >= k.
-    bounds = torch.tensor([local.min().item() if local.numel() else 2**62,
-                           -(local.max().item() if local.numel() else -(2**62))], dtype=torch.int64)
-    if _world() > 1:
-        dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
-    lo, hi = int(bounds[0]), -int(bounds[1])  # count(key >= lo) = total >= k; answer in [lo, hi]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        count = int(_all_reduce_sum(torch.tensor([(local >= mid).sum().item()], dtype=torch.int64)).item())
-        if count >= k:
-            lo = mid
-        else:
-            hi = mid - 1
-    tau = lo
+    tau = _kth_largest_key(local, k)
     above = int(_all_reduce_sum(torch.tensor([(local > tau).sum().item()], dtype=torch.int64)).item())
     need = k - above  # how many of the ties at tau to keep
 

@@ -277,10 +277,16 @@ class Trainer:
         """The first step after `step` at which the loop must stop to eval / checkpoint / end an epoch."""
         cfg = self.cfg.train
         candidates = [self.total_steps, (step // self.steps_per_epoch + 1) * self.steps_per_epoch]
-        for every in (cfg.eval_every, cfg.checkpoint_every):
+        for every in (cfg.eval_every, cfg.checkpoint_every, self._control_every()):
             if every > 0:
                 candidates.append((step // every + 1) * every)
         return min(candidates)
+
+    def _control_every(self) -> int:
+        """Steps between search-controller updates (0 when there is no controller)."""
+        if self.cfg.train.stage != "search" or self.cfg.pep.target_epochs <= 0:
+            return 0
+        return self.cfg.pep.control_every
 
     def _is_eval_step(self, step: int) -> bool:
         every = self.cfg.train.eval_every
@@ -322,6 +328,9 @@ class Trainer:
                 raise RuntimeError(f"train loader ended at step {self.state['step']}, expected {end}")
 
             step = self.state["step"]
+            if self.cfg.train.stage == "search" and (self._is_eval_step(step) or (
+                    self._control_every() and step % self._control_every() == 0)):
+                self._search_control(step)
             if self._is_eval_step(step):
                 self._eval_and_select(float(np.mean(segment_losses)) if segment_losses else float("nan"))
                 segment_losses = []
@@ -354,30 +363,38 @@ class Trainer:
             "train_seconds": seconds,
         }
         if self.cfg.train.stage == "search":
-            record.update(self._search_eval(step, valid.auc))
+            record.update(self._search_record())
         self._log_metrics(record)
         # Checkpoint every improvement (the model we will test) and on the checkpoint schedule.
         every = self.cfg.train.checkpoint_every
         if improved or (every > 0 and step % every == 0) or self.state["stopped_early"]:
             self._save_checkpoint()
 
-    def _search_eval(self, step: int, valid_auc: float) -> dict[str, Any]:
-        """Count kept elements, snapshot the budgets just reached, adapt the pressure."""
+    def _search_control(self, step: int) -> None:
+        """Put the kept share on schedule (controller), then snapshot every budget just reached."""
+        assert self.pep is not None
+        target = self.pep.target_share(step)
+        if target is not None:
+            self.state["gk"] = self.pep.set_kept_share(target)
+        kept = sum(self.pep.kept_by_table().values())
+        self.state["kept"] = kept
+        done = {snap["budget"] for snap in self.state["snapshots"]}
+        reached = [(count, budget) for count, budget in self.pep.budgets if budget not in done and kept <= count]
+        if reached:
+            valid_auc = self.evaluate("valid").auc
+            for count, budget in reached:
+                self.state["snapshots"].append(
+                    self.pep.snapshot(budget, count, step=step, valid_auc=valid_auc, kept_now=kept))
+        if self.cfg.pep.stop_after_budgets and len(self.state["snapshots"]) == len(self.pep.budgets):
+            self.state.update(stopped_early=True, stop_reason="budgets_reached")
+
+    def _search_record(self) -> dict[str, Any]:
+        """What a search eval adds to metrics.jsonl."""
         assert self.pep is not None
         by_table = self.pep.kept_by_table()
         kept = sum(by_table.values())
-        self.state["kept"] = kept
-        done = {snap["budget"] for snap in self.state["snapshots"]}
-        for count, budget in self.pep.budgets:
-            if budget not in done and kept <= count:
-                self.state["snapshots"].append(
-                    self.pep.snapshot(budget, count, step=step, valid_auc=valid_auc, kept_now=kept))
-        gk = self.pep.adapt_pressure(step, kept / self.pep.total)
-        self.state["gk"] = gk
-        if self.cfg.pep.stop_after_budgets and len(self.state["snapshots"]) == len(self.pep.budgets):
-            self.state.update(stopped_early=True, stop_reason="budgets_reached")
-        return {"kept": kept, "kept_share": kept / self.pep.total, "kept_by_table": by_table, "gk": gk,
-                "snapshots": len(self.state["snapshots"])}
+        return {"kept": kept, "kept_share": kept / self.pep.total, "kept_by_table": by_table,
+                "gk": self.state["gk"], "snapshots": len(self.state["snapshots"])}
 
     @torch.no_grad()
     def evaluate(self, split: str) -> EvalResult:

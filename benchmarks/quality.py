@@ -1,0 +1,195 @@
+"""Paper-style quality table: base model vs PEP (search, then lottery-ticket retrain) vs magnitude
+pruning (top-|v| of the trained base embedding, fine-tuned with the mask fixed), at 20/10/5/2% of the
+embedding parameters, for FM, DeepFM and AutoInt on ml-100k and the Criteo 10k sample; plus, on the
+synthetic data, the share of kept parameters in signal vs noise fields.
+
+    python benchmarks/quality.py [--datasets movielens,criteo] [--models fm,deepfm,autoint]
+    make quality
+
+Writes benchmarks/results/quality_<dataset>.{json,md} and quality_synthetic.{json,md}. Every training
+command it runs is recorded in the JSON. Search and retrain use the base config of each dataset x model
+plus the PEP settings of configs/<dataset>_fm_search.yaml / _retrain.yaml (pep, train stage and schedule).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import REPO, SHARED_DATA, machine_info, markdown_table, write_results  # noqa: E402
+from pep_torchrec import cli  # noqa: E402
+
+RAW = {"movielens": SHARED_DATA / "ml-100k", "criteo": SHARED_DATA / "criteo_kaggle_head10k"}
+LABEL = {"movielens": "ml-100k", "criteo": "Criteo 10k", "synthetic": "synthetic"}
+BUDGETS = [0.2, 0.1, 0.05, 0.02]
+
+
+def _overrides_from(config: Path, sections: tuple[str, ...]) -> list[str]:
+    """The given sections of a YAML config as dotted `--set` overrides (flattened one level)."""
+    data = yaml.safe_load(config.read_text())
+    out = []
+    for section in sections:
+        for key, value in (data.get(section) or {}).items():
+            if section == "train" and key not in ("stage", "epochs", "eval_every", "patience"):
+                continue
+            out.append(f"{section}.{key}={json.dumps(value)}")
+    return out
+
+
+def _train(argv: list[str], log: list[dict]) -> dict:
+    started = time.perf_counter()
+    if cli.main(["train", *argv, "--set", "train.progress=false"]) != 0:
+        raise SystemExit(f"training failed: pep-torchrec train {' '.join(argv)}")
+    run_dir = Path(argv[argv.index("--run-dir") + 1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["wall_s"] = time.perf_counter() - started
+    log.append({"command": "pep-torchrec train " + " ".join(argv), "wall_s": summary["wall_s"]})
+    return summary
+
+
+def _prepare(dataset: str, work: Path) -> Path:
+    data = work / "data" / dataset
+    if not (data / "schema.json").exists():
+        argv = ["data", "prepare", "--dataset", dataset, "--out", str(data)]
+        argv += ["--raw", str(RAW[dataset])] if dataset in RAW else ["--rows", "200000", "--cardinality", "5000"]
+        if cli.main(argv) != 0:
+            raise SystemExit(f"prepare failed: {argv}")
+    return data
+
+
+def run_dataset(dataset: str, models: list[str], work: Path) -> dict:
+    data = _prepare(dataset, work)
+    search_cfg = REPO / "configs" / f"{dataset}_fm_search.yaml"
+    retrain_cfg = REPO / "configs" / f"{dataset}_fm_retrain.yaml"
+    search_set = _overrides_from(search_cfg, ("pep", "train"))
+    retrain_set = _overrides_from(retrain_cfg, ("train",))
+    log: list[dict] = []
+    rows = []
+    for model in models:
+        base_cfg = f"configs/{dataset}_{model}.yaml"
+        runs = work / "runs" / dataset / model
+        base = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "base")], log)
+        search = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "search"),
+                         "--set", *search_set, f"pep.budgets={json.dumps(BUDGETS)}"], log)
+        if cli.main(["prune", "--run-dir", str(runs / "base"), "--budgets", ",".join(map(str, BUDGETS)),
+                     "--out", str(runs / "magnitude")]) != 0:
+            raise SystemExit("prune failed")
+        rows.append({"model": model, "method": "base", "budget": 1.0, "kept": base["embedding_params_kept"],
+                     "test_auc": base["test_auc"], "test_logloss": base["test_logloss"],
+                     "valid_auc": base["valid_auc"], "train_s": base["train_seconds"]})
+        snapshots = {s["budget"]: s for s in search["snapshots"]}
+        for budget in BUDGETS:
+            tag = f"budget_{budget:g}"
+            for method, mask in (("PEP retrain", runs / "search" / "masks" / tag),
+                                 ("magnitude", runs / "magnitude" / "masks" / tag)):
+                if method == "PEP retrain" and budget not in snapshots:
+                    rows.append({"model": model, "method": method, "budget": budget, "note": "search never reached it"})
+                    continue
+                result = _train(["--config", base_cfg, "--data", str(data), "--run-dir",
+                                 str(runs / f"{method.split()[0].lower()}_{budget:g}"), "--mask", str(mask),
+                                 "--set", *retrain_set], log)
+                rows.append({"model": model, "method": method, "budget": budget,
+                             "kept": result["embedding_params_kept"], "test_auc": result["test_auc"],
+                             "test_logloss": result["test_logloss"], "valid_auc": result["valid_auc"],
+                             "train_s": result["train_seconds"],
+                             "delta_auc": result["test_auc"] - base["test_auc"]})
+        rows.append({"model": model, "method": "PEP search", "budget": min(BUDGETS),
+                     "kept": search["embedding_params_kept"], "test_auc": search["test_auc"],
+                     "test_logloss": search["test_logloss"], "valid_auc": search["valid_auc"],
+                     "train_s": search["train_seconds"],
+                     "search_over_base_time": search["train_seconds"] / base["train_seconds"],
+                     "search_steps": search["steps"], "base_steps": base["steps"],
+                     "search_step_time_over_base": (search["train_seconds"] / search["steps"])
+                     / (base["train_seconds"] / base["steps"])})
+    return {"dataset": LABEL[dataset], "rows": rows, "commands": log}
+
+
+def synthetic_signal_share(work: Path) -> dict:
+    """Share of kept elements in the generator's signal vs noise fields at each budget."""
+    data = _prepare("synthetic", work)
+    schema = json.loads((data / "schema.json").read_text())
+    signal = set(schema["extra"]["signal_fields"])
+    run = work / "runs" / "synthetic" / "fm_search"
+    log: list[dict] = []
+    search_set = _overrides_from(REPO / "configs" / "movielens_fm_search.yaml", ("pep", "train"))
+    _train(["--config", "configs/criteo_fm.yaml", "--data", str(data), "--run-dir", str(run),
+            "--set", *search_set, "model.embedding_dim=16", "model.options={use_dense: false}"], log)
+    rows = []
+    for budget in BUDGETS:
+        meta_path = run / "masks" / f"budget_{budget:g}" / "meta.json"
+        if not meta_path.exists():
+            continue
+        meta = json.loads(meta_path.read_text())
+        kept_signal = sum(t["kept"] for name, t in meta["tables"].items() if name.removeprefix("t_") in signal)
+        total_signal = sum(t["rows"] for name, t in meta["tables"].items() if name.removeprefix("t_") in signal)
+        total = sum(t["rows"] for t in meta["tables"].values())
+        rows.append({"budget": budget, "kept": meta["kept"], "signal_fields": len(signal),
+                     "noise_fields": len(meta["tables"]) - len(signal),
+                     "kept_share_in_signal": kept_signal / meta["kept"],
+                     "signal_share_of_params": total_signal / total})
+    return {"dataset": "synthetic", "rows": rows, "commands": log}
+
+
+def _markdown(result: dict, info: dict) -> str:
+    columns = [("model", "model", ""), ("method", "method", ""), ("budget", "budget", "g"),
+               ("kept", "kept params", ",d"), ("test_auc", "test AUC", ".4f"), ("delta_auc", "Δ vs base", "+.4f"),
+               ("test_logloss", "test logloss", ".4f"), ("valid_auc", "valid AUC", ".4f"),
+               ("search_over_base_time", "search/base time", ".2f"),
+               ("search_step_time_over_base", "search/base per step", ".2f")]
+    return "\n".join([
+        f"# PEP quality on {result['dataset']}", "",
+        f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
+        f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}. One process, CPU.",
+        "Test metrics of the best-on-valid checkpoint of each run. 'PEP retrain': lottery ticket from the",
+        "search's exact-budget mask (step-0 embedding x mask). 'magnitude': top-|v| of the trained base",
+        "embedding, fine-tuned with the mask fixed from all trained parameters. Reproduce: `make quality`.", "",
+        markdown_table(result["rows"], columns), "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="movielens,criteo")
+    parser.add_argument("--models", default="fm,deepfm,autoint")
+    parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--work", default=str(REPO / "out" / "quality"))
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    info = machine_info()
+    for dataset in [d for d in args.datasets.split(",") if d]:
+        if not RAW[dataset].exists():
+            print(f"skip {dataset}: {RAW[dataset]} absent", file=sys.stderr)
+            continue
+        result = run_dataset(dataset, args.models.split(","), work)
+        md = _markdown(result, info)
+        write_results(f"quality_{dataset}", {"machine": info, **result}, md)
+        print(md)
+    if args.synthetic:
+        result = synthetic_signal_share(work)
+        md = "\n".join([
+            "# PEP on synthetic data: where the kept parameters go", "",
+            "FM search on the synthetic generator's data (some fields carry the planted signal, the others are",
+            "noise). A share of kept parameters in signal fields above their share of all parameters means",
+            "PEP keeps what matters. Reproduce: `python benchmarks/quality.py --datasets= --synthetic`.", "",
+            markdown_table(result["rows"], [("budget", "budget", "g"), ("kept", "kept", ",d"),
+                                            ("signal_fields", "signal fields", "d"), ("noise_fields", "noise fields", "d"),
+                                            ("kept_share_in_signal", "kept in signal fields", ".3f"),
+                                            ("signal_share_of_params", "signal fields' share of params", ".3f")]),
+            "",
+        ])
+        write_results("quality_synthetic", {"machine": info, **result}, md)
+        print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

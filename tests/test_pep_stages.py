@@ -1,0 +1,132 @@
+"""The PEP workflow end to end on the debug data: search → exact-budget masks → lottery-ticket retrain
+(masked elements exactly zero in the checkpoint) → magnitude-pruning baseline → report; and the same
+search + retrain on 2 ranks under torchx."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pep_torchrec import cli
+from pep_torchrec.prune import best_checkpoint, load_full_tables
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
+RETRAIN = str(REPO / "configs" / "debug_cpu_retrain.yaml")
+BASE = str(REPO / "configs" / "debug_cpu.yaml")
+QUIET = ["--set", "train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "debug_synthetic"
+    assert cli.main(["data", "prepare", "--dataset", "synthetic", "--out", str(out), "--rows", "20000",
+                     "--num-sparse", "8", "--num-dense", "4", "--cardinality", "1000"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, data) -> Path:
+    run = tmp_path_factory.mktemp("search") / "run"
+    assert cli.main(["train", "--config", SEARCH, "--data", str(data), "--run-dir", str(run), *QUIET]) == 0
+    return run
+
+
+def _tables(run: Path) -> dict[str, int]:
+    meta = json.loads((run / "init" / "meta.json").read_text())
+    return {t: v["rows"] for t, v in meta["tables"].items()}
+
+
+def test_search_snapshots_keep_exactly_the_budget(search):
+    summary = json.loads((search / "summary.json").read_text())
+    total = summary["embedding_params_total"]
+    assert [s["budget"] for s in summary["snapshots"]] == [0.5, 0.2]
+    assert summary["stop_reason"] == "budgets_reached"
+    for snap in summary["snapshots"]:
+        mask_dir = Path(snap["path"])
+        meta = json.loads((mask_dir / "meta.json").read_text())
+        kept = sum(int(np.load(mask_dir / f"{t}.npy").sum()) for t in meta["tables"])
+        assert kept == snap["kept"] == round(snap["budget"] * total) == meta["kept"]
+    evals = [json.loads(line) for line in (search / "metrics.jsonl").read_text().splitlines()]
+    assert all("kept_by_table" in e and sum(e["kept_by_table"].values()) == e["kept"] for e in evals)
+    assert evals[-1]["kept"] < evals[0]["kept"]
+    assert summary["embedding_params_kept"] <= summary["snapshots"][-1]["kept"]  # the search ends past its last budget
+
+
+def test_retrain_from_mask_keeps_masked_elements_at_zero(tmp_path, data, search):
+    mask_dir = search / "masks" / "budget_0.2"
+    run = tmp_path / "retrain"
+    assert cli.main(["train", "--config", RETRAIN, "--data", str(data), "--run-dir", str(run), "--mask",
+                     str(mask_dir), *QUIET]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    expected = json.loads((mask_dir / "meta.json").read_text())["kept"]
+    assert summary["embedding_params_kept"] == expected == summary["nonzero_embedding_params"]
+
+    dim = 8
+    tables = _tables(search)
+    stored = load_full_tables(best_checkpoint(run), {t: (n, 2 * dim) for t, n in tables.items()},
+                              key="model.ebc._embedding_bag_collection.embedding_bags.{table}.weight")
+    for table, weight in stored.items():
+        mask = np.load(mask_dir / f"{table}.npy")
+        v, m = weight[:, :dim].numpy(), weight[:, dim:].numpy()
+        assert (v[~mask] == 0).all(), table  # pruned elements never moved
+        np.testing.assert_array_equal(m > 0.5, mask)
+        init = np.load(search / "init" / f"{table}.npy")
+        assert (v[mask] != init[mask]).any(), table  # kept elements trained
+
+
+def test_retrain_refuses_a_missing_or_foreign_mask(tmp_path, data, search, capsys):
+    assert cli.main(["train", "--config", RETRAIN, "--data", str(data), "--run-dir", str(tmp_path / "r"), *QUIET]) == 2
+    assert "needs a mask" in capsys.readouterr().err
+    assert cli.main(["train", "--config", RETRAIN, "--data", str(data), "--run-dir", str(tmp_path / "r2"),
+                     "--mask", str(search / "init"), *QUIET]) == 2
+    assert "not a mask directory" in capsys.readouterr().err
+
+
+def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, search):
+    base = tmp_path / "base"
+    assert cli.main(["train", "--config", BASE, "--data", str(data), "--run-dir", str(base), *QUIET,
+                     "train.max_steps=50"]) == 0
+    assert cli.main(["prune", "--run-dir", str(base), "--budgets", "0.2", "--out", str(tmp_path / "mag")]) == 0
+    mask = tmp_path / "mag" / "masks" / "budget_0.2"
+    meta = json.loads((mask / "meta.json").read_text())
+    assert meta["criterion"] == "magnitude" and meta["kept"] == 12800
+    run = tmp_path / "mag_retrain"
+    assert cli.main(["train", "--config", RETRAIN, "--data", str(data), "--run-dir", str(run), "--mask", str(mask),
+                     *QUIET, "train.max_steps=25"]) == 0
+    assert json.loads((run / "summary.json").read_text())["nonzero_embedding_params"] == 12800
+
+    assert cli.main(["report", "--run-dir", str(search), "--out", str(tmp_path / "report")]) == 0
+    for name in ("report.md", "kept_and_auc.png", "embedding_sizes.png", "size_vs_frequency.png"):
+        assert (tmp_path / "report" / name).is_file(), name
+
+
+def test_torchx_two_rank_search_and_retrain(tmp_path, data):
+    torchx = str(Path(sys.executable).parent / "torchx")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    def launch(config: str, run: Path, *extra: str) -> None:
+        cmd = [torchx, "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--script", "pep_torchrec/train.py", "--",
+               "--config", config, "--data", str(data), "--run-dir", str(run), *extra,
+               "--set", "train.progress=false"]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    search = tmp_path / "search2"
+    launch(SEARCH, search)
+    summary = json.loads((search / "summary.json").read_text())
+    assert summary["world_size"] == 2 and [s["budget"] for s in summary["snapshots"]] == [0.5, 0.2]
+    mask_dir = search / "masks" / "budget_0.2"
+    kept = sum(int(np.load(p).sum()) for p in mask_dir.glob("*.npy"))
+    assert kept == 12800
+    retrain = tmp_path / "retrain2"
+    launch(RETRAIN, retrain, "--mask", str(mask_dir))
+    summary = json.loads((retrain / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["nonzero_embedding_params"] == 12800
