@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,9 @@ def best_checkpoint(run_dir: Path) -> Path:
 def load_full_tables(checkpoint: Path, shapes: dict[str, tuple[int, int]], key: str = TABLE_KEY) -> dict[str, torch.Tensor]:
     """Read whole [rows, D] tables from a DCP checkpoint written by any number of ranks."""
     state = {"model": {key.format(table=t): torch.empty(shape) for t, shape in shapes.items()}}
-    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    with warnings.catch_warnings():  # a single-process load is the point here, not an accident
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     return {t: state["model"][key.format(table=t)] for t in shapes}
 
 

@@ -5,11 +5,13 @@
         --data out/synth --run_dir runs/debug -j 1x2
     torchx run -s kubernetes pipelines/components.py:train ... -j 2x8 --gpu 8 --image <your image>
 
-`train` is TorchX's own `dist.ddp` around `pep_torchrec/train.py` (torchrun under the hood), so
+`train` runs any stage (baseline / search / retrain: the config names it); `prune` and `report` are
+single-process jobs. `train` is TorchX's own `dist.ddp` around `pep_torchrec/train.py` (torchrun under the hood), so
 rendezvous, retries and per-node process counts are TorchX's.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: torchx reads the parameter types at run time.
+from typing import Optional
 
 import torchx
 from torchx import specs
@@ -19,11 +21,11 @@ from torchx.components import dist, utils
 def prepare(
     dataset: str = "synthetic",
     out: str = "out/synthetic",
-    raw: str | None = None,
-    min_count: int | None = None,
+    raw: Optional[str] = None,
+    min_count: Optional[int] = None,
     split: str = "random",
     seed: int = 0,
-    rows: int | None = None,
+    rows: Optional[int] = None,
     image: str = torchx.IMAGE,
 ) -> specs.AppDef:
     """Prepare a dataset (`pep-torchrec data prepare`) as a single-process job.
@@ -83,3 +85,26 @@ def train(
         args.append("--resume")
     return dist.ddp(*args, script="pep_torchrec/train.py", j=j, cpu=cpu, gpu=gpu, memMB=memMB, image=image,
                     name="pep-train", env={"OMP_NUM_THREADS": str(omp_num_threads)})
+
+
+def prune(run_dir: str, out: str, budgets: str = "0.2,0.1,0.05,0.02", image: str = torchx.IMAGE) -> specs.AppDef:
+    """Magnitude-prune a finished baseline run into mask directories (`pep-torchrec prune`).
+
+    Args:
+        run_dir: the baseline run.
+        out: output directory (masks/budget_*, init/).
+        budgets: comma-separated budgets (<= 1: shares, > 1: counts).
+        image: container image.
+    """
+    return utils.python("prune", "--run-dir", run_dir, "--budgets", budgets, "--out", out, m="pep_torchrec.cli",
+                        name="pep-prune", image=image)
+
+
+def report(run_dir: str, image: str = torchx.IMAGE) -> specs.AppDef:
+    """Plots and a Markdown summary of a run (`pep-torchrec report`).
+
+    Args:
+        run_dir: the run to report on.
+        image: container image.
+    """
+    return utils.python("report", "--run-dir", run_dir, m="pep_torchrec.cli", name="pep-report", image=image)

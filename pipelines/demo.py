@@ -1,9 +1,12 @@
-"""`make demo`: the main job end to end on the embedded synthetic data, then a short result table.
+"""`make demo`: the whole PEP workflow end to end on the embedded synthetic data, then a result table.
 
-Stages (each one is also a torchx component in pipelines/components.py):
-  1. prepare   synthetic Criteo-like data (Zipf ids, planted signal) → Parquet + schema.json
-  2. baseline  FM, one process, DistributedModelParallel + fused Adagrad
-  3. baseline  DLRM on 2 ranks launched by torchx (dist.ddp, gloo)
+Stages (each also a torchx component in pipelines/components.py):
+  1. prepare   synthetic Criteo-like data (Zipf ids, planted signal in some fields) → Parquet + schema
+  2. baseline  FM, one process: DistributedModelParallel + fused Adagrad + TrainPipelineSparseDist
+  3. search    PEP (feature x dim thresholds) on 2 ranks under torchx dist.ddp: masks at 20/10/5 %
+  4. retrain   lottery ticket from the 10 % mask (step-0 embedding x mask), one process
+  5. magnitude the baseline to beat: top-|v| of the trained FM at 10 %, fine-tuned
+  6. report    plots + Markdown of the search
 
     python -m pipelines.demo [--out out/demo] [--rows 100000]
 """
@@ -22,20 +25,30 @@ from pathlib import Path
 from pep_torchrec import cli
 
 REPO = Path(__file__).resolve().parents[1]
+BUDGETS = "[0.2,0.1,0.05]"
 
 
 def _stage(title: str) -> None:
     print(f"\n=== {title}", flush=True)
 
 
-def _torchx_train(config: str, data: Path, run_dir: Path, overrides: list[str]) -> None:
+def _run(argv: list[str]) -> None:
+    print("$ pep-torchrec " + " ".join(argv), flush=True)
+    if cli.main(argv) != 0:
+        raise SystemExit(f"stage failed: pep-torchrec {' '.join(argv)}")
+
+
+def _torchx_train(args: list[str], overrides: list[str]) -> None:
     torchx = Path(sys.executable).parent / "torchx"
     cmd = [str(torchx), "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--env", "OMP_NUM_THREADS=1",
-           "--script", "pep_torchrec/train.py", "--", "--config", config, "--data", str(data),
-           "--run-dir", str(run_dir), "--set", *overrides]
+           "--script", "pep_torchrec/train.py", "--", *args, "--set", *overrides]
     print("$ torchx " + " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, PATH=f"{torchx.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    subprocess.run(cmd, check=True, cwd=REPO, env=env)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise SystemExit("torchx stage failed")
+    print("\n".join(line for line in proc.stdout.splitlines() if "[0]:" in line), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,32 +60,46 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     data, runs = out / "synthetic", out / "runs"
     started = time.perf_counter()
-    quiet = ["train.progress=false"]
+    model = ["model.embedding_dim=16", "model.init_std=0.01", "model.options={use_dense: true}",
+             "optim.embedding.lr=0.02", "train.progress=false"]
 
-    _stage("1/3 prepare: synthetic Criteo-like data")
-    if cli.main(["data", "prepare", "--dataset", "synthetic", "--out", str(data), "--rows", str(args.rows),
-                 "--num-sparse", "26", "--num-dense", "13", "--cardinality", "20000"]) != 0:
-        return 1
+    _stage("1/6 prepare: synthetic Criteo-like data")
+    _run(["data", "prepare", "--dataset", "synthetic", "--out", str(data), "--rows", str(args.rows),
+          "--num-sparse", "26", "--num-dense", "13", "--cardinality", "5000"])
 
-    _stage("2/3 baseline: FM, 1 process")
-    base_overrides = ["model.embedding_dim=16", "train.epochs=2", "train.eval_every=0", *quiet]
-    if cli.main(["train", "--config", "configs/criteo_fm.yaml", "--data", str(data), "--run-dir", str(runs / "fm"),
-                 "--set", *base_overrides, "model.options={use_dense: true}"]) != 0:
-        return 1
+    _stage("2/6 baseline: FM, 1 process")
+    _run(["train", "--config", "configs/criteo_fm.yaml", "--data", str(data), "--run-dir", str(runs / "base"),
+          "--set", *model, "train.epochs=4"])
 
-    _stage("3/3 baseline: DLRM, 2 ranks under torchx dist.ddp")
-    _torchx_train("configs/criteo_dlrm.yaml", data, runs / "dlrm_2ranks",
-                  ["model.embedding_dim=16", "model.options={bottom_mlp_dims: [64, 32], top_mlp_dims: [64, 32]}",
-                   "train.epochs=2", *quiet])
+    _stage("3/6 PEP search: 2 ranks under torchx dist.ddp")
+    _torchx_train(["--config", "configs/criteo_fm_search.yaml", "--data", str(data), "--run-dir",
+                   str(runs / "search")], [*model, f"pep.budgets={BUDGETS}", "pep.target_epochs=3",
+                                           "pep.control_every=10", "train.eval_every=20"])
+
+    _stage("4/6 retrain: lottery ticket at 10 %")
+    mask = runs / "search" / "masks" / "budget_0.1"
+    _run(["train", "--config", "configs/criteo_fm_retrain.yaml", "--data", str(data), "--run-dir",
+          str(runs / "retrain_10"), "--mask", str(mask), "--set", *model, "train.epochs=4"])
+
+    _stage("5/6 magnitude pruning at 10 %, fine-tuned")
+    _run(["prune", "--run-dir", str(runs / "base"), "--budgets", "0.1", "--out", str(runs / "magnitude")])
+    _run(["train", "--config", "configs/criteo_fm_retrain.yaml", "--data", str(data), "--run-dir",
+          str(runs / "magnitude_10"), "--mask", str(runs / "magnitude" / "masks" / "budget_0.1"),
+          "--set", *model, "train.epochs=4"])
+
+    _stage("6/6 report")
+    _run(["report", "--run-dir", str(runs / "search")])
 
     _stage(f"result ({time.perf_counter() - started:.0f} s)")
-    print(f"{'run':<14}{'ranks':>6}{'steps':>7}{'valid AUC':>11}{'test AUC':>10}{'test logloss':>14}{'ex/s':>10}"
-          f"{'emb params':>13}")
-    for name in ("fm", "dlrm_2ranks"):
+    print(f"{'run':<14}{'ranks':>6}{'steps':>7}{'valid AUC':>11}{'test AUC':>10}{'test logloss':>14}"
+          f"{'emb params kept':>17}{'of':>12}")
+    for name in ("base", "search", "retrain_10", "magnitude_10"):
         s = json.loads((runs / name / "summary.json").read_text())
         print(f"{name:<14}{s['world_size']:>6}{s['steps']:>7}{s['valid_auc']:>11.4f}{s['test_auc']:>10.4f}"
-              f"{s['test_logloss']:>14.4f}{s['examples_per_sec']:>10,.0f}{s['embedding_params_total']:>13,}")
-    print(f"\nrun directories: {runs}/<run>/{{config.yaml,metrics.jsonl,summary.json,checkpoints/}}")
+              f"{s['test_logloss']:>14.4f}{s['embedding_params_kept']:>17,}{s['embedding_params_total']:>12,}")
+    snaps = json.loads((runs / "search" / "summary.json").read_text())["snapshots"]
+    print("search snapshots: " + ", ".join(f"{s['budget']:g} → {s['kept']:,} kept at step {s['step']}" for s in snaps))
+    print(f"report: {runs / 'search' / 'report' / 'report.md'}")
     return 0
 
 

@@ -53,6 +53,10 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend=backend)
         else:
+            # TorchRec reads the launcher's variables (e.g. LOCAL_WORLD_SIZE for the topology); say
+            # what a launcher would for one process.
+            for key, value in (("LOCAL_WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+                os.environ.setdefault(key, value)
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True
     return DistEnv(
