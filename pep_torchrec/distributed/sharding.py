@@ -124,7 +124,7 @@ class PlanReport:
         return rows
 
     def format(self) -> str:
-        gib = 1024**3
+        mib = 1024**2
         lines = [f"sharding plan for world_size={self.world_size}",
                  f"{'table':<28} {'sharding':<16} {'kernel':<8} {'rows':>12} {'dim':>5}  ranks"]
         for row in self.tables():
@@ -132,9 +132,9 @@ class PlanReport:
             lines.append(f"{row['table']:<28} {row['sharding_type']:<16} {row['compute_kernel']:<8} "
                          f"{row['rows']:>12,} {row['dim']:>5}  {ranks}")
         lines.append("")
-        lines.append(f"{'rank':>4} {'hbm GiB':>10} {'ddr GiB':>10}   (planner estimate: weights + optimizer + buffers)")
+        lines.append(f"{'rank':>4} {'hbm MiB':>10} {'ddr MiB':>10}   (planner estimate: weights + optimizer + buffers)")
         for rank, mem in self.per_rank_bytes().items():
-            lines.append(f"{rank:>4} {mem['hbm'] / gib:>10.3f} {mem['ddr'] / gib:>10.3f}")
+            lines.append(f"{rank:>4} {mem['hbm'] / mib:>10.2f} {mem['ddr'] / mib:>10.2f}")
         return "\n".join(lines)
 
 
