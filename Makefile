@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # pytest-timeout guards against a hung collective; -p no:cacheprovider keeps a fresh clone clean.
 PYTEST_ARGS ?= -q -p no:cacheprovider
 
-.PHONY: install test demo lint format bench clean
+.PHONY: install test demo lint format bench quality clean
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ test: install
 
 demo: install
 	$(BIN)/python -m pipelines.demo
+
+# Paper-style quality table (base vs PEP retrain vs magnitude pruning; tens of minutes on 2 cores).
+quality: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/quality.py
+
+# Speed and size benchmarks; each writes JSON + Markdown into benchmarks/results/.
+bench: install
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/kernel.py
+	$(BIN)/python -m benchmarks.serving
 
 lint: install
 	$(BIN)/ruff check pep_torchrec pipelines tests benchmarks

@@ -224,6 +224,9 @@ class Trainer:
             raise ConfigError(f"train.stage: {cfg.train.stage!r} is not one of {list(STAGES)}")
         if cfg.train.stage == "retrain" and not cfg.pep.mask:
             raise ConfigError("train.stage=retrain needs a mask: pass --mask DIR (a search's masks/budget_*)")
+        if cfg.train.stage == "retrain" and cfg.optim.embedding.weight_decay:
+            # The fused optimizer would decay the mask columns m of the stored [v | m] rows too.
+            raise ConfigError("optim.embedding.weight_decay must be 0 for retrain (it would decay the stored mask)")
         if cfg.data.batch_size % env.world_size:
             raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by world size {env.world_size}")
         if cfg.optim.dense.name not in _DENSE_OPTIMIZERS:
@@ -263,7 +266,11 @@ class Trainer:
         logger.info("resumed from %s (step %d)", self.checkpoints.path(step), step)
 
     def _save_checkpoint(self) -> None:
-        protect = (self.state["best_step"],) if self.state["best_step"] is not None else ()
+        # Never pruned: the best-on-valid checkpoint (tested at the end) and every search snapshot's
+        # (the converter exports a snapshot from its own step's weights and gk).
+        protect = tuple(snap["step"] for snap in self.state["snapshots"])
+        if self.state["best_step"] is not None:
+            protect += (self.state["best_step"],)
         self.checkpoints.save(self.state["step"], self._checkpoint_state(), {"trainer": self.state},
                               protect=protect)
 
@@ -385,6 +392,7 @@ class Trainer:
             for count, budget in reached:
                 self.state["snapshots"].append(
                     self.pep.snapshot(budget, count, step=step, valid_auc=valid_auc, kept_now=kept))
+            self._save_checkpoint()  # the weights and gk the snapshot's masks were ranked with
         if self.cfg.pep.stop_after_budgets and len(self.state["snapshots"]) == len(self.pep.budgets):
             self.state.update(stopped_early=True, stop_reason="budgets_reached")
 
@@ -427,6 +435,8 @@ class Trainer:
             raise RuntimeError("no evaluation ran; nothing to select")
         if self.cfg.train.stage == "search":
             best = self.state["step"]  # a search's product is its masks; report the final model
+            if best not in self.checkpoints.steps():
+                self._save_checkpoint()
         if best != self.state["step"]:
             # Model selection on valid: test the best-on-valid checkpoint, not the last weights.
             state = self._checkpoint_state()

@@ -20,8 +20,11 @@ How TorchRec builds a sharded EBC, and where we plug in (torchrec 1.8 sources):
                                                                  (embeddingbag.py:1682)
 
 The classes below subclass each of those links and change only:
-  * the kernel's `forward` (gather rows through the pooled TBE path, then `threshold_pool`), so the
-    TBE's fused backward applies the optimizer to exactly the looked-up rows, v and s together;
+  * the kernel's `forward` (gather rows through the pooled TBE path, then threshold + pool: one
+    fused C++ call for the whole group where the group allows it (`GroupedThresholdPool`), else
+    `threshold_pool` per feature on its block of the TBE output), so the TBE's fused backward
+    applies the optimizer to exactly the looked-up rows, v and s together; either way the backward
+    costs O(ids · W), not O(features² · N_max · W) (see `_SplitFeatureBlocks`);
   * the output widths the shardings report: a `[v | s]` table of width W pools to D columns, and
     only those cross ranks (the output all-to-all / reduce-scatter sizes come from
     `embedding_dims()` / `_dim_sum_per_rank()` / `_emb_dim_per_rank_per_feature()` /
@@ -59,7 +62,8 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_configs import PoolingMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pep_torchrec.ops import ThresholdMode, row_width, threshold_pool
+from pep_torchrec.ops import ThresholdMode, library, row_width, threshold_pool
+from pep_torchrec.ops.threshold_pool_cpu import GroupedThresholdPool
 
 # Modes whose stored row carries more than v ([v | s], [v | s | pad], [v | m]): the row must stay
 # whole on one shard, and the pooled output (D columns) is narrower than the stored row (W).
@@ -126,6 +130,43 @@ def gradient_scale_factor(pg: dist.ProcessGroup | None) -> int:
     TorchRec uses to scale the gradient of data-parallel per-sample weights back up.
     """
     return dist.get_world_size(pg) if get_gradient_division() else 1
+
+
+class _SplitFeatureBlocks(torch.autograd.Function):
+    """`rows_all` [N_max, sum_f C_f] → per feature f the block `rows_all[:N_f, col_f : col_f + C_f]`
+    (views, no copy); backward assembles the blocks' gradients into one [N_max, sum C] tensor
+    (rows past N_f, and blocks without gradient, are zero): one pass over the buffer, however many
+    features the group has."""
+
+    @staticmethod
+    def forward(ctx, rows_all: Tensor, ids_per_feature: list[int], cols_T: list[int]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.ids_per_feature, ctx.cols_T, ctx.shape = ids_per_feature, cols_T, rows_all.shape
+        blocks = []
+        col = 0
+        for num_ids, cols in zip(ids_per_feature, cols_T):
+            blocks.append(rows_all[:num_ids, col : col + cols])
+            col += cols
+        return tuple(blocks)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grad_blocks: Tensor | None) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        num_bags = ctx.shape[0]
+        ref = next((g for g in grad_blocks if g is not None), None)
+        if ref is None:
+            return None, None, None  # type: ignore[return-value]
+        grad_all = ref.new_empty(ctx.shape)
+        col = 0
+        for grad, num_ids, cols in zip(grad_blocks, ctx.ids_per_feature, ctx.cols_T):
+            block = grad_all[:, col : col + cols]
+            col += cols
+            if grad is None:
+                block.zero_()
+                continue
+            block[:num_ids].copy_(grad)
+            if num_ids < num_bags:
+                block[num_ids:].zero_()  # padding bags: no gradient
+        return grad_all, None, None
 
 
 class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
@@ -235,14 +276,22 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
             offsets=gather_offsets.to(self._embedding_table_offset_type),
         )  # [N_max, sum over features of C]
 
+        grouped = self._grouped_threshold_pool(rows_all, offsets, weights, num_features)
+        if grouped is not None:
+            return grouped
+
+        # One autograd node splits the TBE output into the features' [N_f, C] blocks, and its
+        # backward writes every feature's gradient into one [N_max, sum C] buffer. (Slicing
+        # `rows_all[:N_f, col:col + C]` per feature made autograd materialise a full-size zero
+        # gradient per feature and add them up: backward cost ∝ T² · N_max · C.)
+        cols_T = [self._local_cols[self._feature_table_map[f]] for f in range(num_features)]
+        rows_per_feature = _SplitFeatureBlocks.apply(rows_all, ids_per_feature, cols_T)
         pooled: list[Tensor] = []
-        col = 0
         for f in range(num_features):
             t = self._feature_table_map[f]
             spec = self._pep_table_specs[t]
-            cols = self._local_cols[t]
-            rows_NC = rows_all[: ids_per_feature[f], col : col + cols]
-            col += cols
+            cols = cols_T[f]
+            rows_NC = rows_per_feature[f]
             params = self._pep_step_params(spec.name, self._col_offset[t], cols)
             bag_offsets = offsets[f * batch : (f + 1) * batch + 1] - starts[f]
             pooled.append(
@@ -260,6 +309,44 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
                 )
             )
         return torch.cat(pooled, dim=1)
+
+    def _grouped_threshold_pool(
+        self,
+        rows_all: Tensor,
+        offsets: Tensor,
+        weights: Tensor | None,
+        num_features: int,
+    ) -> Tensor | None:
+        """All features of the group in one fused call (`GroupedThresholdPool`), or None where that
+        path does not apply: it needs the fused CPU kernel chosen for the mode (`library.default_impl`),
+        one whole-row mode (or NONE), D, W, gk and pressure shared by every table of the group, no
+        coarse thresholds and no gradient for the per-sample weights; otherwise the per-feature path."""
+        if (
+            rows_all.device.type != "cpu"
+            or rows_all.dtype not in (torch.float32, torch.float64)
+            or num_features == 0
+        ):
+            return None
+        if weights is not None and weights.requires_grad:
+            return None
+        first = self._pep_table_specs[self._feature_table_map[0]]
+        if first.mode is ThresholdMode.COARSE or not library.fused_available(rows_all.device, first.mode):
+            return None
+        params = None
+        for t in sorted(set(self._feature_table_map[:num_features])):
+            spec = self._pep_table_specs[t]
+            if spec.mode is not first.mode or spec.dim != first.dim or self._local_cols[t] != first.width:
+                return None
+            p = self._pep_step_params(spec.name, self._col_offset[t], self._local_cols[t])  # type: ignore[misc]
+            if p.coarse_s is not None or (params is not None and (p.gk, p.s_decay, p.s_push) != params):
+                return None
+            params = (p.gk, p.s_decay, p.s_push)
+        assert params is not None
+        gk, s_decay, s_push = params
+        return GroupedThresholdPool.apply(
+            rows_all.contiguous(), offsets, weights, num_features, first.dim, library.MODE_CODES[first.mode],
+            float(gk), self._pep_pooling == "mean", float(s_decay), float(s_push),
+        )  # fmt: skip
 
 
 class PEPGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):

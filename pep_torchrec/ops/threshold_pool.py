@@ -8,8 +8,9 @@ PEP (Liu et al., ICLR 2021) re-parameterises every embedding element as
     v̂ = sign(v) · relu(|v| − gk · sigmoid(s))
 
 with learnable threshold logits `s`. This module is the *specification* of the op the PEP embedding
-modules call: the fused kernels (Triton on CUDA, a compiled CPU path) replace `threshold_pool` behind
-the same signature and must agree with it, forward and backward. Only the rows looked up in the
+modules call: `threshold_pool` dispatches to the registered op (`library.py`: Triton on CUDA, a
+compiled C++ path on CPU), whose kernels must agree with `threshold_pool_reference`, forward and
+backward. Only the rows looked up in the
 batch are thresholded (cost ∝ ids in the batch, never ∝ table rows), and only the pooled [B, D]
 result leaves the op; thresholding is element-wise, so pooling partial bags (row-wise sharding) and
 summing them later is exact.
@@ -223,6 +224,39 @@ def margins(
     return abs_v_ND - gk * torch.sigmoid(s.to(dtype))
 
 
+def _validate(
+    rows: Tensor,
+    offsets: Tensor,
+    dim: int,
+    mode: ThresholdMode | str,
+    coarse_s: Tensor | None,
+    per_sample_weights: Tensor | None,
+    pooling: str,
+) -> tuple[ThresholdMode, Tensor]:
+    """Check the op's inputs (ValueError naming the problem); returns (mode, int64 offsets)."""
+    mode = ThresholdMode(mode)
+    _check_rows(rows, dim, mode, coarse_s)
+    if pooling not in _POOLINGS:
+        raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"offsets must be [B + 1], got shape {tuple(offsets.shape)}")
+    num_rows = rows.shape[0]
+    num_bags = offsets.numel() - 1
+    offsets = offsets.to(torch.int64)
+    if offsets.device.type == "cpu" and (
+        int(offsets[0]) != 0
+        or int(offsets[-1]) != num_rows
+        or (num_bags > 0 and bool((offsets[1:] < offsets[:-1]).any()))
+    ):
+        raise ValueError(f"offsets must be non-decreasing from 0 to N = {num_rows}, got {offsets.tolist()}")
+    if per_sample_weights is not None and tuple(per_sample_weights.shape) != (num_rows,):
+        raise ValueError(
+            f"per_sample_weights must be [N] = [{num_rows}], got shape {tuple(per_sample_weights.shape)}"
+        )
+
+    return mode, offsets
+
+
 def threshold_pool(
     rows: Tensor,
     offsets: Tensor,
@@ -236,7 +270,7 @@ def threshold_pool(
     s_decay: float = 0.0,
     s_push: float = 0.0,
 ) -> Tensor:
-    """Threshold the gathered rows and pool them into bags (the PEP embedding-bag op, reference).
+    """Threshold the gathered rows and pool them into bags (the PEP embedding-bag op).
 
     Args:
         rows: [N, W] gathered stored rows, one per looked-up id, in bag order (W = `row_width`).
@@ -259,32 +293,64 @@ def threshold_pool(
     ROW_DIM/ROW, once per call on `coarse_s` for COARSE (so a [1] parameter expanded to [D] receives
     D times the term), and only when the tensor requires grad.
 
-    Pooling is a segment sum: `zeros(B, D).index_add(0, bag_of_row, v̂)`, with bag_of_row from
+    Implementation: the registered op `pep_torchrec::threshold_pool` (`library.py`: fused C++ on
+    CPU, Triton on CUDA, forward and backward) where a fused kernel exists and was measured faster
+    (`library.default_impl`: on CPU every mode but NONE), else the reference
+    (`threshold_pool_reference`, the spec); `PEP_TORCHREC_OPS=reference|fused|auto` overrides.
+    The reference pools with a segment sum: `zeros(B, D).index_add(0, bag_of_row, v̂)`, with bag_of_row from
     `repeat_interleave` over the bag lengths. It is vectorised, handles empty bags and mean pooling
     with per-sample weights (which `F.embedding_bag` refuses), and its backward is a gather. On
     CUDA `index_add` uses atomics, so the summation order (last bits) is not deterministic there.
     Offsets are validated on CPU only (a check on an accelerator would force a device sync).
     """
-    mode = ThresholdMode(mode)
-    _check_rows(rows, dim, mode, coarse_s)
-    if pooling not in _POOLINGS:
-        raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
-    if offsets.dim() != 1 or offsets.numel() < 1:
-        raise ValueError(f"offsets must be [B + 1], got shape {tuple(offsets.shape)}")
+    mode, offsets = _validate(rows, offsets, dim, mode, coarse_s, per_sample_weights, pooling)
+    from pep_torchrec.ops import library  # the registered op imports this module
+
+    if not library.fused_available(rows.device, mode):
+        return _threshold_pool_reference(
+            rows, offsets, dim, mode, gk, coarse_s, per_sample_weights, pooling, s_decay, s_push
+        )
+    return library.threshold_pool_op(
+        rows, offsets, coarse_s, per_sample_weights, dim, library.MODE_CODES[mode], float(gk),
+        pooling == "mean", float(s_decay), float(s_push),
+    )  # fmt: skip
+
+
+def threshold_pool_reference(
+    rows: Tensor,
+    offsets: Tensor,
+    *,
+    dim: int,
+    mode: ThresholdMode | str,
+    gk: float = 1.0,
+    coarse_s: Tensor | None = None,
+    per_sample_weights: Tensor | None = None,
+    pooling: str = "sum",
+    s_decay: float = 0.0,
+    s_push: float = 0.0,
+) -> Tensor:
+    """The pure-PyTorch reference of `threshold_pool` (same arguments and result): the spec every
+    fused kernel is tested against, and the path used where no fused kernel exists."""
+    mode, offsets = _validate(rows, offsets, dim, mode, coarse_s, per_sample_weights, pooling)
+    return _threshold_pool_reference(
+        rows, offsets, dim, mode, gk, coarse_s, per_sample_weights, pooling, s_decay, s_push
+    )
+
+
+def _threshold_pool_reference(
+    rows: Tensor,
+    offsets: Tensor,
+    dim: int,
+    mode: ThresholdMode,
+    gk: float,
+    coarse_s: Tensor | None,
+    per_sample_weights: Tensor | None,
+    pooling: str,
+    s_decay: float,
+    s_push: float,
+) -> Tensor:
     num_rows = rows.shape[0]
     num_bags = offsets.numel() - 1
-    offsets = offsets.to(torch.int64)
-    if offsets.device.type == "cpu" and (
-        int(offsets[0]) != 0
-        or int(offsets[-1]) != num_rows
-        or (num_bags > 0 and bool((offsets[1:] < offsets[:-1]).any()))
-    ):
-        raise ValueError(f"offsets must be non-decreasing from 0 to N = {num_rows}, got {offsets.tolist()}")
-    if per_sample_weights is not None and tuple(per_sample_weights.shape) != (num_rows,):
-        raise ValueError(
-            f"per_sample_weights must be [N] = [{num_rows}], got shape {tuple(per_sample_weights.shape)}"
-        )
-
     # Sparsity pressure: identity in forward, the extra s-gradient in backward.
     if s_decay != 0.0 or s_push != 0.0:
         cols = s_columns(dim, mode)

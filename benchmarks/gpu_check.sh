@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# GPU check of the Triton threshold_pool kernels: correctness against the pure-PyTorch reference on
+# CUDA, then forward / forward+backward timings in GB/s against the measured copy bandwidth.
+#
+#     bash benchmarks/gpu_check.sh            # writes gpu_check.{json,md} to $OUT, else benchmarks/results/
+#
+# Self-contained on torch + triton (the GPU machine has neither torchrec nor fbgemm): it imports only
+# `pep_torchrec.ops` (torch-only) and `benchmarks.kernel` from this checkout, through PYTHONPATH, and
+# reports the versions it found. Budget: < 8 minutes (a hard `timeout` of 7.5 min around Python;
+# every section writes the results file so far, so a timeout still leaves a partial report).
+# Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA / no Triton, 124 timeout.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT_DIR="${OUT:-benchmarks/results}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PEP_GPU_CHECK_OUT="$OUT_DIR"
+echo "gpu_check: python $PY, output $OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+timeout --signal=INT --kill-after=20 450 "$PY" - <<'PYEOF'
+import json, os, platform, statistics, sys, time, traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+out_dir = Path(os.environ["PEP_GPU_CHECK_OUT"])
+report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+          "checks": [], "timings": [], "errors": []}
+started = time.perf_counter()
+
+
+def save() -> None:
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    lines = ["# GPU check: Triton threshold_pool vs reference", "",
+             f"{report['date']}, {report.get('gpu')}, torch {report.get('torch')}, triton {report.get('triton')}, "
+             f"python {report['python']}, copy bandwidth {report.get('copy_gbs', float('nan')):.0f} GB/s.", "",
+             f"Correctness: {sum(c['ok'] for c in report['checks'])}/{len(report['checks'])} cases pass.", ""]
+    bad = [c for c in report["checks"] if not c["ok"]]
+    for c in bad[:20]:
+        lines.append(f"- FAIL {c['case']}: {c.get('detail')}")
+    if report["timings"]:
+        lines += ["", "| mode | D | B | P | dtype | ref f+b ms | fused fwd ms | fused f+b ms | speedup | fused f+b GB/s | of copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for t in report["timings"]:
+            lines.append(f"| {t['mode']} | {t['dim']} | {t['bags']} | {t['pooling']} | {t['dtype']} | "
+                         f"{t['reference_fwd_bwd_ms']:.3f} | {t['fused_fwd_ms']:.3f} | {t['fused_fwd_bwd_ms']:.3f} | "
+                         f"{t['speedup_fwd_bwd']:.1f} | {t['fused_fwd_bwd_gbs']:.0f} | {t['fused_fwd_bwd_of_copy']:.2f} |")
+    for e in report["errors"]:
+        lines += ["", "Error: " + e.splitlines()[-1]]
+    lines += ["", f"wall {report['wall_s']} s", ""]
+    (out_dir / "gpu_check.md").write_text("\n".join(lines))
+
+
+try:
+    import torch
+    report["torch"] = torch.__version__
+    try:
+        import triton
+        report["triton"] = triton.__version__
+    except Exception as err:  # noqa: BLE001
+        report["errors"].append(f"triton import failed: {err!r}")
+    # PEP_GPU_CHECK_DEVICE=cpu: a dry run of this script's logic on the CPU kernels (no GPU here).
+    dev = torch.device(os.environ.get("PEP_GPU_CHECK_DEVICE", "cuda"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        report["errors"].append("torch.cuda.is_available() is False")
+    report["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    save()
+    print(json.dumps({k: report.get(k) for k in ("torch", "triton", "gpu", "python")}), flush=True)
+    if report["errors"]:
+        sys.exit(2)
+
+    from pep_torchrec.ops import ThresholdMode, row_width, threshold_pool, threshold_pool_reference
+    from pep_torchrec.ops import library
+    if not library.kernel_available(dev):
+        report["errors"].append(f"pep_torchrec: no fused kernel on {dev} (see warnings)")
+        save()
+        sys.exit(2)
+    report["dispatch_default"] = library.default_impl(dev, ThresholdMode.ROW_DIM)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    # ---- correctness: Triton (through the registered op) vs the float64 reference ---------------
+    # Tolerances: float32 kernels vs a float64 reference: rtol/atol 1e-5 (summation order, expf);
+    # bf16/fp16 rows: the same inputs rounded to the half type are given to the reference, the kernel
+    # accumulates in float32 and stores row gradients in the half type: rtol/atol 2e-2.
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, [2, 0, 3, 1]), (16, [1] * 4096), (17, [0, 4, 0, 2, 5]), (4, [0, 0, 0]), (8, [3000, 1]),
+              (64, [20] * 512), (128, [0, 7, 1, 300])]
+    for mode, code in library.MODE_CODES.items():
+        for dim, lengths in shapes:
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                if dtype != torch.float32 and dim not in (16, 17):
+                    continue
+                for weighted, mean, pad in ((False, False, 0), (True, True, 5)):
+                    name = f"{mode.value} D={dim} B={len(lengths)} N={sum(lengths)} {str(dtype)[6:]} w={int(weighted)} mean={int(mean)} pad={pad}"
+                    try:
+                        n, width = sum(lengths), row_width(dim, mode)
+                        wide = torch.randn(n, width + pad, generator=gen) * 0.6
+                        if mode is ThresholdMode.MASK:
+                            wide[:, dim:width] = (torch.rand(n, dim, generator=gen) > 0.4).float()
+                        rows_h = wide.to(dtype)  # the half-type values both sides see
+                        cs = torch.randn(dim, generator=gen) if mode is ThresholdMode.COARSE else None
+                        w = torch.rand(n, generator=gen) + 0.5 if weighted else None
+                        off = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
+                        grad = torch.randn(len(lengths), dim, generator=gen)
+                        kw = dict(dim=dim, mode=mode, gk=0.7, pooling="mean" if mean else "sum", s_decay=0.1, s_push=0.2)
+
+                        def run(fn, device, rdtype):
+                            r = rows_h.to(device=device, dtype=rdtype)[:, :width].detach().requires_grad_()
+                            acc = torch.float64 if rdtype == torch.float64 else torch.float32
+                            c = None if cs is None else cs.to(device=device, dtype=acc).requires_grad_()
+                            ww = None if w is None else w.to(device=device, dtype=acc).requires_grad_()
+                            o = fn(r, off.to(device), coarse_s=c, per_sample_weights=ww, **kw)
+                            if o.numel():
+                                o.backward(grad.to(device=device, dtype=o.dtype))
+                            gs = [None if x is None or x.grad is None else x.grad.double().cpu() for x in (r, c, ww)]
+                            return [o.detach().double().cpu(), *gs]
+
+                        want = run(threshold_pool_reference, torch.device("cpu"), torch.float64)
+                        os.environ["PEP_TORCHREC_OPS"] = "fused"
+                        got = run(threshold_pool, dev, dtype)
+                        sync()
+                        tol = 1e-5 if dtype == torch.float32 else 2e-2
+                        worst = 0.0
+                        for label, g, r_ in zip(("out", "grad_rows", "grad_coarse", "grad_w"), got, want):
+                            if r_ is None and g is None:
+                                continue
+                            g = torch.zeros_like(r_) if g is None else g
+                            r_ = torch.zeros_like(g) if r_ is None else r_
+                            if g.numel():
+                                worst = max(worst, (g - r_).abs().max().item())
+                            torch.testing.assert_close(g, r_, rtol=tol, atol=tol, msg=lambda m: f"{label}: {m}")
+                        report["checks"].append({"case": name, "ok": True, "max_abs_err": worst})
+                    except Exception as err:  # noqa: BLE001
+                        report["checks"].append({"case": name, "ok": False, "detail": str(err)[-800:]})
+    save()
+    n_ok = sum(c["ok"] for c in report["checks"])
+    print(f"correctness: {n_ok}/{len(report['checks'])} pass ({time.perf_counter() - started:.0f}s)", flush=True)
+
+    # ---- timings -----------------------------------------------------------------------------
+    from benchmarks.kernel import copy_bandwidth_gbs, make_case, time_case
+    report["copy_gbs"] = copy_bandwidth_gbs(dev, mib=1024 if dev.type == "cuda" else 64)
+    big = dev.type == "cuda"
+    save()
+    for mode, dim, bags, pooling, weights in [
+        (ThresholdMode.ROW_DIM, 16, 65536, 1, False), (ThresholdMode.ROW, 16, 65536, 1, False),
+        (ThresholdMode.ROW_DIM, 16, 16384, 20, False), (ThresholdMode.ROW, 16, 16384, 20, False),
+        (ThresholdMode.COARSE, 64, 16384, 20, False), (ThresholdMode.MASK, 64, 16384, 20, False),
+        (ThresholdMode.NONE, 64, 16384, 20, False), (ThresholdMode.ROW_DIM, 128, 8192, 50, True),
+    ][: None if big else 2]:
+        bags = bags if big else bags // 16
+        if time.perf_counter() - started > 380:
+            report["errors"].append("timing section cut short to stay within the time budget")
+            break
+        try:
+            case = make_case(mode, dim, bags, pooling, dev, weights)
+            res = time_case(case, dev, repeats=7 if big else 3, inner=10 if big else 2)
+            row = {"mode": mode.value, "dim": dim, "bags": bags, "pooling": pooling, "weights": weights,
+                   "dtype": "float32", **res}
+            for impl in ("reference", "fused"):
+                row[f"{impl}_fwd_bwd_of_copy"] = res[f"{impl}_fwd_bwd_gbs"] / report["copy_gbs"]
+            report["timings"].append(row)
+            print(f"{mode.value} D={dim} B={bags} P={pooling}: fused f+b {res['fused_fwd_bwd_ms']:.3f} ms "
+                  f"({res['fused_fwd_bwd_gbs']:.0f} GB/s), ref {res['reference_fwd_bwd_ms']:.3f} ms", flush=True)
+        except Exception:  # noqa: BLE001
+            report["errors"].append(traceback.format_exc()[-2000:])
+        save()
+except SystemExit:
+    raise
+except BaseException:  # noqa: BLE001  (KeyboardInterrupt from timeout --signal=INT included)
+    report["errors"].append(traceback.format_exc()[-3000:])
+    save()
+    raise
+save()
+print((out_dir / "gpu_check.md").read_text())
+sys.exit(0 if report["checks"] and all(c["ok"] for c in report["checks"]) else 1)
+PYEOF
+status=$?
+echo "gpu_check: exit $status; results in $OUT_DIR/gpu_check.{json,md}"
+exit $status

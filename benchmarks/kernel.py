@@ -1,0 +1,290 @@
+"""The `threshold_pool` op alone: fused kernel vs the pure-PyTorch reference, forward and
+forward+backward, in ms and in GB/s against the machine's measured copy bandwidth.
+
+    OMP_NUM_THREADS=1 python benchmarks/kernel.py [--quick] [--device cpu|cuda] [--name kernel]
+
+Legend: N = gathered rows, B = bags, D = embedding dim, W = stored row width.
+
+Per case (mode, D, B, pooling factor P = ids per bag, N = B·P) both implementations run
+interleaved (the order alternates every repeat: this is a shared machine), and a time is the median
+over repeats. Bytes counted are the compulsory traffic of a fused kernel:
+    forward   read rows N·W + offsets + weights, write pooled B·D
+    backward  read grad B·D + rows N·W (+ weights), write grad rows N·W (+ grad weights)
+so GB/s = those bytes / time, and `of_copy` = GB/s / the bandwidth of `torch.clone` of a 256 MiB
+buffer (read + write counted), measured in the same process. A memory-bound kernel near 1.0 is
+done; the reference makes several passes over [N, D] temporaries, hence its lower numbers.
+
+`fused` is `pep_torchrec::threshold_pool` with its registered kernel for the device (C++ on CPU,
+Triton on CUDA); `reference` is `threshold_pool_reference`. The fused path is called through the
+op exactly as `threshold_pool` calls it (dispatch and autograd overhead included).
+Writes benchmarks/results/<name>.{json,md} (machine, versions, date, config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pep_torchrec.ops import (  # noqa: E402
+    ThresholdMode,
+    library,  # noqa: E402
+    row_width,
+    threshold_pool_reference,
+)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth_gbs(device: torch.device, mib: int = 256, repeats: int = 7) -> float:
+    """GB/s of `clone()` of a `mib` MiB float32 buffer (bytes read + written), median of repeats."""
+    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst = src.clone()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        del dst
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
+
+
+def make_case(mode: ThresholdMode, dim: int, num_bags: int, pooling: int, device: torch.device,
+              weights: bool = False, seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    num_rows = num_bags * pooling
+    width = row_width(dim, mode)
+    rows = torch.randn(num_rows, width, generator=gen) * 0.5
+    if mode is ThresholdMode.MASK:
+        rows[:, dim:] = (torch.rand(num_rows, dim, generator=gen) > 0.5).float()
+    coarse_s = torch.randn(dim, generator=gen) if mode is ThresholdMode.COARSE else None
+    offsets = torch.arange(0, num_rows + 1, pooling, dtype=torch.int64)
+    psw = torch.rand(num_rows, generator=gen) if weights else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return {"rows": to(rows), "offsets": to(offsets), "coarse_s": to(coarse_s), "psw": to(psw),
+            "dim": dim, "mode": mode}  # fmt: skip
+
+
+def _bytes(case: dict[str, Any], backward: bool) -> int:
+    n, w = case["rows"].shape
+    b = case["offsets"].numel() - 1
+    d = case["dim"]
+    psw = case["psw"] is not None
+    fwd = 4 * (n * w + b * d + (n if psw else 0)) + 8 * (b + 1)
+    bwd = 4 * (b * d + 2 * n * w + (2 * n if psw else 0)) + 8 * (b + 1)
+    return fwd + (bwd if backward else 0)
+
+
+def _runner(impl: str, case: dict[str, Any], backward: bool) -> Callable[[], None]:
+    mode = case["mode"]
+    rows = case["rows"].detach().requires_grad_(backward)
+    coarse = case["coarse_s"]
+    coarse = None if coarse is None else coarse.detach().requires_grad_(backward)
+
+    def call() -> torch.Tensor:
+        if impl == "reference":
+            return threshold_pool_reference(
+                rows, case["offsets"], dim=case["dim"], mode=mode, gk=1.0, coarse_s=coarse,
+                per_sample_weights=case["psw"], s_decay=1e-5, s_push=0.0,
+            )  # fmt: skip
+        return library.threshold_pool_op(
+            rows, case["offsets"], coarse, case["psw"], case["dim"], library.MODE_CODES[mode], 1.0,
+            False, 1e-5, 0.0,
+        )  # fmt: skip
+
+    if not backward:
+
+        def fwd() -> None:
+            with torch.no_grad():
+                call()
+
+        return fwd
+
+    def fwd_bwd() -> None:
+        out = call()
+        out.backward(torch.ones_like(out))
+        rows.grad = None
+        if coarse is not None:
+            coarse.grad = None
+
+    return fwd_bwd
+
+
+def time_case(case: dict[str, Any], device: torch.device, repeats: int, inner: int) -> dict[str, Any]:
+    """Median ms per call of reference / fused, forward and forward+backward, interleaved."""
+    result: dict[str, Any] = {}
+    for backward in (False, True):
+        fns = {impl: _runner(impl, case, backward) for impl in ("reference", "fused")}
+        for fn in fns.values():  # warm-up (JIT / first-call costs)
+            fn()
+        samples: dict[str, list[float]] = {impl: [] for impl in fns}
+        for r in range(repeats):
+            order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+            for impl in order:
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fns[impl]()
+                _sync(device)
+                samples[impl].append((time.perf_counter() - t0) / inner * 1e3)
+        key = "fwd_bwd" if backward else "fwd"
+        for impl, ts in samples.items():
+            ms = statistics.median(ts)
+            result[f"{impl}_{key}_ms"] = ms
+            result[f"{impl}_{key}_gbs"] = _bytes(case, backward) / (ms * 1e-3) / 1e9
+        result[f"speedup_{key}"] = result[f"reference_{key}_ms"] / result[f"fused_{key}_ms"]
+    return result
+
+
+def time_group(
+    mode: ThresholdMode, dim: int, num_features: int, num_bags: int, repeats: int, inner: int
+) -> dict[str, Any]:
+    """CPU only: a sharded TBE group as the lookup sees it, F features × B one-id bags in one
+    [B, F·W] buffer; fwd+bwd of the per-feature reference (the lookup's fallback: F
+    `threshold_pool_reference` calls on the blocks) vs `GroupedThresholdPool` (one call)."""
+    from pep_torchrec.ops.threshold_pool_cpu import GroupedThresholdPool
+
+    width = row_width(dim, mode)
+    rows_all = (torch.randn(num_bags, num_features * width) * 0.5).requires_grad_()
+    offsets = torch.arange(num_features * num_bags + 1, dtype=torch.int64)
+    bag_offsets = torch.arange(num_bags + 1, dtype=torch.int64)
+    code = library.MODE_CODES[mode]
+
+    def reference() -> None:
+        out = torch.cat([threshold_pool_reference(rows_all[:, f * width : (f + 1) * width], bag_offsets, dim=dim,
+                                                  mode=mode, s_decay=1e-5) for f in range(num_features)], dim=1)  # fmt: skip
+        out.backward(torch.ones_like(out))
+        rows_all.grad = None
+
+    def grouped() -> None:
+        out = GroupedThresholdPool.apply(
+            rows_all, offsets, None, num_features, dim, code, 1.0, False, 1e-5, 0.0
+        )
+        out.backward(torch.ones_like(out))
+        rows_all.grad = None
+
+    fns = {"reference": reference, "fused": grouped}
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats):
+        for impl in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fns[impl]()
+            samples[impl].append((time.perf_counter() - t0) / inner * 1e3)
+    ref_ms, fused_ms = statistics.median(samples["reference"]), statistics.median(samples["fused"])
+    nbytes = 4 * (3 * num_bags * num_features * width + 2 * num_bags * num_features * dim)
+    return {"mode": mode.value, "dim": dim, "features": num_features, "bags": num_bags,
+            "reference_fwd_bwd_ms": ref_ms, "fused_fwd_bwd_ms": fused_ms, "speedup_fwd_bwd": ref_ms / fused_ms,
+            "fused_fwd_bwd_gbs": nbytes / (fused_ms * 1e-3) / 1e9}  # fmt: skip
+
+
+def cases(quick: bool) -> list[tuple[ThresholdMode, int, int, int, bool]]:
+    """(mode, D, B, pooling, weights): the train benchmark's shape (B 4096, 1 id / bag, D 16)
+    first, then larger pooling factors and dims."""
+    out = [(m, 16, 4096, 1, False) for m in ThresholdMode]
+    out += [(ThresholdMode.ROW_DIM, 16, 4096, 20, False), (ThresholdMode.ROW, 16, 4096, 20, False),
+            (ThresholdMode.ROW_DIM, 64, 4096, 20, True)]  # fmt: skip
+    if not quick:
+        out += [(ThresholdMode.ROW_DIM, 128, 2048, 50, False), (ThresholdMode.COARSE, 64, 4096, 20, False)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import machine_info, markdown_table, write_results
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--name", default="kernel")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    repeats, inner = (5, 3) if args.quick else (9, 5)
+    if not library.kernel_available(device):
+        print(f"note: no fused kernel on {device}: 'fused' runs the reference")
+    copy_gbs = copy_bandwidth_gbs(device)
+    rows: list[dict[str, Any]] = []
+    for mode, dim, num_bags, pooling, weights in cases(args.quick):
+        case = make_case(mode, dim, num_bags, pooling, device, weights)
+        res = time_case(case, device, repeats, inner)
+        row = {
+            "mode": mode.value,
+            "dim": dim,
+            "bags": num_bags,
+            "pooling": pooling,
+            "weights": weights,
+            **res,
+        }
+        for impl in ("reference", "fused"):
+            row[f"{impl}_fwd_bwd_of_copy"] = res[f"{impl}_fwd_bwd_gbs"] / copy_gbs
+        rows.append(row)
+        print(f"{mode.value:8s} D={dim:<3d} B={num_bags} P={pooling:<3d} w={int(weights)}: "
+              f"fwd ref {res['reference_fwd_ms']:.3f} fused {res['fused_fwd_ms']:.3f} ms | fwd+bwd ref "
+              f"{res['reference_fwd_bwd_ms']:.3f} fused {res['fused_fwd_bwd_ms']:.3f} ms "
+              f"(x{res['speedup_fwd_bwd']:.2f}, fused {res['fused_fwd_bwd_gbs']:.1f} GB/s)", flush=True)  # fmt: skip
+    groups: list[dict[str, Any]] = []
+    if device.type == "cpu" and library.kernel_available(device):
+        for mode in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
+            g = time_group(mode, 16, 26, 4096, repeats, inner)
+            g["fused_fwd_bwd_of_copy"] = g["fused_fwd_bwd_gbs"] / copy_gbs
+            groups.append(g)
+            print(f"group {mode.value} F=26 B=4096 D=16: fwd+bwd ref {g['reference_fwd_bwd_ms']:.2f} ms, grouped "
+                  f"{g['fused_fwd_bwd_ms']:.2f} ms (x{g['speedup_fwd_bwd']:.2f})", flush=True)  # fmt: skip
+    speedups = [r["speedup_fwd_bwd"] for r in rows]
+    headline = {
+        "copy_gbs": copy_gbs,
+        "fwd_bwd_speedup_median": statistics.median(speedups),
+        "fwd_bwd_speedup_min": min(speedups),
+        "kernel_available": library.kernel_available(device),
+        "dispatch_default": {m.value: library.default_impl(device, m) for m in ThresholdMode},
+    }
+    if groups:
+        headline["group_fwd_bwd_speedup_min"] = min(g["speedup_fwd_bwd"] for g in groups)
+    info = machine_info()
+    payload = {"machine": info, "config": {"device": str(device), "repeats": repeats, "inner": inner,
+               "quick": args.quick}, "headline": headline, "cases": rows, "groups": groups}  # fmt: skip
+    md = "\n".join([
+        "# threshold_pool kernel: fused vs reference", "",
+        f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores, shared), {device}, torch "
+        f"{info['versions']['torch']}, threads {info['torch_threads']}, `{info['command']}`.", "",
+        f"Copy bandwidth (clone of 256 MiB, read+write): {copy_gbs:.1f} GB/s. Times are medians of "
+        f"{repeats} interleaved repeats of {inner} calls.", "",
+        markdown_table(rows, [
+            ("mode", "mode", ""), ("dim", "D", "d"), ("bags", "B", "d"), ("pooling", "P", "d"),
+            ("weights", "psw", ""), ("reference_fwd_ms", "ref fwd ms", ".3f"), ("fused_fwd_ms", "fused fwd ms", ".3f"),
+            ("reference_fwd_bwd_ms", "ref f+b ms", ".3f"), ("fused_fwd_bwd_ms", "fused f+b ms", ".3f"),
+            ("speedup_fwd_bwd", "f+b speedup", ".2f"), ("fused_fwd_bwd_gbs", "fused f+b GB/s", ".1f"),
+            ("fused_fwd_bwd_of_copy", "of copy", ".2f"), ("reference_fwd_bwd_of_copy", "ref of copy", ".2f"),
+        ]), "",
+        "## A sharded TBE group in one call (CPU: `GroupedThresholdPool` vs the per-feature reference)", "",
+        markdown_table(groups, [
+            ("mode", "mode", ""), ("dim", "D", "d"), ("features", "F", "d"), ("bags", "B", "d"),
+            ("reference_fwd_bwd_ms", "ref f+b ms", ".2f"), ("fused_fwd_bwd_ms", "grouped f+b ms", ".2f"),
+            ("speedup_fwd_bwd", "speedup", ".2f"), ("fused_fwd_bwd_gbs", "GB/s", ".1f"),
+            ("fused_fwd_bwd_of_copy", "of copy", ".2f"),
+        ]) if groups else "(no grouped path on this device)", "",
+        "Headline: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in headline.items()),
+        "",
+    ])  # fmt: skip
+    write_results(args.name, payload, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

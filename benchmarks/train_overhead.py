@@ -1,0 +1,297 @@
+"""Train-step overhead of PEP inside sharded TorchRec, and how it scales with table size.
+
+    OMP_NUM_THREADS=1 python benchmarks/train_overhead.py [--quick] [--json OUT.json] [--threads 1,2]
+
+Variants (the same DLRM, 13 dense features, one 1-rank gloo DMP each, fused Adagrad tables + Adam
+dense, synthetic Zipf ids generated here, one id per feature per example like Criteo):
+  base             plain TorchRec EmbeddingBagCollection (fused TBE)
+  pep_feature      PEPEmbeddingBagCollection, granularity feature (one s per row, rows [v|s|pad])
+  pep_feature_dim  granularity feature_dim (rows [v|s], 2D wide)
+  whole_table      the original PEP design: threshold the WHOLE [v|s] table every step and look up
+                   the thresholded table (dense gradients of v and s, dense Adagrad), unsharded
+Steps of all variants are interleaved (variant order rotates every repeat), so machine noise (this
+is a shared 2-core box) hits them alike; a variant's time is the median over repeats of the median
+step time of a repeat; results are reported as ratios to `base`.
+
+Sections:
+  overhead  26 tables x 1e5 rows x dim 16, batch 4096, per thread count (acceptance: 1 thread).
+  scaling   table sizes 1e4 ... 1e7 rows (base, both PEP variants, whole-table), FEWER TABLES (--scaling-tables, default 2) so that 1e7-row
+            [v|s] tables + element-wise Adagrad state (256 B/row for feature_dim) fit next to the
+            whole-table variant (which also holds dense gradients) in this machine's 24 GiB; the
+            whole-table variant is skipped above --whole-table-max-rows.
+Writes benchmarks/results/train_overhead.{json,md} (machine, versions, date, config) and, with
+--json, the headline keys `pep_feature_over_base`, `pep_feature_dim_over_base`,
+`scaling_1e7_over_1e4` (PEP feature_dim step at 1e7 rows / at 1e4) and
+`scaling_1e7_over_1e4_relative_to_base` (that ratio / the same ratio of plain TorchRec) to OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402
+from torch import nn  # noqa: E402
+from torchrec.modules.embedding_configs import EmbeddingBagConfig  # noqa: E402
+from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
+
+from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
+from pep_torchrec.data.batch import Batch  # noqa: E402
+from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_sharders  # noqa: E402
+from pep_torchrec.distributed.sharding import plan_sharding, shard_model  # noqa: E402
+from pep_torchrec.models import TrainModel, build_model  # noqa: E402
+from pep_torchrec.modules import PEPEmbeddingBagCollection  # noqa: E402
+
+NUM_DENSE = 13
+DIM = 16
+FUSED = {"optimizer": None, "learning_rate": 0.01, "eps": 1e-8}
+VARIANTS = ("base", "pep_feature", "pep_feature_dim", "whole_table")
+
+
+def _tables(num_tables: int, rows: int, device: torch.device | None = None) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=rows, feature_names=[f"f{i}"])
+        for i in range(num_tables)
+    ]
+
+
+class WholeTablePEP(nn.Module):
+    """The authors' PEP: every step thresholds the whole [R, D] table (v and s dense parameters),
+    then looks up the thresholded table; gradients are dense [R, D] for v and s."""
+
+    def __init__(self, tables: list[EmbeddingBagConfig], s0: float = -15.0) -> None:
+        super().__init__()
+        self._configs = tables
+        self.v = nn.ParameterList([nn.Parameter(torch.randn(t.num_embeddings, DIM) * 0.01) for t in tables])
+        self.s = nn.ParameterList([nn.Parameter(torch.full((t.num_embeddings, DIM), s0)) for t in tables])
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._configs
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        pooled = []
+        jts = features.to_dict()
+        for config, v, s in zip(self._configs, self.v, self.s):
+            table = torch.sign(v) * torch.relu(v.abs() - torch.sigmoid(s))  # whole table, every step
+            jt = jts[config.feature_names[0]]
+            pooled.append(F.embedding_bag(jt.values(), table, jt.offsets(), mode="sum", include_last_offset=True))
+        names = [c.feature_names[0] for c in self._configs]
+        return KeyedTensor(keys=names, length_per_key=[DIM] * len(names), values=torch.cat(pooled, dim=1))
+
+
+def _zipf_batches(num_tables: int, rows: int, batch: int, count: int, seed: int, pooling: int) -> list[Batch]:
+    """Synthetic batches: ids ~ Zipf(1.1) ranks, scattered over the table by a multiplicative hash
+    (hot rows are not neighbours), `pooling` ids per bag."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        n = batch * pooling
+        ranks = rng.zipf(1.1, size=(num_tables, n)) - 1
+        ids = (ranks * 2654435761) % rows
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=[f"f{i}" for i in range(num_tables)],
+            values=torch.from_numpy(ids.reshape(-1).astype(np.int64)),
+            lengths=torch.full((num_tables * batch,), pooling, dtype=torch.int32),
+        )
+        out.append(
+            Batch(
+                dense_features=torch.from_numpy(rng.standard_normal((batch, NUM_DENSE), dtype=np.float32)),
+                sparse_features=kjt,
+                labels=torch.from_numpy((rng.random(batch) < 0.25).astype(np.float32)),
+                weights=torch.ones(batch),
+            )
+        )
+    return out
+
+
+class Runner:
+    """One variant: model + optimizers + a step function."""
+
+    def __init__(self, variant: str, num_tables: int, rows: int, batch: int, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.variant = variant
+        tables = _tables(num_tables, rows)
+        if variant == "whole_table":
+            self.model = TrainModel(build_model("dlrm", ebc=WholeTablePEP(tables), num_dense=NUM_DENSE))
+            self.opts = [
+                torch.optim.Adagrad(self.model.model.ebc.parameters(), lr=0.01),
+                torch.optim.Adam([p for n, p in self.model.named_parameters() if ".ebc." not in n], lr=1e-3),
+            ]
+            return
+        meta = torch.device("meta")
+        if variant == "base":
+            ebc: nn.Module = EmbeddingBagCollection(tables=tables, device=meta)
+        else:
+            granularity = variant.removeprefix("pep_")
+            ebc = PEPEmbeddingBagCollection(tables, granularity=granularity, s0=-15.0, device=meta)
+        model = TrainModel(build_model("dlrm", ebc=ebc, num_dense=NUM_DENSE))
+        fused = dict(FUSED, optimizer=EmbOptimType.EXACT_ADAGRAD)
+        sharders = pep_sharders(fused)
+        report = plan_sharding(
+            model, sharders=sharders, constraints=pep_constraints(model, {}), world_size=1, local_world_size=1,
+            compute_device="cpu", batch_size=batch,
+        )  # fmt: skip
+        self.model = shard_model(model, plan=report.plan, sharders=sharders, device=torch.device("cpu"))
+        dense = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        self.opts = [torch.optim.Adam(dense.values(), lr=1e-3)]
+
+    def step(self, batch: Batch) -> None:
+        loss, _ = self.model(batch)
+        loss.backward()
+        for opt in self.opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def _interleaved(runners: dict[str, Runner], batches: list[Batch], repeats: int, steps: int, warmup: int) -> dict:
+    """Median ms/step per variant: `repeats` rounds, each variant `steps` timed steps per round."""
+    for runner in runners.values():
+        for i in range(warmup):
+            runner.step(batches[i % len(batches)])
+    per_round: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no variant always first
+        for name in order:
+            times = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                runners[name].step(batches[(r * steps + i) % len(batches)])
+                times.append(time.perf_counter() - t0)
+            per_round[name].append(statistics.median(times) * 1e3)
+    return {name: {"ms_per_step": statistics.median(v), "rounds_ms": v} for name, v in per_round.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced run (< 5 min): fewer repeats and sizes")
+    parser.add_argument("--json", type=Path, help="also write the headline ratios here")
+    parser.add_argument("--threads", help="comma-separated thread counts (default: $OMP_NUM_THREADS, else 1,2)")
+    parser.add_argument("--tables", type=int, default=26)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--pooling", type=int, default=1, help="ids per bag")
+    parser.add_argument("--scaling-tables", type=int, default=2)
+    parser.add_argument("--scaling-rows", default=None, help="default 1e4,1e5,1e6,1e7")
+    parser.add_argument("--whole-table-max-rows", type=float, default=None,
+                        help="skip whole_table above this many rows (default 1e6 quick, 1e7 full)")  # fmt: skip
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--name", default="train_overhead")
+    args = parser.parse_args(argv)
+
+    repeats, steps, warmup = (3, 3, 2) if args.quick else (7, 5, 3)
+    if args.threads:
+        threads = [int(t) for t in args.threads.split(",")]
+    elif os.environ.get("OMP_NUM_THREADS"):
+        threads = [int(os.environ["OMP_NUM_THREADS"])]
+    else:
+        threads = [1, 2]
+    scaling_rows = [int(float(r)) for r in (args.scaling_rows or "1e4,1e5,1e6,1e7").split(",")]
+    whole_max = args.whole_table_max_rows or (1e6 if args.quick else 1e7)
+    config = {
+        "tables": args.tables, "rows": args.rows, "dim": DIM, "batch": args.batch, "pooling_factor": args.pooling,
+        "num_dense": NUM_DENSE, "threads": threads, "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
+        "scaling_tables": args.scaling_tables, "scaling_rows": scaling_rows, "whole_table_max_rows": whole_max,
+        "quick": args.quick, "table_optimizer": "fused exact Adagrad (whole_table: dense torch Adagrad)",
+        "dense_optimizer": "Adam", "ids": "Zipf(1.1) ranks, hashed over the table",
+    }  # fmt: skip
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    started = time.perf_counter()
+
+    overhead = []
+    batches = _zipf_batches(args.tables, args.rows, args.batch, 8, seed=1, pooling=args.pooling)
+    runners = {v: Runner(v, args.tables, args.rows, args.batch) for v in VARIANTS}
+    for n in threads:
+        torch.set_num_threads(n)
+        res = _interleaved(runners, batches, repeats, steps, warmup)
+        base = res["base"]["ms_per_step"]
+        for v in VARIANTS:
+            overhead.append({"threads": n, "variant": v, "ms_per_step": res[v]["ms_per_step"],
+                             "over_base": res[v]["ms_per_step"] / base, "rounds_ms": res[v]["rounds_ms"]})  # fmt: skip
+        print(f"[{time.perf_counter() - started:.0f}s] overhead threads={n}: "
+              + ", ".join(f"{v} {res[v]['ms_per_step']:.1f} ms" for v in VARIANTS), flush=True)  # fmt: skip
+    del runners
+    gc.collect()
+
+    scaling = []
+    if not args.skip_scaling:
+        torch.set_num_threads(threads[0])
+        for rows in scaling_rows:
+            # base too: a lookup into a 1e7-row table misses cache and TLB for plain TorchRec as well,
+            # so PEP's own growth with table size is its ratio divided by base's.
+            variants = ["base", "pep_feature", "pep_feature_dim"] + (["whole_table"] if rows <= whole_max else [])
+            runners = {v: Runner(v, args.scaling_tables, rows, args.batch) for v in variants}
+            sbatches = _zipf_batches(args.scaling_tables, rows, args.batch, 8, seed=2, pooling=args.pooling)
+            res = _interleaved(runners, sbatches, repeats, steps, warmup)
+            for v in variants:
+                scaling.append({"rows": rows, "variant": v, "ms_per_step": res[v]["ms_per_step"],
+                                "rounds_ms": res[v]["rounds_ms"]})  # fmt: skip
+            print(f"[{time.perf_counter() - started:.0f}s] scaling rows={rows:.0e}: "
+                  + ", ".join(f"{v} {res[v]['ms_per_step']:.1f} ms" for v in variants), flush=True)  # fmt: skip
+            del runners
+            gc.collect()
+
+    headline: dict[str, Any] = {}
+    first = [r for r in overhead if r["threads"] == threads[0]]
+    for r in first:
+        headline[f"{r['variant']}_over_base"] = r["over_base"]
+    if scaling:
+        def ms(rows: int, variant: str) -> float | None:
+            hit = [r["ms_per_step"] for r in scaling if r["rows"] == rows and r["variant"] == variant]
+            return hit[0] if hit else None
+
+        lo, hi = min(scaling_rows), max(scaling_rows)
+        for v in ("base", "pep_feature", "pep_feature_dim", "whole_table"):
+            if ms(lo, v) and ms(hi, v):
+                headline[f"scaling_{v}_{hi:.0e}_over_{lo:.0e}".replace("+0", "")] = ms(hi, v) / ms(lo, v)
+        if ms(lo, "pep_feature_dim") and ms(hi, "pep_feature_dim"):
+            headline["scaling_1e7_over_1e4"] = ms(hi, "pep_feature_dim") / ms(lo, "pep_feature_dim")
+            if ms(lo, "base") and ms(hi, "base"):
+                # PEP's step growth beyond what the same table sizes cost plain TorchRec.
+                headline["scaling_1e7_over_1e4_relative_to_base"] = headline["scaling_1e7_over_1e4"] / (
+                    ms(hi, "base") / ms(lo, "base")
+                )
+    headline["threads"] = threads[0]
+    headline["wall_s"] = time.perf_counter() - started
+
+    info = machine_info()
+    payload = {"machine": info, "config": config, "headline": headline, "overhead": overhead, "scaling": scaling}
+    md = "\n".join([
+        "# Train-step overhead of PEP in sharded TorchRec", "",
+        f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores, shared), torch {info['versions']['torch']}, "
+        f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}, `{info['command']}`.", "",
+        f"DLRM, {args.tables} tables x {args.rows:.0e} rows x dim {DIM}, batch {args.batch}, {args.pooling} id/bag, "
+        "1-rank gloo DMP, fused Adagrad; median of per-repeat medians, variants interleaved.", "",
+        markdown_table(overhead, [("threads", "threads", "d"), ("variant", "variant", ""),
+                                  ("ms_per_step", "ms/step", ".1f"), ("over_base", "/ base", ".2f")]), "",
+        f"## Table scaling ({args.scaling_tables} tables, {threads[0]} thread(s))", "",
+        markdown_table(scaling, [("rows", "rows", ".0e"), ("variant", "variant", ""), ("ms_per_step", "ms/step", ".1f")]),
+        "", "Headline: " + ", ".join(f"{k} = {v:.3f}" for k, v in headline.items() if isinstance(v, float)), "",
+    ])  # fmt: skip
+    name = args.name + ("_quick" if args.quick else "")
+    write_results(name, payload, md)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(headline, indent=2) + "\n")
+    print(md)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,329 @@
+"""The `torch.library` registration of the PEP threshold-and-pool op: one op, forward and backward,
+with CPU (fused C++), CUDA (Triton) and fake (meta / torch.compile) implementations.
+
+Legend: N = gathered rows, B = bags, D = embedding dim, W = stored row width.
+
+    pep_torchrec::threshold_pool(rows[N, W], offsets[B + 1], coarse_s[D]?, per_sample_weights[N]?,
+        dim, mode, gk, mean, s_decay, s_push) -> pooled[B, D]
+    pep_torchrec::threshold_pool_backward(grad_pooled[B, D], <the same inputs>, need_rows,
+        need_coarse, need_weights) -> (grad_rows[N, W] | [0], grad_coarse_s[D] | [0], grad_weights[N] | [0])
+
+`mode` is the `ThresholdMode` code (`MODE_CODES`). The backward includes the explicit sparsity
+pressure (`s_decay · s − s_push` on the s columns per row occurrence; on coarse_s once per call)
+and the retrain mask (MASK: masked elements and the m columns get zero gradient); gradients the
+caller does not need come back as empty [0] tensors (custom ops cannot return None).
+
+Kernels: CPU → `threshold_pool_cpu` (float32/float64; half types are upcast), CUDA →
+`threshold_pool_triton` (float32/bf16/fp16, float32 accumulation; float64 goes to the reference).
+Which path the public `threshold_pool` takes is `default_impl` (measured: `benchmarks/kernel.py`);
+`PEP_TORCHREC_OPS=reference|fused|auto` overrides it. Wherever a fused kernel is missing (no compiler, no Triton, other devices) the op computes the
+pure-PyTorch reference (`threshold_pool.threshold_pool_reference`), which is its specification.
+Inputs are assumed valid (the public `threshold_pool` validates them).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from pep_torchrec.ops import threshold_pool_cpu
+from pep_torchrec.ops.threshold_pool import ThresholdMode, threshold_pool_reference
+
+MODE_CODES = {
+    ThresholdMode.ROW_DIM: 0,
+    ThresholdMode.ROW: 1,
+    ThresholdMode.COARSE: 2,
+    ThresholdMode.MASK: 3,
+    ThresholdMode.NONE: 4,
+}
+_MODES = {code: mode for mode, code in MODE_CODES.items()}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache
+def triton_kernels():
+    """The Triton module, or None (with one warning on CUDA) if Triton cannot be imported."""
+    try:
+        from pep_torchrec.ops import threshold_pool_triton
+    except Exception as err:  # ImportError, or a Triton that does not match the installed torch
+        if torch.cuda.is_available():
+            warnings.warn(
+                f"pep_torchrec: Triton unavailable ({err}); CUDA threshold_pool uses the reference",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return None
+    return threshold_pool_triton
+
+
+# The CPU default, by measurement (`benchmarks/kernel.py` → `benchmarks/results/kernel_quick.md`,
+# 1 thread): the C++ kernel beats the reference fwd+bwd in every threshold mode (1.3-1.7x at the
+# train benchmark's 4096 one-id bags x D 16, where per-call overhead dominates; 3.7-6.5x at 20 ids
+# per bag), but not in NONE mode with one id per bag (0.8x: nothing to fuse), which stays on the
+# reference. STYLE.md: the reference stays the CPU path until a fused one beats it in a benchmark.
+CPU_FUSED_MODES = frozenset(
+    {ThresholdMode.ROW_DIM, ThresholdMode.ROW, ThresholdMode.COARSE, ThresholdMode.MASK}
+)
+_IMPLS = ("auto", "reference", "fused")
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether `device` has a fused kernel (CPU: the C++ object builds and loads, which happens on
+    the first call; CUDA: Triton imports). The op's registered kernels use it whenever it exists and
+    compute the reference otherwise."""
+    if device.type == "cpu":
+        return threshold_pool_cpu.available()
+    if device.type == "cuda":
+        return triton_kernels() is not None
+    return False
+
+
+def default_impl(device: torch.device, mode: ThresholdMode | None = None) -> str:
+    """ "fused" or "reference": what the public `threshold_pool` runs on `device` (for `mode`).
+
+    PEP_TORCHREC_OPS=reference forces the reference, =fused the fused op wherever its kernel exists;
+    unset / "auto": fused on CUDA (Triton); on CPU fused for `CPU_FUSED_MODES` (the measured
+    winners; mode None: any of them), else the reference.
+    """
+    choice = os.environ.get("PEP_TORCHREC_OPS", "auto").strip().lower() or "auto"
+    if choice not in _IMPLS:
+        raise ValueError(f"PEP_TORCHREC_OPS must be one of {_IMPLS}, got {choice!r}")
+    if choice == "reference":
+        return "reference"
+    if choice == "auto" and device.type == "cpu" and mode is not None and mode not in CPU_FUSED_MODES:
+        return "reference"
+    return "fused" if kernel_available(device) else "reference"
+
+
+def fused_available(device: torch.device, mode: ThresholdMode | None = None) -> bool:
+    """Whether the public `threshold_pool` dispatches to the fused op on `device` (for `mode`)."""
+    return default_impl(device, mode) == "fused"
+
+
+# ---- the reference, as an op implementation (fallback and default for other devices) ----------
+
+
+def _reference_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean) -> Tensor:
+    with torch.no_grad():
+        return threshold_pool_reference(
+            rows, offsets, dim=dim, mode=_MODES[mode], gk=gk, coarse_s=coarse_s,
+            per_sample_weights=psw, pooling="mean" if mean else "sum",
+        )  # fmt: skip
+
+
+def _reference_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, needs):
+    # Recompute the reference forward with autograd and differentiate it: the spec, slowly.
+    with torch.enable_grad():
+        leaves = [rows.detach().requires_grad_(needs[0])]
+        leaves.append(None if coarse_s is None else coarse_s.detach().requires_grad_(needs[1]))
+        leaves.append(None if psw is None else psw.detach().requires_grad_(needs[2]))
+        out = threshold_pool_reference(
+            leaves[0], offsets, dim=dim, mode=_MODES[mode], gk=gk, coarse_s=leaves[1],
+            per_sample_weights=leaves[2], pooling="mean" if mean else "sum", s_decay=s_decay, s_push=s_push,
+        )  # fmt: skip
+        wanted = [leaf for leaf, need in zip(leaves, needs) if need and leaf is not None]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if out.requires_grad else [])
+    result = []
+    for leaf, need in zip(leaves, needs):
+        grad_leaf = next(grads, None) if need and leaf is not None else None
+        if need and leaf is not None and grad_leaf is None:
+            grad_leaf = torch.zeros_like(leaf)
+        result.append(grad_leaf)
+    return tuple(result)
+
+
+def _empty_if_none(grads: tuple[Tensor | None, ...], like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(like.new_empty(0) if g is None else g for g in grads)  # type: ignore[return-value]
+
+
+# ---- the op ------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pep_torchrec::threshold_pool", mutates_args=())
+def threshold_pool_op(
+    rows: Tensor,
+    offsets: Tensor,
+    coarse_s: Tensor | None,
+    per_sample_weights: Tensor | None,
+    dim: int,
+    mode: int,
+    gk: float,
+    mean: bool,
+    s_decay: float,
+    s_push: float,
+) -> Tensor:
+    """Default implementation (devices without a fused kernel): the reference."""
+    return _reference_forward(rows, offsets, coarse_s, per_sample_weights, dim, mode, gk, mean)
+
+
+@torch.library.custom_op("pep_torchrec::threshold_pool_backward", mutates_args=())
+def threshold_pool_backward_op(
+    grad_pooled: Tensor,
+    rows: Tensor,
+    offsets: Tensor,
+    coarse_s: Tensor | None,
+    per_sample_weights: Tensor | None,
+    dim: int,
+    mode: int,
+    gk: float,
+    mean: bool,
+    s_decay: float,
+    s_push: float,
+    need_rows: bool,
+    need_coarse: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    needs = (need_rows, need_coarse, need_weights)
+    grads = _reference_backward(
+        grad_pooled, rows, offsets, coarse_s, per_sample_weights, dim, mode, gk, mean, s_decay, s_push, needs
+    )
+    return _empty_if_none(grads, rows)
+
+
+@threshold_pool_op.register_fake
+def _(rows, offsets, coarse_s, per_sample_weights, dim, mode, gk, mean, s_decay, s_push):
+    return rows.new_empty(offsets.shape[0] - 1, dim, dtype=_acc_dtype(rows.dtype))
+
+
+@threshold_pool_backward_op.register_fake
+def _(grad_pooled, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw):
+    return (
+        rows.new_empty(rows.shape if nr else (0,)),
+        rows.new_empty((dim,) if nc and coarse_s is not None else (0,), dtype=(coarse_s if coarse_s is not None else rows).dtype),
+        rows.new_empty((rows.shape[0],) if nw and psw is not None else (0,), dtype=(psw if psw is not None else rows).dtype),
+    )  # fmt: skip
+
+
+# ---- CPU: the fused C++ kernels -----------------------------------------------------------------
+
+
+def _prepare(rows, offsets, coarse_s, psw, kernel_dtype):
+    """Kernel-ready inputs: rows with unit column stride in the kernel dtype (a column slice of a
+    wider buffer is passed as is), int64 offsets, contiguous [D] / [N] vectors in the accumulation
+    dtype."""
+    if rows.dtype != kernel_dtype:
+        rows = rows.to(kernel_dtype)
+    if rows.shape[0] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    # coarse_s and weights go straight to the accumulation dtype (float32 for half rows): rounding
+    # them through the half type first would lose precision the reference keeps.
+    acc = _acc_dtype(kernel_dtype)
+    if coarse_s is not None:
+        coarse_s = coarse_s.to(acc).contiguous()
+    if psw is not None:
+        psw = psw.to(acc).contiguous()
+    return rows, offsets, coarse_s, psw
+
+
+def _finish_backward(grads, rows, coarse_s, psw, mode, s_decay, s_push):
+    grad_rows, grad_coarse, grad_psw = grads
+    if grad_rows is not None and grad_rows.dtype != rows.dtype:
+        grad_rows = grad_rows.to(rows.dtype)
+    if grad_coarse is not None:
+        assert coarse_s is not None
+        if mode == MODE_CODES[ThresholdMode.COARSE] and (s_decay != 0.0 or s_push != 0.0):
+            # Coarse pressure: once per call on the [D] thresholds (the row modes add theirs in the kernel).
+            grad_coarse = grad_coarse + (s_decay * coarse_s.to(grad_coarse.dtype) - s_push)
+        grad_coarse = grad_coarse.to(coarse_s.dtype)
+    if grad_psw is not None:
+        assert psw is not None
+        grad_psw = grad_psw.to(psw.dtype)
+    return _empty_if_none((grad_rows, grad_coarse, grad_psw), rows)
+
+
+def _kernels_for(device_type: str):
+    return threshold_pool_cpu if device_type == "cpu" else triton_kernels()
+
+
+def _kernel_dtype(rows: Tensor) -> torch.dtype | None:
+    """The dtype the fused kernel reads `rows` in, or None if it has no kernel for them."""
+    if rows.device.type == "cpu":
+        return _acc_dtype(rows.dtype)  # half types are upcast once, float64 has its own kernel
+    if rows.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return rows.dtype
+    return None
+
+
+def _fused_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean):
+    kernel_dtype = _kernel_dtype(rows)
+    if not kernel_available(rows.device) or kernel_dtype is None:
+        return _reference_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean)
+    acc = _acc_dtype(rows.dtype)
+    rows_k, offsets_k, coarse_k, psw_k = _prepare(rows, offsets, coarse_s, psw, kernel_dtype)
+    coarse_k = None if coarse_k is None else coarse_k.to(acc)
+    psw_k = None if psw_k is None else psw_k.to(acc)
+    return _kernels_for(rows.device.type).forward(rows_k, offsets_k, coarse_k, psw_k, dim, mode, gk, mean)
+
+
+def _fused_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw):
+    needs = (nr, nc and coarse_s is not None, nw and psw is not None)
+    kernel_dtype = _kernel_dtype(rows)
+    if not kernel_available(rows.device) or kernel_dtype is None:
+        grads = _reference_backward(
+            grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, needs
+        )
+        return _empty_if_none(grads, rows)
+    acc = _acc_dtype(rows.dtype)
+    rows_k, offsets_k, coarse_k, psw_k = _prepare(rows, offsets, coarse_s, psw, kernel_dtype)
+    coarse_k = None if coarse_k is None else coarse_k.to(acc)
+    psw_k = None if psw_k is None else psw_k.to(acc)
+    grads = _kernels_for(rows.device.type).backward(
+        grad.to(acc).contiguous(),
+        rows_k,
+        offsets_k,
+        coarse_k,
+        psw_k,
+        dim,
+        mode,
+        gk,
+        mean,
+        s_decay,
+        s_push,
+        *needs,
+    )
+    return _finish_backward(grads, rows, coarse_s, psw, mode, s_decay, s_push)
+
+
+for _device in ("cpu", "cuda"):
+    threshold_pool_op.register_kernel(_device)(
+        lambda rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push: _fused_forward(
+            rows, offsets, coarse_s, psw, dim, mode, gk, mean
+        )
+    )
+    threshold_pool_backward_op.register_kernel(_device)(_fused_backward)
+
+
+# ---- autograd -----------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push = inputs
+    ctx.save_for_backward(rows, offsets, coarse_s, psw)
+    ctx.args = (dim, mode, gk, mean, s_decay, s_push)
+
+
+def _backward(ctx, grad_pooled):
+    rows, offsets, coarse_s, psw = ctx.saved_tensors
+    need_rows, _, need_coarse, need_weights = ctx.needs_input_grad[:4]
+    grad_rows, grad_coarse, grad_psw = torch.ops.pep_torchrec.threshold_pool_backward(
+        grad_pooled, rows, offsets, coarse_s, psw, *ctx.args,
+        need_rows, need_coarse and coarse_s is not None, need_weights and psw is not None,
+    )  # fmt: skip
+    return (
+        grad_rows if need_rows else None,
+        None,
+        grad_coarse if need_coarse and coarse_s is not None else None,
+        grad_psw if need_weights and psw is not None else None,
+        None, None, None, None, None, None,
+    )  # fmt: skip
+
+
+threshold_pool_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,297 @@
+"""The fused CPU kernels of `threshold_pool`: build-at-first-use, ctypes launchers.
+
+Legend: N = gathered rows, B = bags, D = embedding dim, W = stored row width.
+
+`csrc/threshold_pool_cpu.cpp` has no torch headers, so it compiles in about a second with the
+system C++ compiler (`g++ -O3 -march=native -fopenmp`); the shared object is cached in
+`$PEP_TORCHREC_CACHE` (default `~/.cache/pep_torchrec`) under a key made of the source hash, the
+compiler and the host CPU, so later processes only `dlopen` it. Why not `torch.utils.cpp_extension`:
+the same kernel built through it took 35-90 s on the 2-core CI machine (the torch headers), which a
+fresh checkout's test run would pay; the kernels do not need torch's dispatcher on their side,
+because `library.py` registers them as the CPU implementation of the `torch.library` op.
+
+`GroupedThresholdPool` (bottom) runs every feature of a sharded TBE group in one call each way,
+reading the TBE output and writing its gradient in place of per-feature slices (the sharded lookup
+uses it on CPU; per-call Python / dispatch overhead × features was the fused op's main cost at one
+id per bag). Compile flags: `-fno-trapping-math` lets GCC if-convert the branch-free clamps and
+selects of the threshold / exp code, which is what vectorises the loops over d (without it the
+ROW_DIM kernel ran ~10x slower, scalar); no `-ffast-math` (results stay IEEE, close to the reference).
+
+If the build or load fails (no compiler, read-only cache, ...), `load()` returns None after one
+warning and `library.py` falls back to the pure-PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "threshold_pool_cpu.cpp"
+_ABI_VERSION = 2
+_FLAGS = [
+    "-O3",
+    "-march=native",
+    "-fopenmp",
+    "-fno-trapping-math",
+    "-fno-math-errno",
+    "-shared",
+    "-fPIC",
+    "-std=c++17",
+]
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+_i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
+_FWD_ARGS = [_ptr, _i64, _ptr, _i64, _i64, _int, _dbl, _ptr, _ptr, _int, _ptr, _int]
+_BWD_ARGS = [
+    _ptr,
+    _ptr,
+    _i64,
+    _ptr,
+    _i64,
+    _i64,
+    _i64,
+    _int,
+    _dbl,
+    _ptr,
+    _ptr,
+    _int,
+    _dbl,
+    _dbl,
+    _ptr,
+    _ptr,
+    _ptr,
+    _int,
+]
+_GROUP_FWD_ARGS = [_ptr, _i64, _i64, _i64, _ptr, _i64, _i64, _int, _dbl, _ptr, _int, _ptr, _int]
+_GROUP_BWD_ARGS = [
+    _ptr,
+    _ptr,
+    _i64,
+    _i64,
+    _i64,
+    _i64,
+    _ptr,
+    _i64,
+    _i64,
+    _int,
+    _dbl,
+    _ptr,
+    _int,
+    _dbl,
+    _dbl,
+    _ptr,
+    _i64,
+    _int,
+]
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEP_TORCHREC_CACHE", Path.home() / ".cache" / "pep_torchrec"))
+
+
+def _cpu_id() -> str:
+    # -march=native: a cached object is only valid on the same CPU model / flags.
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "".join(line for line in lines if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    key = hashlib.sha256(
+        b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(), _cpu_id().encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"threshold_pool_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a temporary name and rename: concurrent processes (pytest-xdist, 2 ranks) never
+    # load a half-written object.
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, "-o", str(tmp_path), str(SOURCE)], check=True, capture_output=True, text=True
+        )
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or None (after one warning) if they cannot be built."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("PEP_TORCHREC_DISABLE_CPU_KERNEL"):
+            return None
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        try:
+            if compiler is None:
+                raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) on PATH")
+            lib = ctypes.CDLL(str(_build(compiler)))
+            if lib.pep_abi_version() != _ABI_VERSION:
+                raise RuntimeError("stale kernel object (ABI version mismatch)")
+            for suffix in _SUFFIX.values():
+                getattr(lib, f"pep_threshold_pool_fwd_{suffix}").argtypes = _FWD_ARGS
+                getattr(lib, f"pep_threshold_pool_bwd_{suffix}").argtypes = _BWD_ARGS
+                getattr(lib, f"pep_threshold_pool_group_fwd_{suffix}").argtypes = _GROUP_FWD_ARGS
+                getattr(lib, f"pep_threshold_pool_group_bwd_{suffix}").argtypes = _GROUP_BWD_ARGS
+            _lib = lib
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or ""
+            warnings.warn(
+                f"pep_torchrec: the fused CPU threshold_pool kernel could not be built ({err}) {detail[-2000:]}"
+                "; falling back to the (slower) pure-PyTorch reference",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _lib
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _p(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _rows_stride(rows: Tensor) -> int:
+    # Columns must be unit-stride; rows may be a column slice of a wider buffer (any row stride).
+    assert rows.stride(1) == 1 or rows.shape[1] <= 1, "rows must have unit column stride"
+    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
+
+
+def forward(
+    rows: Tensor,
+    offsets: Tensor,
+    coarse_s: Tensor | None,
+    per_sample_weights: Tensor | None,
+    dim: int,
+    mode: int,
+    gk: float,
+    mean: bool,
+) -> Tensor:
+    """pooled [B, D] (rows' dtype, float32 or float64); all inputs prepared by `library.py`:
+    offsets int64 contiguous, coarse_s [D] and per_sample_weights [N] contiguous in rows' dtype."""
+    lib = load()
+    assert lib is not None
+    num_bags = offsets.numel() - 1
+    out = torch.empty(num_bags, dim, dtype=rows.dtype)
+    if num_bags > 0:
+        getattr(lib, f"pep_threshold_pool_fwd_{_SUFFIX[rows.dtype]}")(
+            rows.data_ptr(), _rows_stride(rows), offsets.data_ptr(), num_bags, dim, mode, gk,
+            _p(coarse_s), _p(per_sample_weights), int(mean), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    return out
+
+
+def backward(
+    grad_pooled: Tensor,
+    rows: Tensor,
+    offsets: Tensor,
+    coarse_s: Tensor | None,
+    per_sample_weights: Tensor | None,
+    dim: int,
+    mode: int,
+    gk: float,
+    mean: bool,
+    s_decay: float,
+    s_push: float,
+    need_rows: bool,
+    need_coarse: bool,
+    need_weights: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad rows [N, W], grad coarse_s [D] without the pressure term, grad weights [N]), each
+    None unless asked for; all in rows' dtype. grad_pooled: [B, D] contiguous, rows' dtype."""
+    lib = load()
+    assert lib is not None
+    num_rows, width = rows.shape
+    num_bags = offsets.numel() - 1
+    grad_rows = torch.empty(num_rows, width, dtype=rows.dtype) if need_rows else None
+    grad_coarse = torch.zeros(dim, dtype=rows.dtype) if need_coarse else None
+    grad_psw = torch.empty(num_rows, dtype=rows.dtype) if need_weights else None
+    if num_bags > 0:
+        getattr(lib, f"pep_threshold_pool_bwd_{_SUFFIX[rows.dtype]}")(
+            grad_pooled.data_ptr(), rows.data_ptr(), _rows_stride(rows), offsets.data_ptr(), num_bags, dim,
+            width, mode, gk, _p(coarse_s), _p(per_sample_weights), int(mean), s_decay, s_push,
+            _p(grad_rows), _p(grad_coarse), _p(grad_psw), torch.get_num_threads(),
+        )  # fmt: skip
+    return grad_rows, grad_coarse, grad_psw
+
+
+# ---- grouped: all features of one TBE group in one call ----------------------------------------
+# Legend: F = features of the group, B = bags per feature, N_max = rows of the TBE output (feature
+# f's N_f ids in rows [0, N_f)), W = stored row width (the same for every feature of the group).
+
+
+class GroupedThresholdPool(torch.autograd.Function):
+    """threshold + pool of every feature of a TBE group in one C++ call each way.
+
+    forward(rows_all [N_max, F·W], offsets [F·B + 1] (the KJT's: feature f's ids start at
+    offsets[f·B]), per_sample_weights [sum N_f] | None (the KJT's weights, no gradient), F, D, mode
+    code, gk, mean, s_decay, s_push) → pooled [B, F·D]; backward → grad rows_all [N_max, F·W], rows
+    past N_f zero. Equal, feature by feature, to `threshold_pool` on `rows_all[:N_f, f·W:(f+1)·W]`
+    (tests/test_threshold_pool_fused.py); COARSE (per-table [D] parameters) is not grouped.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_all, offsets, psw, num_features, dim, mode, gk, mean, s_decay, s_push):  # type: ignore[override]
+        lib = load()
+        assert lib is not None and rows_all.dtype in _SUFFIX and rows_all.stride(1) == 1
+        offsets = offsets.to(torch.int64).contiguous()
+        psw = None if psw is None else psw.to(rows_all.dtype).contiguous()
+        width = rows_all.shape[1] // num_features
+        num_bags = (offsets.numel() - 1) // num_features
+        out = torch.empty(num_bags, num_features * dim, dtype=rows_all.dtype)
+        if num_bags > 0 and num_features > 0:
+            getattr(lib, f"pep_threshold_pool_group_fwd_{_SUFFIX[rows_all.dtype]}")(
+                rows_all.data_ptr(), rows_all.stride(0), num_features, width, offsets.data_ptr(), num_bags,
+                dim, mode, gk, _p(psw), int(mean), out.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        else:
+            out.zero_()
+        ctx.save_for_backward(rows_all, offsets, psw)
+        ctx.args = (num_features, width, num_bags, dim, mode, gk, mean, s_decay, s_push)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        rows_all, offsets, psw = ctx.saved_tensors
+        num_features, width, num_bags, dim, mode, gk, mean, s_decay, s_push = ctx.args
+        lib = load()
+        assert lib is not None
+        grad_out = grad_out.to(rows_all.dtype).contiguous()
+        grad_rows = torch.empty(rows_all.shape, dtype=rows_all.dtype)
+        if num_bags > 0 and num_features > 0:
+            getattr(lib, f"pep_threshold_pool_group_bwd_{_SUFFIX[rows_all.dtype]}")(
+                grad_out.data_ptr(), rows_all.data_ptr(), rows_all.stride(0), rows_all.shape[0], num_features,
+                width, offsets.data_ptr(), num_bags, dim, mode, gk, _p(psw), int(mean), s_decay, s_push,
+                grad_rows.data_ptr(), grad_rows.stride(0), torch.get_num_threads(),
+            )  # fmt: skip
+        else:
+            grad_rows.zero_()
+        return grad_rows, None, None, None, None, None, None, None, None, None
