@@ -4,36 +4,33 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
+
+
+def _mount(sub: argparse._SubParsersAction, name: str, module: ModuleType, help: str) -> None:
+    """Each stage module exposes `add_arguments(parser)` and `run(args) -> int`."""
+    parser = sub.add_parser(name, help=help, description=module.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(handler=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from pep_torchrec import prune, report, train
     from pep_torchrec.data import prepare
+    from pep_torchrec.export import converter
+    from pep_torchrec.serving import app as serving_app
 
     parser = argparse.ArgumentParser(prog="pep-torchrec", description="Learnable embedding sizes for TorchRec models.")
     sub = parser.add_subparsers(dest="command", required=True)
-
     data = sub.add_parser("data", help="dataset preparation")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="raw files → Parquet splits + schema.json",
-                               description=prepare.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prepare.add_arguments(prep)
-    prep.set_defaults(handler=prepare.run)
-
-    tr = sub.add_parser("train", help="train a model (baseline, search or retrain stage)", description=train.__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_arguments(tr)
-    tr.set_defaults(handler=train.run)
-
-    pr = sub.add_parser("prune", help="magnitude-prune a trained run into masks (the baseline PEP must beat)",
-                        description=prune.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    prune.add_arguments(pr)
-    pr.set_defaults(handler=prune.run)
-
-    rep = sub.add_parser("report", help="plots and a Markdown summary of a run", description=report.__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_arguments(rep)
-    rep.set_defaults(handler=report.run)
+    _mount(data.add_subparsers(dest="data_command", required=True), "prepare", prepare,
+           "raw files → Parquet splits + schema.json")
+    _mount(sub, "train", train, "train a model (baseline, search or retrain stage)")
+    _mount(sub, "prune", prune, "magnitude-prune a trained run into masks (the baseline PEP must beat)")
+    _mount(sub, "report", report, "plots and a Markdown summary of a run")
+    _mount(sub, "export", converter, "a trained run → a compact serving artifact")
+    _mount(sub, "serve", serving_app, "serve an artifact over HTTP (FastAPI + uvicorn)")
     return parser
 
 

@@ -7,6 +7,8 @@ Stages (each also a torchx component in pipelines/components.py):
   4. retrain   lottery ticket from the 10 % mask (step-0 embedding x mask), one process
   5. magnitude the baseline to beat: top-|v| of the trained FM at 10 %, fine-tuned
   6. report    plots + Markdown of the search
+  7. export    the 10 % retrain → compact row-wise mixed-dimension artifact (int8 too)
+  8. serve     `pep-torchrec serve` on 127.0.0.1, scoring a few raw instances from the test split
 
     python -m pipelines.demo [--out out/demo] [--rows 100000]
 """
@@ -17,10 +19,15 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from pep_torchrec import cli
 
@@ -51,6 +58,53 @@ def _torchx_train(args: list[str], overrides: list[str]) -> None:
     print("\n".join(line for line in proc.stdout.splitlines() if "[0]:" in line), flush=True)
 
 
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _serve_and_score(artifact: Path, data: Path) -> None:
+    """Start the service on a free loopback port, score test instances, show a 4xx, stop it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "pep-torchrec"), "serve", "--artifact", str(artifact), "--port", str(port)]
+    print("$ pep-torchrec " + " ".join(cmd[1:]), flush=True)
+    server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("the service did not become ready")
+            time.sleep(0.3)
+        schema = json.loads((data / "schema.json").read_text())
+        table = pq.read_table(data / schema["splits"]["test"]["files"][0]).slice(0, 3).to_pylist()
+        names = [f["name"] for f in schema["sparse_features"]] + schema["dense_features"]
+        instances = [{k: row[k] for k in names} for row in table]
+        status, body = _post(base + "/v1/predict", {"instances": instances})
+        labels = [row["label"] for row in table]
+        print(f"POST /v1/predict (3 test rows, labels {labels}) → {status} {body}")
+        status, body = _post(base + "/v1/predict", {"instances": [{"no_such_feature": 1}]})
+        print(f"POST /v1/predict with an unknown feature → {status} {body['detail'][0]['msg'][:100]}")
+        with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
+            lines = [ln for ln in r.read().decode().splitlines() if ln.startswith("pep_requests_total")]
+        print("GET /metrics: " + "; ".join(lines[:3]))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/demo", help="working directory (recreated)")
@@ -63,32 +117,44 @@ def main(argv: list[str] | None = None) -> int:
     model = ["model.embedding_dim=16", "model.init_std=0.01", "model.options={use_dense: true}",
              "optim.embedding.lr=0.02", "train.progress=false"]
 
-    _stage("1/6 prepare: synthetic Criteo-like data")
+    _stage("1/8 prepare: synthetic Criteo-like data")
     _run(["data", "prepare", "--dataset", "synthetic", "--out", str(data), "--rows", str(args.rows),
           "--num-sparse", "26", "--num-dense", "13", "--cardinality", "5000"])
 
-    _stage("2/6 baseline: FM, 1 process")
+    _stage("2/8 baseline: FM, 1 process")
     _run(["train", "--config", "configs/criteo_fm.yaml", "--data", str(data), "--run-dir", str(runs / "base"),
           "--set", *model, "train.epochs=4"])
 
-    _stage("3/6 PEP search: 2 ranks under torchx dist.ddp")
+    _stage("3/8 PEP search: 2 ranks under torchx dist.ddp")
     _torchx_train(["--config", "configs/criteo_fm_search.yaml", "--data", str(data), "--run-dir",
                    str(runs / "search")], [*model, f"pep.budgets={BUDGETS}", "pep.target_epochs=3",
                                            "pep.control_every=10", "train.eval_every=20"])
 
-    _stage("4/6 retrain: lottery ticket at 10 %")
+    _stage("4/8 retrain: lottery ticket at 10 %")
     mask = runs / "search" / "masks" / "budget_0.1"
     _run(["train", "--config", "configs/criteo_fm_retrain.yaml", "--data", str(data), "--run-dir",
           str(runs / "retrain_10"), "--mask", str(mask), "--set", *model, "train.epochs=4"])
 
-    _stage("5/6 magnitude pruning at 10 %, fine-tuned")
+    _stage("5/8 magnitude pruning at 10 %, fine-tuned")
     _run(["prune", "--run-dir", str(runs / "base"), "--budgets", "0.1", "--out", str(runs / "magnitude")])
     _run(["train", "--config", "configs/criteo_fm_retrain.yaml", "--data", str(data), "--run-dir",
           str(runs / "magnitude_10"), "--mask", str(runs / "magnitude" / "masks" / "budget_0.1"),
           "--set", *model, "train.epochs=4"])
 
-    _stage("6/6 report")
+    _stage("6/8 report")
     _run(["report", "--run-dir", str(runs / "search")])
+
+    _stage("7/8 export: compact serving artifacts of the 10 % retrain")
+    artifact = out / "artifact"
+    _run(["export", "--run-dir", str(runs / "retrain_10"), "--out", str(artifact)])
+    _run(["export", "--run-dir", str(runs / "retrain_10"), "--out", str(out / "artifact_int8"), "--dtype", "int8"])
+    sizes = {}
+    for name in ("artifact", "artifact_int8"):
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        sizes[name] = (manifest["total_bytes"], manifest["dense_fp32_bytes"])
+
+    _stage("8/8 serve: score raw instances over loopback")
+    _serve_and_score(artifact, data)
 
     _stage(f"result ({time.perf_counter() - started:.0f} s)")
     print(f"{'run':<14}{'ranks':>6}{'steps':>7}{'valid AUC':>11}{'test AUC':>10}{'test logloss':>14}"
@@ -99,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{s['test_logloss']:>14.4f}{s['embedding_params_kept']:>17,}{s['embedding_params_total']:>12,}")
     snaps = json.loads((runs / "search" / "summary.json").read_text())["snapshots"]
     print("search snapshots: " + ", ".join(f"{s['budget']:g} → {s['kept']:,} kept at step {s['step']}" for s in snaps))
+    for name, (total, dense) in sizes.items():
+        print(f"{name}: embedding tables {total:,} bytes = {100 * total / dense:.1f}% of dense fp32 ({dense:,} bytes)")
     print(f"report: {runs / 'search' / 'report' / 'report.md'}")
     return 0
 

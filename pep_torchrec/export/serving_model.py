@@ -1,0 +1,155 @@
+"""Artifact → inference model: the repo's CTR model over compact lookups, plus the vocabularies.
+
+`load_artifact(path)` verifies the whole artifact (manifest format, every file's size and sha256,
+every table's tensors) before building anything, and raises `ArtifactError` naming the file and the
+problem otherwise. The model is the same class training used (`models.build_model`), with `ebc`
+replaced by a `CompactEmbeddingBagCollection` and FM's `linear_ebc` by `LinearWeights`, so its
+forward (interactions, MLPs) is the trained one, line for line.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pep_torchrec.data.vocab import Vocabulary
+from pep_torchrec.export.compact import (
+    CompactEmbeddingBag,
+    CompactEmbeddingBagCollection,
+    DenseEmbeddingBag,
+    LinearWeights,
+)
+from pep_torchrec.export.format import (
+    DENSE_FILE,
+    EMBEDDINGS_FILE,
+    ArtifactError,
+    decode_table,
+    load_tensors,
+    read_manifest,
+    verify_files,
+)
+
+
+@dataclass
+class LoadedArtifact:
+    """A verified artifact in memory.
+
+    Attributes:
+        path: the directory it was read from.  manifest: its manifest.
+        model: the inference model (eval mode): forward(dense [B, N], KJT) → logits [B].
+        vocab: feature → `Vocabulary` (raw value → id) for the features that have one.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    model: nn.Module
+    vocab: dict[str, Vocabulary]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["model_version"]
+
+    @torch.no_grad()
+    def logits(self, dense_BN: torch.Tensor, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.model(dense_BN, kjt)
+
+
+def _table_configs(manifest: dict[str, Any]) -> list[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name=t["name"], embedding_dim=int(t["embedding_dim"]),
+                           num_embeddings=int(t["num_embeddings"]), feature_names=list(t["feature_names"]),
+                           pooling=PoolingType.MEAN if t["pooling"] == "mean" else PoolingType.SUM)
+        for t in manifest["tables"]
+    ]
+
+
+def _vocabulary(table: pa.Table, name: str, where: Path) -> Vocabulary:
+    part = table.filter(pc.equal(table["feature"], name)).sort_by("id")
+    ids = part["id"].to_numpy()
+    if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
+        raise ArtifactError(f"{where}: feature {name!r}: ids are not 1..{len(ids)}")
+    try:
+        return Vocabulary(name, part["value"].combine_chunks())
+    except ValueError as e:
+        raise ArtifactError(f"{where}: {e}") from e
+
+
+def load_artifact(path: str | Path) -> LoadedArtifact:
+    """Verify and load an artifact directory. Raises ArtifactError (never a half-built model)."""
+    from pep_torchrec.models import build_model
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    contents = verify_files(path, manifest)
+    for required in (EMBEDDINGS_FILE, DENSE_FILE):
+        if required not in contents:
+            raise ArtifactError(f"{path / required}: not listed in the manifest")
+    dtype, layout = manifest["dtype"], manifest["layout"]
+    emb = load_tensors(contents[EMBEDDINGS_FILE], str(path / EMBEDDINGS_FILE))
+    dense_state = load_tensors(contents[DENSE_FILE], str(path / DENSE_FILE))
+    where = str(path / EMBEDDINGS_FILE)
+    try:
+        configs = _table_configs(manifest)
+        bags: dict[str, nn.Module] = {}
+        for spec, config in zip(manifest["tables"], configs):
+            pooling = spec["pooling"]
+            if layout == "compact":
+                table = decode_table(config.name, emb, spec, dtype, where)
+                bags[config.name] = CompactEmbeddingBag(table, pooling=pooling)
+            else:
+                weight = emb.get(f"{config.name}.weight")
+                if weight is None or tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
+                    raise ArtifactError(f"{where}: dense table {config.name!r} missing or of the wrong shape")
+                bags[config.name] = DenseEmbeddingBag(weight, pooling=pooling)
+        ebc = CompactEmbeddingBagCollection(configs, bags)
+        model_cfg = manifest["model"]
+        # FM builds a full-size first-order EBC on `ebc.device`: meta, so nothing is allocated for it;
+        # it is replaced by the artifact's [R] weights right after.
+        ebc.device = torch.device("meta")
+        model = build_model(model_cfg["name"], ebc=ebc, num_dense=int(model_cfg["num_dense"]),
+                            **model_cfg["options"])
+        ebc.device = torch.device("cpu")
+        linear_names = model_cfg.get("linear_tables") or []
+        if getattr(model, "linear_ebc", None) is not None:
+            missing = [c.name for c in configs if f"linear.{c.name}" not in dense_state]
+            if missing or sorted(linear_names) != sorted(c.name for c in configs):
+                raise ArtifactError(f"{path / DENSE_FILE}: first-order weights missing for tables {missing}")
+            model.linear_ebc = LinearWeights(configs, {c.name: dense_state[f"linear.{c.name}"] for c in configs})
+        state = {k.removeprefix("model."): v for k, v in dense_state.items() if k.startswith("model.")}
+        expected = {k for k in model.state_dict() if not k.startswith(("ebc.", "linear_ebc."))}
+        if set(state) != expected:
+            raise ArtifactError(f"{path / DENSE_FILE}: parameters do not match model {model_cfg['name']!r}: "
+                                f"missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise ArtifactError(f"{path / DENSE_FILE}: unexpected parameters {result.unexpected_keys[:5]}")
+        model.eval()
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{path}: inconsistent artifact ({type(e).__name__}: {e})") from e
+
+    vocab: dict[str, Vocabulary] = {}
+    vocab_file = manifest["dataset"].get("vocab")
+    if vocab_file:
+        if vocab_file not in contents:
+            raise ArtifactError(f"{path / vocab_file}: not listed in the manifest")
+        try:
+            table = pq.read_table(io.BytesIO(contents[vocab_file]))
+        except Exception as e:  # pyarrow raises several types for corrupt Parquet
+            raise ArtifactError(f"{path / vocab_file}: not a readable Parquet file ({e})") from e
+        for spec in manifest["inputs"]["sparse"]:
+            if spec["vocab"]:
+                vocab[spec["name"]] = _vocabulary(table, spec["name"], path / vocab_file)
+    return LoadedArtifact(path=path, manifest=manifest, model=model, vocab=vocab)

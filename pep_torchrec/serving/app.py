@@ -1,0 +1,325 @@
+"""The inference service: FastAPI app factory, settings, hot-swappable model, `pep-torchrec serve`.
+
+    pep-torchrec serve --artifact out/artifact [--host 127.0.0.1] [--port 8080]
+
+Endpoints:
+    POST /v1/predict      {"instances": [{raw field: value, ...}, ...]} → {"scores": [...], "model_version"}
+    GET  /healthz         the process is up (200)
+    GET  /readyz          200 once a model is loaded, 503 before
+    GET  /metrics         Prometheus text: request counts, latency histograms, batch sizes, reloads
+    POST /admin/reload    load the artifact again (or {"artifact": path}) and swap it in; SIGHUP too
+    GET  /docs, /openapi.json
+
+Bad requests get 4xx with FastAPI's error shape ({"detail": [{"loc", "msg", "type"}]}) naming the
+field: 422 for wrong types, unknown or missing fields and too many instances, 413 for a body over
+`max_body_bytes`. The artifact is loaded in the lifespan; a corrupted or partial one stops the start
+with its `ArtifactError`. A reload builds and verifies the new model completely before one reference
+assignment swaps it in: a request holds the model it started with, so in-flight requests finish on
+the old model, and a bad artifact leaves the old one serving (the reload answers 409 with the error).
+Endpoints are plain `def` (torch work blocks; FastAPI runs them in its thread pool).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from pep_torchrec.export.format import ArtifactError
+from pep_torchrec.serving.metrics import ServiceMetrics
+from pep_torchrec.serving.predictor import Predictor, RequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings; `from_env` reads PEP_SERVE_<FIELD> (the CLI overrides).
+
+    Attributes:
+        artifact: the artifact directory to serve.
+        host: bind address (loopback unless told otherwise).
+        port: TCP port.
+        max_instances: most instances per predict request.
+        max_body_bytes: largest request body accepted (413 beyond).
+        num_threads: torch intra-op threads (requests already run in parallel threads).
+        warmup: score one example instance at load (start and reload) before serving it.
+    """
+
+    artifact: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_instances: int = 1024
+    max_body_bytes: int = 1 << 20
+    num_threads: int = 1
+    warmup: bool = True
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {}
+        for name, f in cls.__dataclass_fields__.items():
+            raw = os.environ.get(f"PEP_SERVE_{name.upper()}")
+            if raw is not None:
+                values[name] = (raw.lower() in ("1", "true", "yes")) if f.type in ("bool", bool) else \
+                    int(raw) if f.type in ("int", int) else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "artifact" not in values:
+            raise ValueError("no artifact: pass --artifact or set PEP_SERVE_ARTIFACT")
+        return cls(**values)
+
+
+class ModelHolder:
+    """The current Predictor behind one reference; swaps are atomic, loads are serialised."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.current: Predictor | None = None
+        self.artifact_path = Path(settings.artifact)
+        self._load_lock = threading.Lock()
+
+    def _build(self, path: Path) -> Predictor:
+        predictor = Predictor.from_path(path, max_instances=self.settings.max_instances)
+        if self.settings.warmup:
+            predictor.predict([predictor.example_instance()])
+        return predictor
+
+    def load(self, path: str | Path | None = None) -> Predictor:
+        """Load (verify, build, warm up) then swap. Raises ArtifactError and keeps the old model."""
+        with self._load_lock:
+            target = Path(path) if path is not None else self.artifact_path
+            try:
+                predictor = self._build(target)
+            except ArtifactError:
+                self.metrics.reload(False)
+                raise
+            except Exception as e:  # anything else about a bad artifact: same contract
+                self.metrics.reload(False)
+                raise ArtifactError(f"{target}: cannot load ({type(e).__name__}: {e})") from e
+            self.current = predictor  # the swap: one reference assignment
+            self.artifact_path = target
+            self.metrics.reload(True)
+            logger.info("serving %s (version %s)", target, predictor.version)
+            return predictor
+
+
+class PredictRequest(BaseModel):
+    """Raw feature values of each instance, keyed by the dataset's field names."""
+
+    model_config = ConfigDict(extra="forbid")
+    instances: list[dict[str, Any]] = Field(min_length=1, description="one object per instance")
+
+
+class PredictResponse(BaseModel):
+    scores: list[float] = Field(description="click probability of each instance, in request order")
+    model_version: str
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    artifact: str | None = Field(default=None, description="another artifact directory (default: the current one)")
+
+
+def _error(status: int, loc: list[Any], msg: str, kind: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": [{"loc": loc, "msg": msg, "type": kind}]})
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: 413 for bodies over `limit` bytes, by Content-Length or as they stream."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                response = _error(413, ["body"], f"request body over {self.limit} bytes", "body_too_large")
+                return await response(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            response = _error(413, ["body"], f"request body over {self.limit} bytes", "body_too_large")
+            await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The app: the artifact is loaded in the lifespan (an ArtifactError there stops the start)."""
+    metrics = ServiceMetrics()
+    holder = ModelHolder(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_num_threads(max(1, settings.num_threads))
+        await asyncio.to_thread(holder.load)
+        loop = asyncio.get_running_loop()
+        try:  # SIGHUP → reload in a worker thread (only possible in the main thread's loop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _reload_logged))
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+        yield
+        try:
+            loop.remove_signal_handler(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    def _reload_logged() -> None:
+        try:
+            holder.load()
+        except ArtifactError as e:
+            logger.error("reload refused, still serving the previous model: %s", e)
+
+    app = FastAPI(title="pep-torchrec inference", version="1", lifespan=lifespan,
+                  description="CTR scores from a PEP-pruned model artifact (raw feature values in).")
+    app.state.holder, app.state.metrics, app.state.settings = holder, metrics, settings
+
+    @app.middleware("http")
+    async def record(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = route.path if route is not None else "unmatched"
+            metrics.request(path, request.method, status, time.perf_counter() - start)
+
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+
+    @app.exception_handler(RequestError)
+    def request_error(_: Request, e: RequestError) -> JSONResponse:
+        return _error(422, ["body", *e.loc], e.message, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI's own shape, minus the echoed input (which may be large).
+        detail = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+                  for err in e.errors()]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses={422: {"description": "bad request"}})
+    def predict(request: PredictRequest) -> PredictResponse:
+        predictor = holder.current  # this request's model, even if a reload swaps meanwhile
+        if predictor is None:
+            raise RequestError(["model"], "no model loaded yet", "not_ready")
+        scores = predictor.predict(request.instances)
+        metrics.batch(len(request.instances))
+        return PredictResponse(scores=scores, model_version=predictor.version)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        predictor = holder.current
+        if predictor is None:
+            return JSONResponse(status_code=503, content={"status": "loading"})
+        return JSONResponse(content={"status": "ready", "model_version": predictor.version,
+                                     "artifact": str(holder.artifact_path)})
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        predictor = holder.current
+        return PlainTextResponse(metrics.render(predictor.version if predictor else None),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/admin/reload")
+    def reload(request: ReloadRequest | None = None) -> JSONResponse:
+        try:
+            predictor = holder.load(request.artifact if request is not None else None)
+        except ArtifactError as e:
+            return _error(409, ["artifact"], f"reload refused, still serving the previous model: {e}",
+                          "artifact_error")
+        return JSONResponse(content={"status": "reloaded", "model_version": predictor.version})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--artifact", help="artifact directory (`pep-torchrec export --out`); env PEP_SERVE_ARTIFACT")
+    parser.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
+    parser.add_argument("--port", type=int, help="TCP port (default 8080)")
+    parser.add_argument("--max-instances", type=int, help="most instances per request (default 1024)")
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 1 MiB)")
+    parser.add_argument("--num-threads", type=int, help="torch intra-op threads (default 1)")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pep_torchrec.config import ConfigError
+
+    try:
+        settings = Settings.from_env(artifact=args.artifact, host=args.host, port=args.port,
+                                     max_instances=args.max_instances, max_body_bytes=args.max_body_bytes,
+                                     num_threads=args.num_threads)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
+    try:  # refuse a bad artifact before binding, with the loader's message
+        from pep_torchrec.export.format import read_manifest, verify_files
+
+        verify_files(settings.artifact, read_manifest(settings.artifact))
+    except ArtifactError as e:
+        raise ConfigError(f"cannot serve: {e}") from e
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from pep_torchrec.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="pep-torchrec serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Converter (`pep_torchrec.export`): round trip per granularity and dtype, exactness against the
+trained model, refusal of corrupted / partial artifacts.
+
+The run directories are fabricated without training (random weights and thresholds saved as the
+trainer saves them: DCP of {"model": TrainModel.state_dict()}, trainer_state.json, summary.json, a
+mask directory), which exercises the same files a real run has in a second per case.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+
+from pep_torchrec.config import load_config, to_dict
+from pep_torchrec.data.loader import ParquetBatchLoader
+from pep_torchrec.export.compact import CompactEmbeddingBag
+from pep_torchrec.export.converter import ArtifactConverter
+from pep_torchrec.export.format import ArtifactError, compress_table, decode_table, encode_table
+from pep_torchrec.export.serving_model import load_artifact
+from pep_torchrec.metrics import roc_auc
+from pep_torchrec.modules.pep_embedding_modules import GRANULARITIES
+from pep_torchrec.pruning import write_arrays
+
+SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+
+
+def make_run(root: Path, data: Path, *, stage: str, granularity: str = "feature_dim", model: str = "deepfm",
+             dim: int = 8, keep: float = 0.3, seed: int = 0, step: int = 10) -> Path:
+    """A finished-looking run directory with random weights, thresholds and a mask."""
+    from pep_torchrec.trainer import build_train_model
+
+    torch.manual_seed(seed)
+    options = {"mlp_dims": [16], "dropout": 0.0} if model == "deepfm" else {}
+    cfg = load_config(overrides=[f"data.path={data}", f"model.name={model}", f"model.embedding_dim={dim}",
+                                 f"train.stage={stage}", f"pep.granularity={granularity}", "pep.gk=0.05"])
+    cfg.model.options = options
+    run = root / f"run_{stage}_{granularity}_{model}_{seed}"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from pep_torchrec.data.schema import Schema
+
+    schema = Schema.load(data)
+    train_model = build_train_model(cfg, schema, embedding_device=torch.device("cpu"),
+                                    dense_device=torch.device("cpu"))
+    rng = np.random.default_rng(seed)
+    shapes = {c.name: (c.num_embeddings, dim) for c in train_model.model.ebc.embedding_bag_configs()}
+    masks = {t: rng.random(s) < keep for t, s in shapes.items()}
+    with torch.no_grad():
+        for name, param in train_model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+            if "._embedding_bag_collection." in name and stage == "search":
+                param[:, dim:] = torch.randn_like(param[:, dim:]) * 2 - 2  # s: a spread of thresholds
+            if "._embedding_bag_collection." in name and stage == "retrain":
+                table = name.split(".")[-2]
+                m = torch.from_numpy(masks[table]).float()
+                param[:, :dim] *= m
+                param[:, dim:] = m
+            if name.endswith("threshold") or ".thresholds." in name:
+                param.copy_(torch.randn_like(param) - 3)
+    ckpt = run / "checkpoints" / f"step_{step:08d}"
+    dcp.save({"model": train_model.state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"trainer": {"step": step, "gk": 0.05, "best_step": step}}))
+    (run / "summary.json").write_text(json.dumps({"stage": stage, "best_step": step, "gk": 0.05}))
+    if stage != "baseline":
+        mask_dir = run / "masks" / "budget_0.3"
+        pieces = {t: [(0, 0, torch.from_numpy(m))] for t, m in masks.items()}
+        write_arrays(mask_dir, shapes, np.bool_, pieces,
+                     {"kind": "mask", "budget": 0.3, "kept": int(sum(m.sum() for m in masks.values())),
+                      "step": step, "dim": dim, "tables": {t: {"rows": s[0]} for t, s in shapes.items()}}, rank=0)
+        if stage == "retrain":
+            cfg.pep.mask = str(mask_dir)
+            (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return run
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    from pep_torchrec.data.prepare import prepare_dataset
+
+    path = tmp_path_factory.mktemp("data") / "synthetic"
+    prepare_dataset("synthetic", None, path, rows=3000, num_sparse=4, num_dense=3, cardinality=300, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ml100k_data(tmp_path_factory) -> Path:
+    if not SHARED_ML100K.is_dir():
+        pytest.skip(f"{SHARED_ML100K} not present")
+    from pep_torchrec.data.prepare import prepare_dataset
+
+    path = tmp_path_factory.mktemp("data") / "ml100k"
+    prepare_dataset("movielens", SHARED_ML100K, path)
+    return path
+
+
+def reference_scores(converter: ArtifactConverter, artifact, split: str = "test"):
+    """(reference probabilities, artifact probabilities, labels) over a split: the reference is the
+    trained module's own forward (thresholds applied by the training op), with the mask zeroing v."""
+    model, source = converter.load_model()
+    ebc = model.model.ebc
+    with torch.no_grad():
+        if source.mask_dir is not None:
+            for c in converter.train_tables():
+                m = torch.from_numpy(np.load(source.mask_dir / f"{c.name}.npy")).float()
+                stored = ebc._embedding_bag_collection.embedding_bags[c.name].weight if hasattr(ebc, "mode") \
+                    else ebc.embedding_bags[c.name].weight
+                stored[:, : c.embedding_dim] *= m
+    loader = ParquetBatchLoader(converter.cfg.data.path, split, batch_size=1024, prefetch=0)
+    ref, got, labels = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            ref.append(torch.sigmoid(model.model(batch.dense_features, batch.sparse_features)))
+            got.append(torch.sigmoid(artifact.logits(batch.dense_features, batch.sparse_features)))
+            labels.append(batch.labels)
+    return torch.cat(ref), torch.cat(got), torch.cat(labels).numpy()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_round_trip_and_exactness_per_granularity(tmp_path, synthetic_data, granularity):
+    run = make_run(tmp_path, synthetic_data, stage="search", granularity=granularity)
+    converter = ArtifactConverter(run, budget=0.3)
+    tables, _, _ = converter.pruned_tables()
+    manifest = converter.convert(tmp_path / "art")
+    artifact = load_artifact(tmp_path / "art")
+    for spec in manifest["tables"]:
+        bag = artifact.model.ebc.embedding_bags[spec["name"]]
+        assert bag.kept_params == spec["kept_params"] == int((tables[spec["name"]] != 0).sum())
+    # Lossless: decoding the stored table gives v̂ · mask bit for bit.
+    from pep_torchrec.export.format import load_tensors
+
+    emb = load_tensors((tmp_path / "art" / "embeddings.safetensors").read_bytes(), "emb")
+    for spec in manifest["tables"]:
+        decoded = decode_table(spec["name"], emb, spec, "fp32", "test").to_dense()
+        assert torch.equal(decoded, tables[spec["name"]])
+    ref, got, _ = reference_scores(converter, artifact)
+    assert (ref - got).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("stage,model", [("retrain", "fm"), ("baseline", "dlrm")])
+def test_retrain_and_baseline_exactness(tmp_path, synthetic_data, stage, model):
+    run = make_run(tmp_path, synthetic_data, stage=stage, model=model)
+    converter = ArtifactConverter(run)
+    manifest = converter.convert(tmp_path / "art")
+    artifact = load_artifact(tmp_path / "art")
+    ref, got, _ = reference_scores(converter, artifact)
+    assert (ref - got).abs().max().item() <= 1e-6
+    if stage == "retrain":  # v · m: exactly the mask's elements (random v is never 0)
+        masks = sum(int(np.load(p).sum()) for p in (run / "masks" / "budget_0.3").glob("*.npy"))
+        assert manifest["kept_params"] == masks
+
+
+def test_dtypes_auc_and_sizes(tmp_path, ml100k_data):
+    run = make_run(tmp_path, ml100k_data, stage="search", model="fm", dim=16, keep=0.05)
+    converter = ArtifactConverter(run, budget=0.3)
+    aucs, sizes = {}, {}
+    for dtype in ("fp32", "fp16", "int8"):
+        manifest = converter.convert(tmp_path / dtype, dtype=dtype)
+        _, got, labels = reference_scores(converter, load_artifact(tmp_path / dtype))
+        aucs[dtype] = roc_auc(labels, got.numpy())
+        sizes[dtype] = manifest["total_bytes"] / manifest["dense_fp32_bytes"]
+    assert abs(aucs["fp16"] - aucs["fp32"]) <= 1e-3 and abs(aucs["int8"] - aucs["fp32"]) <= 1e-3
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"] < 0.08
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("dim", [3, 8, 40])
+def test_compact_lookup_matches_dense(dtype, dim):
+    """Pooling from CSR == F.embedding_bag over the decoded table, odd shapes, empty bags, mean."""
+    torch.manual_seed(dim)
+    table = torch.randn(57, dim) * (torch.rand(57, dim) < 0.2)
+    table[5] = 0  # a pruned row
+    compact = compress_table(table, dtype)
+    tensors, encoding = encode_table("t", compact)
+    spec = {"num_embeddings": 57, "embedding_dim": dim, "kept_rows": compact.kept_rows,
+            "kept_params": compact.kept_params, "encoding": encoding}
+    decoded = decode_table("t", tensors, spec, dtype, "test")
+    dense = decoded.to_dense()
+    if dtype == "fp32":
+        assert torch.equal(dense, table)
+    ids = torch.tensor([5, 1, 2, 56, 5, 0, 0, 3, 9])
+    offsets = torch.tensor([0, 2, 2, 6, 9])  # an empty bag included
+    for pooling in ("sum", "mean"):
+        got = CompactEmbeddingBag(decoded, pooling=pooling)(ids, offsets)
+        want = torch.nn.functional.embedding_bag(ids, dense, offsets, mode=pooling, include_last_offset=True)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _corrupt_cases(art: Path):
+    def flip(name):
+        data = bytearray((art / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (art / name).write_bytes(bytes(data))
+
+    yield "flipped byte", lambda: flip("embeddings.safetensors"), "sha256"
+    yield "truncated", lambda: (art / "dense.safetensors").write_bytes((art / "dense.safetensors").read_bytes()[:100]), "bytes"
+    yield "missing file", lambda: (art / "vocab.parquet").unlink(), "missing"
+    yield "missing manifest", lambda: (art / "manifest.json").unlink(), "manifest.json"
+    yield "broken manifest", lambda: (art / "manifest.json").write_text('{"format": '), "invalid JSON"
+    yield "future version", lambda: (art / "manifest.json").write_text(
+        (art / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 99')), "format_version"
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_corrupted_artifact_is_refused(tmp_path, ml100k_data, case):
+    run = make_run(tmp_path, ml100k_data, stage="retrain", model="fm")
+    good = tmp_path / "good"
+    ArtifactConverter(run).convert(good)
+    load_artifact(good)
+    art = tmp_path / "bad"
+    shutil.copytree(good, art)
+    label, corrupt, message = list(_corrupt_cases(art))[case]
+    corrupt()
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(art)
+
+
+def test_inconsistent_tensors_are_refused(tmp_path, synthetic_data):
+    """A file whose sha256 matches the manifest but whose content is inconsistent is still refused."""
+    import hashlib
+
+    from pep_torchrec.export.format import load_tensors, save_tensors
+
+    run = make_run(tmp_path, synthetic_data, stage="retrain", model="fm")
+    art = tmp_path / "art"
+    ArtifactConverter(run).convert(art)
+    emb = load_tensors((art / "embeddings.safetensors").read_bytes(), "emb")
+    key = next(k for k in emb if k.endswith(".values"))
+    emb[key] = emb[key][:-1]
+    data = save_tensors(emb)
+    (art / "embeddings.safetensors").write_bytes(data)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["files"]["embeddings.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="values"):
+        load_artifact(art)
+
+
+def test_export_replaces_only_artifacts(tmp_path, synthetic_data):
+    run = make_run(tmp_path, synthetic_data, stage="retrain", model="fm")
+    other = tmp_path / "not_an_artifact"
+    other.mkdir()
+    (other / "precious.txt").write_text("x")
+    with pytest.raises(ArtifactError, match="refusing"):
+        ArtifactConverter(run).convert(other)
+    first = ArtifactConverter(run).convert(tmp_path / "art")
+    second = ArtifactConverter(run).convert(tmp_path / "art", dtype="fp16")
+    assert first["model_version"] != second["model_version"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]  # no temporary left

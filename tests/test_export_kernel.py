@@ -1,0 +1,87 @@
+"""The fused CPU lookup kernel of `CompactEmbeddingBag` against its pure-PyTorch path (the spec):
+bit-identical in fp32 (and for fp16 / int8 values, which both paths widen the same way), every
+pooling / weighting / column width, empty bags and pruned rows, threads; errors; the fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pep_torchrec.export import compact
+from pep_torchrec.export.compact import CompactEmbeddingBag
+from pep_torchrec.export.format import compress_table
+
+needs_kernel = pytest.mark.skipif(compact.load_kernel() is None, reason="fused kernel could not be built")
+
+
+def _bag(dtype: str, dim: int, *, rows: int = 300, keep: float = 0.1, pooling: str = "sum", seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    table = torch.randn(rows, dim, generator=gen) * (torch.rand(rows, dim, generator=gen) < keep)
+    table[7] = 0  # a pruned row
+    table[8] = torch.randn(dim, generator=gen)  # a full row
+    return CompactEmbeddingBag(compress_table(table, dtype), pooling=pooling)
+
+
+def _batch(rows: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 12, (200,), generator=gen)
+    lengths[3] = 0  # empty bags
+    lengths[-1] = 0
+    ids = torch.randint(0, rows, (int(lengths.sum()),), generator=gen)
+    ids[:5] = 7
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    weights = torch.rand(ids.numel(), generator=gen) * 2 - 0.5
+    return ids, offsets, weights
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("dim", [1, 13, 64, 300])  # 300 > 256: int64 columns
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_fused_equals_reference(dtype, dim, pooling):
+    bag = _bag(dtype, dim, pooling=pooling, seed=dim)
+    ids, offsets, weights = _batch(bag.num_embeddings, seed=dim + 1)
+    for psw in (None, weights):
+        want = bag.forward_reference(ids, offsets, psw)
+        for threads in (1, 2):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = bag(ids, offsets, psw)
+            finally:
+                torch.set_num_threads(previous)
+            assert torch.equal(got, want), (dtype, dim, pooling, psw is None, threads)
+    # int32 ids / offsets are accepted (converted once).
+    assert torch.equal(bag(ids.int(), offsets.int()), bag.forward_reference(ids, offsets))
+
+
+@needs_kernel
+def test_fused_errors_and_edge_cases():
+    bag = _bag("fp32", 16)
+    with pytest.raises(IndexError):
+        bag(torch.tensor([0, 300]), torch.tensor([0, 2]))
+    with pytest.raises(IndexError):
+        bag(torch.tensor([-1]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError):
+        bag(torch.tensor([0, 1]), torch.tensor([0, 1]))  # does not end at N
+    with pytest.raises(ValueError):
+        bag(torch.tensor([0, 1]), torch.tensor([0, 2, 1, 2]))  # decreasing
+    with pytest.raises(ValueError):
+        bag(torch.tensor([0, 1]), torch.tensor([0, 2]), torch.ones(3))  # weights of another length
+    assert bag(torch.tensor([], dtype=torch.int64), torch.tensor([0])).shape == (0, 16)
+    assert torch.equal(bag(torch.tensor([], dtype=torch.int64), torch.tensor([0, 0, 0])), torch.zeros(2, 16))
+    empty = CompactEmbeddingBag(compress_table(torch.zeros(10, 4), "fp32"))  # nothing kept
+    assert torch.equal(empty(torch.tensor([1, 2]), torch.tensor([0, 1, 2])), torch.zeros(2, 4))
+
+
+def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
+    monkeypatch.setattr(compact, "_kernel", None)
+    monkeypatch.setattr(compact, "_kernel_tried", False)
+    monkeypatch.setattr(compact.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("PEP_TORCHREC_DISABLE_CPU_KERNEL", raising=False)
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        assert compact.load_kernel() is None
+    bag = _bag("int8", 8)
+    ids, offsets, weights = _batch(bag.num_embeddings, seed=3)
+    assert torch.equal(bag(ids, offsets, weights), bag.forward_reference(ids, offsets, weights))

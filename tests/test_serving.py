@@ -1,0 +1,209 @@
+"""The inference service: predictor mapping, endpoints, fuzzing (no 5xx), hot reload under load."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_export import make_run, ml100k_data, synthetic_data  # noqa: F401  (fixtures)
+
+from pep_torchrec.data.loader import ParquetBatchLoader
+from pep_torchrec.data.vocab import load_vocab
+from pep_torchrec.export.converter import ArtifactConverter
+from pep_torchrec.export.serving_model import load_artifact
+from pep_torchrec.serving.app import Settings, create_app
+from pep_torchrec.serving.predictor import Predictor
+
+EXAMPLE = {"user_id": 196, "item_id": 242, "age": 49, "gender": "M", "occupation": "writer", "zip": "55105",
+           "genres": ["Comedy"]}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory, ml100k_data):  # noqa: F811
+    root = tmp_path_factory.mktemp("serve")
+    run_a = make_run(root, ml100k_data, stage="retrain", model="fm", dim=16, seed=1)
+    run_b = make_run(root, ml100k_data, stage="retrain", model="deepfm", dim=16, seed=2)
+    ArtifactConverter(run_a).convert(root / "a")
+    ArtifactConverter(run_b).convert(root / "b", dtype="int8")
+    return root / "a", root / "b"
+
+
+def test_raw_values_map_like_the_pipeline(artifacts, ml100k_data):  # noqa: F811
+    """Raw values rebuilt from the vocabulary score exactly like the prepared Parquet ids."""
+    predictor = Predictor.from_path(artifacts[0])
+    vocab = load_vocab(ml100k_data)
+    batch = next(iter(ParquetBatchLoader(ml100k_data, "test", batch_size=64, prefetch=0)))
+    features = batch.sparse_features.to_dict()
+    instances = []
+    for i in range(64):
+        inst = {}
+        for name, jt in features.items():
+            ids = jt.values()[jt.offsets()[i]:jt.offsets()[i + 1]].tolist()
+            raw = [vocab[name].values[j - 1].as_py() for j in ids]
+            inst[name] = raw if name == "genres" else (int(raw[0]) if name in ("user_id", "item_id", "age") else raw[0])
+        instances.append(inst)
+    scores = predictor.predict(instances)
+    want = torch.sigmoid(predictor.artifact.logits(batch.dense_features, batch.sparse_features))
+    np.testing.assert_allclose(scores, want.numpy(), rtol=0, atol=1e-6)
+    # Unknown values go to the OOV id.
+    dense, kjt = predictor.features([dict(EXAMPLE, user_id=10**9, zip="nowhere", genres=["nope", "Comedy"])])
+    assert kjt["user_id"].values().tolist() == [0] and kjt["zip"].values().tolist() == [0]
+    assert kjt["genres"].values()[0].item() == 0 and kjt["genres"].values()[1].item() > 0
+
+
+def test_endpoints(artifacts):
+    with TestClient(create_app(Settings(artifact=str(artifacts[0]), max_instances=8))) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model_version"]
+        r = client.post("/v1/predict", json={"instances": [EXAMPLE, EXAMPLE]})
+        assert r.status_code == 200 and len(r.json()["scores"]) == 2
+        assert r.json()["model_version"] == ready.json()["model_version"]
+        cases = [
+            ({"instances": [dict(EXAMPLE, bogus=1)]}, "bogus"),
+            ({"instances": [dict(EXAMPLE, age="49")]}, "age"),
+            ({"instances": [{k: v for k, v in EXAMPLE.items() if k != "zip"}]}, "zip"),
+            ({"instances": [dict(EXAMPLE, genres="Comedy")]}, "genres"),
+            ({"instances": [EXAMPLE] * 9}, "instances"),
+            ({"instances": []}, "instances"),
+            ({"rows": [EXAMPLE]}, "rows"),
+        ]
+        for body, field in cases:
+            r = client.post("/v1/predict", json=body)
+            assert r.status_code == 422, (body, r.text)
+            assert any(field in [str(p) for p in d["loc"]] for d in r.json()["detail"]), r.json()
+        r = client.post("/v1/predict", content=b"{" + b" " * (2 << 20) + b"}", headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        metrics = client.get("/metrics").text
+        assert 'pep_requests_total{path="/v1/predict",method="POST",status="200"} 1' in metrics
+        assert "pep_request_latency_seconds_bucket" in metrics and "pep_predict_batch_size_count 1" in metrics
+        schema = client.get("/openapi.json").json()
+        assert "/v1/predict" in schema["paths"] and "PredictRequest" in schema["components"]["schemas"]
+
+
+def test_bad_artifact_refused_at_start_and_reload(artifacts, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{}")
+    with pytest.raises(Exception, match="manifest"):
+        with TestClient(create_app(Settings(artifact=str(bad)))):
+            pass
+    with TestClient(create_app(Settings(artifact=str(artifacts[0])))) as client:
+        version = client.get("/readyz").json()["model_version"]
+        r = client.post("/admin/reload", json={"artifact": str(bad)})
+        assert r.status_code == 409 and "manifest" in r.json()["detail"][0]["msg"]
+        r = client.post("/v1/predict", json={"instances": [EXAMPLE]})
+        assert r.status_code == 200 and r.json()["model_version"] == version
+
+
+_json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=12)
+_json = st.recursive(_json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                     max_leaves=8)
+_field_values = {
+    "user_id": st.integers(-5, 2000) | _json, "item_id": st.integers(-5, 2000) | _json, "age": st.integers(0, 100) | _json,
+    "gender": st.sampled_from(["M", "F", ""]) | _json, "occupation": st.text(max_size=10) | _json,
+    "zip": st.text(max_size=8) | _json, "genres": st.lists(st.sampled_from(["Comedy", "Drama", "x"]), max_size=5) | _json,
+}
+_instance = st.fixed_dictionaries({}, optional={k: v for k, v in _field_values.items()}) | \
+    st.fixed_dictionaries({k: v for k, v in _field_values.items()}) | _json
+_body = st.fixed_dictionaries({"instances": st.lists(_instance, max_size=5)}) | _json
+
+
+def test_fuzz_predict_never_5xx(artifacts):
+    """≥ 1,000 generated bodies (valid, half-valid and garbage): every answer is 200, 413 or 422."""
+    statuses: list[int] = []
+    with TestClient(create_app(Settings(artifact=str(artifacts[0]), max_instances=4)), raise_server_exceptions=False) as client:
+
+        @settings(max_examples=1100, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @given(body=_body)
+        def check(body):
+            # json.dumps writes NaN/Infinity (as Python's parser, and so the server, accepts them).
+            r = client.post("/v1/predict", content=json.dumps(body), headers={"content-type": "application/json"})
+            statuses.append(r.status_code)
+            assert r.status_code in (200, 413, 422), (body, r.status_code, r.text[:300])
+            if r.status_code == 200:
+                assert all(0.0 <= s <= 1.0 for s in r.json()["scores"])
+
+        check()
+        raw = [b"", b"null", b"[]", b'{"instances": 5}', b"\xff\xfe", b'{"instances": [' * 50]
+        for content in raw:
+            r = client.post("/v1/predict", content=content, headers={"content-type": "application/json"})
+            statuses.append(r.status_code)
+            assert r.status_code in (400, 413, 422), (content, r.status_code)
+    assert len(statuses) >= 1000 and 200 in statuses and 422 in statuses
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hot_reload_under_load(artifacts, tmp_path):
+    """Reloads swapping two artifacts (and one refused corrupt one) while 4 clients send requests:
+    every request succeeds, each answered by one of the two models."""
+    import uvicorn
+
+    port = _free_port()
+    app = create_app(Settings(artifact=str(artifacts[0])))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    versions = {load_artifact(a).version for a in artifacts}
+    bad = tmp_path / "corrupt"
+    import shutil
+
+    shutil.copytree(artifacts[1], bad)
+    (bad / "embeddings.safetensors").write_bytes(b"garbage")
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: set[str] = set()
+
+    def client_loop() -> int:
+        n = 0
+        with httpx.Client(base_url=base, timeout=10) as client:
+            while not stop.is_set():
+                r = client.post("/v1/predict", json={"instances": [EXAMPLE] * 4})
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    seen.add(r.json()["model_version"])
+                n += 1
+        return n
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(client_loop) for _ in range(4)]
+            with httpx.Client(base_url=base, timeout=30) as admin:
+                for i in range(6):
+                    target = str(artifacts[(i + 1) % 2]) if i != 3 else str(bad)
+                    r = admin.post("/admin/reload", json={"artifact": target})
+                    assert r.status_code == (409 if i == 3 else 200), r.text
+                    time.sleep(0.2)
+            stop.set()
+            total = sum(f.result() for f in futures)
+    finally:
+        stop.set()
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not failures, failures[:3]
+    assert total >= 50 and seen == versions
