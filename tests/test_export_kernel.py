@@ -75,9 +75,11 @@ def test_fused_errors_and_edge_cases():
 
 
 def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
-    monkeypatch.setattr(compact, "_kernel", None)
-    monkeypatch.setattr(compact, "_kernel_tried", False)
-    monkeypatch.setattr(compact.shutil, "which", lambda name: None)
+    fresh = compact._NATIVE
+    monkeypatch.setattr(compact, "_NATIVE", type(fresh)(
+        fresh.source, fresh.flags, abi_symbol=fresh.abi_symbol, abi_version=fresh.abi_version,
+        configure=fresh.configure, what=fresh.what, fallback=fresh.fallback))
+    monkeypatch.setattr("pep_torchrec.native.shutil.which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.delenv("PEP_TORCHREC_DISABLE_CPU_KERNEL", raising=False)
     with pytest.warns(RuntimeWarning, match="falling back"):

@@ -39,14 +39,6 @@ artifact's dense layout) per table behind TorchRec's EBC interface (KJT in, Keye
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -55,6 +47,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from pep_torchrec.export.format import CompactTable
+from pep_torchrec.native import NativeLibrary
 
 _LENGTH_BITS = 16
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
@@ -67,71 +60,23 @@ _KERNEL_SOURCE = Path(__file__).with_name("csrc") / "compact_pool_cpu.cpp"
 _KERNEL_ABI = 7
 # -ffp-contract=off: no FMA contraction of `x · w` and the add, so fp32 results equal the torch path.
 _KERNEL_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-_kernel_lock = threading.Lock()
-_kernel: ctypes.CDLL | None = None
-_kernel_tried = False
 _VALUE_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("PEP_TORCHREC_CACHE", Path.home() / ".cache" / "pep_torchrec"))
+def _configure(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.pep_compact_pool.argtypes = [p, i64, p, i64, p, i64, i64, p, i32, i32, i32, p, i32, p, i32]
+    lib.pep_compact_pool.restype = i64
 
 
-def _cpu_id() -> str:
-    # -march=native: a cached object is only valid on the same CPU model / flags.
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(line for line in lines if line.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        return platform.processor()
-
-
-def _build_kernel(compiler: str) -> Path:
-    key = hashlib.sha256(b"\0".join([_KERNEL_SOURCE.read_bytes(), compiler.encode(), " ".join(_KERNEL_FLAGS).encode(),
-                                     _cpu_id().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"compact_pool_cpu_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name, then rename: concurrent processes never load a half-written object.
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        subprocess.run([compiler, *_KERNEL_FLAGS, "-o", str(tmp_path), str(_KERNEL_SOURCE)], check=True,
-                       capture_output=True, text=True)
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    return target
+_NATIVE = NativeLibrary(_KERNEL_SOURCE, _KERNEL_FLAGS, abi_symbol="pep_compact_abi_version", abi_version=_KERNEL_ABI,
+                        configure=_configure, what="fused compact lookup kernel",
+                        fallback="the (slower) pure-PyTorch path")
 
 
 def load_kernel() -> ctypes.CDLL | None:
     """The fused CPU kernel (built on first use), or None (after one warning) if it cannot be built."""
-    global _kernel, _kernel_tried
-    if _kernel_tried:
-        return _kernel
-    with _kernel_lock:
-        if _kernel_tried:
-            return _kernel
-        _kernel_tried = True
-        if os.environ.get("PEP_TORCHREC_DISABLE_CPU_KERNEL"):
-            return None
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        try:
-            if compiler is None:
-                raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) on PATH")
-            lib = ctypes.CDLL(str(_build_kernel(compiler)))
-            if lib.pep_compact_abi_version() != _KERNEL_ABI:
-                raise RuntimeError("stale kernel object (ABI version mismatch)")
-            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.pep_compact_pool.argtypes = [p, i64, p, i64, p, i64, i64, p, i32, i32, i32, p, i32, p, i32]
-            lib.pep_compact_pool.restype = i64
-            _kernel = lib
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or ""
-            warnings.warn(f"pep_torchrec: the fused compact lookup kernel could not be built ({err}) {detail[-2000:]}"
-                          "; falling back to the (slower) pure-PyTorch path", RuntimeWarning, stacklevel=2)
-    return _kernel
+    return _NATIVE.load()
 
 
 def _bag_lengths(offsets_B1: Tensor, num_ids: int) -> Tensor:

@@ -24,18 +24,12 @@ warning and `library.py` falls back to the pure-PyTorch reference.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from pep_torchrec.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("csrc") / "threshold_pool_cpu.cpp"
 _ABI_VERSION = 2
@@ -49,10 +43,6 @@ _FLAGS = [
     "-fPIC",
     "-std=c++17",
 ]
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
 
 _i64, _int, _dbl, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_double, ctypes.c_void_p
 _FWD_ARGS = [_ptr, _i64, _ptr, _i64, _i64, _int, _dbl, _ptr, _ptr, _int, _ptr, _int]
@@ -100,74 +90,22 @@ _GROUP_BWD_ARGS = [
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PEP_TORCHREC_CACHE", Path.home() / ".cache" / "pep_torchrec"))
+def _configure(lib: ctypes.CDLL) -> None:
+    for suffix in _SUFFIX.values():
+        getattr(lib, f"pep_threshold_pool_fwd_{suffix}").argtypes = _FWD_ARGS
+        getattr(lib, f"pep_threshold_pool_bwd_{suffix}").argtypes = _BWD_ARGS
+        getattr(lib, f"pep_threshold_pool_group_fwd_{suffix}").argtypes = _GROUP_FWD_ARGS
+        getattr(lib, f"pep_threshold_pool_group_bwd_{suffix}").argtypes = _GROUP_BWD_ARGS
 
 
-def _cpu_id() -> str:
-    # -march=native: a cached object is only valid on the same CPU model / flags.
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return "".join(line for line in lines if line.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256(
-        b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(), _cpu_id().encode()])
-    ).hexdigest()[:16]
-    target = cache_dir() / f"threshold_pool_cpu_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build into a temporary name and rename: concurrent processes (pytest-xdist, 2 ranks) never
-    # load a half-written object.
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-        tmp_path = Path(tmp.name)
-    try:
-        subprocess.run(
-            [compiler, *_FLAGS, "-o", str(tmp_path), str(SOURCE)], check=True, capture_output=True, text=True
-        )
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-    return target
+_NATIVE = NativeLibrary(SOURCE, _FLAGS, abi_symbol="pep_abi_version", abi_version=_ABI_VERSION,
+                        configure=_configure, what="fused CPU threshold_pool kernel",
+                        fallback="the (slower) pure-PyTorch reference")
 
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernels (built on first use), or None (after one warning) if they cannot be built."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("PEP_TORCHREC_DISABLE_CPU_KERNEL"):
-            return None
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        try:
-            if compiler is None:
-                raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) on PATH")
-            lib = ctypes.CDLL(str(_build(compiler)))
-            if lib.pep_abi_version() != _ABI_VERSION:
-                raise RuntimeError("stale kernel object (ABI version mismatch)")
-            for suffix in _SUFFIX.values():
-                getattr(lib, f"pep_threshold_pool_fwd_{suffix}").argtypes = _FWD_ARGS
-                getattr(lib, f"pep_threshold_pool_bwd_{suffix}").argtypes = _BWD_ARGS
-                getattr(lib, f"pep_threshold_pool_group_fwd_{suffix}").argtypes = _GROUP_FWD_ARGS
-                getattr(lib, f"pep_threshold_pool_group_bwd_{suffix}").argtypes = _GROUP_BWD_ARGS
-            _lib = lib
-        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or ""
-            warnings.warn(
-                f"pep_torchrec: the fused CPU threshold_pool kernel could not be built ({err}) {detail[-2000:]}"
-                "; falling back to the (slower) pure-PyTorch reference",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return _lib
+    return _NATIVE.load()
 
 
 def available() -> bool:
