@@ -388,7 +388,12 @@ class PEPGroupedPooledEmbeddingsLookup(GroupedPooledEmbeddingsLookup):
 
 
 class _PEPShardingMixin:
-    _pep_specs: Mapping[str, PEPTableSpec]
+    """What every PEP sharding adds to its TorchRec base: the tables' PEP specs, PEP lookups, and
+    output widths of D (not the stored width W)."""
+
+    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
+        self._pep_specs = pep_specs
+        super().__init__(*args, **kwargs)
 
     def _pep_output_dims(self, grouped_config: GroupedEmbeddingConfig) -> list[int]:
         """Per feature of `grouped_config`: the pooled width its kernel returns (replaces
@@ -408,10 +413,6 @@ class _PEPShardingMixin:
 
 
 class PEPTwPooledEmbeddingSharding(_PEPShardingMixin, TwPooledEmbeddingSharding):
-    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
-        self._pep_specs = pep_specs
-        super().__init__(*args, **kwargs)
-
     def create_lookup(
         self,
         device: torch.device | None = None,
@@ -449,10 +450,6 @@ class PEPTwPooledEmbeddingSharding(_PEPShardingMixin, TwPooledEmbeddingSharding)
 
 
 class PEPRwPooledEmbeddingSharding(_PEPShardingMixin, RwPooledEmbeddingSharding):
-    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
-        self._pep_specs = pep_specs
-        super().__init__(*args, **kwargs)
-
     def create_lookup(
         self,
         device: torch.device | None = None,
@@ -474,10 +471,6 @@ class PEPRwPooledEmbeddingSharding(_PEPShardingMixin, RwPooledEmbeddingSharding)
 
 
 class PEPTwRwPooledEmbeddingSharding(_PEPShardingMixin, TwRwPooledEmbeddingSharding):
-    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
-        self._pep_specs = pep_specs
-        super().__init__(*args, **kwargs)
-
     def create_lookup(
         self,
         device: torch.device | None = None,
@@ -518,10 +511,6 @@ class PEPTwRwPooledEmbeddingSharding(_PEPShardingMixin, TwRwPooledEmbeddingShard
 class PEPCwPooledEmbeddingSharding(_PEPShardingMixin, CwPooledEmbeddingSharding):
     """Column-wise: coarse / plain tables only (a column shard of v pools to its own columns, so the
     stock output widths are already right)."""
-
-    def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
-        self._pep_specs = pep_specs
-        super().__init__(*args, **kwargs)
 
     def create_lookup(
         self,
