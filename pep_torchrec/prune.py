@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -96,14 +95,3 @@ def run(args: argparse.Namespace) -> int:
     for result in magnitude_masks(Path(args.run_dir), budgets, Path(args.out)):
         print(f"{result['path']}: {result['kept']:,} elements kept (budget {result['budget']:g})")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pep-torchrec prune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -302,24 +302,3 @@ def run(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
-    from pep_torchrec.config import ConfigError
-
-    parser = argparse.ArgumentParser(prog="pep-torchrec serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
