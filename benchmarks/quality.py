@@ -44,6 +44,23 @@ def _overrides_from(config: Path, sections: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _row_rules(search_cfg: Path) -> list[str]:
+    """The search config's mask row rules as `pep-torchrec prune` flags."""
+    pep = yaml.safe_load(search_cfg.read_text()).get("pep") or {}
+    return ["--layout", str(pep.get("mask_layout", "elementwise")), "--min-row-dims", str(pep.get("min_row_dims", 0)),
+            "--max-row-dims", str(pep.get("max_row_dims", 0))]
+
+
+def _prune(base_run: Path, out: Path, budgets: list[float], flags: list[str]) -> None:
+    argv = ["prune", "--run-dir", str(base_run), "--budgets", ",".join(map(str, budgets)), "--out", str(out), *flags]
+    if cli.main(argv) != 0:
+        raise SystemExit(f"prune failed: pep-torchrec {' '.join(argv)}")
+
+
+# Mask sources compared at every budget: (method label, run subdirectory holding masks/).
+METHODS = (("PEP retrain", "search"), ("magnitude", "magnitude"), ("magnitude, PEP's row rules", "magnitude_rules"))
+
+
 def _train(argv: list[str], log: list[dict]) -> dict:
     started = time.perf_counter()
     if cli.main(["train", *argv, "--set", "train.progress=false"]) != 0:
@@ -70,7 +87,8 @@ def run_dataset(dataset: str, models: list[str], work: Path) -> dict:
     search_cfg = REPO / "configs" / f"{dataset}_fm_search.yaml"
     retrain_cfg = REPO / "configs" / f"{dataset}_fm_retrain.yaml"
     search_set = _overrides_from(search_cfg, ("pep", "train"))
-    retrain_set = _overrides_from(retrain_cfg, ("train",))
+    retrain_set = _overrides_from(retrain_cfg, ("train", "optim"))
+    rules = _row_rules(search_cfg)
     log: list[dict] = []
     rows = []
     for model in models:
@@ -79,22 +97,20 @@ def run_dataset(dataset: str, models: list[str], work: Path) -> dict:
         base = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "base")], log)
         search = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "search"),
                          "--set", *search_set, f"pep.budgets={json.dumps(BUDGETS)}"], log)
-        if cli.main(["prune", "--run-dir", str(runs / "base"), "--budgets", ",".join(map(str, BUDGETS)),
-                     "--out", str(runs / "magnitude")]) != 0:
-            raise SystemExit("prune failed")
+        _prune(runs / "base", runs / "magnitude", BUDGETS, [])
+        _prune(runs / "base", runs / "magnitude_rules", BUDGETS, rules)
         rows.append({"model": model, "method": "base", "budget": 1.0, "kept": base["embedding_params_kept"],
                      "test_auc": base["test_auc"], "test_logloss": base["test_logloss"],
                      "valid_auc": base["valid_auc"], "train_s": base["train_seconds"]})
         snapshots = {s["budget"]: s for s in search["snapshots"]}
         for budget in BUDGETS:
             tag = f"budget_{budget:g}"
-            for method, mask in (("PEP retrain", runs / "search" / "masks" / tag),
-                                 ("magnitude", runs / "magnitude" / "masks" / tag)):
+            for method, source in METHODS:
                 if method == "PEP retrain" and budget not in snapshots:
                     rows.append({"model": model, "method": method, "budget": budget, "note": "search never reached it"})
                     continue
                 result = _train(["--config", base_cfg, "--data", str(data), "--run-dir",
-                                 str(runs / f"{method.split()[0].lower()}_{budget:g}"), "--mask", str(mask),
+                                 str(runs / f"{source}_retrain_{budget:g}"), "--mask", str(runs / source / "masks" / tag),
                                  "--set", *retrain_set], log)
                 rows.append({"model": model, "method": method, "budget": budget,
                              "kept": result["embedding_params_kept"], "test_auc": result["test_auc"],
@@ -110,6 +126,66 @@ def run_dataset(dataset: str, models: list[str], work: Path) -> dict:
                      "search_step_time_over_base": (search["train_seconds"] / search["steps"])
                      / (base["train_seconds"] / base["steps"])})
     return {"dataset": LABEL[dataset], "rows": rows, "commands": log}
+
+
+def seed_check(dataset: str, model: str, budget: float, seeds: list[int], work: Path) -> dict:
+    """The acceptance comparison (base vs PEP retrain vs magnitude at one budget) over several seeds:
+    each seed seeds the base, the search and the retrains (init, data order)."""
+    data = _prepare(dataset, work)
+    search_cfg = REPO / "configs" / f"{dataset}_{model}_search.yaml"
+    retrain_set = _overrides_from(REPO / "configs" / f"{dataset}_{model}_retrain.yaml", ("train", "optim"))
+    search_set = _overrides_from(search_cfg, ("pep", "train"))
+    base_cfg = f"configs/{dataset}_{model}.yaml"
+    tag = f"budget_{budget:g}"
+    log: list[dict] = []
+    rows = []
+    for seed in seeds:
+        runs = work / "runs" / f"{dataset}_seeds" / model / f"seed_{seed}"
+        seed_set = f"train.seed={seed}"
+        base = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "base"),
+                       "--set", seed_set], log)
+        _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "search"),
+                "--set", *search_set, seed_set], log)
+        _prune(runs / "base", runs / "magnitude", [budget], [])
+        _prune(runs / "base", runs / "magnitude_rules", [budget], _row_rules(search_cfg))
+        rows.append({"seed": seed, "method": "base", "test_auc": base["test_auc"], "valid_auc": base["valid_auc"],
+                     "kept": base["embedding_params_kept"]})
+        for method, source in METHODS:
+            result = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / f"{source}_retrain"),
+                             "--mask", str(runs / source / "masks" / tag), "--set", *retrain_set, seed_set], log)
+            rows.append({"seed": seed, "method": method, "test_auc": result["test_auc"],
+                         "valid_auc": result["valid_auc"], "kept": result["embedding_params_kept"],
+                         "delta_auc": result["test_auc"] - base["test_auc"]})
+    summary = []
+    for method in ["base", *(m for m, _ in METHODS)]:
+        mine = [r for r in rows if r["method"] == method]
+        test = np.array([r["test_auc"] for r in mine])
+        summary.append({"method": method, "seeds": len(mine), "kept": mine[0]["kept"],
+                        "test_auc_mean": float(test.mean()), "test_auc_std": float(test.std(ddof=1)) if len(test) > 1 else 0.0,
+                        "test_auc_min": float(test.min()),
+                        "valid_auc_mean": float(np.mean([r["valid_auc"] for r in mine]))})
+    return {"dataset": LABEL[dataset], "model": model, "budget": budget, "rows": rows, "summary": summary,
+            "commands": log}
+
+
+def _seeds_markdown(result: dict, info: dict) -> str:
+    return "\n".join([
+        f"# {result['model'].upper()} on {result['dataset']} at {result['budget']:g} of the embedding parameters, "
+        f"{len({r['seed'] for r in result['rows']})} seeds", "",
+        f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
+        f"commit {info['git_commit']}. One process, CPU. Each seed seeds the base, the search and the retrains.",
+        "The search uses the search config's row rules; 'magnitude' is plain top-|v| element-wise; 'magnitude,",
+        "PEP's row rules' ranks by |v| under the same layout and floor as the PEP masks.",
+        "Reproduce: `python benchmarks/quality.py --datasets= --no-synthetic --seeds 0,1,2`.", "",
+        markdown_table(result["summary"], [("method", "method", ""), ("seeds", "seeds", "d"), ("kept", "kept params", ",d"),
+                                           ("test_auc_mean", "test AUC mean", ".4f"), ("test_auc_std", "std", ".4f"),
+                                           ("test_auc_min", "min", ".4f"), ("valid_auc_mean", "valid AUC mean", ".4f")]),
+        "", "Per seed:", "",
+        markdown_table(result["rows"], [("seed", "seed", "d"), ("method", "method", ""), ("kept", "kept params", ",d"),
+                                        ("test_auc", "test AUC", ".4f"), ("delta_auc", "Δ vs base", "+.4f"),
+                                        ("valid_auc", "valid AUC", ".4f")]),
+        "",
+    ])
 
 
 def synthetic_signal_share(work: Path) -> dict:
@@ -149,8 +225,10 @@ def _markdown(result: dict, info: dict) -> str:
         f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
         f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}. One process, CPU.",
         "Test metrics of the best-on-valid checkpoint of each run. 'PEP retrain': lottery ticket from the",
-        "search's exact-budget mask (step-0 embedding x mask). 'magnitude': top-|v| of the trained base",
-        "embedding, fine-tuned with the mask fixed from all trained parameters. Reproduce: `make quality`.", "",
+        "search's exact-budget mask (step-0 embedding x mask; the search config's row rules: layout, floor).",
+        "'magnitude': top-|v| elements of the trained base embedding, fine-tuned with the mask fixed from all",
+        "trained parameters; 'magnitude, PEP's row rules': the same ranking under the PEP masks' layout and",
+        "floor. Every retrain uses the retrain config's train and optim settings. Reproduce: `make quality`.", "",
         markdown_table(result["rows"], columns), "",
     ])
 
@@ -160,10 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="movielens,criteo")
     parser.add_argument("--models", default="fm,deepfm,autoint")
     parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="seeds for the ml-100k FM 10%% comparison over seeds (empty: skip it)")
     parser.add_argument("--work", default=str(REPO / "out" / "quality"))
     args = parser.parse_args(argv)
     work = Path(args.work)
     info = machine_info()
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    if seeds and RAW["movielens"].exists():
+        result = seed_check("movielens", "fm", 0.1, seeds, work)
+        md = _seeds_markdown(result, info)
+        write_results("quality_movielens_fm_seeds", {"machine": info, **result}, md)
+        print(md)
     for dataset in [d for d in args.datasets.split(",") if d]:
         if not RAW[dataset].exists():
             print(f"skip {dataset}: {RAW[dataset]} absent", file=sys.stderr)

@@ -123,6 +123,15 @@ class PEPConfig:
     budgets: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02])
     """Search: save a mask keeping exactly this many elements when the kept count first reaches it
     (<= 1: share of embedding_params_total; > 1: absolute count)."""
+    mask_layout: str = "elementwise"
+    """Search masks: `elementwise` keeps the top elements where they are; `aligned` keeps each row's
+    kept count (its learned embedding size) but in one column order shared by all rows, so two
+    features' kept dimensions overlap in dot-product interactions (see pep_torchrec/pruning.py)."""
+    min_row_dims: int = 0
+    """Search masks: every row keeps at least this many elements (its best ones), or
+    ⌊budget / rows⌋ where a budget cannot afford more."""
+    max_row_dims: int = 0
+    """Search masks: no row keeps more than this many elements (0 = embedding_dim)."""
     stop_after_budgets: bool = True
     """Search: stop once every budget has its snapshot."""
     mask: str = ""

@@ -26,12 +26,13 @@ from pep_torchrec.config import ConfigError, PEPConfig
 from pep_torchrec.distributed.pep_embeddingbag import pep_modules
 from pep_torchrec.distributed.state import local_pieces
 from pep_torchrec.pruning import (
+    MASK_LAYOUTS,
     budget_count,
     budget_tag,
     kth_largest,
     open_array,
     read_meta,
-    select_top_k,
+    select_mask,
     write_arrays,
 )
 
@@ -65,6 +66,16 @@ class PEPStage:
         self.table_order = list(self.tables)
         self.total = sum(self.tables.values()) * self.dim
         self.budgets = sorted((budget_count(b, self.total), b) for b in cfg.budgets) if stage == "search" else []
+        if cfg.mask_layout not in MASK_LAYOUTS:
+            raise ConfigError(f"pep.mask_layout={cfg.mask_layout!r}: expected one of {list(MASK_LAYOUTS)}")
+        for key in ("min_row_dims", "max_row_dims"):
+            if not 0 <= getattr(cfg, key) <= dim:
+                raise ConfigError(f"pep.{key}={getattr(cfg, key)}: expected 0..{dim} (embedding_dim)")
+        self.rows = sum(self.tables.values())
+        for count, budget in self.budgets:
+            if count > (cfg.max_row_dims or dim) * self.rows:
+                raise ConfigError(f"pep.budgets: {budget} ({count} elements) is more than pep.max_row_dims="
+                                  f"{cfg.max_row_dims} allows over {self.rows} rows")
         self.mask_meta: dict[str, Any] | None = None
 
     # ---- stored-table pieces on this rank ------------------------------------------------------
@@ -108,13 +119,16 @@ class PEPStage:
     def snapshot(self, budget: float, count: int, *, step: int, valid_auc: float, kept_now: int) -> dict[str, Any]:
         """Save the mask keeping exactly `count` elements, ranked by margin."""
         margins = {t: list(self.module.local_margins(t)) for t in self.table_order}
-        keep = select_top_k(margins, count, self.table_order)
+        min_row = min(self.cfg.min_row_dims, count // self.rows)  # the floor a budget can afford
+        keep = select_mask(margins, count, self.table_order, dim=self.dim, min_row=min_row,
+                           max_row=self.cfg.max_row_dims, layout=self.cfg.mask_layout)
         kept_by_table = torch.tensor([sum(int(m.sum()) for _, _, m in keep[t]) for t in self.table_order])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(kept_by_table)
         path = self.run_dir / "masks" / budget_tag(budget)
         meta = {
-            "kind": "mask", "criterion": "pep_margin", "budget": budget, "kept": count, "step": step,
+            "kind": "mask", "criterion": "pep_margin", "layout": self.cfg.mask_layout,
+            "min_row_dims": min_row, "max_row_dims": self.cfg.max_row_dims, "budget": budget, "kept": count, "step": step,
             "valid_auc": valid_auc, "learned_kept": kept_now, "granularity": self.cfg.granularity,
             "dim": self.dim, "init": "../../init", "embedding_params_total": self.total,
             "tables": {t: {"rows": n, "kept": int(k)} for (t, n), k in zip(self.tables.items(), kept_by_table)},

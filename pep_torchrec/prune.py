@@ -26,7 +26,7 @@ import yaml
 from pep_torchrec.config import ConfigError, load_config
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.models import embedding_tables
-from pep_torchrec.pruning import budget_count, budget_tag, select_top_k, write_arrays
+from pep_torchrec.pruning import MASK_LAYOUTS, budget_count, budget_tag, select_mask, write_arrays
 
 # Where a baseline run's embedding tables live in its checkpoint (DMP(TrainModel(model)).state_dict()).
 TABLE_KEY = "model.ebc.embedding_bags.{table}.weight"
@@ -53,7 +53,8 @@ def load_full_tables(checkpoint: Path, shapes: dict[str, tuple[int, int]], key: 
     return {t: state["model"][key.format(table=t)] for t in shapes}
 
 
-def magnitude_masks(run_dir: Path, budgets: list[float], out: Path) -> list[dict]:
+def magnitude_masks(run_dir: Path, budgets: list[float], out: Path, *, layout: str = "elementwise",
+                    min_row_dims: int = 0, max_row_dims: int = 0) -> list[dict]:
     cfg = load_config(base=yaml.safe_load((run_dir / "config.yaml").read_text()))
     if cfg.train.stage != "baseline":
         raise ConfigError(f"{run_dir}: magnitude pruning starts from a baseline run (this one is {cfg.train.stage})")
@@ -71,9 +72,15 @@ def magnitude_masks(run_dir: Path, budgets: list[float], out: Path) -> list[dict
     results = []
     for budget in budgets:
         count = budget_count(budget, total)
-        keep = select_top_k(scores, count, list(tables))
+        min_row = min(min_row_dims, count // sum(tables.values()))  # the floor a budget can afford
+        try:
+            keep = select_mask(scores, count, list(tables), dim=dim, min_row=min_row, max_row=max_row_dims,
+                               layout=layout)
+        except ValueError as e:
+            raise ConfigError(f"budget {budget}: {e}") from e
         meta = {
-            "kind": "mask", "criterion": "magnitude", "budget": budget, "kept": count,
+            "kind": "mask", "criterion": "magnitude", "layout": layout, "min_row_dims": min_row,
+            "max_row_dims": max_row_dims, "budget": budget, "kept": count,
             "source_run": str(run_dir.resolve()), "warm_start": str(checkpoint.resolve()),
             "dim": dim, "init": "../../init", "embedding_params_total": total,
             "tables": {t: {"rows": n, "kept": int(keep[t][0][2].sum())} for t, n in tables.items()},
@@ -88,10 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="0.2,0.1,0.05,0.02",
                         help="comma-separated; <= 1 are shares of the embedding parameters, > 1 counts")
     parser.add_argument("--out", required=True, help="output directory (masks/budget_*, init/)")
+    parser.add_argument("--layout", default="elementwise", choices=MASK_LAYOUTS,
+                        help="mask layout, as pep.mask_layout (aligned: each row's kept count in one shared column order)")
+    parser.add_argument("--min-row-dims", type=int, default=0,
+                        help="every row keeps at least this many elements (clipped to what a budget affords)")
+    parser.add_argument("--max-row-dims", type=int, default=0, help="no row keeps more (0 = embedding_dim)")
 
 
 def run(args: argparse.Namespace) -> int:
     budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    for result in magnitude_masks(Path(args.run_dir), budgets, Path(args.out)):
+    results = magnitude_masks(Path(args.run_dir), budgets, Path(args.out), layout=args.layout,
+                              min_row_dims=args.min_row_dims, max_row_dims=args.max_row_dims)
+    for result in results:
         print(f"{result['path']}: {result['kept']:,} elements kept (budget {result['budget']:g})")
     return 0

@@ -17,6 +17,13 @@ directory into place. Reading slices with mmap means a rank never loads a whole 
 Exactness: a budget of k keeps the k largest scores (margin |v| − gk·sigmoid(s), or |v|) over all
 tables; ties at the k-th value are broken by (table order, row, column), so the mask does not depend
 on the world size or the sharding plan.
+
+Row rules (`select_mask`): a floor and a cap on the kept elements of every row (the floor's elements
+are each row's best ones; the rest of the budget goes to the best scores left), and the *aligned*
+layout, which keeps each row's kept count (its learned embedding size) but puts those elements in one
+column order shared by every row. Dot-product models (FM, DeepFM, AutoInt) only couple two features
+through the dimensions both keep: element-wise masks of k1 and k2 dimensions share ~k1·k2/D of them,
+aligned ones share min(k1, k2).
 """
 
 from __future__ import annotations
@@ -148,6 +155,70 @@ def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Seq
                         keep[i, j] = True
             out[t].append((r, c, keep))
     return out
+
+
+MASK_LAYOUTS = ("elementwise", "aligned")
+
+
+def top_per_row(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [R, C]: each row's `n` largest scores (ties: lower column first)."""
+    if n <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if n >= scores.shape[1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+
+
+def align_rows(keep: Mapping[str, Sequence[Piece]], dim: int) -> dict[str, list[Piece]]:
+    """Same kept count per row, placed in one column order shared by all rows and ranks: the
+    columns kept most often overall first (ties: lower column first)."""
+    per_column = torch.zeros(dim, dtype=torch.int64)
+    for blocks in keep.values():
+        for _, _, m in blocks:
+            per_column += m.sum(0, dtype=torch.int64)
+    order = torch.sort(_all_reduce_sum(per_column), descending=True, stable=True).indices
+    rank = torch.empty(dim, dtype=torch.int64)
+    rank[order] = torch.arange(dim)
+    return {t: [(r, c, rank[None, :] < m.sum(1, keepdim=True)) for r, c, m in blocks] for t, blocks in keep.items()}
+
+
+def select_mask(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequence[str], *, dim: int,
+                min_row: int = 0, max_row: int = 0, layout: str = "elementwise") -> dict[str, list[Piece]]:
+    """`select_top_k` under row rules: every row keeps at least `min_row` (its best) and at most
+    `max_row` (0 = D) elements, and the layout is element-wise or aligned (see the module doc).
+    Exactly `k` elements are kept; the rules need whole rows on each shard.
+
+    Raises:
+        ValueError: k outside what the rules allow, a column-split table, an unknown layout.
+    """
+    if layout not in MASK_LAYOUTS:
+        raise ValueError(f"mask layout {layout!r}: expected one of {MASK_LAYOUTS}")
+    if not (min_row or max_row or layout != "elementwise"):
+        return select_top_k(pieces, k, table_order)
+    if not 0 <= min_row <= dim or not 0 <= max_row <= dim or (max_row and max_row < min_row):
+        raise ValueError(f"row rules: need 0 <= min_row ({min_row}) <= max_row ({max_row} or 0 = {dim}) <= {dim}")
+    for t in table_order:
+        for _, c, s in pieces.get(t, []):
+            if c != 0 or s.shape[1] != dim:
+                raise ValueError(f"table {t}: row rules need whole rows on a shard (this one has columns "
+                                 f"[{c}, {c + s.shape[1]}) of {dim}); shard it table- or row-wise")
+    forced = {t: [(r, c, top_per_row(s, min_row)) for r, c, s in pieces.get(t, [])] for t in table_order}
+    allowed = {t: [(r, c, top_per_row(s, max_row or dim)) for r, c, s in pieces.get(t, [])] for t in table_order}
+    counts = torch.tensor([sum(int(m.sum()) for b in forced.values() for _, _, m in b),
+                           sum(int(m.sum()) for b in allowed.values() for _, _, m in b)], dtype=torch.int64)
+    n_forced, n_allowed = _all_reduce_sum(counts).tolist()
+    if not n_forced <= k <= n_allowed:
+        raise ValueError(f"budget {k} elements: the row rules (at least {min_row}, at most {max_row or dim} per "
+                         f"row) allow between {n_forced} and {n_allowed}")
+    rest = {
+        t: [(r, c, torch.where(f | ~a, torch.full_like(s, float("-inf")), s))
+            for (r, c, s), (_, _, f), (_, _, a) in zip(pieces.get(t, []), forced[t], allowed[t])]
+        for t in table_order
+    }
+    chosen = select_top_k(rest, k - n_forced, table_order)
+    keep = {t: [(r, c, m | f) for (r, c, m), (_, _, f) in zip(chosen[t], forced[t])] for t in table_order}
+    return align_rows(keep, dim) if layout == "aligned" else keep
 
 
 def write_arrays(directory: str | os.PathLike, shapes: Mapping[str, tuple[int, int]], dtype: np.dtype,

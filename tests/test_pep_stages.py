@@ -51,8 +51,14 @@ def test_search_snapshots_keep_exactly_the_budget(search):
     for snap in summary["snapshots"]:
         mask_dir = Path(snap["path"])
         meta = json.loads((mask_dir / "meta.json").read_text())
-        kept = sum(int(np.load(mask_dir / f"{t}.npy").sum()) for t in meta["tables"])
-        assert kept == snap["kept"] == round(snap["budget"] * total) == meta["kept"]
+        masks = np.concatenate([np.load(mask_dir / f"{t}.npy") for t in meta["tables"]])
+        assert masks.sum() == snap["kept"] == round(snap["budget"] * total) == meta["kept"]
+        # The config's row rules: every row keeps >= the affordable floor, in one shared column order.
+        assert meta["layout"] == "aligned" and meta["min_row_dims"] == min(2, snap["kept"] // len(masks))
+        assert masks.sum(1).min() >= meta["min_row_dims"]
+        order = np.argsort(-masks.sum(0), kind="stable")
+        prefix = np.arange(masks.shape[1])[None, :] < masks.sum(1, keepdims=True)
+        np.testing.assert_array_equal(masks[:, order], prefix)
     evals = [json.loads(line) for line in (search / "metrics.jsonl").read_text().splitlines()]
     assert all("kept_by_table" in e and sum(e["kept_by_table"].values()) == e["kept"] for e in evals)
     assert evals[-1]["kept"] < evals[0]["kept"]

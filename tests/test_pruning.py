@@ -1,4 +1,5 @@
-"""Exact-budget selection (one rank and two ranks agree), k-th largest, atomic array directories."""
+"""Exact-budget selection (one rank and two ranks agree), row rules (floor, cap, aligned layout), k-th
+largest, atomic array directories."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from dist_utils import run_on_ranks
 
-from pep_torchrec.pruning import budget_count, kth_largest, read_meta, select_top_k, write_arrays
+from pep_torchrec.pruning import budget_count, kth_largest, read_meta, select_mask, select_top_k, write_arrays
 
 ORDER = ["t_a", "t_b"]
 
@@ -61,6 +62,72 @@ def test_two_ranks_select_the_same_elements_as_one():
     k = sum(int((t > 0.25).sum()) for t in full.values()) + 17
     single = select_top_k({t: [(0, 0, s)] for t, s in full.items()}, k, ORDER)
     results = run_on_ranks(_two_rank_select, 2, k)
+    for t in ORDER:
+        assembled = np.zeros(tuple(full[t].shape), dtype=bool)
+        for result in results:
+            for r, c, m in result.get(t, []):
+                assembled[r : r + m.shape[0], c : c + m.shape[1]] = m
+        np.testing.assert_array_equal(assembled, single[t][0][2].numpy(), err_msg=t)
+
+
+def _rules_scores() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    # Frequent rows (large scores) and rare rows (small ones), as trained embeddings look.
+    return {"t_a": torch.randn(30, 8, generator=g) * torch.logspace(0, -2, 30)[:, None],
+            "t_b": torch.randn(20, 8, generator=g).abs() * 0.05}
+
+
+@pytest.mark.parametrize("min_row,max_row", [(0, 0), (2, 0), (0, 5), (1, 4)])
+def test_row_rules_keep_exactly_k_within_floor_and_cap(min_row, max_row):
+    full = _rules_scores()
+    k = 150
+    keep = select_mask({t: [(0, 0, s)] for t, s in full.items()}, k, ORDER, dim=8, min_row=min_row, max_row=max_row)
+    per_row = torch.cat([keep[t][0][2].sum(1) for t in ORDER])
+    assert int(per_row.sum()) == k
+    assert per_row.min() >= min_row and per_row.max() <= (max_row or 8)
+    plain = select_top_k({t: [(0, 0, s)] for t, s in full.items()}, k, ORDER)
+    plain_rows = torch.cat([plain[t][0][2].sum(1) for t in ORDER])
+    if min_row:  # the floor moves budget to rows the plain ranking leaves (nearly) empty
+        assert plain_rows.min() < min_row
+    for t in ORDER:  # within a row, the kept elements are its best ones
+        m, s = keep[t][0][2], full[t]
+        worst_kept = torch.where(m, s, torch.full_like(s, float("inf"))).min(1).values
+        best_dropped = torch.where(m, torch.full_like(s, float("-inf")), s).max(1).values
+        assert (worst_kept >= best_dropped).all()
+
+
+def test_aligned_layout_keeps_row_sizes_in_one_shared_column_order():
+    full = _rules_scores()
+    pieces = {t: [(0, 0, s)] for t, s in full.items()}
+    element = select_mask(pieces, 120, ORDER, dim=8, min_row=1)
+    aligned = select_mask(pieces, 120, ORDER, dim=8, min_row=1, layout="aligned")
+    rows_e = torch.cat([element[t][0][2] for t in ORDER])
+    rows_a = torch.cat([aligned[t][0][2] for t in ORDER])
+    assert torch.equal(rows_e.sum(1), rows_a.sum(1))  # each row's learned size is unchanged
+    order = torch.sort(rows_e.sum(0), descending=True, stable=True).indices
+    for row, k in zip(rows_a, rows_a.sum(1).tolist()):  # and its kept columns are a prefix of the order
+        assert row[order[:k]].all() and not row[order[k:]].any()
+    with pytest.raises(ValueError, match="layout"):
+        select_mask(pieces, 120, ORDER, dim=8, layout="diagonal")
+    with pytest.raises(ValueError, match="allow between 50 and"):
+        select_mask(pieces, 40, ORDER, dim=8, min_row=1)
+    with pytest.raises(ValueError, match="whole rows"):
+        select_mask({"t_a": [(0, 4, full["t_a"][:, 4:])]}, 10, ORDER, dim=8, layout="aligned")
+
+
+def _two_rank_rules(rank: int, world_size: int, k: int) -> dict:
+    full = _rules_scores()
+    pieces = {"t_a": [(0, 0, full["t_a"])], "t_b": [(0, 0, full["t_b"][:10])]} if rank == 0 else \
+        {"t_b": [(10, 0, full["t_b"][10:])]}
+    keep = select_mask(pieces, k, ORDER, dim=8, min_row=2, max_row=6, layout="aligned")
+    return {t: [(r, c, m.numpy()) for r, c, m in blocks] for t, blocks in keep.items()}
+
+
+def test_two_ranks_apply_row_rules_like_one():
+    full = _rules_scores()
+    single = select_mask({t: [(0, 0, s)] for t, s in full.items()}, 170, ORDER, dim=8, min_row=2, max_row=6,
+                         layout="aligned")
+    results = run_on_ranks(_two_rank_rules, 2, 170)
     for t in ORDER:
         assembled = np.zeros(tuple(full[t].shape), dtype=bool)
         for result in results:
