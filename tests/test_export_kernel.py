@@ -1,6 +1,7 @@
 """The fused CPU lookup kernel of `CompactEmbeddingBag` against its pure-PyTorch path (the spec):
 bit-identical in fp32 (and for fp16 / int8 values, which both paths widen the same way), every
-pooling / weighting / column width, empty bags and pruned rows, threads; errors; the fallback."""
+pooling / weighting / column width / layout (slots with rows too long for their slot, records), empty
+bags and pruned rows, threads; errors; the fallback."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from pep_torchrec.export.format import compress_table
 needs_kernel = pytest.mark.skipif(compact.load_kernel() is None, reason="fused kernel could not be built")
 
 
-def _bag(dtype: str, dim: int, *, rows: int = 300, keep: float = 0.1, pooling: str = "sum", seed: int = 0):
+def _bag(dtype: str, dim: int, *, rows: int = 300, keep: float = 0.1, pooling: str = "sum", seed: int = 0,
+         layout: str = "auto"):
     gen = torch.Generator().manual_seed(seed)
     table = torch.randn(rows, dim, generator=gen) * (torch.rand(rows, dim, generator=gen) < keep)
     table[7] = 0  # a pruned row
     table[8] = torch.randn(dim, generator=gen)  # a full row
-    return CompactEmbeddingBag(compress_table(table, dtype), pooling=pooling)
+    return CompactEmbeddingBag(compress_table(table, dtype), pooling=pooling, layout=layout)
 
 
 def _batch(rows: int, seed: int):
@@ -38,8 +40,14 @@ def _batch(rows: int, seed: int):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("dim", [1, 13, 64, 300])  # 300 > 256: int64 columns
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
-def test_fused_equals_reference(dtype, dim, pooling):
-    bag = _bag(dtype, dim, pooling=pooling, seed=dim)
+@pytest.mark.parametrize("layout", ["slots", "records"])
+def test_fused_equals_reference(dtype, dim, pooling, layout):
+    if layout == "slots" and dim > 256:
+        with pytest.raises(ValueError, match="256"):
+            _bag(dtype, dim, layout=layout)
+        return
+    bag = _bag(dtype, dim, pooling=pooling, seed=dim, layout=layout)
+    assert bag.layout == layout
     ids, offsets, weights = _batch(bag.num_embeddings, seed=dim + 1)
     for psw in (None, weights):
         want = bag.forward_reference(ids, offsets, psw)
@@ -72,6 +80,22 @@ def test_fused_errors_and_edge_cases():
     assert torch.equal(bag(torch.tensor([], dtype=torch.int64), torch.tensor([0, 0, 0])), torch.zeros(2, 16))
     empty = CompactEmbeddingBag(compress_table(torch.zeros(10, 4), "fp32"))  # nothing kept
     assert torch.equal(empty(torch.tensor([1, 2]), torch.tensor([0, 1, 2])), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_both_layouts_pool_the_same_table_alike(dtype):
+    """`auto` picks slots for a sparse table (the narrowest slot holding >= 90% of its rows) and
+    records for a dense one; the torch path reads every layout back to the same elements."""
+    sparse = _bag(dtype, 64, keep=0.05)
+    assert sparse.layout == "slots" and sparse.slot_bytes == {"fp32": 32, "fp16": 32, "int8": 16}[dtype]
+    assert _bag(dtype, 64, keep=0.6).layout == "records"
+    records = _bag(dtype, 64, keep=0.05, layout="records")
+    ids, offsets, weights = _batch(300, seed=9)
+    for a, b in zip(sparse.elements(), records.elements()):
+        assert torch.equal(a, b)
+    assert torch.equal(sparse(ids, offsets, weights), records(ids, offsets, weights))
+    # Row 8 (all D kept) overflows its slot: its record follows the slots.
+    assert sparse.packed_R.numel() == 0 and sparse.nbytes > 300 * sparse.slot_bytes
 
 
 def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):

@@ -3,23 +3,30 @@
 Legend: R = table rows, D = embedding dim, N = looked-up ids, B = bags, E = kept elements of the
 looked-up rows (Σ over the N ids of their row lengths), K = kept elements of the table.
 
-`CompactEmbeddingBag` never rebuilds a dense [R, D] table. It keeps, per original id, one int64
-`packed_R = start << 24 | (exponent + 128) << 16 | length` (start = byte offset of the row's record,
-length = its kept count, 0 for a pruned row; exponent = the int8 row scale's power of two), and one
-byte buffer `blob` with a record per kept row, rows back to back: [its `length` values (fp32 / fp16 /
-int8) | their columns (uint8; int64 when D > 256)]. A looked-up row is one contiguous read (~16 B for
-a 5%-kept fp32 row at D = 64, against a dense row's 256 B); the buffer has exactly the bytes of
-separate value and column arrays.
+`CompactEmbeddingBag` never rebuilds a dense [R, D] table. Records: one per kept row, [its `length`
+values (fp32 / fp16 / int8) | their columns (uint8; int64 when D > 256)]. Two layouts hold them:
+
+* `slots` (D <= 256, when a slot of 16, 32 or 64 bytes holds >= 90% of the kept rows: the usual case
+  for pruned tables): one fixed-width slot per original id, `data[id · S : (id + 1) · S]` =
+  [n (uint8) | exponent + 128 (uint8) | n columns (uint8) | n values, aligned], n = 0 for a pruned row.
+  A longer row has n = 255 and, at slot bytes [8, 16), the int64 `start << 24 | (exponent + 128) << 16
+  | length` of its record, appended after the slots. A lookup is one random read of one cache-line-
+  aligned slot per id (a dense fp32 row at D = 64 is four lines), where `records` needs two.
+* `records` (otherwise): `data` = the records back to back, plus one int64 `packed_R[id]` =
+  `start << 24 | (exponent + 128) << 16 | length` per original id (0 for a pruned row).
+
+The slot layout trades memory for latency: R · S bytes (S = 16 at 5% of D = 16, 32 at 5% of D = 64:
+1/8 of the dense fp32 table) against 8 · R + the records' bytes.
 
 The fused CPU kernel (`csrc/compact_pool_cpu.cpp`, the default) pools in one pass per bag: per id,
-read packed_R, then add the record's values into their columns (OpenMP over bags; software
-prefetch of packed_R two stages and of the record one stage ahead). It has no torch headers,
+read its slot (or packed_R, then the record) and add the values into their columns (OpenMP over
+bags; software prefetch of the slot, or of packed_R and the record, ahead). It has no torch headers,
 builds with the system C++ compiler in ~1 s on first use into `$PEP_TORCHREC_CACHE` (default
 ~/.cache/pep_torchrec) and is loaded through ctypes; if it cannot be built: one warning, then the
 torch path. `PEP_TORCHREC_DISABLE_CPU_KERNEL=1` (or `use_kernel = False`) forces the torch path.
 
 The torch path (`forward_reference`: the kernel's spec, and its fallback) works on an element-array
-view of `blob` (unpacked once, on first use):
+view of either layout (unpacked once, on first use; start = the row's first element):
 
     packed_N = packed_R[ids]                         one random access per id
     owner_E  = repeat_interleave(arange(N), len_N)   which id each element belongs to
@@ -54,10 +61,14 @@ _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 _START_SHIFT = 24
 _EXPONENT_BIAS = 128
 _POOLINGS = ("sum", "mean")
+_LAYOUTS = ("auto", "slots", "records")
+_SLOT_WIDTHS = (16, 32, 64)
+_SLOT_COVERAGE = 0.9  # `auto` picks the narrowest slot holding at least this share of the kept rows
+_OVERFLOW = 0xFF
 
 
 _KERNEL_SOURCE = Path(__file__).with_name("csrc") / "compact_pool_cpu.cpp"
-_KERNEL_ABI = 7
+_KERNEL_ABI = 8
 # -ffp-contract=off: no FMA contraction of `x · w` and the add, so fp32 results equal the torch path.
 _KERNEL_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _VALUE_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
@@ -67,6 +78,8 @@ def _configure(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.pep_compact_pool.argtypes = [p, i64, p, i64, p, i64, i64, p, i32, i32, i32, p, i32, p, i32]
     lib.pep_compact_pool.restype = i64
+    lib.pep_compact_pool_slots.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i32, i32, p, i32, p, i32]
+    lib.pep_compact_pool_slots.restype = i64
 
 
 _NATIVE = NativeLibrary(_KERNEL_SOURCE, _KERNEL_FLAGS, abi_symbol="pep_compact_abi_version", abi_version=_KERNEL_ABI,
@@ -77,6 +90,28 @@ _NATIVE = NativeLibrary(_KERNEL_SOURCE, _KERNEL_FLAGS, abi_symbol="pep_compact_a
 def load_kernel() -> ctypes.CDLL | None:
     """The fused CPU kernel (built on first use), or None (after one warning) if it cannot be built."""
     return _NATIVE.load()
+
+
+def slot_capacity(slot_bytes: int, value_bytes: int) -> tuple[int, int]:
+    """(most elements a slot holds inline, byte offset of its values): [n | exponent | cols | values]."""
+    best = (0, 2)
+    for cap in range(1, slot_bytes):
+        value_offset = -(-(2 + cap) // value_bytes) * value_bytes
+        if value_offset + cap * value_bytes <= slot_bytes:
+            best = (cap, value_offset)
+    return best
+
+
+def _element_positions(lengths_Rk: Tensor, value_start_Rk: Tensor, col_start_Rk: Tensor, value_bytes: int,
+                       col_bytes: int) -> tuple[Tensor, Tensor]:
+    """Byte positions of every element's value [K, value bytes] and column [K, col bytes], given each
+    kept row's length and the byte positions of its first value and first column."""
+    num_elems = int(lengths_Rk.sum())
+    owner_K = torch.repeat_interleave(torch.arange(lengths_Rk.numel()), lengths_Rk, output_size=num_elems)
+    local_K = torch.arange(num_elems) - (torch.cumsum(lengths_Rk, 0) - lengths_Rk).index_select(0, owner_K)
+    value_pos = value_start_Rk.index_select(0, owner_K) + local_K * value_bytes
+    col_pos = col_start_Rk.index_select(0, owner_K) + local_K * col_bytes
+    return value_pos.unsqueeze(1) + torch.arange(value_bytes), col_pos.unsqueeze(1) + torch.arange(col_bytes)
 
 
 def _bag_lengths(offsets_B1: Tensor, num_ids: int) -> Tensor:
@@ -92,14 +127,18 @@ class CompactEmbeddingBag(nn.Module):
         table: the decoded compact table (values fp32 / fp16 / int8 with per-row scales).
         pooling: "sum" or "mean" (mean divides by the bag's id count, pruned ids included, as the
             training module does).
+        layout: "slots", "records" or "auto" (slots when D <= 256 and a slot of <= 64 bytes holds
+            >= 90% of the kept rows; see the module doc).
 
     Shapes: forward(ids [N] int, offsets [B + 1] int, per_sample_weights [N] | None) → [B, D] float32.
     """
 
-    def __init__(self, table: CompactTable, *, pooling: str = "sum") -> None:
+    def __init__(self, table: CompactTable, *, pooling: str = "sum", layout: str = "auto") -> None:
         super().__init__()
         if pooling not in _POOLINGS:
             raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
         if table.embedding_dim > _LENGTH_MASK:
             raise ValueError(f"embedding_dim {table.embedding_dim} is too wide (max {_LENGTH_MASK})")
         self.num_embeddings = table.num_embeddings
@@ -109,22 +148,15 @@ class CompactEmbeddingBag(nn.Module):
         self.value_dtype = table.values.dtype
         self._value_bytes = table.values.element_size()
         self._col_bytes = 1 if table.embedding_dim <= 256 else 8  # uint8 columns: 1/8 of int64's traffic
-        # One record per kept row, rows back to back: [values (L · value bytes) | their columns
-        # (L · column bytes)]. A looked-up row is one contiguous read (~16 B for a 5%-kept fp32 row at
-        # D = 64); the same bytes as separate value and column arrays.
-        lengths = table.lengths
-        record_bytes = lengths * (self._value_bytes + self._col_bytes)
-        byte_start = torch.cumsum(record_bytes, 0) - record_bytes
-        blob = torch.zeros(int(record_bytes.sum()), dtype=torch.uint8)
-        value_pos, col_pos = self._positions(lengths, byte_start)
-        if table.values.numel():
-            blob[value_pos] = table.values.contiguous().view(torch.uint8).view(-1, self._value_bytes)
-            blob[col_pos] = table.cols.to(self._col_dtype).contiguous().view(torch.uint8).view(-1, self._col_bytes)
-        exponents = table.exponents.long() if table.exponents is not None else torch.zeros_like(byte_start)
-        packed = torch.zeros(table.num_embeddings, dtype=torch.int64)
-        packed[table.row_ids] = (byte_start << _START_SHIFT) | ((exponents + _EXPONENT_BIAS) << _LENGTH_BITS) | lengths
+        self.slot_bytes, self._slot_capacity, self._value_offset = self._pick_slot(table.lengths, layout)
+        self.layout = "slots" if self.slot_bytes else "records"
+        exponents = table.exponents.long() + _EXPONENT_BIAS if self.quantized else torch.zeros_like(table.lengths)
+        if self.layout == "slots":
+            data, packed = self._build_slots(table, exponents), torch.zeros(0, dtype=torch.int64)
+        else:
+            data, packed = self._build_records(table, exponents)
         self.register_buffer("packed_R", packed, persistent=False)
-        self.register_buffer("blob", blob, persistent=False)
+        self.register_buffer("data", data, persistent=False)
         self._elements: tuple[Tensor, Tensor, Tensor] | None = None  # the torch path's view, built on use
         self.kept_rows = table.kept_rows
         self.kept_params = table.kept_params
@@ -139,37 +171,104 @@ class CompactEmbeddingBag(nn.Module):
     def _col_dtype(self) -> torch.dtype:
         return torch.uint8 if self._col_bytes == 1 else torch.int64
 
-    def _positions(self, lengths_Rk: Tensor, byte_start_Rk: Tensor) -> tuple[Tensor, Tensor]:
-        """Byte positions in `blob` of every kept element's value [K, value bytes] and column [K, col bytes]."""
-        num_elems = int(lengths_Rk.sum())
-        owner_K = torch.repeat_interleave(torch.arange(lengths_Rk.numel()), lengths_Rk, output_size=num_elems)
-        local_K = torch.arange(num_elems) - (torch.cumsum(lengths_Rk, 0) - lengths_Rk).index_select(0, owner_K)
-        start_K = byte_start_Rk.index_select(0, owner_K)
-        value_pos = start_K + local_K * self._value_bytes
-        col_pos = start_K + lengths_Rk.index_select(0, owner_K) * self._value_bytes + local_K * self._col_bytes
-        return (value_pos.unsqueeze(1) + torch.arange(self._value_bytes),
-                col_pos.unsqueeze(1) + torch.arange(self._col_bytes))
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the lookup structure (slots or packed_R, plus records)."""
+        return self.data.nbytes + self.packed_R.nbytes
+
+    def _pick_slot(self, lengths_Rk: Tensor, layout: str) -> tuple[int, int, int]:
+        """(slot bytes, inline capacity, value offset), or zeros for the records layout."""
+        if layout == "records" or self._col_bytes != 1:
+            if layout == "slots":
+                raise ValueError(f"layout 'slots' needs embedding_dim <= 256, got {self.embedding_dim}")
+            return 0, 0, 0
+        for width in _SLOT_WIDTHS:
+            capacity, value_offset = slot_capacity(width, self._value_bytes)
+            covered = float((lengths_Rk <= capacity).float().mean()) if lengths_Rk.numel() else 1.0
+            if covered >= _SLOT_COVERAGE or (layout == "slots" and width == _SLOT_WIDTHS[-1]):
+                return width, capacity, value_offset
+        return 0, 0, 0
+
+    def _write_elements(self, data: Tensor, table: CompactTable, lengths: Tensor, value_start: Tensor,
+                        col_start: Tensor) -> None:
+        if not table.values.numel():
+            return
+        value_pos, col_pos = _element_positions(lengths, value_start, col_start, self._value_bytes, self._col_bytes)
+        data[value_pos] = table.values.contiguous().view(torch.uint8).view(-1, self._value_bytes)
+        data[col_pos] = table.cols.to(self._col_dtype).contiguous().view(torch.uint8).view(-1, self._col_bytes)
+
+    def _build_records(self, table: CompactTable, exponents_Rk: Tensor) -> tuple[Tensor, Tensor]:
+        lengths = table.lengths
+        record_bytes = lengths * (self._value_bytes + self._col_bytes)
+        byte_start = torch.cumsum(record_bytes, 0) - record_bytes
+        data = torch.zeros(int(record_bytes.sum()), dtype=torch.uint8)
+        self._write_elements(data, table, lengths, byte_start, byte_start + lengths * self._value_bytes)
+        packed = torch.zeros(table.num_embeddings, dtype=torch.int64)
+        packed[table.row_ids] = (byte_start << _START_SHIFT) | (exponents_Rk << _LENGTH_BITS) | lengths
+        return data, packed
+
+    def _build_slots(self, table: CompactTable, exponents_Rk: Tensor) -> Tensor:
+        width, lengths = self.slot_bytes, table.lengths
+        inline = lengths <= self._slot_capacity
+        slot_start = table.row_ids * width
+        # Rows too long for their slot: records after the slots; the slot points at theirs.
+        record_bytes = torch.where(inline, 0, lengths * (self._value_bytes + self._col_bytes))
+        record_start = table.num_embeddings * width + torch.cumsum(record_bytes, 0) - record_bytes
+        data = torch.zeros(table.num_embeddings * width + int(record_bytes.sum()), dtype=torch.uint8)
+        data[slot_start] = torch.where(inline, lengths, _OVERFLOW).to(torch.uint8)
+        data[slot_start + 1] = exponents_Rk.to(torch.uint8)
+        value_start = torch.where(inline, slot_start + self._value_offset, record_start)
+        col_start = torch.where(inline, slot_start + 2, record_start + lengths * self._value_bytes)
+        self._write_elements(data, table, lengths, value_start, col_start)
+        long_rows = torch.nonzero(~inline).squeeze(1)
+        if long_rows.numel():
+            pointer = (record_start[long_rows] << _START_SHIFT) | (exponents_Rk[long_rows] << _LENGTH_BITS) \
+                | lengths[long_rows]
+            data[(slot_start[long_rows] + 8).unsqueeze(1) + torch.arange(8)] = pointer.view(torch.uint8).view(-1, 8)
+        return data
+
+    def _row_layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Per kept row, read back from the layout: (row ids, lengths, exponent + 128, byte position
+        of the first value, of the first column)."""
+        if self.layout == "records":
+            row_ids = torch.nonzero(self.packed_R & _LENGTH_MASK).squeeze(1)
+            packed = self.packed_R.index_select(0, row_ids)
+            lengths, start = packed & _LENGTH_MASK, packed >> _START_SHIFT
+            return row_ids, lengths, (packed >> _LENGTH_BITS) & 0xFF, start, start + lengths * self._value_bytes
+        width = self.slot_bytes
+        slots = self.data[: self.num_embeddings * width].view(self.num_embeddings, width)
+        count = slots[:, 0].long()
+        row_ids = torch.nonzero(count).squeeze(1)
+        count, slot_start = count.index_select(0, row_ids), row_ids * width
+        exponent = slots[:, 1].long().index_select(0, row_ids)
+        pointer = slots.index_select(0, row_ids)[:, 8:16].contiguous().view(torch.int64).view(-1)
+        long_row = count == _OVERFLOW
+        lengths = torch.where(long_row, pointer & _LENGTH_MASK, count)
+        record = pointer >> _START_SHIFT
+        value_start = torch.where(long_row, record, slot_start + self._value_offset)
+        col_start = torch.where(long_row, record + lengths * self._value_bytes, slot_start + 2)
+        return row_ids, lengths, exponent, value_start, col_start
 
     def elements(self) -> tuple[Tensor, Tensor, Tensor]:
         """(packed_R with element (not byte) starts, values [K], cols [K] int64): the torch path's
-        element-array view of `blob`, unpacked once on first use."""
+        element-array view of the layout, unpacked once on first use."""
         if self._elements is None:
-            lengths_R = self.packed_R & _LENGTH_MASK
-            row_ids = torch.nonzero(lengths_R).squeeze(1)
-            lengths = lengths_R.index_select(0, row_ids)
-            packed_rows = self.packed_R.index_select(0, row_ids)
-            value_pos, col_pos = self._positions(lengths, packed_rows >> _START_SHIFT)
-            values = self.blob[value_pos].contiguous().view(self.value_dtype).view(-1)
-            cols = self.blob[col_pos].contiguous().view(self._col_dtype).view(-1).long()
+            row_ids, lengths, exponent, value_start, col_start = self._row_layout()
+            value_pos, col_pos = _element_positions(lengths, value_start, col_start, self._value_bytes,
+                                                    self._col_bytes)
+            values = self.data[value_pos].contiguous().view(self.value_dtype).view(-1)
+            cols = self.data[col_pos].contiguous().view(self._col_dtype).view(-1).long()
             elem_start = torch.cumsum(lengths, 0) - lengths
-            packed = self.packed_R.clone()
-            packed[row_ids] = (elem_start << _START_SHIFT) | (packed_rows & ((1 << _START_SHIFT) - 1))
+            packed = torch.zeros(self.num_embeddings, dtype=torch.int64)
+            packed[row_ids] = (elem_start << _START_SHIFT) | (exponent << _LENGTH_BITS) | lengths
             self._elements = (packed, values, cols)
         return self._elements
 
     def extra_repr(self) -> str:
+        slots = f", slot_bytes={self.slot_bytes}" if self.slot_bytes else ""
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
-                f"kept_rows={self.kept_rows}, kept_params={self.kept_params}, values={self.value_dtype}")
+                f"kept_rows={self.kept_rows}, kept_params={self.kept_params}, values={self.value_dtype}, "
+                f"layout={self.layout}{slots}")
 
     def forward(self, ids_N: Tensor, offsets_B1: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
         lib = load_kernel() if self.use_kernel else None
@@ -187,13 +286,21 @@ class CompactEmbeddingBag(nn.Module):
             per_sample_weights = per_sample_weights.to(torch.float32).contiguous()
         num_bags = offsets_B1.numel() - 1
         out_BD = torch.empty(num_bags, self.embedding_dim)
+        psw = per_sample_weights.data_ptr() if per_sample_weights is not None else None
         # The table's pointers are read per call (buffers may be moved / replaced, e.g. `.to()`).
-        status = lib.pep_compact_pool(
-            self.packed_R.data_ptr(), self.num_embeddings, ids_N.data_ptr(), ids_N.numel(), offsets_B1.data_ptr(),
-            num_bags, self.embedding_dim, self.blob.data_ptr(), self._value_kind, self._col_kind, self._quantized_flag,
-            per_sample_weights.data_ptr() if per_sample_weights is not None else None, self._mean_flag,
-            out_BD.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+        if self.layout == "slots":
+            status = lib.pep_compact_pool_slots(
+                self.data.data_ptr(), self.slot_bytes, self._value_offset, self.num_embeddings, ids_N.data_ptr(),
+                ids_N.numel(), offsets_B1.data_ptr(), num_bags, self.embedding_dim, self._value_kind,
+                self._quantized_flag, psw, self._mean_flag, out_BD.data_ptr(), torch.get_num_threads(),
+            )  # fmt: skip
+        else:
+            status = lib.pep_compact_pool(
+                self.packed_R.data_ptr(), self.num_embeddings, ids_N.data_ptr(), ids_N.numel(),
+                offsets_B1.data_ptr(), num_bags, self.embedding_dim, self.data.data_ptr(), self._value_kind,
+                self._col_kind, self._quantized_flag, psw, self._mean_flag, out_BD.data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
         if status == -2:
             raise ValueError(f"offsets must be [B + 1] non-decreasing from 0 to N = {ids_N.numel()}, "
                              f"got shape {tuple(offsets_B1.shape)}")

@@ -6,17 +6,21 @@
 // order, each contribution computed as there (value widened to fp32, · 2^exponent for int8,
 // · per-sample weight), and mean pooling divides by max(bag length, 1) at the end.
 //
-// Layout (per original id, one int64): packed_R[id] = start << 24 | (exponent + 128) << 16 | length,
-// length = 0 for a pruned row; `blob` holds one record per kept row at byte offset `start`:
-// [length values (fp32 / fp16 / int8) | their length columns (uint8, or int64 when D > 256)],
-// unaligned. A lookup is one random read of packed_R per id, then one contiguous record of ≈ kept
-// share × D × (value + column bytes): ~16 B for a 5%-kept fp32 row at D = 64 against a dense row's 256.
+// A record = one kept row's [length values (fp32 / fp16 / int8) | their length columns (uint8, or
+// int64 when D > 256)], unaligned. Two layouts (see compact.py):
+//  * slots (`pep_compact_pool_slots`): a fixed-width slot per original id at data + id · S:
+//    [n | exponent + 128 | n uint8 columns | n values at value_offset]; n = 255: the row's record is
+//    elsewhere in `data` and slot bytes [8, 16) hold its packed int64 (below). One random read of
+//    one aligned slot per id.
+//  * records (`pep_compact_pool`): packed_R[id] = start << 24 | (exponent + 128) << 16 | length,
+//    length = 0 for a pruned row, and the record at byte `start` of `data`: two dependent random reads.
 //
 // Threads: OpenMP over bags; every pooled row is written by exactly one thread. Software prefetch
-// runs two stages ahead over the id range: packed_R of id n + 2P, then the record of id n + P.
-// (Tried and slower on the 2-core EPYC dev machine: a column-bitmask record expanded with AVX2
-// permutes (more instructions per id than a dense row's adds); a branch-free first 4 elements per
-// row; a separate gather pass of packed_R per group of bags.) Torch-header free so that it builds in ~1 s (see compact.py).
+// runs ahead over the id range: slots P ids ahead; or packed_R of id n + 2P, then the record of id
+// n + P. (Tried and slower on the 2-core EPYC dev machine: a column-bitmask record expanded with
+// AVX2 permutes (more instructions per id than a dense row's adds); a branch-free first 4 elements
+// per row; a separate gather pass of packed_R per group of bags.) Torch-header free so that it
+// builds in ~1 s (see compact.py).
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
@@ -30,6 +34,7 @@ constexpr int64_t kLengthMask = (int64_t(1) << kLengthBits) - 1;
 constexpr int kStartShift = 24;
 constexpr int kExponentBias = 128;
 constexpr int64_t kPrefetch = 8;
+constexpr int kOverflow = 0xFF;
 
 struct Half {
   uint16_t bits;
@@ -129,11 +134,72 @@ int64_t pool(const int64_t* packed, int64_t num_rows, const int64_t* ids, int64_
   return -1;
 }
 
+template <typename V>
+int64_t pool_slots(const unsigned char* data, int64_t slot_bytes, int64_t value_offset, int64_t num_rows,
+                   const int64_t* ids, int64_t num_ids, const int64_t* offsets, int64_t num_bags, int64_t dim,
+                   int quantized, const float* psw, int mean, float* out, int threads) {
+  if (offsets[0] != 0 || offsets[num_bags] != num_ids) return -2;
+  for (int64_t b = 0; b < num_bags; ++b)
+    if (offsets[b + 1] < offsets[b]) return -2;
+  uint64_t worst = 0;
+  for (int64_t n = 0; n < num_ids; ++n) worst = uint64_t(ids[n]) > worst ? uint64_t(ids[n]) : worst;
+  if (worst >= uint64_t(num_rows)) {
+    for (int64_t n = 0; n < num_ids; ++n)
+      if (uint64_t(ids[n]) >= uint64_t(num_rows)) return n;
+  }
+  const int64_t last = num_ids - 1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && num_bags >= 64)
+  for (int64_t b = 0; b < num_bags; ++b) {
+    float* o = out + b * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
+    const int64_t lo = offsets[b], hi = offsets[b + 1];
+    for (int64_t n = lo; n < hi; ++n) {
+      __builtin_prefetch(data + ids[n + 2 * kPrefetch < last ? n + 2 * kPrefetch : last] * slot_bytes);
+      const unsigned char* slot = data + ids[n] * slot_bytes;
+      const int count = slot[0];
+      const float w = psw != nullptr ? psw[n] : 1.0f;
+      if (count == kOverflow) {
+        add_row<V, uint8_t>(data, load<int64_t>(slot + 8), w, quantized, psw, o);
+        continue;
+      }
+      const float scale = quantized ? pow2(int(slot[1]) - kExponentBias) : 1.0f;
+      const unsigned char* v = slot + value_offset;
+      for (int k = 0; k < count; ++k) {
+        float x = widen(load<V>(v + k * sizeof(V)));
+        if (quantized) x = x * scale;
+        if (psw != nullptr) x = x * w;
+        o[slot[2 + k]] += x;
+      }
+    }
+    if (mean) {
+      const float count = float(hi - lo > 1 ? hi - lo : 1);
+      for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / count;
+    }
+  }
+  return -1;
+}
+
 }  // namespace
 
 extern "C" {
 
-int pep_compact_abi_version() { return 7; }
+int pep_compact_abi_version() { return 8; }
+
+// The slots layout (uint8 columns only). value_kind: 0 fp32, 1 fp16, 2 int8. Returns as below.
+int64_t pep_compact_pool_slots(const void* data, int64_t slot_bytes, int64_t value_offset, int64_t num_rows,
+                               const int64_t* ids, int64_t num_ids, const int64_t* offsets, int64_t num_bags,
+                               int64_t dim, int value_kind, int quantized, const float* psw, int mean, float* out,
+                               int threads) {
+  const auto* d = static_cast<const unsigned char*>(data);
+  if (value_kind == 0)
+    return pool_slots<float>(d, slot_bytes, value_offset, num_rows, ids, num_ids, offsets, num_bags, dim, quantized,
+                             psw, mean, out, threads);
+  if (value_kind == 1)
+    return pool_slots<Half>(d, slot_bytes, value_offset, num_rows, ids, num_ids, offsets, num_bags, dim, quantized,
+                            psw, mean, out, threads);
+  return pool_slots<int8_t>(d, slot_bytes, value_offset, num_rows, ids, num_ids, offsets, num_bags, dim, quantized,
+                            psw, mean, out, threads);
+}
 
 // value_kind: 0 fp32, 1 fp16, 2 int8; col_kind: 0 uint8, 1 int64. Returns -1 (done), -2 (offsets
 // not [0, ..., N] non-decreasing) or the position of the first id outside [0, R); nothing is
