@@ -61,6 +61,38 @@ def test_raw_values_map_like_the_pipeline(artifacts, ml100k_data):  # noqa: F811
     assert kjt["genres"].values()[0].item() == 0 and kjt["genres"].values()[1].item() > 0
 
 
+def test_avazu_raw_hour_is_derived_like_the_pipeline(tmp_path):
+    """Avazu clients send the raw `hour` (YYMMDDHH); the service derives hour_of_day and weekday with
+    the pipeline's own decoder, and names the field when a value is not a date."""
+    from test_data_prepare import AVAZU_HEADER, avazu_line
+
+    from pep_torchrec.data.prepare import prepare_dataset
+    from pep_torchrec.serving.predictor import RequestError
+
+    raw = tmp_path / "train.csv"
+    raw.write_text("\n".join([AVAZU_HEADER, avazu_line(1, "1", "14102100"), avazu_line(2, "0", "14102623", site="s2"),
+                              avazu_line(3, "1", "14102712")]) + "\n")
+    data = tmp_path / "avazu"
+    prepare_dataset("avazu", raw, data, min_count=1, split_fractions="1,0,0")
+    run = make_run(tmp_path, data, stage="retrain", model="fm", dim=8)
+    ArtifactConverter(run).convert(tmp_path / "art")
+    predictor = Predictor.from_path(tmp_path / "art")
+    assert "hour" in predictor.fields and "hour_of_day" not in predictor.fields
+    columns = AVAZU_HEADER.split(",")
+    instance = {k: v for k, v in zip(columns, avazu_line(2, "0", "14102623", site="s2").split(","))
+                if k not in ("id", "click")}
+    instance["hour"] = int(instance["hour"])
+    _, kjt = predictor.features([instance])
+    vocab = load_vocab(data)
+    ids = {name: vocab[name].values.to_pylist().index(key) + 1 for name, key in (("hour_of_day", "23"), ("weekday", "6"))}
+    assert kjt["hour_of_day"].values().tolist() == [ids["hour_of_day"]]  # 2014-10-26 was a Sunday
+    assert kjt["weekday"].values().tolist() == [ids["weekday"]]
+    assert 0 < predictor.predict([instance, predictor.example_instance()])[0] < 1
+    with pytest.raises(RequestError) as bad:
+        predictor.predict([dict(instance, hour=14023112)])  # 31 February
+    assert bad.value.loc == ["instances", 0, "hour"] and "YYMMDDHH" in str(bad.value)
+
+
 def test_endpoints(artifacts):
     with TestClient(create_app(Settings(artifact=str(artifacts[0]), max_instances=8))) as client:
         assert client.get("/healthz").status_code == 200

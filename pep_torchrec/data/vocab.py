@@ -15,6 +15,7 @@ count (int64), the value's frequency in the input. Id 0 has no row.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pep_torchrec.data.schema import OOV_ID
 
-TRANSFORMS = ("none", "criteo_log_bucket")
+TRANSFORMS = ("none", "criteo_log_bucket", "avazu_hour_of_day", "avazu_weekday")
 VOCAB_FILE = "vocab.parquet"
 
 # Merge the pending per-block counts once they hold this many entries: few enough group-bys to be
@@ -99,14 +100,15 @@ def apply_transform(transform: str, raw: str) -> str:
     """Map one raw value to its vocabulary key, exactly as the pipeline did (for serving).
 
     Args:
-        transform: a `SparseFeature.transform`: "none" or "criteo_log_bucket".
+        transform: "none", "criteo_log_bucket" (a `SparseFeature.transform`), or the serving-side
+            derivations of Avazu's `hour`: "avazu_hour_of_day", "avazu_weekday".
         raw: the raw field as it appears in the input ("" when missing).
 
     Returns:
         The key to look up in the feature's vocabulary.
 
     Raises:
-        ValueError: unknown transform, or a non-integer value for "criteo_log_bucket".
+        ValueError: unknown transform, a non-integer value for "criteo_log_bucket", an invalid Avazu hour.
     """
     if transform == "none":
         return raw
@@ -118,7 +120,21 @@ def apply_transform(transform: str, raw: str) -> str:
         except ValueError:
             raise ValueError(f"criteo_log_bucket: {raw!r} is not an integer") from None
         return str(_log_bucket_scalar(v))
+    if transform in ("avazu_hour_of_day", "avazu_weekday"):
+        weekday, hour_of_day = _avazu_hour(raw)
+        return f"{hour_of_day:02d}" if transform == "avazu_hour_of_day" else str(weekday)
     raise ValueError(f"unknown transform {transform!r}; have {TRANSFORMS}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _avazu_hour(raw: str) -> tuple[int, int]:
+    """(weekday, hour of day) of an Avazu `hour` (YYMMDDHH), decoded by the pipeline's own function."""
+    from pep_torchrec.data.avazu import decode_hour  # the reader imports this module's neighbours
+
+    ok, weekday, hour_of_day = decode_hour(pa.array([raw], pa.string()))
+    if not ok[0]:
+        raise ValueError(f"hour {raw!r} is not a valid YYMMDDHH")
+    return int(weekday[0]), int(hour_of_day[0])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ _LINEAR_PREFIX = "model.linear_ebc."
 # raw inputs: how a client's raw values become the model's features
 
 
+_AVAZU_FROM_HOUR = {"hour_of_day": "avazu_hour_of_day", "weekday": "avazu_weekday"}
+
+
 def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
     """What a client sends per instance (raw values as the dataset has them) and how they map.
 
@@ -90,6 +93,13 @@ def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
         return {"fields": fields, "sparse": sparse, "dense": dense}
     int_fields = {"movielens": {"user_id", "item_id", "age"}}.get(schema.dataset, set())
     for f in schema.sparse_features:
+        if schema.dataset == "avazu" and f.name in _AVAZU_FROM_HOUR:
+            # Derived from the raw `hour` (YYMMDDHH) as the pipeline does; the client sends `hour`.
+            if not any(field["name"] == "hour" for field in fields):
+                fields.append({"name": "hour", "type": "int", "nullable": False})
+            sparse.append({"name": f.name, "source": "hour", "transform": _AVAZU_FROM_HOUR[f.name],
+                           "multi_hot": False, "vocab": True})
+            continue
         if schema.dataset == "synthetic" or not has_vocab:
             ftype, vocab = "int", False
         elif f.multi_hot:

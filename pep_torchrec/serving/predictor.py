@@ -34,6 +34,9 @@ _MAX_STRING = 1024  # longer raw values are refused (no vocabulary holds them)
 _MAX_LIST = 1024
 
 
+_AVAZU_EXAMPLE_HOUR = 14102100  # YYMMDDHH: 2014-10-21, 00h, the first hour of the Avazu data
+
+
 class RequestError(ValueError):
     """A bad request; `loc` names where (e.g. ["instances", 3, "C7"]), `kind` is a short type tag."""
 
@@ -151,7 +154,7 @@ class Predictor:
             flat = [item for bag in bags for item in bag]
             if spec["vocab"]:
                 # Raw → the pipeline's string key (missing = ""), then the transform, then the vocabulary.
-                strings = [apply_transform(spec["transform"], "" if v is None else str(v)) for v in flat]
+                strings = self._transform(spec, bags)
                 table = self._vocab_dicts[name]
                 if table is not None:  # unknown → OOV, as `Vocabulary.lookup`
                     ids = np.fromiter((table.get(v, OOV_ID) for v in strings), np.int64, len(strings))
@@ -175,6 +178,19 @@ class Predictor:
                     dense[i, j] = 0.0 if v is None else float(v)
         return torch.from_numpy(dense), kjt
 
+    @staticmethod
+    def _transform(spec: Mapping[str, Any], bags: list[list[Any]]) -> list[str]:
+        """Vocabulary keys of every value, in order; a value the transform rejects (e.g. an Avazu
+        `hour` that is not a date) is the client's error, named by its field."""
+        out = []
+        for i, bag in enumerate(bags):
+            for v in bag:
+                try:
+                    out.append(apply_transform(spec["transform"], "" if v is None else str(v)))
+                except ValueError as e:
+                    raise RequestError(["instances", i, spec["source"]], str(e)) from None
+        return out
+
     # ---- scoring -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -191,6 +207,9 @@ class Predictor:
         for name, spec in self.fields.items():
             out[name] = {"int": 1, "string": "", "string_list": [], "int_list": [], "number": 0.0}[spec["type"]]
         for spec in self.sparse:
+            if spec["transform"].startswith("avazu_"):
+                out[spec["source"]] = _AVAZU_EXAMPLE_HOUR
+                continue
             vocab = self.artifact.vocab.get(spec["name"])
             if vocab is not None and len(vocab.values) and spec["transform"] == "none":
                 value = vocab.values[0].as_py()
