@@ -131,7 +131,7 @@ def service_load(artifact: Path, instance: dict, *, clients: int, seconds: float
 
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pep_torchrec.serving.app", "--artifact", str(artifact),
+    proc = subprocess.Popen([sys.executable, "-m", "pep_torchrec.cli", "serve", "--artifact", str(artifact),
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                             cwd=REPO, env=env)
     base = f"http://127.0.0.1:{port}"
