@@ -26,7 +26,8 @@ from pep_torchrec.export.format import ArtifactError, compress_table, decode_tab
 from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.metrics import roc_auc
 from pep_torchrec.modules.pep_embedding_modules import GRANULARITIES
-from pep_torchrec.pruning import write_arrays
+from pep_torchrec.ops import margins
+from pep_torchrec.pruning import select_mask, write_arrays
 
 SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 
@@ -141,6 +142,32 @@ def test_round_trip_and_exactness_per_granularity(tmp_path, synthetic_data, gran
         assert torch.equal(decoded, tables[spec["name"]])
     ref, got, _ = reference_scores(converter, artifact)
     assert (ref - got).abs().max().item() <= 1e-6
+
+
+def test_search_export_of_an_aligned_mask_keeps_each_rows_best_elements(tmp_path, synthetic_data):
+    """An aligned mask moves a row's kept elements to shared columns (for retraining); exporting the
+    search snapshot keeps the same count per row at the row's largest margins, i.e. exactly what the
+    element-wise mask of the same selection keeps."""
+    run = make_run(tmp_path, synthetic_data, stage="search", granularity="feature_dim")
+    model, _ = ArtifactConverter(run, budget=0.3).load_model()
+    ebc, dim = model.model.ebc, 8
+    scores = {name: [(0, 0, margins(bag.weight.detach(), dim=dim, mode=ebc.mode, gk=ebc.gk))]
+              for name, bag in ebc._embedding_bag_collection.embedding_bags.items()}
+    order = list(scores)
+    k = sum(s.numel() for (_, _, s), in scores.values()) // 5
+    shapes = {t: tuple(s.shape) for t, ((_, _, s),) in scores.items()}
+    tables = {}
+    for layout in ("elementwise", "aligned"):
+        keep = select_mask(scores, k, order, dim=dim, min_row=1, layout=layout)
+        mask_dir = tmp_path / layout
+        write_arrays(mask_dir, shapes, np.bool_, keep, {"kind": "mask", "layout": layout, "kept": k, "step": 10,
+                                                        "dim": dim, "tables": {t: {"rows": s[0]} for t, s in shapes.items()}},
+                     rank=0)
+        tables[layout], _, _ = ArtifactConverter(run, mask=mask_dir).pruned_tables()
+    for name in order:
+        assert torch.equal(tables["aligned"][name], tables["elementwise"][name]), name
+    aligned_rows = sum(int((np.load(tmp_path / "aligned" / f"{t}.npy").sum(1) > 0).sum()) for t in order)
+    assert aligned_rows == sum(int((t != 0).any(1).sum()) for t in tables["aligned"].values())
 
 
 @pytest.mark.parametrize("stage,model", [("retrain", "fm"), ("baseline", "dlrm")])

@@ -10,6 +10,9 @@ What is exported (v̂ = what the trained model pools; everything else is zero an
   nearest later one, else the best), thresholds applied with that checkpoint's gk, restricted to the
   mask: v̂ = sign(v)·relu(|v| − gk·σ(s)) · mask. At most `budget` elements stay (exactly the budget
   where every masked element is still above its threshold; fewer where the threshold has passed some).
+  An `aligned` mask (pep.mask_layout, made for retraining) has moved each row's kept elements to
+  shared columns; the snapshot itself keeps each row's same count at its largest margins, which is
+  what is exported (the same row sizes, so the same total).
 - retrain run: its best checkpoint (selected on valid), v̂ = v · m (thresholds off), m its own mask.
 - baseline run: its best checkpoint, v̂ = v (· the `--mask` if one is given, e.g. magnitude pruning).
 
@@ -52,7 +55,7 @@ from pep_torchrec.export.format import (
     write_artifact,
 )
 from pep_torchrec.models.base import LINEAR_TABLE_PREFIX
-from pep_torchrec.ops import threshold
+from pep_torchrec.ops import margins, threshold
 from pep_torchrec.pruning import budget_tag, open_array, read_meta
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,14 @@ _LINEAR_PREFIX = "model.linear_ebc."
 
 
 _AVAZU_FROM_HOUR = {"hour_of_day": "avazu_hour_of_day", "weekday": "avazu_weekday"}
+
+
+def _top_per_row(scores_RD: torch.Tensor, counts_R: torch.Tensor) -> torch.Tensor:
+    """bool [R, D]: row r's `counts_R[r]` largest scores (ties: lower column first), as the search's
+    element-wise selection keeps them."""
+    order = torch.sort(scores_RD, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores_RD.shape[1]).expand_as(order).contiguous())
+    return rank < counts_R.unsqueeze(1)
 
 
 def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
@@ -364,7 +375,11 @@ class ArtifactConverter:
                 else:
                     chunk = rows.float()
                 if mask is not None:
-                    chunk = chunk * torch.from_numpy(np.array(mask[start:start + _CHUNK_ROWS], dtype=np.float32))
+                    keep = torch.from_numpy(np.array(mask[start:start + _CHUNK_ROWS]))
+                    if source.stage == "search" and (source.mask_meta or {}).get("layout") == "aligned":
+                        score = margins(rows, dim=dim, mode=ebc.mode, gk=ebc.gk, coarse_s=ebc.coarse_s(name))
+                        keep = _top_per_row(score, keep.sum(1))
+                    chunk = chunk * keep.to(chunk.dtype)
                 table[start:start + _CHUNK_ROWS] = chunk
             out[name] = table
         return out, source, {k: v for k, v in model.state_dict().items()}
