@@ -1,8 +1,9 @@
 """Serving benchmarks: artifact size, compact pooled lookup throughput, service QPS / latency.
 
-    .venv/bin/python -m benchmarks.serving --run-dir runs/ml_search [--quick]
+    .venv/bin/python -m benchmarks.serving --run-dir runs/ml_search [--retrain-runs R1,R2] [--quick]
 
-1. Artifact bytes vs dense fp32 for every mask of a search run (RUN/masks/budget_*) × fp32/fp16/int8:
+1. Artifact bytes vs dense fp32 for every mask of a search run (RUN/masks/budget_*) and every given
+   retrain run × fp32/fp16/int8:
    `total_bytes` (the embedding tables) / `dense_fp32_bytes`, and `artifact_bytes` (every file).
 2. Pooled lookup throughput (1 thread): `CompactEmbeddingBag` (fused kernel, and its torch path) vs a
    dense `nn.EmbeddingBag` over the same ids, D = 16/32/64, 5% of the elements kept uniformly at
@@ -33,16 +34,25 @@ import torch
 from benchmarks.common import REPO, machine_info, markdown_table, write_results
 
 
-def artifact_sizes(run_dir: Path, out: Path) -> list[dict]:
+def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> list[dict]:
+    """Every budget of a search run (the snapshot thresholded: at most the budget stays) and every
+    given retrain run (v · m: exactly its mask's count), × fp32/fp16/int8."""
     from pep_torchrec.export.converter import ArtifactConverter
+    from pep_torchrec.pruning import read_meta
 
+    sources = [(f"search {mask.name}", float(mask.name.removeprefix("budget_")),
+                ArtifactConverter(run_dir, budget=float(mask.name.removeprefix("budget_"))))
+               for mask in sorted((run_dir / "masks").glob("budget_*"))]
+    for run in retrain_runs:
+        converter = ArtifactConverter(run)
+        budget = float(read_meta(converter.load_model()[1].mask_dir)["budget"])
+        sources.append((f"retrain {run.name}", budget, converter))
     rows = []
-    for mask in sorted((run_dir / "masks").glob("budget_*")):
-        budget = float(mask.name.removeprefix("budget_"))
-        converter = ArtifactConverter(run_dir, budget=budget)
+    for i, (source, budget, converter) in enumerate(sources):
         for dtype in ("fp32", "fp16", "int8"):
-            m = converter.convert(out / f"{mask.name}_{dtype}", dtype=dtype)
-            rows.append({"budget": budget, "dtype": dtype, "kept_params": m["kept_params"],
+            m = converter.convert(out / f"sizes_{i}_{dtype}", dtype=dtype)
+            rows.append({"source": source, "budget": budget, "dtype": dtype, "kept_params": m["kept_params"],
+                         "kept_pct": 100 * m["kept_params"] / m["dense_fp32_bytes"] * 4,
                          "total_bytes": m["total_bytes"], "dense_fp32_bytes": m["dense_fp32_bytes"],
                          "ratio_pct": 100 * m["total_bytes"] / m["dense_fp32_bytes"],
                          "artifact_bytes": m["artifact_bytes"], "checkpoint_step": m["source"]["step"]})
@@ -185,13 +195,15 @@ def service_load(artifact: Path, instance: dict, *, clients: int, seconds: float
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="a finished search run with masks/budget_*")
+    parser.add_argument("--retrain-runs", default="",
+                        help="comma-separated retrain runs whose artifacts' sizes are measured too (exactly their mask kept)")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     quick = args.quick
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        sizes = artifact_sizes(run_dir, out)
+        sizes = artifact_sizes(run_dir, out, [Path(r) for r in args.retrain_runs.split(",") if r])
         lookups = lookup_throughput(200_000 if quick else 1_000_000, [16, 32, 64], 0.05, 2048, 8,
                                     5 if quick else 41)
         from pep_torchrec.export.converter import ArtifactConverter
@@ -214,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# Serving benchmarks", "", f"Run: `{run_dir}`; machine: {payload['machine']['host_cpu']}, "
           f"{payload['machine']['cpu_count']} cores; {payload['machine']['date']}", "",
           "## Artifact size (embedding tables vs the same tables dense fp32)", "",
-          markdown_table(sizes, [("budget", "budget", "g"), ("dtype", "dtype", ""), ("kept_params", "kept", ","),
+          "A search snapshot is exported thresholded (at most the budget stays: floor elements below their",
+          "threshold are zero); a retrain run keeps exactly its mask.", "",
+          markdown_table(sizes, [("source", "source", ""), ("budget", "budget", "g"), ("dtype", "dtype", ""),
+                                 ("kept_params", "kept", ","), ("kept_pct", "kept % of params", ".2f"),
                                  ("total_bytes", "tables B", ","), ("dense_fp32_bytes", "dense fp32 B", ","),
                                  ("ratio_pct", "% of dense", ".2f"), ("artifact_bytes", "all files B", ",")]),
           "", "## Pooled lookup, 1 thread, 5% kept (uniform), bags of 8 ids", "",

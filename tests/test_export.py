@@ -196,6 +196,34 @@ def test_dtypes_auc_and_sizes(tmp_path, ml100k_data):
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"] < 0.08
 
 
+@pytest.mark.parametrize("dim", [64, 300])  # 300: int16 columns
+def test_prefix_columns_store_aligned_rows_without_column_indices(dim):
+    """Rows that keep a prefix of one column order (aligned masks) store lengths + the order only."""
+    gen = torch.Generator().manual_seed(dim)
+    order = torch.randperm(dim, generator=gen)
+    lengths = torch.randint(0, 4, (500,), generator=gen)
+    keep = torch.zeros(500, dim, dtype=torch.bool)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(dim)
+    keep[:] = rank.unsqueeze(0) < lengths.unsqueeze(1)
+    table = torch.randn(500, dim, generator=gen) * keep
+    compact = compress_table(table, "fp32")
+    tensors, encoding = encode_table("t", compact)
+    assert encoding["cols"] == "prefix" and "t.cols" not in tensors
+    spec = {"num_embeddings": 500, "embedding_dim": dim, "kept_rows": compact.kept_rows,
+            "kept_params": compact.kept_params, "encoding": encoding}
+    decoded = decode_table("t", tensors, spec, "fp32", "test")
+    assert torch.equal(decoded.to_dense(), table) and torch.equal(decoded.cols, compact.cols)
+    # One row off the common order: back to per-element columns.
+    off = table.clone()
+    off[0] = 0
+    off[0, order[-1]] = 1.0
+    assert encode_table("t", compress_table(off, "fp32"))[1]["cols"] != "prefix"
+    bad = dict(tensors, **{"t.colorder": torch.zeros_like(tensors["t.colorder"])})
+    with pytest.raises(ArtifactError, match="permutation"):
+        decode_table("t", bad, spec, "fp32", "test")
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
 @pytest.mark.parametrize("dim", [3, 8, 40])
 def test_compact_lookup_matches_dense(dtype, dim):

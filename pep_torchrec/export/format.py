@@ -21,6 +21,9 @@ pieces are stored in the smallest of two forms each (the choice is in `encoding`
                             their cumulative sum: int32 offsets would cost more than int8 values),
                             t.cols uint8/int16 [K] column of each kept element, ascending per row
                   "bitmap": t.colmask uint8 [R_k, ceil(D/8)], bit d set ⇔ column d is kept
+                  "prefix": t.lengths as in "index", t.colorder uint8/int16 [D] a column order:
+                            row r keeps the first lengths[r] columns of it (the masks of
+                            `pep.mask_layout: aligned`), so no per-element column is stored
     values        t.values [K] float32 / float16 / int8, row-major over the kept elements
     exponents     t.exponents int8 [R_k] (int8 only): value = int8 · 2^exponent, a per-row power-of-two
                   scale (as OCP MX's E8M0 block scales): 1 byte per row instead of 2-4, and at the
@@ -159,6 +162,27 @@ def _pack_bits(mask: np.ndarray) -> np.ndarray:
     return np.packbits(mask.astype(bool), axis=-1, bitorder="little")
 
 
+def _prefix_order(table: CompactTable) -> torch.Tensor | None:
+    """A column order of which every kept row keeps a prefix (most kept columns first, ties by
+    index), or None. A row of k distinct columns all ranked < k keeps exactly the first k."""
+    if table.kept_params == 0:
+        return None
+    order = torch.sort(torch.bincount(table.cols, minlength=table.embedding_dim), descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    owner_length = torch.repeat_interleave(table.lengths, table.lengths)
+    return order if bool((rank.index_select(0, table.cols) < owner_length).all()) else None
+
+
+def _prefix_cols(order: torch.Tensor, lengths: torch.Tensor, chunk_rows: int = 1 << 16) -> torch.Tensor:
+    """Columns (ascending per row) of rows keeping the first `lengths[r]` columns of `order`."""
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    parts = [torch.nonzero(rank.unsqueeze(0) < lengths[i:i + chunk_rows].unsqueeze(1))[:, 1]
+             for i in range(0, lengths.numel(), chunk_rows)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
 def encode_table(name: str, table: CompactTable) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to store for `table` under `name.*`, each piece in its smaller form, and the encoding."""
     num_rows, dim = table.num_embeddings, table.embedding_dim
@@ -173,11 +197,17 @@ def encode_table(name: str, table: CompactTable) -> tuple[dict[str, torch.Tensor
     else:
         tensors[f"{name}.rows"] = table.row_ids.to(torch.int32)
         encoding["rows"] = "ids"
-    # Columns: index costs K + R_k (uint8), a bitmap R_k·ceil(D/8).
+    # Columns: index costs K + R_k (uint8), a bitmap R_k·ceil(D/8), a prefix order R_k + D.
     small = _small_int(dim)
-    index_bytes = (table.kept_params + table.kept_rows) * torch.tensor([], dtype=small).element_size()
+    width = torch.tensor([], dtype=small).element_size()
+    index_bytes = (table.kept_params + table.kept_rows) * width
     bitmap_bytes = table.kept_rows * ((dim + 7) // 8)
-    if index_bytes <= bitmap_bytes:
+    order = _prefix_order(table)
+    if order is not None and (table.kept_rows + dim) * width <= min(index_bytes, bitmap_bytes):
+        tensors[f"{name}.lengths"] = table.lengths.to(small)
+        tensors[f"{name}.colorder"] = order.to(small)
+        encoding["cols"] = "prefix"
+    elif index_bytes <= bitmap_bytes:
         tensors[f"{name}.lengths"] = table.lengths.to(small)
         tensors[f"{name}.cols"] = table.cols.to(small)
         encoding["cols"] = "index"
@@ -241,6 +271,15 @@ def decode_table(name: str, tensors: dict[str, torch.Tensor], spec: dict[str, An
             starts = torch.zeros(kept_params, dtype=torch.bool)
             starts[torch.cumsum(lengths, 0)[:-1]] = True
             _check(bool(((cols[1:] > cols[:-1]) | starts[1:]).all()), where, "columns not ascending within a row")
+    elif encoding["cols"] == "prefix":
+        lengths = _need(tensors, f"{name}.lengths", where).long()
+        order = _need(tensors, f"{name}.colorder", where).long()
+        _check(tuple(lengths.shape) == (kept_rows,), where, f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)")
+        _check(tuple(order.shape) == (dim,) and torch.equal(torch.sort(order).values, torch.arange(dim)), where,
+               f"colorder is not a permutation of the {dim} columns")
+        _check(kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()), where, "row lengths outside [1, D]")
+        _check(int(lengths.sum()) == kept_params, where, "row lengths do not sum to kept_params")
+        cols = _prefix_cols(order, lengths)
     elif encoding["cols"] == "bitmap":
         colmask = _need(tensors, f"{name}.colmask", where)
         _check(colmask.dtype == torch.uint8 and tuple(colmask.shape) == (kept_rows, (dim + 7) // 8), where,
