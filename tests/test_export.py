@@ -109,10 +109,10 @@ def reference_scores(converter: ArtifactConverter, artifact, split: str = "test"
     with torch.no_grad():
         if source.mask_dir is not None:
             for c in converter.train_tables():
-                m = torch.from_numpy(np.load(source.mask_dir / f"{c.name}.npy")).float()
                 stored = ebc._embedding_bag_collection.embedding_bags[c.name].weight if hasattr(ebc, "mode") \
                     else ebc.embedding_bags[c.name].weight
-                stored[:, : c.embedding_dim] *= m
+                mask = np.load(source.mask_dir / f"{c.name}.npy")
+                stored[:, : c.embedding_dim] *= converter.export_mask(ebc, source, c.name, mask, 0, stored).float()
     loader = ParquetBatchLoader(converter.cfg.data.path, split, batch_size=1024, prefetch=0)
     ref, got, labels = [], [], []
     with torch.no_grad():

@@ -375,14 +375,22 @@ class ArtifactConverter:
                 else:
                     chunk = rows.float()
                 if mask is not None:
-                    keep = torch.from_numpy(np.array(mask[start:start + _CHUNK_ROWS]))
-                    if source.stage == "search" and (source.mask_meta or {}).get("layout") == "aligned":
-                        score = margins(rows, dim=dim, mode=ebc.mode, gk=ebc.gk, coarse_s=ebc.coarse_s(name))
-                        keep = _top_per_row(score, keep.sum(1))
-                    chunk = chunk * keep.to(chunk.dtype)
+                    chunk = chunk * self.export_mask(ebc, source, name, mask, start, rows).to(chunk.dtype)
                 table[start:start + _CHUNK_ROWS] = chunk
             out[name] = table
         return out, source, {k: v for k, v in model.state_dict().items()}
+
+    @staticmethod
+    def export_mask(ebc: torch.nn.Module, source: ExportSource, name: str, mask: np.ndarray, start: int,
+                    rows: torch.Tensor) -> torch.Tensor:
+        """bool [N, D]: which elements of stored rows [start, start + N) of `name` the artifact keeps.
+        The mask's own, except for a search snapshot with an aligned mask (moved to shared columns
+        for retraining): there each row keeps its same count at its largest margins."""
+        keep = torch.from_numpy(np.array(mask[start:start + rows.shape[0]]))
+        if source.stage == "search" and (source.mask_meta or {}).get("layout") == "aligned":
+            score = margins(rows, dim=keep.shape[1], mode=ebc.mode, gk=ebc.gk, coarse_s=ebc.coarse_s(name))
+            keep = _top_per_row(score, keep.sum(1))
+        return keep
 
     def _dense_tensors(self, model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Every non-embedding tensor of the CTR model (keys relative to it), fp32; FM's first-order
