@@ -28,6 +28,7 @@ from pep_torchrec.distributed.pep_embeddingbag import pep_modules
 from pep_torchrec.distributed.state import local_pieces
 from pep_torchrec.pruning import (
     MASK_LAYOUTS,
+    affordable_floor,
     budget_count,
     budget_tag,
     kth_largest,
@@ -120,7 +121,7 @@ class PEPStage:
     def snapshot(self, budget: float, count: int, *, step: int, valid_auc: float, kept_now: int) -> dict[str, Any]:
         """Save the mask keeping exactly `count` elements, ranked by margin."""
         margins = {t: list(self.module.local_margins(t)) for t in self.table_order}
-        min_row = min(self.cfg.min_row_dims, count // self.rows)  # the floor a budget can afford
+        min_row = affordable_floor(self.cfg.min_row_dims, count, self.rows)
         keep = select_mask(margins, count, self.table_order, dim=self.dim, min_row=min_row,
                            max_row=self.cfg.max_row_dims, layout=self.cfg.mask_layout)
         kept_by_table = torch.tensor([sum(int(m.sum()) for _, _, m in keep[t]) for t in self.table_order])

@@ -26,7 +26,14 @@ import yaml
 from pep_torchrec.config import ConfigError, load_config
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.models import embedding_tables
-from pep_torchrec.pruning import MASK_LAYOUTS, budget_count, budget_tag, select_mask, write_arrays
+from pep_torchrec.pruning import (
+    MASK_LAYOUTS,
+    affordable_floor,
+    budget_count,
+    budget_tag,
+    select_mask,
+    write_arrays,
+)
 
 # Where a baseline run's embedding tables live in its checkpoint (DMP(TrainModel(model)).state_dict()).
 TABLE_KEY = "model.ebc.embedding_bags.{table}.weight"
@@ -72,7 +79,7 @@ def magnitude_masks(run_dir: Path, budgets: list[float], out: Path, *, layout: s
     results = []
     for budget in budgets:
         count = budget_count(budget, total)
-        min_row = min(min_row_dims, count // sum(tables.values()))  # the floor a budget can afford
+        min_row = affordable_floor(min_row_dims, count, sum(tables.values()))
         try:
             keep = select_mask(scores, count, list(tables), dim=dim, min_row=min_row, max_row=max_row_dims,
                                layout=layout)

@@ -160,14 +160,16 @@ def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Seq
 MASK_LAYOUTS = ("elementwise", "aligned")
 
 
-def top_per_row(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """bool [R, C]: each row's `n` largest scores (ties: lower column first)."""
-    if n <= 0:
-        return torch.zeros_like(scores, dtype=torch.bool)
-    if n >= scores.shape[1]:
-        return torch.ones_like(scores, dtype=torch.bool)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+def top_per_row(scores: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """bool [R, C]: each row's `n` (or `n[r]`) largest scores (ties: lower column first)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+    return rank < (n.unsqueeze(1) if isinstance(n, torch.Tensor) else n)
+
+
+def affordable_floor(min_row_dims: int, count: int, rows: int) -> int:
+    """The per-row floor a budget of `count` elements over `rows` rows can give: min(floor, count // rows)."""
+    return min(min_row_dims, count // rows)
 
 
 def align_rows(keep: Mapping[str, Sequence[Piece]], dim: int) -> dict[str, list[Piece]]:

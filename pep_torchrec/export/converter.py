@@ -56,7 +56,7 @@ from pep_torchrec.export.format import (
 )
 from pep_torchrec.models.base import LINEAR_TABLE_PREFIX
 from pep_torchrec.ops import margins, threshold
-from pep_torchrec.pruning import budget_tag, open_array, read_meta
+from pep_torchrec.pruning import budget_tag, open_array, read_meta, top_per_row
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,6 @@ _LINEAR_PREFIX = "model.linear_ebc."
 
 
 _AVAZU_FROM_HOUR = {"hour_of_day": "avazu_hour_of_day", "weekday": "avazu_weekday"}
-
-
-def _top_per_row(scores_RD: torch.Tensor, counts_R: torch.Tensor) -> torch.Tensor:
-    """bool [R, D]: row r's `counts_R[r]` largest scores (ties: lower column first), as the search's
-    element-wise selection keeps them."""
-    order = torch.sort(scores_RD, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores_RD.shape[1]).expand_as(order).contiguous())
-    return rank < counts_R.unsqueeze(1)
 
 
 def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
@@ -389,7 +381,7 @@ class ArtifactConverter:
         keep = torch.from_numpy(np.array(mask[start:start + rows.shape[0]]))
         if source.stage == "search" and (source.mask_meta or {}).get("layout") == "aligned":
             score = margins(rows, dim=keep.shape[1], mode=ebc.mode, gk=ebc.gk, coarse_s=ebc.coarse_s(name))
-            keep = _top_per_row(score, keep.sum(1))
+            keep = top_per_row(score, keep.sum(1))
         return keep
 
     def _dense_tensors(self, model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
