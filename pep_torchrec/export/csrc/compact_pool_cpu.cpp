@@ -86,6 +86,22 @@ inline float pow2(int e) {
   return out;
 }
 
+// Validate first (vectorised, ~0.2 ns per id), so that the pooling loops have no range checks.
+// Returns -1 (valid), -2 (offsets not [0, ..., N] non-decreasing) or the first id outside [0, R).
+int64_t check_inputs(int64_t num_rows, const int64_t* ids, int64_t num_ids, const int64_t* offsets,
+                     int64_t num_bags) {
+  if (offsets[0] != 0 || offsets[num_bags] != num_ids) return -2;
+  for (int64_t b = 0; b < num_bags; ++b)
+    if (offsets[b + 1] < offsets[b]) return -2;
+  uint64_t worst = 0;
+  for (int64_t n = 0; n < num_ids; ++n) worst = uint64_t(ids[n]) > worst ? uint64_t(ids[n]) : worst;
+  if (worst >= uint64_t(num_rows)) {
+    for (int64_t n = 0; n < num_ids; ++n)
+      if (uint64_t(ids[n]) >= uint64_t(num_rows)) return n;
+  }
+  return -1;
+}
+
 template <typename V, typename C>
 inline void add_row(const unsigned char* blob, int64_t p, float w, int quantized, const float* psw, float* o) {
   const int64_t length = p & kLengthMask;
@@ -104,16 +120,8 @@ template <typename V, typename C>
 int64_t pool(const int64_t* packed, int64_t num_rows, const int64_t* ids, int64_t num_ids, const int64_t* offsets,
              int64_t num_bags, int64_t dim, const unsigned char* blob, int quantized, const float* psw,
              int mean, float* out, int threads) {
-  // Validate first (vectorised, ~0.2 ns per id), so that the pooling loop has no range checks.
-  if (offsets[0] != 0 || offsets[num_bags] != num_ids) return -2;
-  for (int64_t b = 0; b < num_bags; ++b)
-    if (offsets[b + 1] < offsets[b]) return -2;
-  uint64_t worst = 0;
-  for (int64_t n = 0; n < num_ids; ++n) worst = uint64_t(ids[n]) > worst ? uint64_t(ids[n]) : worst;
-  if (worst >= uint64_t(num_rows)) {
-    for (int64_t n = 0; n < num_ids; ++n)
-      if (uint64_t(ids[n]) >= uint64_t(num_rows)) return n;
-  }
+  const int64_t bad = check_inputs(num_rows, ids, num_ids, offsets, num_bags);
+  if (bad != -1) return bad;
   const int64_t last = num_ids - 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && num_bags >= 64)
   for (int64_t b = 0; b < num_bags; ++b) {
@@ -138,15 +146,8 @@ template <typename V>
 int64_t pool_slots(const unsigned char* data, int64_t slot_bytes, int64_t value_offset, int64_t num_rows,
                    const int64_t* ids, int64_t num_ids, const int64_t* offsets, int64_t num_bags, int64_t dim,
                    int quantized, const float* psw, int mean, float* out, int threads) {
-  if (offsets[0] != 0 || offsets[num_bags] != num_ids) return -2;
-  for (int64_t b = 0; b < num_bags; ++b)
-    if (offsets[b + 1] < offsets[b]) return -2;
-  uint64_t worst = 0;
-  for (int64_t n = 0; n < num_ids; ++n) worst = uint64_t(ids[n]) > worst ? uint64_t(ids[n]) : worst;
-  if (worst >= uint64_t(num_rows)) {
-    for (int64_t n = 0; n < num_ids; ++n)
-      if (uint64_t(ids[n]) >= uint64_t(num_rows)) return n;
-  }
+  const int64_t bad = check_inputs(num_rows, ids, num_ids, offsets, num_bags);
+  if (bad != -1) return bad;
   const int64_t last = num_ids - 1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && num_bags >= 64)
   for (int64_t b = 0; b < num_bags; ++b) {
