@@ -57,17 +57,22 @@ def _two_rank_select(rank: int, world_size: int, k: int) -> dict:
     return {t: [(r, c, m.numpy()) for r, c, m in blocks] for t, blocks in keep.items()}
 
 
-def test_two_ranks_select_the_same_elements_as_one():
-    full = scores()
-    k = sum(int((t > 0.25).sum()) for t in full.values()) + 17
-    single = select_top_k({t: [(0, 0, s)] for t, s in full.items()}, k, ORDER)
-    results = run_on_ranks(_two_rank_select, 2, k)
+def _assert_ranks_assemble_to(results: list[dict], single: dict, full: dict[str, torch.Tensor]) -> None:
+    """Every rank's (row, col, mask) blocks, put together, equal the single-rank mask of each table."""
     for t in ORDER:
         assembled = np.zeros(tuple(full[t].shape), dtype=bool)
         for result in results:
             for r, c, m in result.get(t, []):
                 assembled[r : r + m.shape[0], c : c + m.shape[1]] = m
         np.testing.assert_array_equal(assembled, single[t][0][2].numpy(), err_msg=t)
+
+
+def test_two_ranks_select_the_same_elements_as_one():
+    full = scores()
+    k = sum(int((t > 0.25).sum()) for t in full.values()) + 17
+    single = select_top_k({t: [(0, 0, s)] for t, s in full.items()}, k, ORDER)
+    results = run_on_ranks(_two_rank_select, 2, k)
+    _assert_ranks_assemble_to(results, single, full)
 
 
 def _rules_scores() -> dict[str, torch.Tensor]:
@@ -128,12 +133,7 @@ def test_two_ranks_apply_row_rules_like_one():
     single = select_mask({t: [(0, 0, s)] for t, s in full.items()}, 170, ORDER, dim=8, min_row=2, max_row=6,
                          layout="aligned")
     results = run_on_ranks(_two_rank_rules, 2, 170)
-    for t in ORDER:
-        assembled = np.zeros(tuple(full[t].shape), dtype=bool)
-        for result in results:
-            for r, c, m in result.get(t, []):
-                assembled[r : r + m.shape[0], c : c + m.shape[1]] = m
-        np.testing.assert_array_equal(assembled, single[t][0][2].numpy(), err_msg=t)
+    _assert_ranks_assemble_to(results, single, full)
 
 
 def test_write_arrays_is_atomic_and_complete(tmp_path):
