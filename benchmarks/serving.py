@@ -45,8 +45,7 @@ def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> l
                for mask in sorted((run_dir / "masks").glob("budget_*"))]
     for run in retrain_runs:
         converter = ArtifactConverter(run)
-        budget = float(read_meta(converter.load_model()[1].mask_dir)["budget"])
-        sources.append((f"retrain {run.name}", budget, converter))
+        sources.append((f"retrain {run.name}", float(read_meta(converter.cfg.pep.mask)["budget"]), converter))
     rows = []
     for i, (source, budget, converter) in enumerate(sources):
         for dtype in ("fp32", "fp16", "int8"):
