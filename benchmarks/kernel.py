@@ -5,18 +5,20 @@ forward+backward, in ms and in GB/s against the machine's measured copy bandwidt
 
 Legend: N = gathered rows, B = bags, D = embedding dim, W = stored row width.
 
-Per case (mode, D, B, pooling factor P = ids per bag, N = B·P) both implementations run
-interleaved (the order alternates every repeat: this is a shared machine), and a time is the median
+Per case (mode, D, B, pooling factor P = ids per bag, N = B·P) the implementations run
+interleaved (the order rotates every repeat: this is a shared machine), and a time is the median
 over repeats. Bytes counted are the compulsory traffic of a fused kernel:
     forward   read rows N·W + offsets + weights, write pooled B·D
     backward  read grad B·D + rows N·W (+ weights), write grad rows N·W (+ grad weights)
-so GB/s = those bytes / time, and `of_copy` = GB/s / the bandwidth of `torch.clone` of a 256 MiB
-buffer (read + write counted), measured in the same process. A memory-bound kernel near 1.0 is
-done; the reference makes several passes over [N, D] temporaries, hence its lower numbers.
+so GB/s = those bytes / time, and `of_copy` = GB/s / the bandwidth of `dst.copy_(src)` between two
+preallocated 256 MiB buffers (read + write counted, DRAM-bound), measured in the same process. The
+train shape (B 4096 × D 16) fits in cache, so there `of_copy` can pass 1.
 
-`fused` is `pep_torchrec::threshold_pool` with its registered kernel for the device (C++ on CPU,
-Triton on CUDA); `reference` is `threshold_pool_reference`. The fused path is called through the
-op exactly as `threshold_pool` calls it (dispatch and autograd overhead included).
+`fused` is what `threshold_pool` runs in eager mode: the op's kernels for the device (C++ on CPU,
+Triton on CUDA) behind a plain autograd.Function (`library.threshold_pool_fused`); `op` is the same
+kernels through the registered `pep_torchrec::threshold_pool` (the dispatcher path torch.compile
+traces), so `op − fused` is custom_op's Python dispatch cost; `reference` is
+`threshold_pool_reference`. Autograd overhead is included in all three.
 Writes benchmarks/results/<name>.{json,md} (machine, versions, date, config).
 """
 
@@ -48,16 +50,18 @@ def _sync(device: torch.device) -> None:
 
 
 def copy_bandwidth_gbs(device: torch.device, mib: int = 256, repeats: int = 7) -> float:
-    """GB/s of `clone()` of a `mib` MiB float32 buffer (bytes read + written), median of repeats."""
+    """GB/s of `dst.copy_(src)` between two preallocated `mib` MiB float32 buffers (bytes read +
+    written), median of repeats. (Not `clone()`: that also pays the allocation's page faults, which
+    made the CPU figure 4x too low.)"""
     src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src).zero_()  # touched: no page faults inside the timing
     times = []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        dst = src.clone()
+        dst.copy_(src)
         _sync(device)
         times.append(time.perf_counter() - t0)
-        del dst
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
@@ -99,7 +103,8 @@ def _runner(impl: str, case: dict[str, Any], backward: bool) -> Callable[[], Non
                 rows, case["offsets"], dim=case["dim"], mode=mode, gk=1.0, coarse_s=coarse,
                 per_sample_weights=case["psw"], s_decay=1e-5, s_push=0.0,
             )  # fmt: skip
-        return library.threshold_pool_op(
+        entry = library.threshold_pool_op if impl == "op" else library.threshold_pool_fused
+        return entry(
             rows, case["offsets"], coarse, case["psw"], case["dim"], library.MODE_CODES[mode], 1.0,
             False, 1e-5, 0.0,
         )  # fmt: skip
@@ -122,16 +127,19 @@ def _runner(impl: str, case: dict[str, Any], backward: bool) -> Callable[[], Non
     return fwd_bwd
 
 
+IMPLS = ("reference", "fused", "op")
+
+
 def time_case(case: dict[str, Any], device: torch.device, repeats: int, inner: int) -> dict[str, Any]:
-    """Median ms per call of reference / fused, forward and forward+backward, interleaved."""
+    """Median ms per call of reference / fused / op, forward and forward+backward, interleaved."""
     result: dict[str, Any] = {}
     for backward in (False, True):
-        fns = {impl: _runner(impl, case, backward) for impl in ("reference", "fused")}
+        fns = {impl: _runner(impl, case, backward) for impl in IMPLS}
         for fn in fns.values():  # warm-up (JIT / first-call costs)
             fn()
         samples: dict[str, list[float]] = {impl: [] for impl in fns}
         for r in range(repeats):
-            order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+            order = list(fns)[r % len(fns) :] + list(fns)[: r % len(fns)]
             for impl in order:
                 _sync(device)
                 t0 = time.perf_counter()
@@ -145,21 +153,22 @@ def time_case(case: dict[str, Any], device: torch.device, repeats: int, inner: i
             result[f"{impl}_{key}_ms"] = ms
             result[f"{impl}_{key}_gbs"] = _bytes(case, backward) / (ms * 1e-3) / 1e9
         result[f"speedup_{key}"] = result[f"reference_{key}_ms"] / result[f"fused_{key}_ms"]
+        result[f"op_speedup_{key}"] = result[f"reference_{key}_ms"] / result[f"op_{key}_ms"]
     return result
 
 
 def time_group(
-    mode: ThresholdMode, dim: int, num_features: int, num_bags: int, repeats: int, inner: int
-) -> dict[str, Any]:
-    """CPU only: a sharded TBE group as the lookup sees it, F features × B one-id bags in one
-    [B, F·W] buffer; fwd+bwd of the per-feature reference (the lookup's fallback: F
-    `threshold_pool_reference` calls on the blocks) vs `GroupedThresholdPool` (one call)."""
-    from pep_torchrec.ops.threshold_pool_cpu import GroupedThresholdPool
-
+    mode: ThresholdMode, dim: int, num_features: int, num_bags: int, repeats: int, inner: int,
+    device: torch.device | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A sharded TBE group as the lookup sees it, F features × B one-id bags in one [B, F·W]
+    buffer; fwd+bwd of the per-feature reference (F `threshold_pool_reference` calls on the blocks)
+    vs `GroupedThresholdPool` (one call: C++ on CPU, Triton on CUDA); `device` defaults to CPU."""
+    device = device or torch.device("cpu")
     width = row_width(dim, mode)
-    rows_all = (torch.randn(num_bags, num_features * width) * 0.5).requires_grad_()
-    offsets = torch.arange(num_features * num_bags + 1, dtype=torch.int64)
-    bag_offsets = torch.arange(num_bags + 1, dtype=torch.int64)
+    rows_all = (torch.randn(num_bags, num_features * width, device=device) * 0.5).requires_grad_()
+    offsets = torch.arange(num_features * num_bags + 1, dtype=torch.int64, device=device)
+    bag_offsets = torch.arange(num_bags + 1, dtype=torch.int64, device=device)
     code = library.MODE_CODES[mode]
 
     def reference() -> None:
@@ -169,7 +178,7 @@ def time_group(
         rows_all.grad = None
 
     def grouped() -> None:
-        out = GroupedThresholdPool.apply(
+        out = library.GroupedThresholdPool.apply(
             rows_all, offsets, None, num_features, dim, code, 1.0, False, 1e-5, 0.0
         )
         out.backward(torch.ones_like(out))
@@ -181,9 +190,11 @@ def time_group(
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats):
         for impl in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+            _sync(device)
             t0 = time.perf_counter()
             for _ in range(inner):
                 fns[impl]()
+            _sync(device)
             samples[impl].append((time.perf_counter() - t0) / inner * 1e3)
     ref_ms, fused_ms = statistics.median(samples["reference"]), statistics.median(samples["fused"])
     nbytes = 4 * (3 * num_bags * num_features * width + 2 * num_bags * num_features * dim)
@@ -238,18 +249,24 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['reference_fwd_bwd_ms']:.3f} fused {res['fused_fwd_bwd_ms']:.3f} ms "
               f"(x{res['speedup_fwd_bwd']:.2f}, fused {res['fused_fwd_bwd_gbs']:.1f} GB/s)", flush=True)  # fmt: skip
     groups: list[dict[str, Any]] = []
-    if device.type == "cpu" and library.kernel_available(device):
+    if library.group_kernel_available(device, torch.float32):
         for mode in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
-            g = time_group(mode, 16, 26, 4096, repeats, inner)
+            g = time_group(mode, 16, 26, 4096, repeats, inner, device)
             g["fused_fwd_bwd_of_copy"] = g["fused_fwd_bwd_gbs"] / copy_gbs
             groups.append(g)
             print(f"group {mode.value} F=26 B=4096 D=16: fwd+bwd ref {g['reference_fwd_bwd_ms']:.2f} ms, grouped "
                   f"{g['fused_fwd_bwd_ms']:.2f} ms (x{g['speedup_fwd_bwd']:.2f})", flush=True)  # fmt: skip
     speedups = [r["speedup_fwd_bwd"] for r in rows]
+    # The modes `threshold_pool` sends to the fused kernel by default (NONE stays on the reference
+    # on CPU: one id per bag leaves nothing to fuse).
+    fused_default = [r["speedup_fwd_bwd"] for r in rows
+                     if library.default_impl(device, ThresholdMode(r["mode"])) == "fused"]  # fmt: skip
     headline = {
         "copy_gbs": copy_gbs,
         "fwd_bwd_speedup_median": statistics.median(speedups),
         "fwd_bwd_speedup_min": min(speedups),
+        "fwd_bwd_speedup_min_fused_modes": min(fused_default) if fused_default else float("nan"),
+        "op_fwd_bwd_speedup_median": statistics.median(r["op_speedup_fwd_bwd"] for r in rows),
         "kernel_available": library.kernel_available(device),
         "dispatch_default": {m.value: library.default_impl(device, m) for m in ThresholdMode},
     }
@@ -262,16 +279,19 @@ def main(argv: list[str] | None = None) -> int:
         "# threshold_pool kernel: fused vs reference", "",
         f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores, shared), {device}, torch "
         f"{info['versions']['torch']}, threads {info['torch_threads']}, `{info['command']}`.", "",
-        f"Copy bandwidth (clone of 256 MiB, read+write): {copy_gbs:.1f} GB/s. Times are medians of "
-        f"{repeats} interleaved repeats of {inner} calls.", "",
+        f"Copy bandwidth (`copy_` between preallocated 256 MiB buffers, read+write): {copy_gbs:.1f} GB/s. "
+        f"Times are medians of {repeats} interleaved repeats of {inner} calls. `fused`: what "
+        "`threshold_pool` runs in eager mode; `op`: the same kernels through the registered op "
+        "(custom_op dispatch).", "",
         markdown_table(rows, [
             ("mode", "mode", ""), ("dim", "D", "d"), ("bags", "B", "d"), ("pooling", "P", "d"),
             ("weights", "psw", ""), ("reference_fwd_ms", "ref fwd ms", ".3f"), ("fused_fwd_ms", "fused fwd ms", ".3f"),
             ("reference_fwd_bwd_ms", "ref f+b ms", ".3f"), ("fused_fwd_bwd_ms", "fused f+b ms", ".3f"),
-            ("speedup_fwd_bwd", "f+b speedup", ".2f"), ("fused_fwd_bwd_gbs", "fused f+b GB/s", ".1f"),
+            ("speedup_fwd_bwd", "f+b speedup", ".2f"), ("op_fwd_bwd_ms", "op f+b ms", ".3f"),
+            ("op_speedup_fwd_bwd", "op speedup", ".2f"), ("fused_fwd_bwd_gbs", "fused f+b GB/s", ".1f"),
             ("fused_fwd_bwd_of_copy", "of copy", ".2f"), ("reference_fwd_bwd_of_copy", "ref of copy", ".2f"),
         ]), "",
-        "## A sharded TBE group in one call (CPU: `GroupedThresholdPool` vs the per-feature reference)", "",
+        "## A sharded TBE group in one call (`GroupedThresholdPool` vs the per-feature reference)", "",
         markdown_table(groups, [
             ("mode", "mode", ""), ("dim", "D", "d"), ("features", "F", "d"), ("bags", "B", "d"),
             ("reference_fwd_bwd_ms", "ref f+b ms", ".2f"), ("fused_fwd_bwd_ms", "grouped f+b ms", ".2f"),

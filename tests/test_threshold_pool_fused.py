@@ -130,10 +130,16 @@ def _run(fn, rows, offsets, coarse_s, psw, case: Case, mode: ThresholdMode):
     return out.detach(), [None if x is None else x.grad for x in leaves]
 
 
+# The two ways into the CPU kernels: the registered op through the dispatcher (what torch.compile
+# traces) and the eager autograd.Function `threshold_pool` calls.
+ENTRIES = {"op": library.threshold_pool_op, "eager": library.threshold_pool_fused}
+
+
 @needs_cpu_kernel
+@pytest.mark.parametrize("entry", ENTRIES)
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_cpu_kernel_matches_reference(case: Case, mode: ThresholdMode) -> None:
+def test_cpu_kernel_matches_reference(case: Case, mode: ThresholdMode, entry: str) -> None:
     rows, offsets, coarse_s, psw = make_inputs(case.dim, list(case.lengths), mode, case.dtype,
                                                weights=case.weights, row_stride_pad=case.row_stride_pad)  # fmt: skip
     common = dict(
@@ -144,8 +150,8 @@ def test_cpu_kernel_matches_reference(case: Case, mode: ThresholdMode) -> None:
         return threshold_pool_reference(r, o, coarse_s=c, per_sample_weights=w, **common)
 
     def fused(r, o, c, w):
-        return library.threshold_pool_op(r, o, c, w, case.dim, library.MODE_CODES[mode], GK,
-                                         case.pooling == "mean", case.s_decay, case.s_push)  # fmt: skip
+        return ENTRIES[entry](r, o, c, w, case.dim, library.MODE_CODES[mode], GK,
+                              case.pooling == "mean", case.s_decay, case.s_push)  # fmt: skip
 
     ref_out, ref_grads = _run(reference, rows, offsets, coarse_s, psw, case, mode)
     out, grads = _run(fused, rows, offsets, coarse_s, psw, case, mode)
@@ -181,6 +187,33 @@ def test_opcheck() -> None:
         args = (rows, offsets, coarse_s, psw, 5, library.MODE_CODES[mode], GK, True, 0.1, 0.2)
         torch.library.opcheck(library.threshold_pool_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))  # fmt: skip
+
+
+@needs_cpu_kernel
+def test_traced_calls_go_through_the_registered_op() -> None:
+    """Eager `threshold_pool` calls the kernels directly; torch.compile and fake tensors must see the
+    registered op (with its fake implementation) instead, and agree with eager."""
+    rows, offsets, _, psw = make_inputs(6, [2, 0, 3], ThresholdMode.ROW_DIM, torch.float32, weights=True)
+
+    def fn(r):
+        return threshold_pool(r, offsets, dim=6, mode="row_dim", gk=GK, per_sample_weights=psw,
+                              s_decay=0.1, s_push=0.2)  # fmt: skip
+
+    eager_rows = rows.clone().requires_grad_()
+    eager = fn(eager_rows)
+    eager.sum().backward()
+    torch._dynamo.reset()
+    compiled_rows = rows.clone().requires_grad_()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(compiled_rows)
+    compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_rows.grad, eager_rows.grad, rtol=0, atol=0)
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = threshold_pool(mode.from_tensor(rows), mode.from_tensor(offsets), dim=6, mode="row_dim")
+    assert fake.shape == (3, 6) and fake.dtype == torch.float32
 
 
 def test_dispatch_policy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,6 +301,37 @@ _TRITON_SCRIPT = textwrap.dedent(
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{mode} {dim} {lengths}: {m}")
                 if got.numel():
                     worst = max(worst, (got - want).abs().max().item())
+    # Grouped launch (grid (B, F)): a TBE-shaped [N_max, F·W] buffer, feature f's ids in rows
+    # [0, N_f), junk in the padding rows (which must get zero gradient), KJT offsets and weights.
+    for mode, code in MODE_CODES.items():
+        if mode is ThresholdMode.COARSE:
+            continue  # per-table [D] parameters: not grouped
+        for weighted, mean in ((False, False), (True, True)):
+            dim, lengths_F = 6, [[2, 0, 3], [0, 0, 0], [1, 1, 1], [4, 0, 1]]
+            nums = [sum(x) for x in lengths_F]
+            width = row_width(dim, mode)
+            rows_all = torch.randn(max(nums), len(lengths_F) * width, generator=gen)
+            if mode is ThresholdMode.MASK:
+                for f in range(len(lengths_F)):
+                    rows_all[:, f * width + dim:(f + 1) * width] = (torch.rand(max(nums), dim, generator=gen) > 0.4).float()
+            kjt = torch.tensor([0] + torch.tensor(sum(lengths_F, [])).cumsum(0).tolist(), dtype=torch.int64)
+            w = torch.rand(sum(nums), generator=gen) if weighted else None
+            leaf = rows_all.clone().requires_grad_()
+            starts = [0] + torch.tensor(nums).cumsum(0).tolist()
+            ref = torch.cat([
+                threshold_pool_reference(leaf[:nums[f], f * width:(f + 1) * width],
+                                         torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist()),
+                                         dim=dim, mode=mode, gk=0.7,
+                                         per_sample_weights=None if w is None else w[starts[f]:starts[f + 1]],
+                                         pooling="mean" if mean else "sum", s_decay=0.1, s_push=0.2)
+                for f, lens in enumerate(lengths_F)], dim=1)
+            g = torch.randn(ref.shape, generator=gen)
+            ref.backward(g)
+            out = T.forward(rows_all, kjt, None, w, dim, code, 0.7, mean, len(lengths_F))
+            gr, _, _ = T.backward(g, rows_all, kjt, None, w, dim, code, 0.7, mean, 0.1, 0.2, True, False, False, len(lengths_F))
+            for got, want in ((out, ref.detach()), (gr, leaf.grad)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"grouped {mode}: {m}")
+                worst = max(worst, (got - want).abs().max().item())
     print("TRITON_OK", worst)
     """
 )
@@ -275,15 +339,15 @@ _TRITON_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_kernels_interpreted() -> None:
-    """Forward + backward of the Triton kernels vs the reference, all modes (float32, rtol/atol
-    1e-5: float32 math in both, different summation order)."""
+    """Forward + backward of the Triton kernels vs the reference, all modes, single-feature and
+    grouped launches (float32, rtol/atol 1e-5: float32 math in both, different summation order)."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=300, cwd=REPO)  # fmt: skip
     assert proc.returncode == 0 and "TRITON_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
-# ---- the grouped CPU path (all features of a TBE group in one call) ----------------------------
+# ---- the grouped path (all features of a TBE group in one call) --------------------------------
 
 
 @needs_cpu_kernel
@@ -319,7 +383,7 @@ def test_grouped_cpu_matches_per_feature_reference(mode: ThresholdMode, weights:
     ref.backward(grad)
 
     leaf = rows_all.clone().requires_grad_()
-    out = threshold_pool_cpu.GroupedThresholdPool.apply(
+    out = library.GroupedThresholdPool.apply(
         leaf, kjt_offsets, psw, len(lengths_F), dim, library.MODE_CODES[mode], GK, pooling == "mean", 0.3, 0.1
     )
     out.backward(grad)

@@ -21,7 +21,8 @@ How TorchRec builds a sharded EBC, and where we plug in (torchrec 1.8 sources):
 
 The classes below subclass each of those links and change only:
   * the kernel's `forward` (gather rows through the pooled TBE path, then threshold + pool: one
-    fused C++ call for the whole group where the group allows it (`GroupedThresholdPool`), else
+    fused kernel call for the whole group where the group allows it (`GroupedThresholdPool`: C++ on
+    CPU, Triton on CUDA), else
     `threshold_pool` per feature on its block of the TBE output), so the TBE's fused backward
     applies the optimizer to exactly the looked-up rows, v and s together; either way the backward
     costs O(ids · W), not O(features² · N_max · W) (see `_SplitFeatureBlocks`);
@@ -63,7 +64,6 @@ from torchrec.modules.embedding_configs import PoolingMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pep_torchrec.ops import ThresholdMode, library, row_width, threshold_pool
-from pep_torchrec.ops.threshold_pool_cpu import GroupedThresholdPool
 
 # Modes whose stored row carries more than v ([v | s], [v | s | pad], [v | m]): the row must stay
 # whole on one shard, and the pooled output (D columns) is narrower than the stored row (W).
@@ -317,15 +317,12 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         weights: Tensor | None,
         num_features: int,
     ) -> Tensor | None:
-        """All features of the group in one fused call (`GroupedThresholdPool`), or None where that
-        path does not apply: it needs the fused CPU kernel chosen for the mode (`library.default_impl`),
-        one whole-row mode (or NONE), D, W, gk and pressure shared by every table of the group, no
-        coarse thresholds and no gradient for the per-sample weights; otherwise the per-feature path."""
-        if (
-            rows_all.device.type != "cpu"
-            or rows_all.dtype not in (torch.float32, torch.float64)
-            or num_features == 0
-        ):
+        """All features of the group in one fused call (`library.GroupedThresholdPool`: C++ on CPU,
+        Triton on CUDA), or None where that path does not apply: it needs the fused kernel chosen for
+        the mode (`library.default_impl`) and a grouped one for the rows' dtype, one whole-row mode (or
+        NONE), D, W, gk and pressure shared by every table of the group, no coarse thresholds and no
+        gradient for the per-sample weights; otherwise the per-feature path."""
+        if num_features == 0 or not library.group_kernel_available(rows_all.device, rows_all.dtype):
             return None
         if weights is not None and weights.requires_grad:
             return None
@@ -343,7 +340,7 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
             params = (p.gk, p.s_decay, p.s_push)
         assert params is not None
         gk, s_decay, s_push = params
-        return GroupedThresholdPool.apply(
+        return library.GroupedThresholdPool.apply(
             rows_all.contiguous(), offsets, weights, num_features, first.dim, library.MODE_CODES[first.mode],
             float(gk), self._pep_pooling == "mean", float(s_decay), float(s_push),
         )  # fmt: skip

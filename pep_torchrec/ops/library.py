@@ -13,6 +13,11 @@ pressure (`s_decay · s − s_push` on the s columns per row occurrence; on coar
 and the retrain mask (MASK: masked elements and the m columns get zero gradient); gradients the
 caller does not need come back as empty [0] tensors (custom ops cannot return None).
 
+Entry points: `threshold_pool_fused` (what the public `threshold_pool` calls) runs the kernels
+directly behind an autograd.Function in eager mode and goes through the registered op when traced
+(torch.compile, fake tensors); `GroupedThresholdPool` runs every feature of a sharded TBE group in
+one kernel call each way (the sharded lookup's path on both devices).
+
 Kernels: CPU → `threshold_pool_cpu` (float32/float64; half types are upcast), CUDA →
 `threshold_pool_triton` (float32/bf16/fp16, float32 accumulation; float64 goes to the reference).
 Which path the public `threshold_pool` takes is `default_impl` (measured: `benchmarks/kernel.py`);
@@ -31,7 +36,7 @@ import torch
 from torch import Tensor
 
 from pep_torchrec.ops import threshold_pool_cpu
-from pep_torchrec.ops.threshold_pool import ThresholdMode, threshold_pool_reference
+from pep_torchrec.ops.threshold_pool import ThresholdMode, is_traced, threshold_pool_reference
 
 MODE_CODES = {
     ThresholdMode.ROW_DIM: 0,
@@ -310,13 +315,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.args = (dim, mode, gk, mean, s_decay, s_push)
 
 
-def _backward(ctx, grad_pooled):
-    rows, offsets, coarse_s, psw = ctx.saved_tensors
+def _grads_for_inputs(ctx, grads: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor | None, ...]:
+    """The op's (grad rows, grad coarse_s, grad weights), [0] for "not wanted", as autograd wants
+    them: one entry per input of `threshold_pool_op`, None where no gradient flows."""
+    grad_rows, grad_coarse, grad_psw = grads
     need_rows, _, need_coarse, need_weights = ctx.needs_input_grad[:4]
-    grad_rows, grad_coarse, grad_psw = torch.ops.pep_torchrec.threshold_pool_backward(
-        grad_pooled, rows, offsets, coarse_s, psw, *ctx.args,
-        need_rows, need_coarse and coarse_s is not None, need_weights and psw is not None,
-    )  # fmt: skip
+    coarse_s, psw = ctx.saved_tensors[2:4]
     return (
         grad_rows if need_rows else None,
         None,
@@ -326,4 +330,121 @@ def _backward(ctx, grad_pooled):
     )  # fmt: skip
 
 
+def _needs(ctx) -> tuple[bool, bool, bool]:
+    need_rows, _, need_coarse, need_weights = ctx.needs_input_grad[:4]
+    coarse_s, psw = ctx.saved_tensors[2:4]
+    return need_rows, need_coarse and coarse_s is not None, need_weights and psw is not None
+
+
+def _backward(ctx, grad_pooled):
+    rows, offsets, coarse_s, psw = ctx.saved_tensors
+    grads = torch.ops.pep_torchrec.threshold_pool_backward(
+        grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *_needs(ctx)
+    )
+    return _grads_for_inputs(ctx, grads)
+
+
 threshold_pool_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- eager calls --------------------------------------------------------------------------------
+
+
+class _EagerThresholdPool(torch.autograd.Function):
+    """The op's own device kernels (`_fused_forward` / `_fused_backward`, exactly what the registered
+    CPU and CUDA implementations run) behind a plain autograd.Function, for eager calls.
+
+    Why: `torch.library.custom_op`'s Python dispatch (argument normalisation, alias checks, its
+    autograd wrapper, the second op for the backward) costs about 0.2 ms per forward + backward on
+    the CI machine, as much as the C++ kernels themselves at the training shape (4096 one-id bags,
+    D = 16): `benchmarks/kernel.py` times both (columns `fused` and `op`).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push):  # type: ignore[override]
+        _setup_context(ctx, (rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push), None)
+        return _fused_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_pooled):  # type: ignore[override]
+        rows, offsets, coarse_s, psw = ctx.saved_tensors
+        grads = _fused_backward(grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *_needs(ctx))
+        return _grads_for_inputs(ctx, grads)
+
+
+def threshold_pool_fused(
+    rows: Tensor,
+    offsets: Tensor,
+    coarse_s: Tensor | None,
+    per_sample_weights: Tensor | None,
+    dim: int,
+    mode: int,
+    gk: float,
+    mean: bool,
+    s_decay: float,
+    s_push: float,
+) -> Tensor:
+    """`threshold_pool_op`, with the same arguments and results: eager calls go straight to its
+    kernels (`_EagerThresholdPool`), traced ones through the registered op."""
+    args = (rows, offsets, coarse_s, per_sample_weights, dim, mode, gk, mean, s_decay, s_push)
+    if is_traced(rows):
+        return threshold_pool_op(*args)
+    return _EagerThresholdPool.apply(*args)
+
+
+# ---- grouped: all features of one sharded TBE group in one call each way -----------------------
+# Legend: F = features of the group, B = bags per feature, N_max = rows of the TBE output (feature
+# f's N_f ids in rows [0, N_f)), W = stored row width (the same for every feature of the group).
+
+
+def group_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `GroupedThresholdPool` has a kernel for rows of `dtype` on `device`: the C++ one on
+    CPU (float32/float64), the Triton one on CUDA (float32/bf16/fp16)."""
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.float64) and threshold_pool_cpu.available()
+    if device.type == "cuda":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_kernels() is not None
+    return False
+
+
+class GroupedThresholdPool(torch.autograd.Function):
+    """threshold + pool of every feature of a sharded TBE group in one kernel call each way (CPU:
+    C++, CUDA: Triton), reading the TBE output and writing its whole gradient.
+
+    forward(rows_all [N_max, F·W], offsets [F·B + 1] (the KJT's: feature f's ids start at
+    offsets[f·B]), per_sample_weights [sum N_f] | None (the KJT's weights, no gradient), F, D, mode
+    code, gk, mean, s_decay, s_push) → pooled [B, F·D] (float32; float64 for float64 rows on CPU);
+    backward → grad rows_all [N_max, F·W] in rows' dtype, rows past N_f zero. Equal, feature by
+    feature, to `threshold_pool` on `rows_all[:N_f, f·W:(f+1)·W]` (tests/test_threshold_pool_fused.py);
+    COARSE (per-table [D] parameters) is not grouped. Needs `group_kernel_available`.
+    """
+
+    @staticmethod
+    def forward(ctx, rows_all, offsets, psw, num_features, dim, mode, gk, mean, s_decay, s_push):  # type: ignore[override]
+        assert rows_all.stride(1) == 1 or rows_all.shape[1] <= 1, "rows must have unit column stride"
+        offsets = offsets.to(torch.int64).contiguous()
+        acc = _acc_dtype(rows_all.dtype)
+        psw = None if psw is None else psw.to(acc).contiguous()
+        ctx.save_for_backward(rows_all, offsets, psw)
+        ctx.args = (num_features, dim, mode, gk, mean)
+        ctx.pressure = (s_decay, s_push)
+        if rows_all.device.type == "cpu":
+            return threshold_pool_cpu.group_forward(rows_all, offsets, psw, *ctx.args)
+        return triton_kernels().forward(rows_all, offsets, None, psw, dim, mode, gk, mean, num_features)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        rows_all, offsets, psw = ctx.saved_tensors
+        num_features, dim, mode, gk, mean = ctx.args
+        s_decay, s_push = ctx.pressure
+        grad_out = grad_out.to(_acc_dtype(rows_all.dtype)).contiguous()
+        if rows_all.device.type == "cpu":
+            grad_rows = threshold_pool_cpu.group_backward(grad_out, rows_all, offsets, psw, *ctx.args, s_decay, s_push)
+        else:
+            grad_rows, _, _ = triton_kernels().backward(
+                grad_out, rows_all, offsets, None, psw, dim, mode, gk, mean, s_decay, s_push,
+                True, False, False, num_features,
+            )  # fmt: skip
+        return grad_rows, None, None, None, None, None, None, None, None, None

@@ -49,6 +49,7 @@ import enum
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # ROW mode reserves 4 columns after v (s in the first, 3 pad columns) because fbgemm's TBE kernels
 # need row widths divisible by 4; with D divisible by 4, D + 4 stays divisible by 4.
@@ -224,6 +225,16 @@ def margins(
     return abs_v_ND - gk * torch.sigmoid(s.to(dtype))
 
 
+def is_traced(t: Tensor) -> bool:
+    """Whether a call on `t` is being traced (torch.compile, fake tensors, a dispatch mode) rather
+    than run: then there are no values to check, and no pointers to hand a kernel."""
+    return (
+        torch.compiler.is_compiling()
+        or (type(t) is not Tensor and not isinstance(t, torch.nn.Parameter))
+        or _get_current_dispatch_mode() is not None
+    )
+
+
 def _validate(
     rows: Tensor,
     offsets: Tensor,
@@ -243,7 +254,9 @@ def _validate(
     num_rows = rows.shape[0]
     num_bags = offsets.numel() - 1
     offsets = offsets.to(torch.int64)
-    if offsets.device.type == "cpu" and (
+    # Checked on CPU in eager mode only: on an accelerator the check would force a device sync, and
+    # traced (torch.compile, fake tensors) it is a data-dependent branch.
+    if offsets.device.type == "cpu" and not is_traced(offsets) and (
         int(offsets[0]) != 0
         or int(offsets[-1]) != num_rows
         or (num_bags > 0 and bool((offsets[1:] < offsets[:-1]).any()))
@@ -301,7 +314,8 @@ def threshold_pool(
     `repeat_interleave` over the bag lengths. It is vectorised, handles empty bags and mean pooling
     with per-sample weights (which `F.embedding_bag` refuses), and its backward is a gather. On
     CUDA `index_add` uses atomics, so the summation order (last bits) is not deterministic there.
-    Offsets are validated on CPU only (a check on an accelerator would force a device sync).
+    Offsets are validated on CPU in eager mode only (on an accelerator the check would force a
+    device sync; under torch.compile it would be a data-dependent graph break).
     """
     mode, offsets = _validate(rows, offsets, dim, mode, coarse_s, per_sample_weights, pooling)
     from pep_torchrec.ops import library  # the registered op imports this module
@@ -310,7 +324,7 @@ def threshold_pool(
         return _threshold_pool_reference(
             rows, offsets, dim, mode, gk, coarse_s, per_sample_weights, pooling, s_decay, s_push
         )
-    return library.threshold_pool_op(
+    return library.threshold_pool_fused(
         rows, offsets, coarse_s, per_sample_weights, dim, library.MODE_CODES[mode], float(gk),
         pooling == "mean", float(s_decay), float(s_push),
     )  # fmt: skip

@@ -10,7 +10,7 @@ the same kernel built through it took 35-90 s on the 2-core CI machine (the torc
 fresh checkout's test run would pay; the kernels do not need torch's dispatcher on their side,
 because `library.py` registers them as the CPU implementation of the `torch.library` op.
 
-`GroupedThresholdPool` (bottom) runs every feature of a sharded TBE group in one call each way,
+`group_forward` / `group_backward` (bottom) run every feature of a sharded TBE group in one call each way,
 reading the TBE output and writing its gradient in place of per-feature slices (the sharded lookup
 uses it on CPU; per-call Python / dispatch overhead × features was the fused op's main cost at one
 id per bag). Compile flags: `-fno-trapping-math` lets GCC if-convert the branch-free clamps and
@@ -183,53 +183,43 @@ def backward(
 # ---- grouped: all features of one TBE group in one call ----------------------------------------
 # Legend: F = features of the group, B = bags per feature, N_max = rows of the TBE output (feature
 # f's N_f ids in rows [0, N_f)), W = stored row width (the same for every feature of the group).
+# `library.GroupedThresholdPool` is the autograd.Function over these (and over the Triton launchers).
 
 
-class GroupedThresholdPool(torch.autograd.Function):
-    """threshold + pool of every feature of a TBE group in one C++ call each way.
+def group_forward(rows_all: Tensor, offsets: Tensor, psw: Tensor | None, num_features: int, dim: int,
+                  mode: int, gk: float, mean: bool) -> Tensor:  # fmt: skip
+    """pooled [B, F·D] of rows_all [N_max, F·W] (float32/64, unit column stride), offsets [F·B + 1]
+    int64 (a KJT's), psw [sum N_f] (the KJT's weights, rows' dtype) or None."""
+    lib = load()
+    assert lib is not None and rows_all.dtype in _SUFFIX and rows_all.stride(1) == 1
+    width = rows_all.shape[1] // num_features
+    num_bags = (offsets.numel() - 1) // num_features
+    out = torch.empty(num_bags, num_features * dim, dtype=rows_all.dtype)
+    if num_bags > 0 and num_features > 0:
+        getattr(lib, f"pep_threshold_pool_group_fwd_{_SUFFIX[rows_all.dtype]}")(
+            rows_all.data_ptr(), rows_all.stride(0), num_features, width, offsets.data_ptr(), num_bags,
+            dim, mode, gk, _p(psw), int(mean), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        out.zero_()
+    return out
 
-    forward(rows_all [N_max, F·W], offsets [F·B + 1] (the KJT's: feature f's ids start at
-    offsets[f·B]), per_sample_weights [sum N_f] | None (the KJT's weights, no gradient), F, D, mode
-    code, gk, mean, s_decay, s_push) → pooled [B, F·D]; backward → grad rows_all [N_max, F·W], rows
-    past N_f zero. Equal, feature by feature, to `threshold_pool` on `rows_all[:N_f, f·W:(f+1)·W]`
-    (tests/test_threshold_pool_fused.py); COARSE (per-table [D] parameters) is not grouped.
-    """
 
-    @staticmethod
-    def forward(ctx, rows_all, offsets, psw, num_features, dim, mode, gk, mean, s_decay, s_push):  # type: ignore[override]
-        lib = load()
-        assert lib is not None and rows_all.dtype in _SUFFIX and rows_all.stride(1) == 1
-        offsets = offsets.to(torch.int64).contiguous()
-        psw = None if psw is None else psw.to(rows_all.dtype).contiguous()
-        width = rows_all.shape[1] // num_features
-        num_bags = (offsets.numel() - 1) // num_features
-        out = torch.empty(num_bags, num_features * dim, dtype=rows_all.dtype)
-        if num_bags > 0 and num_features > 0:
-            getattr(lib, f"pep_threshold_pool_group_fwd_{_SUFFIX[rows_all.dtype]}")(
-                rows_all.data_ptr(), rows_all.stride(0), num_features, width, offsets.data_ptr(), num_bags,
-                dim, mode, gk, _p(psw), int(mean), out.data_ptr(), torch.get_num_threads(),
-            )  # fmt: skip
-        else:
-            out.zero_()
-        ctx.save_for_backward(rows_all, offsets, psw)
-        ctx.args = (num_features, width, num_bags, dim, mode, gk, mean, s_decay, s_push)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
-        rows_all, offsets, psw = ctx.saved_tensors
-        num_features, width, num_bags, dim, mode, gk, mean, s_decay, s_push = ctx.args
-        lib = load()
-        assert lib is not None
-        grad_out = grad_out.to(rows_all.dtype).contiguous()
-        grad_rows = torch.empty(rows_all.shape, dtype=rows_all.dtype)
-        if num_bags > 0 and num_features > 0:
-            getattr(lib, f"pep_threshold_pool_group_bwd_{_SUFFIX[rows_all.dtype]}")(
-                grad_out.data_ptr(), rows_all.data_ptr(), rows_all.stride(0), rows_all.shape[0], num_features,
-                width, offsets.data_ptr(), num_bags, dim, mode, gk, _p(psw), int(mean), s_decay, s_push,
-                grad_rows.data_ptr(), grad_rows.stride(0), torch.get_num_threads(),
-            )  # fmt: skip
-        else:
-            grad_rows.zero_()
-        return grad_rows, None, None, None, None, None, None, None, None, None
+def group_backward(grad_out: Tensor, rows_all: Tensor, offsets: Tensor, psw: Tensor | None,
+                   num_features: int, dim: int, mode: int, gk: float, mean: bool, s_decay: float,
+                   s_push: float) -> Tensor:  # fmt: skip
+    """grad rows_all [N_max, F·W] (rows past N_f: zero); grad_out [B, F·D] contiguous, rows' dtype."""
+    lib = load()
+    assert lib is not None
+    width = rows_all.shape[1] // num_features
+    num_bags = (offsets.numel() - 1) // num_features
+    grad_rows = torch.empty(rows_all.shape, dtype=rows_all.dtype)
+    if num_bags > 0 and num_features > 0:
+        getattr(lib, f"pep_threshold_pool_group_bwd_{_SUFFIX[rows_all.dtype]}")(
+            grad_out.data_ptr(), rows_all.data_ptr(), rows_all.stride(0), rows_all.shape[0], num_features,
+            width, offsets.data_ptr(), num_bags, dim, mode, gk, _p(psw), int(mean), s_decay, s_push,
+            grad_rows.data_ptr(), grad_rows.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+    else:
+        grad_rows.zero_()
+    return grad_rows

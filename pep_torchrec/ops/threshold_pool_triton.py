@@ -1,18 +1,24 @@
 """The Triton kernels of `threshold_pool` (CUDA; on CPU only under `TRITON_INTERPRET=1`, for tests).
 
-Legend: N = gathered rows, B = bags, D = embedding dim, W = stored row width, BLOCK_N × BLOCK_D = the
-tile of rows × columns a program holds.
+Legend: N = gathered rows, B = bags (per feature), D = embedding dim, W = stored row width,
+F = features, BLOCK_N × BLOCK_D = the tile of rows × columns a program holds.
 
-One program per bag (grid = (B,)), holding all D columns (BLOCK_D = next power of two ≥ D, the
-rest masked: any D works) and walking the bag's rows BLOCK_N at a time. So every pooled row and
-every gradient row is written by exactly one program (no atomics, deterministic), the per-row
-s-gradient of ROW mode (a sum over D) stays inside one program, and only the [D] coarse-threshold
-gradient needs an atomic add per bag. Offsets are int64 and row addresses are computed in int64
-(tables past 2^31 elements). Rows may be float32, bfloat16 or float16 (and are read at any row
-stride: the sharded lookup passes a column slice of the TBE output); all math and accumulation is
-float32, gradients are stored in the rows' dtype. A bag with a huge pooling factor is walked by one
-program: fine for recommendation bags (pooling factors ≲ 10^3), a split-bag variant would be needed
-for 10^5-row bags.
+One program per (bag, feature) (grid = (B, F)), holding all D columns (BLOCK_D = next power of two
+≥ D, the rest masked: any D works) and walking the bag's rows BLOCK_N at a time. So every pooled
+row and every gradient row is written by exactly one program (no atomics, deterministic), the
+per-row s-gradient of ROW mode (a sum over D) stays inside one program, and only the [D]
+coarse-threshold gradient needs an atomic add per bag. Offsets are int64 and row addresses are
+computed in int64 (tables past 2^31 elements). Rows may be float32, bfloat16 or float16 (and are
+read at any row stride: the sharded lookup passes a column slice of the TBE output); all math and
+accumulation is float32, gradients are stored in the rows' dtype. A bag with a huge pooling factor
+is walked by one program: fine for recommendation bags (pooling factors ≲ 10^3), a split-bag
+variant would be needed for 10^5-row bags.
+
+Features (the grouped launch, one per sharded TBE group, as `GroupedThresholdPool` on CPU): feature
+f's bag b is rows offsets[f·B + b] .. offsets[f·B + b + 1] of a KJT's offsets; its row n lives at
+rows + (n − offsets[f·B])·stride_row + f·W (the TBE output [N_max, F·W]: feature f's ids in rows
+[0, N_f)); weights are indexed by n itself (the KJT's); pooled bag (f, b) goes to
+out + b·ldo + f·D. A single-feature call is F = 1.
 """
 
 from __future__ import annotations
@@ -31,13 +37,16 @@ _TILE = 2048
 @triton.jit
 def _fwd_kernel(
     rows_ptr, stride_row, offsets_ptr, coarse_s_ptr, psw_ptr, out_ptr,
-    D, gk,
+    B, D, W, ldo, gk,
     MODE: tl.constexpr, HAS_PSW: tl.constexpr, MEAN: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
-    start = tl.load(offsets_ptr + b)  # int64 bag bounds
-    end = tl.load(offsets_ptr + b + 1)
+    f = tl.program_id(1).to(tl.int64)
+    row0 = tl.load(offsets_ptr + f * B)  # int64: feature f's first id
+    start = tl.load(offsets_ptr + f * B + b)  # int64 bag bounds (KJT positions)
+    end = tl.load(offsets_ptr + f * B + b + 1)
+    rows_ptr = rows_ptr + f * W - row0 * stride_row  # row n of feature f at rows_ptr + n·stride_row
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -77,25 +86,29 @@ def _fwd_kernel(
     if MEAN:
         # Divide by the row count; an empty bag (count 0) stays 0.
         acc = acc / tl.maximum(end - start, 1).to(tl.float32)
-    tl.store(out_ptr + b * D + d, acc, mask=d_ok)
+    tl.store(out_ptr + b * ldo + f * D + d, acc, mask=d_ok)
 
 
 @triton.jit
 def _bwd_kernel(
     grad_out_ptr, rows_ptr, stride_row, offsets_ptr, coarse_s_ptr, psw_ptr,
     grad_rows_ptr, grad_coarse_ptr, grad_psw_ptr,
-    D, W, gk, s_decay, s_push,
+    B, D, W, ldgo, ldg, gk, s_decay, s_push,
     MODE: tl.constexpr, HAS_PSW: tl.constexpr, MEAN: tl.constexpr,
     NEED_ROWS: tl.constexpr, NEED_COARSE: tl.constexpr, NEED_PSW: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
-    start = tl.load(offsets_ptr + b)
-    end = tl.load(offsets_ptr + b + 1)
+    f = tl.program_id(1).to(tl.int64)
+    row0 = tl.load(offsets_ptr + f * B)
+    start = tl.load(offsets_ptr + f * B + b)
+    end = tl.load(offsets_ptr + f * B + b + 1)
+    rows_ptr = rows_ptr + f * W - row0 * stride_row  # as in the forward
+    grad_rows_ptr = grad_rows_ptr + f * W - row0 * ldg
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     # The gradient reaching each row's w·v̂ (mean: divided by the count).
-    g = tl.load(grad_out_ptr + b * D + d, mask=d_ok, other=0.0).to(tl.float32)
+    g = tl.load(grad_out_ptr + b * ldgo + f * D + d, mask=d_ok, other=0.0).to(tl.float32)
     if MEAN:
         g = g / tl.maximum(end - start, 1).to(tl.float32)
     coarse_sig = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -107,7 +120,7 @@ def _bwd_kernel(
         n_ok = n < end
         tile_ok = n_ok[:, None] & d_ok[None, :]
         row_base = rows_ptr + n[:, None] * stride_row
-        grad_base = grad_rows_ptr + n[:, None] * W  # gradient rows are contiguous [N, W]
+        grad_base = grad_rows_ptr + n[:, None] * ldg
         v = tl.load(row_base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         if HAS_PSW:
             w = tl.load(psw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -144,7 +157,7 @@ def _bwd_kernel(
                 if MODE == ROW:
                     # s is broadcast over D: its gradient is the row sum (pad columns: zeroed by the launcher).
                     g_row = tl.sum(g_s, axis=1) + s_decay * s_n - s_push
-                    tl.store(grad_rows_ptr + n * W + D, g_row.to(grad_rows_ptr.dtype.element_ty), mask=n_ok)
+                    tl.store(grad_rows_ptr + n * ldg + D, g_row.to(grad_rows_ptr.dtype.element_ty), mask=n_ok)
             if NEED_COARSE:
                 grad_coarse += tl.sum(g_s, axis=0)
         if NEED_ROWS:
@@ -161,6 +174,10 @@ def _blocks(dim: int) -> tuple[int, int]:
     return max(1, min(64, _TILE // block_d)), block_d
 
 
+def _row_stride(rows: Tensor) -> int:
+    return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
+
+
 def forward(
     rows: Tensor,
     offsets: Tensor,
@@ -170,20 +187,20 @@ def forward(
     mode: int,
     gk: float,
     mean: bool,
+    num_features: int = 1,
 ) -> Tensor:
-    """pooled [B, D] float32. rows [N, W] (unit column stride; fp32/bf16/fp16), offsets [B + 1]
-    int64, coarse_s [D] / per_sample_weights [N] contiguous or None."""
-    num_bags = offsets.numel() - 1
-    out = torch.empty(num_bags, dim, dtype=torch.float32, device=rows.device)
-    if num_bags == 0:
+    """pooled [B, F·D] float32. rows [N, F·W] (unit column stride; fp32/bf16/fp16), offsets
+    [F·B + 1] int64, coarse_s [D] (F = 1 only) / per_sample_weights [N] contiguous or None."""
+    num_bags = (offsets.numel() - 1) // num_features
+    out = torch.empty(num_bags, num_features * dim, dtype=torch.float32, device=rows.device)
+    if num_bags == 0 or num_features == 0:
         return out
     block_n, block_d = _blocks(dim)
-    stride = rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
-    _fwd_kernel[(num_bags,)](
-        rows, stride, offsets, coarse_s if coarse_s is not None else rows,
+    _fwd_kernel[(num_bags, num_features)](
+        rows, _row_stride(rows), offsets, coarse_s if coarse_s is not None else rows,
         per_sample_weights if per_sample_weights is not None else rows, out,
-        dim, gk, MODE=mode, HAS_PSW=per_sample_weights is not None, MEAN=mean,
-        BLOCK_N=block_n, BLOCK_D=block_d,
+        num_bags, dim, rows.shape[1] // num_features, num_features * dim, gk,
+        MODE=mode, HAS_PSW=per_sample_weights is not None, MEAN=mean, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
     return out
 
@@ -203,30 +220,32 @@ def backward(
     need_rows: bool,
     need_coarse: bool,
     need_weights: bool,
+    num_features: int = 1,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(grad rows [N, W] in rows' dtype, grad coarse_s [D] float32 without the pressure term, grad
-    weights [N] float32), each None unless asked for. grad_pooled: [B, D] contiguous."""
+    """(grad rows [N, F·W] in rows' dtype, grad coarse_s [D] float32 without the pressure term, grad
+    weights [N] float32), each None unless asked for. grad_pooled: [B, F·D] contiguous. Rows no bag
+    reads (a TBE group's padding) get zero gradient."""
     num_rows, width = rows.shape
-    num_bags = offsets.numel() - 1
+    num_bags = (offsets.numel() - 1) // num_features
     device = rows.device
     grad_rows = None
     if need_rows:
-        # The kernel writes every v / s column; pad (ROW) and mask (MASK) columns must read 0.
-        fill = torch.zeros if mode in (ROW, MASK) else torch.empty
+        # The kernel writes every v / s column of every row a bag reads; pad (ROW) and mask (MASK)
+        # columns, and a group's padding rows, must read 0.
+        fill = torch.zeros if mode in (ROW, MASK) or num_features > 1 else torch.empty
         grad_rows = fill(num_rows, width, dtype=rows.dtype, device=device)
     grad_coarse = torch.zeros(dim, dtype=torch.float32, device=device) if need_coarse else None
     grad_psw = torch.zeros(num_rows, dtype=torch.float32, device=device) if need_weights else None
-    if num_bags == 0:
+    if num_bags == 0 or num_features == 0:
         return grad_rows, grad_coarse, grad_psw
     block_n, block_d = _blocks(dim)
-    stride = rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
     dummy = grad_pooled
-    _bwd_kernel[(num_bags,)](
-        grad_pooled, rows, stride, offsets, coarse_s if coarse_s is not None else dummy,
+    _bwd_kernel[(num_bags, num_features)](
+        grad_pooled, rows, _row_stride(rows), offsets, coarse_s if coarse_s is not None else dummy,
         per_sample_weights if per_sample_weights is not None else dummy,
         grad_rows if grad_rows is not None else dummy, grad_coarse if grad_coarse is not None else dummy,
         grad_psw if grad_psw is not None else dummy,
-        dim, width, gk, s_decay, s_push,
+        num_bags, dim, width // num_features, num_features * dim, width, gk, s_decay, s_push,
         MODE=mode, HAS_PSW=per_sample_weights is not None, MEAN=mean,
         NEED_ROWS=grad_rows is not None, NEED_COARSE=grad_coarse is not None, NEED_PSW=grad_psw is not None,
         BLOCK_N=block_n, BLOCK_D=block_d,

@@ -52,9 +52,64 @@ inline T sigmoid_(T s) { return T(1) / (T(1) + exp_(-s)); }
 
 // Dynamic scheduling in chunks of bags: bag sizes vary (Zipf pooling factors, empty bags), so a
 // static split can leave one thread with all the long bags.
+// Dynamic scheduling in chunks of bags: bag sizes vary (Zipf pooling factors, empty bags), so a
+// static split can leave one thread with all the long bags.
 inline int64_t chunk_of(int64_t num_bags, int num_threads) {
   int64_t c = num_bags / (int64_t(num_threads) * 8);
   return c < 1 ? 1 : c;
+}
+
+// Columns are processed in blocks of K = 64 bytes (16 floats, 8 doubles: two AVX2 registers). A
+// block's accumulators and gradients live in registers for the whole bag: with a compile-time width
+// the d loops unroll completely, with no per-bag loop set-up, heap accumulator or aliasing check
+// (which, at the usual D = 16 and one id per bag, had cost more than the arithmetic). The D % K
+// tail columns take the same code with a run-time width.
+template <typename T>
+constexpr int64_t kBlock = 64 / sizeof(T);
+
+// The thresholded element v̂ (MODE is compile-time: the branches vanish, the d loops vectorise).
+// `s` is the row's s/m value for this column (ROW_DIM, MASK), `t` the precomputed threshold gk·σ(s)
+// (ROW, COARSE).
+template <typename T, int mode>
+inline T threshold_(T v, T s, T t, T gk) {
+  if constexpr (mode == NONE) {
+    return v;
+  } else if constexpr (mode == MASK) {
+    return s > T(0.5) ? v : T(0);
+  } else {
+    if constexpr (mode == ROW_DIM) t = gk * sigmoid_(s);
+    // sign(v)·relu(|v| − t) without branches on the sign: copysign keeps v's sign and gives +0 / −0
+    // for pruned elements (both add as 0).
+    const T mag = std::fabs(v) - t;
+    return mag > T(0) ? std::copysign(mag, v) : T(0);
+  }
+}
+
+// Feature f's bag b, columns [d0, d0 + len): pooled into o[d0 ..]. LEN > 0: len == LEN at compile time.
+template <typename T, int mode, int64_t LEN>
+inline void forward_block(const T* rows, int64_t ld, int64_t col0, int64_t start, int64_t end,
+                          int64_t D, int64_t d0, int64_t len, T gk, const T* coarse_t, const T* psw,
+                          T denom, T* o) {
+  if constexpr (LEN > 0) len = LEN;
+  T acc[LEN > 0 ? LEN : kBlock<T>] = {};
+  for (int64_t n = start; n < end; ++n) {
+    const T* v = rows + n * ld + col0 + d0;
+    const T* s = v + D;  // the s (or m) columns follow v in the stored row
+    const T w = psw ? psw[n] : T(1);
+    // Row-level threshold (ROW): one sigmoid per row, not per element.
+    const T row_t = mode == ROW ? gk * sigmoid_(s[-d0]) : T(0);
+#pragma omp simd
+    for (int64_t d = 0; d < len; ++d) {
+      const T t = mode == COARSE ? coarse_t[d0 + d] : row_t;
+      acc[d] += threshold_<T, mode>(v[d], mode == ROW_DIM || mode == MASK ? s[d] : T(0), t, gk) * w;
+    }
+  }
+  // Mean divides the (weighted) sum by the row count; an empty bag stays 0.
+  if (denom != T(1)) {
+    for (int64_t d = 0; d < len; ++d) o[d0 + d] = acc[d] / denom;
+  } else {
+    for (int64_t d = 0; d < len; ++d) o[d0 + d] = acc[d];
+  }
 }
 
 // MODE is a template parameter: the per-element mode branches vanish at compile time, which is
@@ -72,49 +127,86 @@ void forward(const T* rows, int64_t ld, int64_t F, int64_t W, const int64_t* off
   // COARSE: the thresholds are shared by all rows: compute gk·σ(s) once per call.
   std::vector<T> coarse_t(mode == COARSE ? D : 0);
   for (int64_t d = 0; d < (int64_t)coarse_t.size(); ++d) coarse_t[d] = gk * sigmoid_(coarse_s[d]);
+  constexpr int64_t K = kBlock<T>;
+  const int64_t full = D - D % K;
+  const T* ct = coarse_t.data();
   const int64_t chunk = chunk_of(B, num_threads);
-#pragma omp parallel num_threads(num_threads)
-  {
-    std::vector<T> acc(D);
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp parallel for num_threads(num_threads) schedule(dynamic, chunk)
     for (int64_t b = 0; b < B; ++b) {
-     for (int64_t f = 0; f < F; ++f) {
-      std::fill(acc.begin(), acc.end(), T(0));
-      const int64_t row0 = offsets[f * B];
-      const int64_t start = offsets[f * B + b], end = offsets[f * B + b + 1];
-      for (int64_t n = start; n < end; ++n) {
-        const T* v = rows + (n - row0) * ld + f * W;
-        const T* s = v + D;  // the s (or m) columns follow v in the stored row
-        const T w = psw ? psw[n] : T(1);
-        // Row-level threshold (ROW): one sigmoid per row, not per element.
-        const T row_t = mode == ROW ? gk * sigmoid_(s[0]) : T(0);
-        T* acc_d = acc.data();
-#pragma omp simd  // rows never alias acc; exp_ is branch-free, so the d loop is one SIMD loop
-        for (int64_t d = 0; d < D; ++d) {
-          T vhat;
-          if constexpr (mode == NONE) {
-            vhat = v[d];
-          } else if constexpr (mode == MASK) {
-            vhat = s[d] > T(0.5) ? v[d] : T(0);
-          } else {
-            T t;  // (if constexpr, not ?: — a conditional load is control flow to the vectoriser)
-            if constexpr (mode == ROW_DIM) t = gk * sigmoid_(s[d]);
-            else if constexpr (mode == ROW) t = row_t;
-            else t = coarse_t[d];
-            // sign(v)·relu(|v| − t) without branches on the sign: copysign keeps v's sign and
-            // gives +0 / −0 for pruned elements (both add as 0).
-            const T mag = std::fabs(v[d]) - t;
-            vhat = mag > T(0) ? std::copysign(mag, v[d]) : T(0);
-          }
-          acc_d[d] += vhat * w;
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t row0 = offsets[f * B];
+        const int64_t start = offsets[f * B + b] - row0, end = offsets[f * B + b + 1] - row0;
+        const T denom = (mean && end > start) ? T(end - start) : T(1);
+        const T* psw_f = psw ? psw + row0 : nullptr;
+        T* o = out + b * ldo + f * D;
+        for (int64_t d0 = 0; d0 < full; d0 += K)
+          forward_block<T, mode, K>(rows, ld, f * W, start, end, D, d0, K, gk, ct, psw_f, denom, o);
+        if (full < D)
+          forward_block<T, mode, 0>(rows, ld, f * W, start, end, D, full, D - full, gk, ct, psw_f,
+                                    denom, o);
+      }
+    }
+}
+
+// Feature f's bag b, columns [d0, d0 + len): the gradients of its rows' v (and s) columns there;
+// returns Σ_d g_d·v̂_d of the block for each row through gw_rows (added), the ROW s-gradient
+// through row_gs (added), the COARSE one through partial[d0 ..]. Every store in the d loop is
+// unconditional (`scratch`, a row of W, takes the row gradients when nobody wants them): a store
+// under a condition becomes a masked store (vmaskmovps), which is microcoded on AMD Zen and made
+// this loop ~5x slower.
+template <typename T, int mode, int64_t LEN>
+inline void backward_block(const T* g, const T* rows, int64_t ld, int64_t col0, int64_t start,
+                           int64_t end, int64_t D, int64_t d0, int64_t len, T gk,
+                           const T* coarse_sig, const T* psw, T denom, T s_decay, T s_push,
+                           T* grad_rows, int64_t ldg, T* scratch, T* gw_rows, T* row_gs,
+                           T* partial) {
+  if constexpr (LEN > 0) len = LEN;
+  T gd[LEN > 0 ? LEN : kBlock<T>];  // the gradient reaching w·v̂ (mean: divided by the count)
+  for (int64_t d = 0; d < len; ++d) gd[d] = denom != T(1) ? g[d0 + d] / denom : g[d0 + d];
+  for (int64_t n = start; n < end; ++n) {
+    const T* v = rows + n * ld + col0 + d0;
+    const T* s = v + D;
+    const T w = psw ? psw[n] : T(1);
+    T* gr = (grad_rows ? grad_rows + n * ldg + col0 : scratch) + d0;
+    // ROW: σ(s) once per row; its s-gradient is the sum over d (s is broadcast over D).
+    const T row_sig = mode == ROW ? sigmoid_(s[-d0]) : T(0);
+    T gw = T(0), gs_sum = T(0);
+#pragma omp simd reduction(+ : gw, gs_sum)
+    for (int64_t d = 0; d < len; ++d) {
+      const T ge = gd[d] * w;  // ... and reaching v̂
+      const T x = v[d];  // loaded unconditionally: a load under a condition is a masked load
+      T gv, vhat;
+      if constexpr (mode == NONE) {
+        gv = ge;
+        vhat = x;
+      } else if constexpr (mode == MASK) {
+        const bool keep = s[d] > T(0.5);
+        gv = keep ? ge : T(0);  // masked elements: zero gradient (retrain)
+        vhat = keep ? x : T(0);
+      } else {
+        T sig;
+        if constexpr (mode == ROW_DIM) sig = sigmoid_(s[d]);
+        else if constexpr (mode == ROW) sig = row_sig;
+        else sig = coarse_sig[d0 + d];
+        const T mag = std::fabs(x) - gk * sig;
+        const bool kept = mag > T(0);  // relu'(0) = 0: an element at its threshold is pruned
+        vhat = kept ? std::copysign(mag, x) : T(0);
+        gv = kept ? ge : T(0);
+        // ∂v̂/∂s = −sign(v)·1[kept]·gk·σ(1 − σ); kept implies v ≠ 0, so sign(v) = ±1.
+        const T gs = kept ? (x < T(0) ? ge : -ge) * gk * sig * (T(1) - sig) : T(0);
+        if constexpr (mode == ROW_DIM) {
+          gr[D + d] = gs + s_decay * s[d] - s_push;  // + sparsity pressure, per row
+        } else if constexpr (mode == ROW) {
+          gs_sum += gs;
+        } else {
+          partial[d0 + d] += gs;
         }
       }
-      // Mean divides the (weighted) sum by the row count; an empty bag stays 0.
-      const T denom = (mean && end > start) ? T(end - start) : T(1);
-      T* o = out + b * ldo + f * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = acc[d] / denom;
-     }
+      gr[d] = gv;
+      gw += gd[d] * vhat;
     }
+    if (gw_rows) gw_rows[n] += gw;
+    if constexpr (mode == ROW) row_gs[n - start] += gs_sum;
   }
 }
 
@@ -128,73 +220,53 @@ void backward(const T* grad_out, int64_t ldgo, const T* rows, int64_t ld, int64_
               T* grad_psw, int num_threads) {
   std::vector<T> coarse_sig(mode == COARSE ? D : 0);
   for (int64_t d = 0; d < (int64_t)coarse_sig.size(); ++d) coarse_sig[d] = sigmoid_(coarse_s[d]);
-  // Per-thread partial sums of the coarse gradient, reduced after the parallel loop.
+  // Per-thread partial sums of the coarse gradient, reduced after the parallel loop (if wanted).
   const bool want_coarse = mode == COARSE && grad_coarse != nullptr;
-  std::vector<T> partial(want_coarse ? int64_t(num_threads) * D : 0, T(0));
+  std::vector<T> partial(mode == COARSE ? int64_t(num_threads) * D : 0, T(0));
+  constexpr int64_t K = kBlock<T>;
+  const int64_t full = D - D % K;
+  const T* cs = coarse_sig.data();
   const int64_t chunk = chunk_of(B, num_threads);
 #pragma omp parallel num_threads(num_threads)
   {
-    T* my_partial = want_coarse ? partial.data() + int64_t(omp_get_thread_num()) * D : nullptr;
+    T* my_partial = mode == COARSE ? partial.data() + int64_t(omp_get_thread_num()) * D : nullptr;
+    std::vector<T> scratch(grad_rows ? 0 : W);
+    std::vector<T> row_gs;  // ROW: the s-gradient of each row of the bag, summed over the blocks
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t b = 0; b < B; ++b) {
-     for (int64_t f = 0; f < F; ++f) {
-      const int64_t row0 = offsets[f * B];
-      const int64_t start = offsets[f * B + b], end = offsets[f * B + b + 1];
-      const T denom = (mean && end > start) ? T(end - start) : T(1);
-      const T* g = grad_out + b * ldgo + f * D;
-      for (int64_t n = start; n < end; ++n) {
-        const T* v = rows + (n - row0) * ld + f * W;
-        const T* s = v + D;
-        const T w = psw ? psw[n] : T(1);
-        T* gr = grad_rows ? grad_rows + (n - row0) * ldg + f * W : nullptr;
-        T gw = T(0);  // ∂L/∂w_n = Σ_d g_d / denom · v̂_d
-        // ROW: σ(s) once per row; its s-gradient is the sum over d (s is broadcast over D).
-        const T row_sig = mode == ROW ? sigmoid_(s[0]) : T(0);
-        T row_gs = T(0);
-        for (int64_t d = 0; d < D; ++d) {
-          const T gd = g[d] / denom;  // the gradient reaching w·v̂ (mean: divided by the count)
-          const T ge = gd * w;        // ... and reaching v̂
-          T gv, vhat;
-          if constexpr (mode == NONE) {
-            gv = ge;
-            vhat = v[d];
-          } else if constexpr (mode == MASK) {
-            const bool keep = s[d] > T(0.5);
-            gv = keep ? ge : T(0);  // masked elements: zero gradient (retrain)
-            vhat = keep ? v[d] : T(0);
-          } else {
-            T sig;
-            if constexpr (mode == ROW_DIM) sig = sigmoid_(s[d]);
-            else if constexpr (mode == ROW) sig = row_sig;
-            else sig = coarse_sig[d];
-            const T mag = std::fabs(v[d]) - gk * sig;
-            const bool kept = mag > T(0);  // relu'(0) = 0: an element at its threshold is pruned
-            vhat = kept ? std::copysign(mag, v[d]) : T(0);
-            gv = kept ? ge : T(0);
-            // ∂v̂/∂s = −sign(v)·1[kept]·gk·σ(1 − σ); kept implies v ≠ 0, so sign(v) = ±1.
-            const T gs = kept ? (v[d] < T(0) ? ge : -ge) * gk * sig * (T(1) - sig) : T(0);
-            if constexpr (mode == ROW_DIM) {
-              if (gr) gr[D + d] = gs + s_decay * s[d] - s_push;  // + sparsity pressure, per row
-            } else if constexpr (mode == ROW) {
-              row_gs += gs;
-            } else if (my_partial) {
-              my_partial[d] += gs;
-            }
-          }
-          if (gr) gr[d] = gv;
-          gw += gd * vhat;
+      for (int64_t f = 0; f < F; ++f) {
+        const int64_t row0 = offsets[f * B];
+        const int64_t start = offsets[f * B + b] - row0, end = offsets[f * B + b + 1] - row0;
+        if (end == start) continue;
+        const T denom = mean ? T(end - start) : T(1);
+        const T* g = grad_out + b * ldgo + f * D;
+        const T* psw_f = psw ? psw + row0 : nullptr;
+        T* gw_rows = grad_psw ? grad_psw + row0 : nullptr;
+        if (gw_rows) std::fill(gw_rows + start, gw_rows + end, T(0));
+        if constexpr (mode == ROW) {
+          if ((int64_t)row_gs.size() < end - start) row_gs.resize(end - start);
+          std::fill(row_gs.begin(), row_gs.begin() + (end - start), T(0));
         }
-        if (gr) {
+        for (int64_t d0 = 0; d0 < full; d0 += K)
+          backward_block<T, mode, K>(g, rows, ld, f * W, start, end, D, d0, K, gk, cs, psw_f, denom,
+                                     s_decay, s_push, grad_rows, ldg, scratch.data(), gw_rows,
+                                     row_gs.data(), my_partial);
+        if (full < D)
+          backward_block<T, mode, 0>(g, rows, ld, f * W, start, end, D, full, D - full, gk, cs, psw_f,
+                                     denom, s_decay, s_push, grad_rows, ldg, scratch.data(), gw_rows,
+                                     row_gs.data(), my_partial);
+        if (!grad_rows || mode == ROW_DIM || W == D) continue;
+        for (int64_t n = start; n < end; ++n) {
+          T* gr = grad_rows + n * ldg + f * W;
           if constexpr (mode == ROW) {
-            gr[D] = row_gs + s_decay * s[0] - s_push;
+            const T* s = rows + n * ld + f * W + D;
+            gr[D] = row_gs[n - start] + s_decay * s[0] - s_push;
             for (int64_t c = D + 1; c < W; ++c) gr[c] = T(0);  // pad columns
-          } else if constexpr (mode == MASK) {
+          } else {
             for (int64_t c = D; c < W; ++c) gr[c] = T(0);  // m never gets gradient
           }
         }
-        if (grad_psw) grad_psw[n] = gw;
       }
-     }
     }
   }
   if (want_coarse) {
