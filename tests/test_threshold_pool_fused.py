@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -389,3 +390,23 @@ def test_grouped_cpu_matches_per_feature_reference(mode: ThresholdMode, weights:
     out.backward(grad)
     torch.testing.assert_close(out, ref.detach(), **TOL[dtype])
     torch.testing.assert_close(leaf.grad, ref_leaf.grad, **TOL[dtype])
+
+
+# ---- the GPU check script, dry-run on CPU ---------------------------------------------------------
+
+
+@needs_cpu_kernel
+def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
+    """`benchmarks/gpu_check.sh` only runs for real on a CUDA machine; its CPU dry run
+    (PEP_GPU_CHECK_DEVICE=cpu, small sizes, the C++ kernels in place of Triton) runs every section
+    here, so the script cannot rot between the rare GPU runs: all correctness cases pass, and the
+    grouped timings and the train-step ratio are reported."""
+    env = dict(os.environ, OUT=str(tmp_path), PEP_GPU_CHECK_DEVICE="cpu", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["checks"] and all(c["ok"] for c in report["checks"]), report["checks"]
+    assert any(c["case"].startswith("grouped") for c in report["checks"])
+    assert {g["mode"] for g in report["groups"]} == {"row_dim", "row"}
+    assert report["train_step"]["pep_feature_dim_over_base"] > 0 and not report["errors"]
