@@ -90,7 +90,7 @@ try:
         report["errors"].append(f"pep_torchrec: no fused kernel on {dev} (see warnings)")
         save()
         sys.exit(2)
-    report["dispatch_default"] = library.default_impl(dev, ThresholdMode.ROW_DIM)
+    report["dispatch_default"] = library.default_impl(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     # ---- correctness: Triton (through the registered op) vs the float64 reference ---------------

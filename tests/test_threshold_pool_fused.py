@@ -220,17 +220,17 @@ def test_traced_calls_go_through_the_registered_op() -> None:
 def test_dispatch_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     monkeypatch.setenv("PEP_TORCHREC_OPS", "reference")
-    assert library.default_impl(cpu, ThresholdMode.ROW_DIM) == "reference"
+    assert library.default_impl(cpu) == "reference"
     monkeypatch.setenv("PEP_TORCHREC_OPS", "bogus")
     with pytest.raises(ValueError, match="PEP_TORCHREC_OPS"):
         library.default_impl(cpu)
-    monkeypatch.delenv("PEP_TORCHREC_OPS")
     built = "fused" if threshold_pool_cpu.available() else "reference"
-    for mode in ThresholdMode:
-        expected = built if mode in library.CPU_FUSED_MODES else "reference"
-        assert library.default_impl(cpu, mode) == expected, mode
-    monkeypatch.setenv("PEP_TORCHREC_OPS", "fused")
-    assert library.default_impl(cpu, ThresholdMode.NONE) == built
+    for choice in ("fused", "auto", ""):
+        monkeypatch.setenv("PEP_TORCHREC_OPS", choice)
+        assert library.default_impl(cpu) == built, choice
+    monkeypatch.delenv("PEP_TORCHREC_OPS")
+    assert library.default_impl(cpu) == built
+    assert library.default_impl(torch.device("meta")) == "reference"  # no kernel for that device
 
 
 def test_build_failure_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -256,7 +256,7 @@ def test_build_failure_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch, 
     ref = threshold_pool_reference(rows, offsets, dim=6, mode="row_dim", gk=GK)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(op_out, ref, rtol=0, atol=0)
-    assert library.default_impl(torch.device("cpu"), ThresholdMode.ROW_DIM) == "reference"
+    assert library.default_impl(torch.device("cpu")) == "reference"
 
 
 # ---- Triton, interpreted on CPU -----------------------------------------------------------------

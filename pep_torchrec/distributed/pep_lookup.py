@@ -318,8 +318,8 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         num_features: int,
     ) -> Tensor | None:
         """All features of the group in one fused call (`library.GroupedThresholdPool`: C++ on CPU,
-        Triton on CUDA), or None where that path does not apply: it needs the fused kernel chosen for
-        the mode (`library.default_impl`) and a grouped one for the rows' dtype, one whole-row mode (or
+        Triton on CUDA), or None where that path does not apply: it needs the fused kernels chosen
+        (`library.default_impl`) and a grouped one for the rows' dtype, one whole-row mode (or
         NONE), D, W, gk and pressure shared by every table of the group, no coarse thresholds and no
         gradient for the per-sample weights; otherwise the per-feature path."""
         if num_features == 0 or not library.group_kernel_available(rows_all.device, rows_all.dtype):
@@ -327,7 +327,7 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         if weights is not None and weights.requires_grad:
             return None
         first = self._pep_table_specs[self._feature_table_map[0]]
-        if first.mode is ThresholdMode.COARSE or not library.fused_available(rows_all.device, first.mode):
+        if first.mode is ThresholdMode.COARSE or not library.fused_available(rows_all.device):
             return None
         params = None
         for t in sorted(set(self._feature_table_map[:num_features])):

@@ -68,14 +68,6 @@ def triton_kernels():
     return threshold_pool_triton
 
 
-# The CPU default, by measurement (`benchmarks/kernel.py` → `benchmarks/results/kernel_quick.md`,
-# 1 thread): the C++ kernel beats the reference fwd+bwd in every threshold mode (1.3-1.7x at the
-# train benchmark's 4096 one-id bags x D 16, where per-call overhead dominates; 3.7-6.5x at 20 ids
-# per bag), but not in NONE mode with one id per bag (0.8x: nothing to fuse), which stays on the
-# reference. STYLE.md: the reference stays the CPU path until a fused one beats it in a benchmark.
-CPU_FUSED_MODES = frozenset(
-    {ThresholdMode.ROW_DIM, ThresholdMode.ROW, ThresholdMode.COARSE, ThresholdMode.MASK}
-)
 _IMPLS = ("auto", "reference", "fused")
 
 
@@ -90,26 +82,27 @@ def kernel_available(device: torch.device) -> bool:
     return False
 
 
-def default_impl(device: torch.device, mode: ThresholdMode | None = None) -> str:
-    """ "fused" or "reference": what the public `threshold_pool` runs on `device` (for `mode`).
+def default_impl(device: torch.device) -> str:
+    """ "fused" or "reference": what the public `threshold_pool` runs on `device`.
 
-    PEP_TORCHREC_OPS=reference forces the reference, =fused the fused op wherever its kernel exists;
-    unset / "auto": fused on CUDA (Triton); on CPU fused for `CPU_FUSED_MODES` (the measured
-    winners; mode None: any of them), else the reference.
+    PEP_TORCHREC_OPS=reference forces the reference; unset, "auto" or "fused": the fused kernels
+    wherever they exist (CPU: the C++ object builds; CUDA: Triton imports). Measured
+    (`benchmarks/kernel.py` → `benchmarks/results/kernel_quick.md`, 1 thread): on CPU the fused path
+    beats the reference forward + backward in every mode, 2.1-3.0x at the train shape (4096 one-id
+    bags, D = 16) and 6-7x at 20 ids per bag; NONE (no threshold: nothing to fuse but the pooling)
+    by 1.3x. STYLE.md: a fused path replaces the reference only once a benchmark shows it faster.
     """
     choice = os.environ.get("PEP_TORCHREC_OPS", "auto").strip().lower() or "auto"
     if choice not in _IMPLS:
         raise ValueError(f"PEP_TORCHREC_OPS must be one of {_IMPLS}, got {choice!r}")
     if choice == "reference":
         return "reference"
-    if choice == "auto" and device.type == "cpu" and mode is not None and mode not in CPU_FUSED_MODES:
-        return "reference"
     return "fused" if kernel_available(device) else "reference"
 
 
-def fused_available(device: torch.device, mode: ThresholdMode | None = None) -> bool:
-    """Whether the public `threshold_pool` dispatches to the fused op on `device` (for `mode`)."""
-    return default_impl(device, mode) == "fused"
+def fused_available(device: torch.device) -> bool:
+    """Whether the public `threshold_pool` dispatches to the fused kernels on `device`."""
+    return default_impl(device) == "fused"
 
 
 # ---- the reference, as an op implementation (fallback and default for other devices) ----------

@@ -306,10 +306,10 @@ def threshold_pool(
     ROW_DIM/ROW, once per call on `coarse_s` for COARSE (so a [1] parameter expanded to [D] receives
     D times the term), and only when the tensor requires grad.
 
-    Implementation: the registered op `pep_torchrec::threshold_pool` (`library.py`: fused C++ on
-    CPU, Triton on CUDA, forward and backward) where a fused kernel exists and was measured faster
-    (`library.default_impl`: on CPU every mode but NONE), else the reference
-    (`threshold_pool_reference`, the spec); `PEP_TORCHREC_OPS=reference|fused|auto` overrides.
+    Implementation: the kernels of the registered op `pep_torchrec::threshold_pool` (`library.py`:
+    fused C++ on CPU, Triton on CUDA, forward and backward; called directly in eager mode, through
+    the op when traced) where they exist (`library.default_impl`), else the reference
+    (`threshold_pool_reference`, the spec); `PEP_TORCHREC_OPS=reference` forces the reference.
     The reference pools with a segment sum: `zeros(B, D).index_add(0, bag_of_row, v̂)`, with bag_of_row from
     `repeat_interleave` over the bag lengths. It is vectorised, handles empty bags and mean pooling
     with per-sample weights (which `F.embedding_bag` refuses), and its backward is a gather. On
@@ -320,7 +320,7 @@ def threshold_pool(
     mode, offsets = _validate(rows, offsets, dim, mode, coarse_s, per_sample_weights, pooling)
     from pep_torchrec.ops import library  # the registered op imports this module
 
-    if not library.fused_available(rows.device, mode):
+    if not library.fused_available(rows.device):
         return _threshold_pool_reference(
             rows, offsets, dim, mode, gk, coarse_s, per_sample_weights, pooling, s_decay, s_push
         )
