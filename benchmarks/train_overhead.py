@@ -11,14 +11,17 @@ dense, synthetic Zipf ids generated here, one id per feature per example like Cr
                    the thresholded table (dense gradients of v and s, dense Adagrad), unsharded
 Steps of all variants are interleaved (variant order rotates every repeat), so machine noise (this
 is a shared 2-core box) hits them alike; a variant's time is the median over repeats of the median
-step time of a repeat; results are reported as ratios to `base`.
+step time of a repeat. Ratios are paired: the ratio of two variants' times in the same repeat,
+then the median over repeats (a burst of load that spans several repeats then moves both sides of
+each ratio, where a ratio of two medians could pair a loaded repeat with a quiet one).
 
 Sections:
   overhead  26 tables x 1e5 rows x dim 16, batch 4096, per thread count (acceptance: 1 thread).
-  scaling   table sizes 1e4 ... 1e7 rows (base, both PEP variants, whole-table), FEWER TABLES (--scaling-tables, default 2) so that 1e7-row
-            [v|s] tables + element-wise Adagrad state (256 B/row for feature_dim) fit next to the
-            whole-table variant (which also holds dense gradients) in this machine's 24 GiB; the
-            whole-table variant is skipped above --whole-table-max-rows.
+  scaling   table sizes 1e4 ... 1e7 rows (base, both PEP variants, whole-table), all sizes built
+            at once and interleaved in the same repeats (so the 1e7 / 1e4 ratio is paired too),
+            FEWER TABLES (--scaling-tables, default 2) so that the 1e7-row [v|s] tables +
+            element-wise Adagrad state (256 B/row for feature_dim) of every variant fit together in
+            this machine's 24 GiB; the whole-table variant is skipped above --whole-table-max-rows.
 Writes benchmarks/results/train_overhead.{json,md} (machine, versions, date, config) and, with
 --json, the headline keys `pep_feature_over_base`, `pep_feature_dim_over_base`,
 `scaling_1e7_over_1e4` (PEP feature_dim step at 1e7 rows / at 1e4) and
@@ -158,11 +161,14 @@ class Runner:
             opt.zero_grad(set_to_none=True)
 
 
-def _interleaved(runners: dict[str, Runner], batches: list[Batch], repeats: int, steps: int, warmup: int) -> dict:
-    """Median ms/step per variant: `repeats` rounds, each variant `steps` timed steps per round."""
-    for runner in runners.values():
+def _interleaved(runners: dict[str, Runner], batches: list[Batch] | dict[str, list[Batch]], repeats: int,
+                 steps: int, warmup: int) -> dict:  # fmt: skip
+    """Median ms/step per runner: `repeats` rounds, each runner `steps` timed steps per round
+    (`batches`: shared, or per runner name); `rounds_ms` keeps every round's median for pairing."""
+    batches_of = batches if isinstance(batches, dict) else {name: batches for name in runners}
+    for name, runner in runners.items():
         for i in range(warmup):
-            runner.step(batches[i % len(batches)])
+            runner.step(batches_of[name][i % len(batches_of[name])])
     per_round: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for r in range(repeats):
@@ -171,10 +177,15 @@ def _interleaved(runners: dict[str, Runner], batches: list[Batch], repeats: int,
             times = []
             for i in range(steps):
                 t0 = time.perf_counter()
-                runners[name].step(batches[(r * steps + i) % len(batches)])
+                runners[name].step(batches_of[name][(r * steps + i) % len(batches_of[name])])
                 times.append(time.perf_counter() - t0)
             per_round[name].append(statistics.median(times) * 1e3)
     return {name: {"ms_per_step": statistics.median(v), "rounds_ms": v} for name, v in per_round.items()}
+
+
+def paired_ratio(num: dict, den: dict) -> float:
+    """Median over rounds of num's round time / den's round time (two `_interleaved` entries)."""
+    return statistics.median(a / b for a, b in zip(num["rounds_ms"], den["rounds_ms"], strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pooling", type=int, default=1, help="ids per bag")
     parser.add_argument("--scaling-tables", type=int, default=2)
     parser.add_argument("--scaling-rows", default=None, help="default 1e4,1e5,1e6,1e7")
-    parser.add_argument("--whole-table-max-rows", type=float, default=None,
-                        help="skip whole_table above this many rows (default 1e6 quick, 1e7 full)")  # fmt: skip
+    parser.add_argument("--whole-table-max-rows", type=float, default=1e6,
+                        help="skip whole_table above this many rows (at 1e7 it takes ~30 s a step)")  # fmt: skip
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--name", default="train_overhead")
     args = parser.parse_args(argv)
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         threads = [1, 2]
     scaling_rows = [int(float(r)) for r in (args.scaling_rows or "1e4,1e5,1e6,1e7").split(",")]
-    whole_max = args.whole_table_max_rows or (1e6 if args.quick else 1e7)
+    whole_max = args.whole_table_max_rows
     config = {
         "tables": args.tables, "rows": args.rows, "dim": DIM, "batch": args.batch, "pooling_factor": args.pooling,
         "num_dense": NUM_DENSE, "threads": threads, "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
@@ -219,53 +230,56 @@ def main(argv: list[str] | None = None) -> int:
     for n in threads:
         torch.set_num_threads(n)
         res = _interleaved(runners, batches, repeats, steps, warmup)
-        base = res["base"]["ms_per_step"]
         for v in VARIANTS:
             overhead.append({"threads": n, "variant": v, "ms_per_step": res[v]["ms_per_step"],
-                             "over_base": res[v]["ms_per_step"] / base, "rounds_ms": res[v]["rounds_ms"]})  # fmt: skip
+                             "over_base": paired_ratio(res[v], res["base"]), "rounds_ms": res[v]["rounds_ms"]})  # fmt: skip
         print(f"[{time.perf_counter() - started:.0f}s] overhead threads={n}: "
               + ", ".join(f"{v} {res[v]['ms_per_step']:.1f} ms" for v in VARIANTS), flush=True)  # fmt: skip
     del runners
     gc.collect()
 
     scaling = []
+    scaling_res: dict[str, dict] = {}
     if not args.skip_scaling:
         torch.set_num_threads(threads[0])
+        # base too: a lookup into a 1e7-row table misses cache and TLB for plain TorchRec as well,
+        # so PEP's own growth with table size is its ratio divided by base's.
+        runners, sbatches = {}, {}
         for rows in scaling_rows:
-            # base too: a lookup into a 1e7-row table misses cache and TLB for plain TorchRec as well,
-            # so PEP's own growth with table size is its ratio divided by base's.
-            variants = ["base", "pep_feature", "pep_feature_dim"] + (["whole_table"] if rows <= whole_max else [])
-            runners = {v: Runner(v, args.scaling_tables, rows, args.batch) for v in variants}
-            sbatches = _zipf_batches(args.scaling_tables, rows, args.batch, 8, seed=2, pooling=args.pooling)
-            res = _interleaved(runners, sbatches, repeats, steps, warmup)
-            for v in variants:
-                scaling.append({"rows": rows, "variant": v, "ms_per_step": res[v]["ms_per_step"],
-                                "rounds_ms": res[v]["rounds_ms"]})  # fmt: skip
-            print(f"[{time.perf_counter() - started:.0f}s] scaling rows={rows:.0e}: "
-                  + ", ".join(f"{v} {res[v]['ms_per_step']:.1f} ms" for v in variants), flush=True)  # fmt: skip
-            del runners
-            gc.collect()
+            batches_r = _zipf_batches(args.scaling_tables, rows, args.batch, 8, seed=2, pooling=args.pooling)
+            for v in ["base", "pep_feature", "pep_feature_dim"] + (["whole_table"] if rows <= whole_max else []):
+                runners[f"{v}@{rows}"] = Runner(v, args.scaling_tables, rows, args.batch)
+                sbatches[f"{v}@{rows}"] = batches_r
+        scaling_res = _interleaved(runners, sbatches, repeats, steps, warmup)
+        for key, res_v in scaling_res.items():
+            v, rows = key.split("@")
+            scaling.append({"rows": int(rows), "variant": v, "ms_per_step": res_v["ms_per_step"],
+                            "rounds_ms": res_v["rounds_ms"]})  # fmt: skip
+        scaling.sort(key=lambda r: (r["rows"], VARIANTS.index(r["variant"])))
+        print(f"[{time.perf_counter() - started:.0f}s] scaling: "
+              + ", ".join(f"{k} {r['ms_per_step']:.1f} ms" for k, r in scaling_res.items()), flush=True)  # fmt: skip
+        del runners
+        gc.collect()
 
     headline: dict[str, Any] = {}
     first = [r for r in overhead if r["threads"] == threads[0]]
     for r in first:
         headline[f"{r['variant']}_over_base"] = r["over_base"]
-    if scaling:
-        def ms(rows: int, variant: str) -> float | None:
-            hit = [r["ms_per_step"] for r in scaling if r["rows"] == rows and r["variant"] == variant]
-            return hit[0] if hit else None
-
+    if scaling_res:
         lo, hi = min(scaling_rows), max(scaling_rows)
+
+        def growth(v: str) -> float | None:
+            both = f"{v}@{hi}" in scaling_res and f"{v}@{lo}" in scaling_res
+            return paired_ratio(scaling_res[f"{v}@{hi}"], scaling_res[f"{v}@{lo}"]) if both else None
+
         for v in ("base", "pep_feature", "pep_feature_dim", "whole_table"):
-            if ms(lo, v) and ms(hi, v):
-                headline[f"scaling_{v}_{hi:.0e}_over_{lo:.0e}".replace("+0", "")] = ms(hi, v) / ms(lo, v)
-        if ms(lo, "pep_feature_dim") and ms(hi, "pep_feature_dim"):
-            headline["scaling_1e7_over_1e4"] = ms(hi, "pep_feature_dim") / ms(lo, "pep_feature_dim")
-            if ms(lo, "base") and ms(hi, "base"):
+            if growth(v) is not None:
+                headline[f"scaling_{v}_{hi:.0e}_over_{lo:.0e}".replace("+0", "")] = growth(v)
+        if growth("pep_feature_dim") is not None:
+            headline["scaling_1e7_over_1e4"] = growth("pep_feature_dim")
+            if growth("base") is not None:
                 # PEP's step growth beyond what the same table sizes cost plain TorchRec.
-                headline["scaling_1e7_over_1e4_relative_to_base"] = headline["scaling_1e7_over_1e4"] / (
-                    ms(hi, "base") / ms(lo, "base")
-                )
+                headline["scaling_1e7_over_1e4_relative_to_base"] = growth("pep_feature_dim") / growth("base")
     headline["threads"] = threads[0]
     headline["wall_s"] = time.perf_counter() - started
 
@@ -276,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores, shared), torch {info['versions']['torch']}, "
         f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}, `{info['command']}`.", "",
         f"DLRM, {args.tables} tables x {args.rows:.0e} rows x dim {DIM}, batch {args.batch}, {args.pooling} id/bag, "
-        "1-rank gloo DMP, fused Adagrad; median of per-repeat medians, variants interleaved.", "",
+        "1-rank gloo DMP, fused Adagrad; median of per-repeat medians, variants interleaved; `/ base` and the "
+        "scaling ratios are medians of per-repeat (paired) ratios.", "",
         markdown_table(overhead, [("threads", "threads", "d"), ("variant", "variant", ""),
                                   ("ms_per_step", "ms/step", ".1f"), ("over_base", "/ base", ".2f")]), "",
         f"## Table scaling ({args.scaling_tables} tables, {threads[0]} thread(s))", "",
