@@ -222,6 +222,7 @@ def _prepare(rows, offsets, coarse_s, psw, kernel_dtype):
 
 
 def _finish_backward(grads, rows, coarse_s, psw, mode, s_decay, s_push):
+    """The kernels' gradients in the inputs' dtypes, with the coarse pressure term added."""
     grad_rows, grad_coarse, grad_psw = grads
     if grad_rows is not None and grad_rows.dtype != rows.dtype:
         grad_rows = grad_rows.to(rows.dtype)
@@ -234,7 +235,7 @@ def _finish_backward(grads, rows, coarse_s, psw, mode, s_decay, s_push):
     if grad_psw is not None:
         assert psw is not None
         grad_psw = grad_psw.to(psw.dtype)
-    return _empty_if_none((grad_rows, grad_coarse, grad_psw), rows)
+    return grad_rows, grad_coarse, grad_psw
 
 
 def _kernels_for(device_type: str):
@@ -254,40 +255,28 @@ def _fused_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean):
     kernel_dtype = _kernel_dtype(rows)
     if not kernel_available(rows.device) or kernel_dtype is None:
         return _reference_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean)
-    acc = _acc_dtype(rows.dtype)
     rows_k, offsets_k, coarse_k, psw_k = _prepare(rows, offsets, coarse_s, psw, kernel_dtype)
-    coarse_k = None if coarse_k is None else coarse_k.to(acc)
-    psw_k = None if psw_k is None else psw_k.to(acc)
     return _kernels_for(rows.device.type).forward(rows_k, offsets_k, coarse_k, psw_k, dim, mode, gk, mean)
 
 
-def _fused_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw):
+def _fused_backward_grads(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push,
+                          nr, nc, nw) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """(grad rows, grad coarse_s, grad weights), None where not asked for (or no such input)."""
     needs = (nr, nc and coarse_s is not None, nw and psw is not None)
     kernel_dtype = _kernel_dtype(rows)
     if not kernel_available(rows.device) or kernel_dtype is None:
-        grads = _reference_backward(
-            grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, needs
-        )
-        return _empty_if_none(grads, rows)
-    acc = _acc_dtype(rows.dtype)
+        return _reference_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, needs)
     rows_k, offsets_k, coarse_k, psw_k = _prepare(rows, offsets, coarse_s, psw, kernel_dtype)
-    coarse_k = None if coarse_k is None else coarse_k.to(acc)
-    psw_k = None if psw_k is None else psw_k.to(acc)
     grads = _kernels_for(rows.device.type).backward(
-        grad.to(acc).contiguous(),
-        rows_k,
-        offsets_k,
-        coarse_k,
-        psw_k,
-        dim,
-        mode,
-        gk,
-        mean,
-        s_decay,
-        s_push,
-        *needs,
-    )
+        grad.to(_acc_dtype(rows.dtype)).contiguous(), rows_k, offsets_k, coarse_k, psw_k, dim, mode, gk, mean,
+        s_decay, s_push, *needs,
+    )  # fmt: skip
     return _finish_backward(grads, rows, coarse_s, psw, mode, s_decay, s_push)
+
+
+def _fused_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw):
+    grads = _fused_backward_grads(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw)
+    return _empty_if_none(grads, rows)
 
 
 for _device in ("cpu", "cuda"):
@@ -308,33 +297,24 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.args = (dim, mode, gk, mean, s_decay, s_push)
 
 
-def _grads_for_inputs(ctx, grads: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor | None, ...]:
-    """The op's (grad rows, grad coarse_s, grad weights), [0] for "not wanted", as autograd wants
-    them: one entry per input of `threshold_pool_op`, None where no gradient flows."""
-    grad_rows, grad_coarse, grad_psw = grads
+def _needs(ctx, coarse_s: Tensor | None, psw: Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of (rows, coarse_s, per_sample_weights) want a gradient (an absent input never does)."""
     need_rows, _, need_coarse, need_weights = ctx.needs_input_grad[:4]
-    coarse_s, psw = ctx.saved_tensors[2:4]
-    return (
-        grad_rows if need_rows else None,
-        None,
-        grad_coarse if need_coarse and coarse_s is not None else None,
-        grad_psw if need_weights and psw is not None else None,
-        None, None, None, None, None, None,
-    )  # fmt: skip
-
-
-def _needs(ctx) -> tuple[bool, bool, bool]:
-    need_rows, _, need_coarse, need_weights = ctx.needs_input_grad[:4]
-    coarse_s, psw = ctx.saved_tensors[2:4]
     return need_rows, need_coarse and coarse_s is not None, need_weights and psw is not None
+
+
+def _grads_for_inputs(grads: tuple[Tensor | None, ...], needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+    """The (grad rows, grad coarse_s, grad weights) of the kernels ([0] or None where not wanted) as
+    autograd wants them: one entry per input of `threshold_pool_op`, None where no gradient flows."""
+    grad_rows, grad_coarse, grad_psw = (g if need else None for g, need in zip(grads, needs))
+    return (grad_rows, None, grad_coarse, grad_psw, None, None, None, None, None, None)
 
 
 def _backward(ctx, grad_pooled):
     rows, offsets, coarse_s, psw = ctx.saved_tensors
-    grads = torch.ops.pep_torchrec.threshold_pool_backward(
-        grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *_needs(ctx)
-    )
-    return _grads_for_inputs(ctx, grads)
+    needs = _needs(ctx, coarse_s, psw)
+    grads = torch.ops.pep_torchrec.threshold_pool_backward(grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *needs)
+    return _grads_for_inputs(grads, needs)
 
 
 threshold_pool_op.register_autograd(_backward, setup_context=_setup_context)
@@ -362,8 +342,9 @@ class _EagerThresholdPool(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_pooled):  # type: ignore[override]
         rows, offsets, coarse_s, psw = ctx.saved_tensors
-        grads = _fused_backward(grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *_needs(ctx))
-        return _grads_for_inputs(ctx, grads)
+        needs = _needs(ctx, coarse_s, psw)
+        grads = _fused_backward_grads(grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *needs)
+        return _grads_for_inputs(grads, needs)
 
 
 def threshold_pool_fused(

@@ -61,9 +61,8 @@ inline int64_t chunk_of(int64_t num_bags, int num_threads) {
 
 // Columns are processed in blocks of K = 64 bytes (16 floats, 8 doubles: two AVX2 registers). A
 // block's accumulators and gradients live in registers for the whole bag: with a compile-time width
-// the d loops unroll completely, with no per-bag loop set-up, heap accumulator or aliasing check
-// (which, at the usual D = 16 and one id per bag, had cost more than the arithmetic). The D % K
-// tail columns take the same code with a run-time width.
+// the d loops unroll completely, with no per-bag loop set-up, heap accumulator or aliasing check.
+// The D % K tail columns take the same code with a run-time width.
 template <typename T>
 constexpr int64_t kBlock = 64 / sizeof(T);
 
@@ -148,17 +147,19 @@ void forward(const T* rows, int64_t ld, int64_t F, int64_t W, const int64_t* off
     }
 }
 
-// Feature f's bag b, columns [d0, d0 + len): the gradients of its rows' v (and s) columns there;
-// returns Σ_d g_d·v̂_d of the block for each row through gw_rows (added), the ROW s-gradient
-// through row_gs (added), the COARSE one through partial[d0 ..]. Every store in the d loop is
+// Feature f's bag b, columns [d0, d0 + len): the gradients of its rows' v (and s / m) columns
+// there; adds Σ_d g_d·v̂_d of the block to gw_rows[n] and the COARSE s-gradient to partial[d0 ..].
+// ROW: the row's s-gradient is a sum over all D columns: the block adds its part to row_gs[n] and
+// the last block (d0 + len = D) writes it, with the pressure, to column D (and zeros the pads).
+// MASK: the m columns get zero gradient, written in the same loop. Every store in the d loop is
 // unconditional (`scratch`, a row of W, takes the row gradients when nobody wants them): a store
 // under a condition becomes a masked store (vmaskmovps), which is microcoded on AMD Zen and made
 // this loop ~5x slower.
 template <typename T, int mode, int64_t LEN>
 inline void backward_block(const T* g, const T* rows, int64_t ld, int64_t col0, int64_t start,
                            int64_t end, int64_t D, int64_t d0, int64_t len, T gk,
-                           const T* coarse_sig, const T* psw, T denom, T s_decay, T s_push,
-                           T* grad_rows, int64_t ldg, T* scratch, T* gw_rows, T* row_gs,
+                           int64_t W, const T* coarse_sig, const T* psw, T denom, T s_decay,
+                           T s_push, T* grad_rows, int64_t ldg, T* scratch, T* gw_rows, T* row_gs,
                            T* partial) {
   if constexpr (LEN > 0) len = LEN;
   T gd[LEN > 0 ? LEN : kBlock<T>];  // the gradient reaching w·v̂ (mean: divided by the count)
@@ -183,6 +184,7 @@ inline void backward_block(const T* g, const T* rows, int64_t ld, int64_t col0, 
         const bool keep = s[d] > T(0.5);
         gv = keep ? ge : T(0);  // masked elements: zero gradient (retrain)
         vhat = keep ? x : T(0);
+        gr[D + d] = T(0);  // m never gets gradient
       } else {
         T sig;
         if constexpr (mode == ROW_DIM) sig = sigmoid_(s[d]);
@@ -206,7 +208,15 @@ inline void backward_block(const T* g, const T* rows, int64_t ld, int64_t col0, 
       gw += gd[d] * vhat;
     }
     if (gw_rows) gw_rows[n] += gw;
-    if constexpr (mode == ROW) row_gs[n - start] += gs_sum;
+    if constexpr (mode == ROW) {
+      const T row_total = (row_gs ? row_gs[n - start] : T(0)) + gs_sum;
+      if (d0 + len < D) {
+        row_gs[n - start] = row_total;
+      } else {
+        gr[D - d0] = row_total + s_decay * s[-d0] - s_push;  // + sparsity pressure, per row
+        for (int64_t c = D + 1; c < W; ++c) gr[c - d0] = T(0);  // pad columns
+      }
+    }
   }
 }
 
@@ -231,7 +241,7 @@ void backward(const T* grad_out, int64_t ldgo, const T* rows, int64_t ld, int64_
   {
     T* my_partial = mode == COARSE ? partial.data() + int64_t(omp_get_thread_num()) * D : nullptr;
     std::vector<T> scratch(grad_rows ? 0 : W);
-    std::vector<T> row_gs;  // ROW: the s-gradient of each row of the bag, summed over the blocks
+    std::vector<T> row_gs;  // ROW with D > K: each row's s-gradient, summed over the blocks
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t b = 0; b < B; ++b) {
       for (int64_t f = 0; f < F; ++f) {
@@ -243,29 +253,20 @@ void backward(const T* grad_out, int64_t ldgo, const T* rows, int64_t ld, int64_
         const T* psw_f = psw ? psw + row0 : nullptr;
         T* gw_rows = grad_psw ? grad_psw + row0 : nullptr;
         if (gw_rows) std::fill(gw_rows + start, gw_rows + end, T(0));
-        if constexpr (mode == ROW) {
+        T* gs_rows = nullptr;
+        if (mode == ROW && D > K) {
           if ((int64_t)row_gs.size() < end - start) row_gs.resize(end - start);
           std::fill(row_gs.begin(), row_gs.begin() + (end - start), T(0));
+          gs_rows = row_gs.data();
         }
         for (int64_t d0 = 0; d0 < full; d0 += K)
-          backward_block<T, mode, K>(g, rows, ld, f * W, start, end, D, d0, K, gk, cs, psw_f, denom,
-                                     s_decay, s_push, grad_rows, ldg, scratch.data(), gw_rows,
-                                     row_gs.data(), my_partial);
-        if (full < D)
-          backward_block<T, mode, 0>(g, rows, ld, f * W, start, end, D, full, D - full, gk, cs, psw_f,
+          backward_block<T, mode, K>(g, rows, ld, f * W, start, end, D, d0, K, gk, W, cs, psw_f,
                                      denom, s_decay, s_push, grad_rows, ldg, scratch.data(), gw_rows,
-                                     row_gs.data(), my_partial);
-        if (!grad_rows || mode == ROW_DIM || W == D) continue;
-        for (int64_t n = start; n < end; ++n) {
-          T* gr = grad_rows + n * ldg + f * W;
-          if constexpr (mode == ROW) {
-            const T* s = rows + n * ld + f * W + D;
-            gr[D] = row_gs[n - start] + s_decay * s[0] - s_push;
-            for (int64_t c = D + 1; c < W; ++c) gr[c] = T(0);  // pad columns
-          } else {
-            for (int64_t c = D; c < W; ++c) gr[c] = T(0);  // m never gets gradient
-          }
-        }
+                                     gs_rows, my_partial);
+        if (full < D)
+          backward_block<T, mode, 0>(g, rows, ld, f * W, start, end, D, full, D - full, gk, W, cs,
+                                     psw_f, denom, s_decay, s_push, grad_rows, ldg, scratch.data(),
+                                     gw_rows, gs_rows, my_partial);
       }
     }
   }
