@@ -1,6 +1,7 @@
 """Train-step overhead of PEP on one device without TorchRec: the GPU side of `train_overhead`.
 
     python benchmarks/gpu_train_step.py [--device cuda|cpu] [--rows 10000] [--repeats 7]
+        → benchmarks/results/gpu_train_step.{json,md}
 
 Legend: F = sparse features (one table each), R = rows per table, D = embedding dim, W = stored row
 width (2D for `feature_dim`, D + 4 for `feature`), B = batch (one id per feature per sample).
@@ -19,13 +20,12 @@ then the same MLPs, BCE loss and backward. The table's gradient is sparse (`spar
 lookup: only the looked-up rows, as TBE's fused optimizer updates only those) and goes to
 `torch.optim.SparseAdam`; the MLPs use `torch.optim.Adam(fused=True)` on CUDA (foreach on CPU).
 Steps are timed interleaved (the order rotates every repeat), synchronised, median of repeats; the
-ratios are PEP step time / base step time.
+ratios are paired: PEP step time / base step time within a repeat, median over repeats.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -134,12 +134,15 @@ def time_models(device: torch.device, num_features: int = 26, rows: int = 10_000
             sync()
             samples[name].append((time.perf_counter() - t0) / steps * 1e3)
     ms = {name: statistics.median(ts) for name, ts in samples.items()}
+
+    def over_base(name: str) -> float:  # paired: the two models' times in the same repeat
+        return statistics.median(a / b for a, b in zip(samples[name], samples["base"], strict=True))
+
     return {
         "device": str(device), "features": num_features, "rows_per_table": rows, "dim": dim,
         "batch": batch, "repeats": repeats, "steps": steps,
         **{f"{name}_step_ms": v for name, v in ms.items()},
-        "pep_feature_over_base": ms["pep_feature"] / ms["base"],
-        "pep_feature_dim_over_base": ms["pep_feature_dim"] / ms["base"],
+        **{f"{name}_over_base": over_base(name) for name in MODELS},
     }  # fmt: skip
 
 
@@ -150,10 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--name", default="gpu_train_step", help="results file stem in benchmarks/results/")
     args = parser.parse_args(argv)
+    from benchmarks.common import machine_info, write_results
+
     result = time_models(torch.device(args.device), rows=args.rows, batch=args.batch, repeats=args.repeats,
                          steps=args.steps)  # fmt: skip
-    print(json.dumps(result, indent=2))
+    info = machine_info()
+    md = "\n".join([
+        "# Train-step overhead of PEP without TorchRec (stacked tables, grouped threshold_pool)", "",
+        f"{info['date']}, {info['cuda'] or info['host_cpu']}, torch {info['versions']['torch']}, "
+        f"threads {info['torch_threads']}, `{info['command']}`.", "",
+        f"26 tables x {args.rows} rows x dim 16, batch {args.batch}, SparseAdam tables + "
+        f"{'fused ' if result['device'].startswith('cuda') else ''}Adam MLPs; median of {args.repeats} interleaved "
+        f"repeats of {args.steps} steps.", "",
+        "| variant | ms/step | / base |", "|---|---|---|",
+        *(f"| {name} | {result[name + '_step_ms']:.2f} | {result[name + '_over_base']:.3f} |" for name in MODELS),
+        "",
+    ])  # fmt: skip
+    write_results(args.name, {"machine": info, "result": result}, md)
+    print(md)
     return 0
 
 

@@ -347,18 +347,9 @@ class _EagerThresholdPool(torch.autograd.Function):
         return _grads_for_inputs(grads, needs)
 
 
-def threshold_pool_fused(
-    rows: Tensor,
-    offsets: Tensor,
-    coarse_s: Tensor | None,
-    per_sample_weights: Tensor | None,
-    dim: int,
-    mode: int,
-    gk: float,
-    mean: bool,
-    s_decay: float,
-    s_push: float,
-) -> Tensor:
+def threshold_pool_fused(rows: Tensor, offsets: Tensor, coarse_s: Tensor | None,
+                         per_sample_weights: Tensor | None, dim: int, mode: int, gk: float, mean: bool,
+                         s_decay: float, s_push: float) -> Tensor:  # fmt: skip
     """`threshold_pool_op`, with the same arguments and results: eager calls go straight to its
     kernels (`_EagerThresholdPool`), traced ones through the registered op."""
     args = (rows, offsets, coarse_s, per_sample_weights, dim, mode, gk, mean, s_decay, s_push)
