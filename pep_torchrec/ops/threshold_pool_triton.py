@@ -14,7 +14,7 @@ accumulation is float32, gradients are stored in the rows' dtype. A bag with a h
 is walked by one program: fine for recommendation bags (pooling factors ≲ 10^3), a split-bag
 variant would be needed for 10^5-row bags.
 
-Features (the grouped launch, one per sharded TBE group, as `GroupedThresholdPool` on CPU): feature
+Features (the grouped launch `GroupedThresholdPool` makes, one per sharded TBE group): feature
 f's bag b is rows offsets[f·B + b] .. offsets[f·B + b + 1] of a KJT's offsets; its row n lives at
 rows + (n − offsets[f·B])·stride_row + f·W (the TBE output [N_max, F·W]: feature f's ids in rows
 [0, N_f)); weights are indexed by n itself (the KJT's); pooled bag (f, b) goes to
@@ -46,7 +46,7 @@ def _fwd_kernel(
     row0 = tl.load(offsets_ptr + f * B)  # int64: feature f's first id
     start = tl.load(offsets_ptr + f * B + b)  # int64 bag bounds (KJT positions)
     end = tl.load(offsets_ptr + f * B + b + 1)
-    rows_ptr = rows_ptr + f * W - row0 * stride_row  # row n of feature f at rows_ptr + n·stride_row
+    rows_ptr = rows_ptr + f * W  # feature f's columns; its id n is row n − row0
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -58,7 +58,8 @@ def _fwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         tile_ok = n_ok[:, None] & d_ok[None, :]
-        row_base = rows_ptr + n[:, None] * stride_row  # n is int64: no overflow on large tables
+        r = n - row0  # the ids' rows in the TBE output (int64: no overflow on large tables)
+        row_base = rows_ptr + r[:, None] * stride_row
         # Masked lanes read 0: v = 0 is never kept (|0| − t ≤ 0), so they add nothing.
         v = tl.load(row_base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         if MODE == NONE:
@@ -72,7 +73,7 @@ def _fwd_kernel(
                     tl.load(row_base + D + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
                 )
             elif MODE == ROW:
-                s_n = tl.load(rows_ptr + n * stride_row + D, mask=n_ok, other=0.0).to(tl.float32)
+                s_n = tl.load(rows_ptr + r * stride_row + D, mask=n_ok, other=0.0).to(tl.float32)
                 t = (gk * tl.sigmoid(s_n))[:, None]  # one threshold per row, broadcast over D
             else:
                 t = coarse_t[None, :]
@@ -103,8 +104,8 @@ def _bwd_kernel(
     row0 = tl.load(offsets_ptr + f * B)
     start = tl.load(offsets_ptr + f * B + b)
     end = tl.load(offsets_ptr + f * B + b + 1)
-    rows_ptr = rows_ptr + f * W - row0 * stride_row  # as in the forward
-    grad_rows_ptr = grad_rows_ptr + f * W - row0 * ldg
+    rows_ptr = rows_ptr + f * W  # as in the forward
+    grad_rows_ptr = grad_rows_ptr + f * W
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     # The gradient reaching each row's w·v̂ (mean: divided by the count).
@@ -119,8 +120,9 @@ def _bwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
         tile_ok = n_ok[:, None] & d_ok[None, :]
-        row_base = rows_ptr + n[:, None] * stride_row
-        grad_base = grad_rows_ptr + n[:, None] * ldg
+        r = n - row0
+        row_base = rows_ptr + r[:, None] * stride_row
+        grad_base = grad_rows_ptr + r[:, None] * ldg
         v = tl.load(row_base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
         if HAS_PSW:
             w = tl.load(psw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
@@ -139,7 +141,7 @@ def _bwd_kernel(
                 s = tl.load(row_base + D + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(s)
             elif MODE == ROW:
-                s_n = tl.load(rows_ptr + n * stride_row + D, mask=n_ok, other=0.0).to(tl.float32)
+                s_n = tl.load(rows_ptr + r * stride_row + D, mask=n_ok, other=0.0).to(tl.float32)
                 sig = tl.sigmoid(s_n)[:, None] + tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
             else:
                 sig = coarse_sig[None, :] + tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -157,7 +159,7 @@ def _bwd_kernel(
                 if MODE == ROW:
                     # s is broadcast over D: its gradient is the row sum (pad columns: zeroed by the launcher).
                     g_row = tl.sum(g_s, axis=1) + s_decay * s_n - s_push
-                    tl.store(grad_rows_ptr + n * ldg + D, g_row.to(grad_rows_ptr.dtype.element_ty), mask=n_ok)
+                    tl.store(grad_rows_ptr + r * ldg + D, g_row.to(grad_rows_ptr.dtype.element_ty), mask=n_ok)
             if NEED_COARSE:
                 grad_coarse += tl.sum(g_s, axis=0)
         if NEED_ROWS:
