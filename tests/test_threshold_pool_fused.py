@@ -215,6 +215,18 @@ def test_traced_calls_go_through_the_registered_op() -> None:
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = threshold_pool(mode.from_tensor(rows), mode.from_tensor(offsets), dim=6, mode="row_dim")
     assert fake.shape == (3, 6) and fake.dtype == torch.float32
+    # A fake made from a Parameter passes isinstance(·, Parameter); outside the mode it must still
+    # reach the op's fake implementation, never the C++ kernel (which would read a fake pointer).
+    fake_param = mode.from_tensor(torch.nn.Parameter(rows.clone()))
+    fake = threshold_pool(fake_param, mode.from_tensor(offsets), dim=6, mode="row_dim")
+    assert type(fake).__name__ == "FakeTensor" and fake.shape == (3, 6)
+    # The grouped path has no fake implementation: it refuses, with the reason.
+    with pytest.raises(ValueError, match="no grouped kernel for FakeTensor"):
+        library.GroupedThresholdPool.apply(mode.from_tensor(torch.randn(4, 24)), mode.from_tensor(torch.arange(9)),
+                                           None, 2, 6, 0, GK, False, 0.0, 0.0)  # fmt: skip
+    with pytest.raises(ValueError, match="per-sample weights no gradient"):
+        library.GroupedThresholdPool.apply(torch.randn(4, 24), torch.arange(9), torch.ones(8, requires_grad=True),
+                                           2, 6, 0, GK, False, 0.0, 0.0)  # fmt: skip
 
 
 def test_dispatch_policy(monkeypatch: pytest.MonkeyPatch) -> None:

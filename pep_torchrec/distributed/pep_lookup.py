@@ -64,6 +64,7 @@ from torchrec.modules.embedding_configs import PoolingMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pep_torchrec.ops import ThresholdMode, library, row_width, threshold_pool
+from pep_torchrec.ops.threshold_pool import is_traced
 
 # Modes whose stored row carries more than v ([v | s], [v | s | pad], [v | m]): the row must stay
 # whole on one shard, and the pooled output (D columns) is narrower than the stored row (W).
@@ -322,7 +323,11 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         (`library.default_impl`) and a grouped one for the rows' dtype, one whole-row mode (or
         NONE), D, W, gk and pressure shared by every table of the group, no coarse thresholds and no
         gradient for the per-sample weights; otherwise the per-feature path."""
-        if num_features == 0 or not library.group_kernel_available(rows_all.device, rows_all.dtype):
+        if (
+            num_features == 0
+            or is_traced(rows_all)  # fake tensors / compile: the per-feature op has a fake implementation
+            or not library.group_kernel_available(rows_all.device, rows_all.dtype)
+        ):
             return None
         if weights is not None and weights.requires_grad:
             return None

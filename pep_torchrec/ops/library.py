@@ -20,9 +20,10 @@ one kernel call each way (the sharded lookup's path on both devices).
 
 Kernels: CPU → `threshold_pool_cpu` (float32/float64; half types are upcast), CUDA →
 `threshold_pool_triton` (float32/bf16/fp16, float32 accumulation; float64 goes to the reference).
-Which path the public `threshold_pool` takes is `default_impl` (measured: `benchmarks/kernel.py`);
-`PEP_TORCHREC_OPS=reference|fused|auto` overrides it. Wherever a fused kernel is missing (no compiler, no Triton, other devices) the op computes the
-pure-PyTorch reference (`threshold_pool.threshold_pool_reference`), which is its specification.
+Which path the public `threshold_pool` takes is `default_impl` (measured: `benchmarks/kernel.py`):
+the fused kernels wherever they exist; `PEP_TORCHREC_OPS=reference` forces the reference. Wherever
+a fused kernel is missing (no compiler, no Triton, other devices) the op computes the pure-PyTorch
+reference (`threshold_pool.threshold_pool_reference`), which is its specification.
 Inputs are assumed valid (the public `threshold_pool` validates them).
 """
 
@@ -382,11 +383,19 @@ class GroupedThresholdPool(torch.autograd.Function):
     code, gk, mean, s_decay, s_push) → pooled [B, F·D] (float32; float64 for float64 rows on CPU);
     backward → grad rows_all [N_max, F·W] in rows' dtype, rows past N_f zero. Equal, feature by
     feature, to `threshold_pool` on `rows_all[:N_f, f·W:(f+1)·W]` (tests/test_threshold_pool_fused.py);
-    COARSE (per-table [D] parameters) is not grouped. Needs `group_kernel_available`.
+    COARSE (per-table [D] parameters) is not grouped. Needs `group_kernel_available`, real tensors
+    (not traced: there is no fake implementation) and weights without gradient; the sharded lookup
+    checks all three and takes the per-feature path otherwise.
     """
 
     @staticmethod
     def forward(ctx, rows_all, offsets, psw, num_features, dim, mode, gk, mean, s_decay, s_push):  # type: ignore[override]
+        if is_traced(rows_all) or not group_kernel_available(rows_all.device, rows_all.dtype):
+            raise ValueError(f"GroupedThresholdPool: no grouped kernel for {type(rows_all).__name__} "
+                             f"{rows_all.dtype} rows on {rows_all.device} (traced, or no kernel)")  # fmt: skip
+        if psw is not None and psw.requires_grad:
+            raise ValueError("GroupedThresholdPool gives per-sample weights no gradient; "
+                             "call threshold_pool per feature for that")  # fmt: skip
         assert rows_all.stride(1) == 1 or rows_all.shape[1] <= 1, "rows must have unit column stride"
         offsets = offsets.to(torch.int64).contiguous()
         acc = _acc_dtype(rows_all.dtype)

@@ -230,7 +230,8 @@ def is_traced(t: Tensor) -> bool:
     than run: then there are no values to check, and no pointers to hand a kernel."""
     return (
         torch.compiler.is_compiling()
-        or (type(t) is not Tensor and not isinstance(t, torch.nn.Parameter))
+        # `type`, not isinstance: a FakeTensor made from a Parameter passes isinstance(·, Parameter).
+        or type(t) not in (Tensor, torch.nn.Parameter)
         or _get_current_dispatch_mode() is not None
     )
 

@@ -192,8 +192,8 @@ def group_forward(rows_all: Tensor, offsets: Tensor, psw: Tensor | None, num_fea
     int64 (a KJT's), psw [sum N_f] (the KJT's weights, rows' dtype) or None."""
     lib = load()
     assert lib is not None and rows_all.dtype in _SUFFIX and rows_all.stride(1) == 1
-    width = rows_all.shape[1] // num_features
-    num_bags = (offsets.numel() - 1) // num_features
+    width = rows_all.shape[1] // num_features if num_features else 0
+    num_bags = (offsets.numel() - 1) // num_features if num_features else 0
     out = torch.empty(num_bags, num_features * dim, dtype=rows_all.dtype)
     if num_bags > 0 and num_features > 0:
         getattr(lib, f"pep_threshold_pool_group_fwd_{_SUFFIX[rows_all.dtype]}")(
@@ -211,8 +211,8 @@ def group_backward(grad_out: Tensor, rows_all: Tensor, offsets: Tensor, psw: Ten
     """grad rows_all [N_max, F·W] (rows past N_f: zero); grad_out [B, F·D] contiguous, rows' dtype."""
     lib = load()
     assert lib is not None
-    width = rows_all.shape[1] // num_features
-    num_bags = (offsets.numel() - 1) // num_features
+    width = rows_all.shape[1] // num_features if num_features else 0
+    num_bags = (offsets.numel() - 1) // num_features if num_features else 0
     grad_rows = torch.empty(rows_all.shape, dtype=rows_all.dtype)
     if num_bags > 0 and num_features > 0:
         getattr(lib, f"pep_threshold_pool_group_bwd_{_SUFFIX[rows_all.dtype]}")(

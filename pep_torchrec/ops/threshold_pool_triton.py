@@ -189,13 +189,15 @@ def forward(
     mode: int,
     gk: float,
     mean: bool,
-    num_features: int = 1,
+    num_features: int | None = None,
 ) -> Tensor:
     """pooled [B, F·D] float32. rows [N, F·W] (unit column stride; fp32/bf16/fp16), offsets
-    [F·B + 1] int64, coarse_s [D] (F = 1 only) / per_sample_weights [N] contiguous or None."""
-    num_bags = (offsets.numel() - 1) // num_features
+    [F·B + 1] int64, coarse_s [D] (single-feature calls only) / per_sample_weights [N] contiguous or
+    None. num_features None: a single-feature call (the op); an int: a grouped launch."""
+    num_features = 1 if num_features is None else num_features
+    num_bags = (offsets.numel() - 1) // num_features if num_features else 0
     out = torch.empty(num_bags, num_features * dim, dtype=torch.float32, device=rows.device)
-    if num_bags == 0 or num_features == 0:
+    if num_bags == 0:
         return out
     block_n, block_d = _blocks(dim)
     _fwd_kernel[(num_bags, num_features)](
@@ -222,23 +224,27 @@ def backward(
     need_rows: bool,
     need_coarse: bool,
     need_weights: bool,
-    num_features: int = 1,
+    num_features: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """(grad rows [N, F·W] in rows' dtype, grad coarse_s [D] float32 without the pressure term, grad
-    weights [N] float32), each None unless asked for. grad_pooled: [B, F·D] contiguous. Rows no bag
-    reads (a TBE group's padding) get zero gradient."""
+    weights [N] float32), each None unless asked for. grad_pooled: [B, F·D] contiguous.
+    num_features None: a single-feature call (the op: its bags cover every row); an int: a grouped
+    launch, whose rows no bag reads (a TBE group's padding) get zero gradient; no weight gradient."""
+    grouped = num_features is not None
+    num_features = 1 if num_features is None else num_features
+    assert not (grouped and need_weights), "a grouped launch gives per-sample weights no gradient"
     num_rows, width = rows.shape
-    num_bags = (offsets.numel() - 1) // num_features
+    num_bags = (offsets.numel() - 1) // num_features if num_features else 0
     device = rows.device
     grad_rows = None
     if need_rows:
         # The kernel writes every v / s column of every row a bag reads; pad (ROW) and mask (MASK)
         # columns, and a group's padding rows, must read 0.
-        fill = torch.zeros if mode in (ROW, MASK) or num_features > 1 else torch.empty
+        fill = torch.zeros if mode in (ROW, MASK) or grouped else torch.empty
         grad_rows = fill(num_rows, width, dtype=rows.dtype, device=device)
     grad_coarse = torch.zeros(dim, dtype=torch.float32, device=device) if need_coarse else None
     grad_psw = torch.zeros(num_rows, dtype=torch.float32, device=device) if need_weights else None
-    if num_bags == 0 or num_features == 0:
+    if num_bags == 0:
         return grad_rows, grad_coarse, grad_psw
     block_n, block_d = _blocks(dim)
     dummy = grad_pooled

@@ -52,8 +52,6 @@ inline T sigmoid_(T s) { return T(1) / (T(1) + exp_(-s)); }
 
 // Dynamic scheduling in chunks of bags: bag sizes vary (Zipf pooling factors, empty bags), so a
 // static split can leave one thread with all the long bags.
-// Dynamic scheduling in chunks of bags: bag sizes vary (Zipf pooling factors, empty bags), so a
-// static split can leave one thread with all the long bags.
 inline int64_t chunk_of(int64_t num_bags, int num_threads) {
   int64_t c = num_bags / (int64_t(num_threads) * 8);
   return c < 1 ? 1 : c;
@@ -149,7 +147,7 @@ void forward(const T* rows, int64_t ld, int64_t F, int64_t W, const int64_t* off
 
 // Feature f's bag b, columns [d0, d0 + len): the gradients of its rows' v (and s / m) columns
 // there; adds Σ_d g_d·v̂_d of the block to gw_rows[n] and the COARSE s-gradient to partial[d0 ..].
-// ROW: the row's s-gradient is a sum over all D columns: the block adds its part to row_gs[n] and
+// ROW: the row's s-gradient is a sum over all D columns: the block adds its part to row_gs[n − start] and
 // the last block (d0 + len = D) writes it, with the pressure, to column D (and zeros the pads).
 // MASK: the m columns get zero gradient, written in the same loop. Every store in the d loop is
 // unconditional (`scratch`, a row of W, takes the row gradients when nobody wants them): a store
