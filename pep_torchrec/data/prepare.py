@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pep_torchrec.atomic import replace_dir
 from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, DatasetReader
 from pep_torchrec.data.report import PrepareError, RejectionLog, write_report
 from pep_torchrec.data.schema import SPLITS, Schema, SparseFeature, SplitInfo
@@ -218,17 +219,7 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp.mkdir()
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f"{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -58,6 +58,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pep_torchrec.atomic import replace_dir
+
 FORMAT_NAME = "pep-torchrec-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -355,16 +357,7 @@ def write_artifact(out: str | os.PathLike, manifest: dict[str, Any], files: dict
             text = json.dumps(manifest, indent=2) + "\n"
         (tmp / MANIFEST).write_text(text)
         os.chmod(tmp, 0o755)
-        if out.exists():
-            # Two renames: the old artifact moves aside, then the new one in; a reader sees one or
-            # the other, never a mix.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rmdir(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)  # a reader sees the old artifact or the new one, never a mix
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
