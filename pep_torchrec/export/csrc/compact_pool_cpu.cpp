@@ -116,6 +116,24 @@ inline void add_row(const unsigned char* blob, int64_t p, float w, int quantized
   }
 }
 
+// Every bag b of `offsets` pooled into out[b, 0:dim]: zeroed, add_id(n, o) for each of its id
+// positions n, divided by its count for mean (an empty bag stays 0). Threads split the bags.
+template <typename AddId>
+inline void for_each_bag(const int64_t* offsets, int64_t num_bags, int64_t dim, int mean, float* out, int threads,
+                         const AddId& add_id) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && num_bags >= 64)
+  for (int64_t b = 0; b < num_bags; ++b) {
+    float* o = out + b * dim;
+    for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
+    const int64_t lo = offsets[b], hi = offsets[b + 1];
+    for (int64_t n = lo; n < hi; ++n) add_id(n, o);
+    if (mean) {
+      const float count = float(hi - lo > 1 ? hi - lo : 1);
+      for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / count;
+    }
+  }
+}
+
 template <typename V, typename C>
 int64_t pool(const int64_t* packed, int64_t num_rows, const int64_t* ids, int64_t num_ids, const int64_t* offsets,
              int64_t num_bags, int64_t dim, const unsigned char* blob, int quantized, const float* psw,
@@ -123,22 +141,12 @@ int64_t pool(const int64_t* packed, int64_t num_rows, const int64_t* ids, int64_
   const int64_t bad = check_inputs(num_rows, ids, num_ids, offsets, num_bags);
   if (bad != -1) return bad;
   const int64_t last = num_ids - 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && num_bags >= 64)
-  for (int64_t b = 0; b < num_bags; ++b) {
-    float* o = out + b * dim;
-    for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
-    const int64_t lo = offsets[b], hi = offsets[b + 1];
-    for (int64_t n = lo; n < hi; ++n) {
-      // Two stages ahead: packed_R of id n + 2P, the record of id n + P (clamped at the last id).
-      __builtin_prefetch(packed + ids[n + 2 * kPrefetch < last ? n + 2 * kPrefetch : last]);
-      __builtin_prefetch(blob + (packed[ids[n + kPrefetch < last ? n + kPrefetch : last]] >> kStartShift));
-      add_row<V, C>(blob, packed[ids[n]], psw != nullptr ? psw[n] : 1.0f, quantized, psw, o);
-    }
-    if (mean) {
-      const float count = float(hi - lo > 1 ? hi - lo : 1);
-      for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / count;
-    }
-  }
+  for_each_bag(offsets, num_bags, dim, mean, out, threads, [&](int64_t n, float* o) {
+    // Two stages ahead: packed_R of id n + 2P, the record of id n + P (clamped at the last id).
+    __builtin_prefetch(packed + ids[n + 2 * kPrefetch < last ? n + 2 * kPrefetch : last]);
+    __builtin_prefetch(blob + (packed[ids[n + kPrefetch < last ? n + kPrefetch : last]] >> kStartShift));
+    add_row<V, C>(blob, packed[ids[n]], psw != nullptr ? psw[n] : 1.0f, quantized, psw, o);
+  });
   return -1;
 }
 
@@ -149,34 +157,24 @@ int64_t pool_slots(const unsigned char* data, int64_t slot_bytes, int64_t value_
   const int64_t bad = check_inputs(num_rows, ids, num_ids, offsets, num_bags);
   if (bad != -1) return bad;
   const int64_t last = num_ids - 1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && num_bags >= 64)
-  for (int64_t b = 0; b < num_bags; ++b) {
-    float* o = out + b * dim;
-    for (int64_t d = 0; d < dim; ++d) o[d] = 0.0f;
-    const int64_t lo = offsets[b], hi = offsets[b + 1];
-    for (int64_t n = lo; n < hi; ++n) {
-      __builtin_prefetch(data + ids[n + 2 * kPrefetch < last ? n + 2 * kPrefetch : last] * slot_bytes);
-      const unsigned char* slot = data + ids[n] * slot_bytes;
-      const int count = slot[0];
-      const float w = psw != nullptr ? psw[n] : 1.0f;
-      if (count == kOverflow) {
-        add_row<V, uint8_t>(data, load<int64_t>(slot + 8), w, quantized, psw, o);
-        continue;
-      }
-      const float scale = quantized ? pow2(int(slot[1]) - kExponentBias) : 1.0f;
-      const unsigned char* v = slot + value_offset;
-      for (int k = 0; k < count; ++k) {
-        float x = widen(load<V>(v + k * sizeof(V)));
-        if (quantized) x = x * scale;
-        if (psw != nullptr) x = x * w;
-        o[slot[2 + k]] += x;
-      }
+  for_each_bag(offsets, num_bags, dim, mean, out, threads, [&](int64_t n, float* o) {
+    __builtin_prefetch(data + ids[n + 2 * kPrefetch < last ? n + 2 * kPrefetch : last] * slot_bytes);
+    const unsigned char* slot = data + ids[n] * slot_bytes;
+    const int count = slot[0];
+    const float w = psw != nullptr ? psw[n] : 1.0f;
+    if (count == kOverflow) {
+      add_row<V, uint8_t>(data, load<int64_t>(slot + 8), w, quantized, psw, o);
+      return;
     }
-    if (mean) {
-      const float count = float(hi - lo > 1 ? hi - lo : 1);
-      for (int64_t d = 0; d < dim; ++d) o[d] = o[d] / count;
+    const float scale = quantized ? pow2(int(slot[1]) - kExponentBias) : 1.0f;
+    const unsigned char* v = slot + value_offset;
+    for (int k = 0; k < count; ++k) {
+      float x = widen(load<V>(v + k * sizeof(V)));
+      if (quantized) x = x * scale;
+      if (psw != nullptr) x = x * w;
+      o[slot[2 + k]] += x;
     }
-  }
+  });
   return -1;
 }
 
