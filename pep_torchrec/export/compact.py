@@ -114,9 +114,13 @@ def _element_positions(lengths_Rk: Tensor, value_start_Rk: Tensor, col_start_Rk:
     return value_pos.unsqueeze(1) + torch.arange(value_bytes), col_pos.unsqueeze(1) + torch.arange(col_bytes)
 
 
-def _bag_lengths(offsets_B1: Tensor, num_ids: int) -> Tensor:
+def _check_offsets(offsets_B1: Tensor, num_ids: int) -> None:
     if offsets_B1.dim() != 1 or offsets_B1.numel() < 1 or int(offsets_B1[-1]) != num_ids:
         raise ValueError(f"offsets must be [B + 1] ending at N = {num_ids}, got shape {tuple(offsets_B1.shape)}")
+
+
+def _bag_lengths(offsets_B1: Tensor, num_ids: int) -> Tensor:
+    _check_offsets(offsets_B1, num_ids)
     return offsets_B1[1:] - offsets_B1[:-1]
 
 
@@ -360,12 +364,13 @@ class DenseEmbeddingBag(nn.Module):
         self.register_buffer("weight", weight_RD.float().contiguous(), persistent=False)
 
     def forward(self, ids_N: Tensor, offsets_B1: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
-        _bag_lengths(offsets_B1, ids_N.numel())
         if self.pooling == "mean" and per_sample_weights is not None:
+            lengths_B = _bag_lengths(offsets_B1, ids_N.numel())
             pooled = nn.functional.embedding_bag(ids_N.long(), self.weight, offsets_B1.long(), mode="sum",
                                                  per_sample_weights=per_sample_weights.float(),
                                                  include_last_offset=True)
-            return pooled / (offsets_B1[1:] - offsets_B1[:-1]).clamp(min=1).unsqueeze(1)
+            return pooled / lengths_B.clamp(min=1).unsqueeze(1)
+        _check_offsets(offsets_B1, ids_N.numel())
         return nn.functional.embedding_bag(ids_N.long(), self.weight, offsets_B1.long(), mode=self.pooling,
                                            per_sample_weights=per_sample_weights, include_last_offset=True)
 

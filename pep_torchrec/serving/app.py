@@ -12,8 +12,9 @@ Endpoints:
 
 Bad requests get 4xx with FastAPI's error shape ({"detail": [{"loc", "msg", "type"}]}) naming the
 field: 422 for wrong types, unknown or missing fields and too many instances, 413 for a body over
-`max_body_bytes`. The artifact is loaded in the lifespan; a corrupted or partial one stops the start
-with its `ArtifactError`. A reload builds and verifies the new model completely before one reference
+`max_body_bytes`. The artifact is loaded before the port is bound (`run`; an app built with
+`create_app` alone loads it in its lifespan); a corrupted or partial one stops the start with its
+`ArtifactError`. A reload builds and verifies the new model completely before one reference
 assignment swaps it in: a request holds the model it started with, so in-flight requests finish on
 the old model, and a bad artifact leaves the old one serving (the reload answers 409 with the error).
 Endpoints are plain `def` (torch work blocks; FastAPI runs them in its thread pool).
@@ -181,7 +182,8 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(max(1, settings.num_threads))
-        await asyncio.to_thread(holder.load)
+        if holder.current is None:  # `run` loads it before binding the port; a bare app loads here
+            await asyncio.to_thread(holder.load)
         loop = asyncio.get_running_loop()
         try:  # SIGHUP → reload in a worker thread (only possible in the main thread's loop)
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(None, _reload_logged))
@@ -293,12 +295,12 @@ def run(args: argparse.Namespace) -> int:
                                      num_threads=args.num_threads)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
-    try:  # refuse a bad artifact before binding, with the loader's message
-        from pep_torchrec.export.format import read_manifest, verify_files
-
-        verify_files(settings.artifact, read_manifest(settings.artifact))
+    app = create_app(settings)
+    torch.set_num_threads(max(1, settings.num_threads))
+    try:  # load before binding: a bad artifact is refused with the loader's message (and read once)
+        app.state.holder.load()
     except ArtifactError as e:
         raise ConfigError(f"cannot serve: {e}") from e
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=10)
     return 0
