@@ -34,7 +34,8 @@ quality: install
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/kernel.py
-	$(BIN)/python -m benchmarks.serving
+	test -d out/demo/runs/search/masks || $(MAKE) demo  # the serving benchmark exports a search run
+	$(BIN)/python -m benchmarks.serving --run-dir out/demo/runs/search --retrain-runs out/demo/runs/retrain_10
 
 lint: install
 	$(BIN)/ruff check pep_torchrec pipelines tests benchmarks

@@ -31,6 +31,7 @@ from pep_torchrec.pruning import (
     affordable_floor,
     budget_count,
     budget_tag,
+    check_row_rules,
     kth_largest,
     open_array,
     read_meta,
@@ -70,9 +71,10 @@ class PEPStage:
         self.budgets = sorted((budget_count(b, self.total), b) for b in cfg.budgets) if stage == "search" else []
         if cfg.mask_layout not in MASK_LAYOUTS:
             raise ConfigError(f"pep.mask_layout={cfg.mask_layout!r}: expected one of {list(MASK_LAYOUTS)}")
-        for key in ("min_row_dims", "max_row_dims"):
-            if not 0 <= getattr(cfg, key) <= dim:
-                raise ConfigError(f"pep.{key}={getattr(cfg, key)}: expected 0..{dim} (embedding_dim)")
+        try:  # at start-up, not at the first snapshot
+            check_row_rules(cfg.min_row_dims, cfg.max_row_dims, dim)
+        except ValueError as e:
+            raise ConfigError(f"pep.min_row_dims={cfg.min_row_dims}, pep.max_row_dims={cfg.max_row_dims}: {e}") from e
         self.rows = sum(self.tables.values())
         for count, budget in self.budgets:
             if count > (cfg.max_row_dims or dim) * self.rows:

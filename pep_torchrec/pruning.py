@@ -162,6 +162,8 @@ MASK_LAYOUTS = ("elementwise", "aligned")
 
 def top_per_row(scores: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
     """bool [R, C]: each row's `n` (or `n[r]`) largest scores (ties: lower column first)."""
+    if isinstance(n, int) and (n <= 0 or n >= scores.shape[1]):  # none or all: no sort needed
+        return torch.full(scores.shape, n > 0, dtype=torch.bool, device=scores.device)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
     return rank < (n.unsqueeze(1) if isinstance(n, torch.Tensor) else n)
@@ -185,6 +187,12 @@ def align_rows(keep: Mapping[str, Sequence[Piece]], dim: int) -> dict[str, list[
     return {t: [(r, c, rank[None, :] < m.sum(1, keepdim=True)) for r, c, m in blocks] for t, blocks in keep.items()}
 
 
+def check_row_rules(min_row: int, max_row: int, dim: int) -> None:
+    """ValueError unless 0 <= min_row <= max_row (0 = D) <= D."""
+    if not 0 <= min_row <= dim or not 0 <= max_row <= dim or (max_row and max_row < min_row):
+        raise ValueError(f"row rules: need 0 <= min_row ({min_row}) <= max_row ({max_row} or 0 = {dim}) <= {dim}")
+
+
 def select_mask(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequence[str], *, dim: int,
                 min_row: int = 0, max_row: int = 0, layout: str = "elementwise") -> dict[str, list[Piece]]:
     """`select_top_k` under row rules: every row keeps at least `min_row` (its best) and at most
@@ -198,8 +206,7 @@ def select_mask(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequ
         raise ValueError(f"mask layout {layout!r}: expected one of {MASK_LAYOUTS}")
     if not (min_row or max_row or layout != "elementwise"):
         return select_top_k(pieces, k, table_order)
-    if not 0 <= min_row <= dim or not 0 <= max_row <= dim or (max_row and max_row < min_row):
-        raise ValueError(f"row rules: need 0 <= min_row ({min_row}) <= max_row ({max_row} or 0 = {dim}) <= {dim}")
+    check_row_rules(min_row, max_row, dim)
     for t in table_order:
         for _, c, s in pieces.get(t, []):
             if c != 0 or s.shape[1] != dim:
