@@ -51,7 +51,7 @@ def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> l
         for dtype in ("fp32", "fp16", "int8"):
             m = converter.convert(out / f"sizes_{i}_{dtype}", dtype=dtype)
             rows.append({"source": source, "budget": budget, "dtype": dtype, "kept_params": m["kept_params"],
-                         "kept_pct": 100 * m["kept_params"] / m["dense_fp32_bytes"] * 4,
+                         "kept_pct": 100 * m["kept_share"],
                          "total_bytes": m["total_bytes"], "dense_fp32_bytes": m["dense_fp32_bytes"],
                          "ratio_pct": 100 * m["total_bytes"] / m["dense_fp32_bytes"],
                          "artifact_bytes": m["artifact_bytes"], "checkpoint_step": m["source"]["step"]})

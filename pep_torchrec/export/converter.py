@@ -255,6 +255,8 @@ class ArtifactConverter:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
         if layout not in LAYOUTS:
             raise ConfigError(f"--layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout == "dense" and dtype == "int8":
+            raise ConfigError("the dense layout stores fp32 or fp16 tables")
         tables, source, model_state = self.pruned_tables()
         manifest_tables, emb_tensors = [], {}
         dense_fp32 = 0
@@ -266,8 +268,6 @@ class ArtifactConverter:
                 tensors, encoding = encode_table(name, compact)
             else:
                 weight = compact.to_dense()
-                if dtype == "int8":
-                    raise ConfigError("the dense layout stores fp32 or fp16 tables")
                 tensors = {f"{name}.weight": weight.to(torch.float16 if dtype == "fp16" else torch.float32)}
                 encoding = {"layout": "dense"}
             emb_tensors.update(tensors)
@@ -370,7 +370,7 @@ class ArtifactConverter:
                     chunk = chunk * self.export_mask(ebc, source, name, mask, start, rows).to(chunk.dtype)
                 table[start:start + _CHUNK_ROWS] = chunk
             out[name] = table
-        return out, source, {k: v for k, v in model.state_dict().items()}
+        return out, source, model.state_dict()
 
     @staticmethod
     def export_mask(ebc: torch.nn.Module, source: ExportSource, name: str, mask: np.ndarray, start: int,
@@ -402,7 +402,7 @@ class ArtifactConverter:
             out["model." + key.removeprefix(_MODEL_PREFIX)] = value.float() if value.is_floating_point() else value
         return out, linear
 
-    def _vocab_bytes(self, features: list[str]) -> Path:
+    def _vocab_bytes(self, features: list[str]) -> bytes:
         path = Path(self.cfg.data.path) / DATASET_VOCAB_FILE
         if not path.is_file():
             raise ConfigError(f"{path}: missing: the artifact needs the dataset's vocabulary")

@@ -325,8 +325,8 @@ def tensors_bytes(tensors: dict[str, torch.Tensor], prefix: str) -> int:
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.startswith(prefix))
 
 
-def write_artifact(out: str | os.PathLike, manifest: dict[str, Any], files: dict[str, bytes | Path]) -> Path:
-    """Write `files` (name → bytes, or a path to copy) and the manifest into `out`, atomically.
+def write_artifact(out: str | os.PathLike, manifest: dict[str, Any], files: dict[str, bytes]) -> Path:
+    """Write `files` (name → bytes) and the manifest into `out`, atomically.
 
     The manifest gets `files` (bytes + sha256 of each), `artifact_bytes` and `model_version` (a hash
     of the file hashes). A directory already at `out` is replaced only if it is an artifact (has a
@@ -340,12 +340,8 @@ def write_artifact(out: str | os.PathLike, manifest: dict[str, Any], files: dict
     try:
         entries = {}
         for name, content in files.items():
-            target = tmp / name
-            if isinstance(content, Path):
-                shutil.copyfile(content, target)
-            else:
-                target.write_bytes(content)
-            entries[name] = {"bytes": target.stat().st_size, "sha256": sha256_file(target)}
+            (tmp / name).write_bytes(content)
+            entries[name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
         manifest = dict(manifest)
         manifest["files"] = entries
         manifest["model_version"] = hashlib.sha256(

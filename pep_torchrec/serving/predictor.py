@@ -16,7 +16,6 @@ depends on the web framework, so the service and the tests share it.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,6 @@ class Predictor:
         self.dense = inputs["dense"]
         self.cardinality = dict(zip(artifact.manifest["dataset"]["sparse_features"],
                                     artifact.manifest["dataset"]["cardinalities"]))
-        self._lock = threading.Lock()
         # Raw (transformed) value → id as a plain dict per feature: a request maps a handful of values,
         # for which a dict lookup (~0.1 µs) beats building a pyarrow array and searching it (~30 µs a
         # feature). Vocabularies above `_DICT_MAX_VALUES` (memory: ~100 B a value) keep the pyarrow path.
