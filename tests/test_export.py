@@ -9,6 +9,7 @@ mask directory), which exercises the same files a real run has in a second per c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from pep_torchrec.modules.pep_embedding_modules import GRANULARITIES
 from pep_torchrec.ops import margins
 from pep_torchrec.pruning import select_mask, write_arrays
 
-SHARED_ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+SHARED_ML100K = Path(os.environ.get("PEP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "ml-100k"
 
 
 def make_run(root: Path, data: Path, *, stage: str, granularity: str = "feature_dim", model: str = "deepfm",
