@@ -347,15 +347,24 @@ def load_vocab(directory: str | os.PathLike) -> dict[str, Vocabulary]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (synthetic datasets have no vocabulary)")
     table = pq.read_table(path)
-    out: dict[str, Vocabulary] = {}
     features = table["feature"].to_numpy(zero_copy_only=False)
-    for name in dict.fromkeys(features.tolist()):
-        part = table.filter(pc.equal(table["feature"], name))
-        ids = part["id"].to_numpy()
-        order = np.argsort(ids, kind="stable")
-        if not np.array_equal(ids[order], np.arange(1, len(ids) + 1)):
-            raise ValueError(f"{path}: feature {name!r}: ids are not 1..{len(ids)}")
-        part = part.take(pa.array(order))
-        counts = part["count"].to_numpy() if "count" in part.column_names else None
-        out[name] = Vocabulary(name, part["value"].combine_chunks(), counts)
-    return out
+    return {name: feature_vocabulary(table, name, path) for name in dict.fromkeys(features.tolist())}
+
+
+def feature_vocabulary(table: pa.Table, name: str, where: str | os.PathLike) -> Vocabulary:
+    """Feature `name`'s `Vocabulary` from a vocab table (columns feature, value, id[, count]).
+
+    Raises:
+        ValueError (naming `where`): its ids are not 1..V, or its values are not a vocabulary.
+    """
+    part = table.filter(pc.equal(table["feature"], name))
+    ids = part["id"].to_numpy()
+    order = np.argsort(ids, kind="stable")
+    if not np.array_equal(ids[order], np.arange(1, len(ids) + 1)):
+        raise ValueError(f"{where}: feature {name!r}: ids are not 1..{len(ids)}")
+    part = part.take(pa.array(order))
+    counts = part["count"].to_numpy() if "count" in part.column_names else None
+    try:
+        return Vocabulary(name, part["value"].combine_chunks(), counts)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e

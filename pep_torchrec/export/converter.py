@@ -37,6 +37,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
+from pep_torchrec.checkpoint import CheckpointManager
 from pep_torchrec.config import ConfigError, RunConfig, load_config
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.data.vocab import VOCAB_FILE as DATASET_VOCAB_FILE
@@ -216,9 +217,8 @@ class ArtifactConverter:
 
     def _checkpoint(self, mask_meta: dict[str, Any] | None) -> tuple[Path, int]:
         directory = self.run_dir / "checkpoints"
-        steps = sorted(int(p.name.removeprefix("step_")) for p in directory.glob("step_*")
-                       if p.name.removeprefix("step_").isdigit() and (p / "trainer_state.json").is_file()) \
-            if directory.is_dir() else []
+        checkpoints = CheckpointManager(directory, rank=0)
+        steps = checkpoints.steps()  # complete ones only
         if not steps:
             raise ConfigError(f"{directory}: no complete checkpoint")
         if self.step is not None:
@@ -234,7 +234,7 @@ class ArtifactConverter:
             chosen = self._best_step(steps)
         if chosen not in steps:
             raise ConfigError(f"{directory}: no complete checkpoint for step {chosen} (have {steps})")
-        return directory / f"step_{chosen:08d}", chosen
+        return checkpoints.path(chosen), chosen
 
     def _best_step(self, steps: list[int]) -> int:
         summary = self.run_dir / "summary.json"

@@ -14,16 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pep_torchrec.data.vocab import Vocabulary
+from pep_torchrec.data.vocab import Vocabulary, feature_vocabulary
 from pep_torchrec.export.compact import (
     CompactEmbeddingBag,
     CompactEmbeddingBagCollection,
@@ -75,14 +73,10 @@ def _table_configs(manifest: dict[str, Any]) -> list[EmbeddingBagConfig]:
 
 
 def _vocabulary(table: pa.Table, name: str, where: Path) -> Vocabulary:
-    part = table.filter(pc.equal(table["feature"], name)).sort_by("id")
-    ids = part["id"].to_numpy()
-    if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
-        raise ArtifactError(f"{where}: feature {name!r}: ids are not 1..{len(ids)}")
     try:
-        return Vocabulary(name, part["value"].combine_chunks())
+        return feature_vocabulary(table, name, where)
     except ValueError as e:
-        raise ArtifactError(f"{where}: {e}") from e
+        raise ArtifactError(str(e)) from e
 
 
 def load_artifact(path: str | Path) -> LoadedArtifact:
