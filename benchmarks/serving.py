@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import REPO, machine_info, markdown_table, write_results
+from pep_torchrec.serving.local import free_port, wait_ready
 
 
 def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> list[dict]:
@@ -129,32 +129,17 @@ def predictor_cost(artifact: Path, instance: dict, repeats: int) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def service_load(artifact: Path, instance: dict, *, clients: int, seconds: float, batch: int) -> dict:
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "pep_torchrec.cli", "serve", "--artifact", str(artifact),
                              "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                             cwd=REPO, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"server for {artifact} did not become ready")
-            time.sleep(0.1)
+        wait_ready(base, timeout_s=60, alive=lambda: proc.poll() is None)
         body = {"instances": [instance] * batch}
         latencies: list[float] = []
         errors = [0]

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pep_torchrec import cli
+from pep_torchrec.serving.local import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = "[0.2,0.1,0.05]"
@@ -69,25 +69,16 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 def _serve_and_score(artifact: Path, data: Path) -> None:
     """Start the service on a free loopback port, score test instances, show a 4xx, stop it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "pep-torchrec"), "serve", "--artifact", str(artifact), "--port", str(port)]
     print("$ pep-torchrec " + " ".join(cmd[1:]), flush=True)
     server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("the service did not become ready")
-            time.sleep(0.3)
+        try:
+            wait_ready(base, timeout_s=120, alive=lambda: server.poll() is None)
+        except RuntimeError as e:
+            raise SystemExit(f"the service did not become ready: {e}") from e
         schema = json.loads((data / "schema.json").read_text())
         table = pq.read_table(data / schema["splits"]["test"]["files"][0]).slice(0, 3).to_pylist()
         names = [f["name"] for f in schema["sparse_features"]] + schema["dense_features"]

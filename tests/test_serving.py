@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ from pep_torchrec.data.vocab import load_vocab
 from pep_torchrec.export.converter import ArtifactConverter
 from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.serving.app import Settings, create_app
+from pep_torchrec.serving.local import free_port, wait_ready
 from pep_torchrec.serving.predictor import Predictor
 
 EXAMPLE = {"user_id": 196, "item_id": 242, "age": 49, "gender": "M", "occupation": "writer", "zip": "55105",
@@ -176,30 +176,18 @@ def test_fuzz_predict_never_5xx(artifacts):
     assert len(statuses) >= 1000 and 200 in statuses and 422 in statuses
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_hot_reload_under_load(artifacts, tmp_path):
     """Reloads swapping two artifacts (and one refused corrupt one) while 4 clients send requests:
     every request succeeds, each answered by one of the two models."""
     import uvicorn
 
-    port = _free_port()
+    port = free_port()
     app = create_app(Settings(artifact=str(artifacts[0])))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    wait_ready(base, timeout_s=30, alive=thread.is_alive)
     versions = {load_artifact(a).version for a in artifacts}
     bad = tmp_path / "corrupt"
     import shutil
