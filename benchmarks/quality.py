@@ -82,6 +82,26 @@ def _prepare(dataset: str, work: Path) -> Path:
     return data
 
 
+def _base_search_prunes(base_cfg: str, data: Path, runs: Path, search_set: list[str], rules: list[str],
+                        budgets: list[float], search_extra: list[str], seed_set: list[str],
+                        log: list[dict]) -> tuple[dict, dict]:
+    """One model's base run, PEP search and magnitude masks (plain and under the search's row rules)."""
+    base = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "base"),
+                   *(["--set", *seed_set] if seed_set else [])], log)
+    search = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "search"),
+                     "--set", *search_set, *search_extra, *seed_set], log)
+    _prune(runs / "base", runs / "magnitude", budgets, [])
+    _prune(runs / "base", runs / "magnitude_rules", budgets, rules)
+    return base, search
+
+
+def _retrain(base_cfg: str, data: Path, run_dir: Path, mask: Path, retrain_set: list[str], seed_set: list[str],
+             log: list[dict]) -> dict:
+    """A retrain of `mask` (lottery ticket) with the retrain config's train and optim settings."""
+    return _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(run_dir), "--mask", str(mask),
+                   "--set", *retrain_set, *seed_set], log)
+
+
 def run_dataset(dataset: str, models: list[str], work: Path) -> dict:
     data = _prepare(dataset, work)
     search_cfg = REPO / "configs" / f"{dataset}_fm_search.yaml"
@@ -94,11 +114,8 @@ def run_dataset(dataset: str, models: list[str], work: Path) -> dict:
     for model in models:
         base_cfg = f"configs/{dataset}_{model}.yaml"
         runs = work / "runs" / dataset / model
-        base = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "base")], log)
-        search = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "search"),
-                         "--set", *search_set, f"pep.budgets={json.dumps(BUDGETS)}"], log)
-        _prune(runs / "base", runs / "magnitude", BUDGETS, [])
-        _prune(runs / "base", runs / "magnitude_rules", BUDGETS, rules)
+        base, search = _base_search_prunes(base_cfg, data, runs, search_set, rules, BUDGETS,
+                                           [f"pep.budgets={json.dumps(BUDGETS)}"], [], log)
         rows.append({"model": model, "method": "base", "budget": 1.0, "kept": base["embedding_params_kept"],
                      "test_auc": base["test_auc"], "test_logloss": base["test_logloss"],
                      "valid_auc": base["valid_auc"], "train_s": base["train_seconds"]})
@@ -109,9 +126,8 @@ def run_dataset(dataset: str, models: list[str], work: Path) -> dict:
                 if method == "PEP retrain" and budget not in snapshots:
                     rows.append({"model": model, "method": method, "budget": budget, "note": "search never reached it"})
                     continue
-                result = _train(["--config", base_cfg, "--data", str(data), "--run-dir",
-                                 str(runs / f"{source}_retrain_{budget:g}"), "--mask", str(runs / source / "masks" / tag),
-                                 "--set", *retrain_set], log)
+                result = _retrain(base_cfg, data, runs / f"{source}_retrain_{budget:g}", runs / source / "masks" / tag,
+                                  retrain_set, [], log)
                 rows.append({"model": model, "method": method, "budget": budget,
                              "kept": result["embedding_params_kept"], "test_auc": result["test_auc"],
                              "test_logloss": result["test_logloss"], "valid_auc": result["valid_auc"],
@@ -141,18 +157,14 @@ def seed_check(dataset: str, model: str, budget: float, seeds: list[int], work: 
     rows = []
     for seed in seeds:
         runs = work / "runs" / f"{dataset}_seeds" / model / f"seed_{seed}"
-        seed_set = f"train.seed={seed}"
-        base = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "base"),
-                       "--set", seed_set], log)
-        _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "search"),
-                "--set", *search_set, seed_set], log)
-        _prune(runs / "base", runs / "magnitude", [budget], [])
-        _prune(runs / "base", runs / "magnitude_rules", [budget], _row_rules(search_cfg))
+        seed_set = [f"train.seed={seed}"]
+        base, _ = _base_search_prunes(base_cfg, data, runs, search_set, _row_rules(search_cfg), [budget], [],
+                                      seed_set, log)
         rows.append({"seed": seed, "method": "base", "test_auc": base["test_auc"], "valid_auc": base["valid_auc"],
                      "kept": base["embedding_params_kept"]})
         for method, source in METHODS:
-            result = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / f"{source}_retrain"),
-                             "--mask", str(runs / source / "masks" / tag), "--set", *retrain_set, seed_set], log)
+            result = _retrain(base_cfg, data, runs / f"{source}_retrain", runs / source / "masks" / tag, retrain_set,
+                              seed_set, log)
             rows.append({"seed": seed, "method": method, "test_auc": result["test_auc"],
                          "valid_auc": result["valid_auc"], "kept": result["embedding_params_kept"],
                          "delta_auc": result["test_auc"] - base["test_auc"]})
