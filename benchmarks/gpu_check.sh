@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # GPU check of the Triton threshold_pool kernels: correctness against the pure-PyTorch reference on
-# CUDA (single-feature op and the grouped launch the sharded lookup uses), then forward /
-# forward+backward timings in GB/s against the measured copy bandwidth, the grouped call against
-# the per-feature reference, and the train-step ratio PEP / base of a torch-only DLRM-style model
-# with fused Adam (`benchmarks/gpu_train_step.py`: the image has no TorchRec).
+# CUDA (single-feature op and the grouped launch the sharded lookup uses), then timings in GB/s
+# against the measured copy bandwidth: single-feature cases, and TBE groups at production shapes
+# (F = 26 features; B = 65,536 bags of one id, and 16,384 bags of 20 ids; D = 16 / 64 / 128) beside
+# `torch.compile` of the same formula on the same rows and a copy of the same bytes; then the
+# train-step ratio PEP / base of a torch-only DLRM-style model with 10^6-row tables at batch 65,536
+# and 4,096 (`benchmarks/gpu_train_step.py`: the image has no TorchRec).
 #
-#     bash benchmarks/gpu_check.sh            # writes gpu_check.{json,md} to $OUT, else benchmarks/results/
+#     PEP_GIT_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
+#                                   # writes gpu_check.{json,md} (+ gpu_host_profile.txt) to $OUT, else benchmarks/results/
 #
 # Self-contained on torch + triton (the GPU machine has neither torchrec nor fbgemm): it imports only
 # `pep_torchrec.ops` (torch-only) and `benchmarks.kernel` from this checkout, through PYTHONPATH, and
 # reports the versions it found. Budget: < 8 minutes (a hard `timeout` of 7.5 min around Python;
 # every section writes the results file so far, so a timeout still leaves a partial report).
+# TRITON_CACHE_DIR defaults to a fresh directory: every kernel is compiled in this run.
 # Exit status: 0 all checks passed, 1 a check failed, 2 no CUDA / no Triton, 124 timeout.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -19,6 +23,7 @@ mkdir -p "$OUT_DIR"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PEP_GPU_CHECK_OUT="$OUT_DIR"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$(mktemp -d)}"
 echo "gpu_check: python $PY, output $OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
@@ -29,6 +34,7 @@ from pathlib import Path
 
 out_dir = Path(os.environ["PEP_GPU_CHECK_OUT"])
 report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+          "commit": os.environ.get("PEP_GIT_COMMIT"),
           "checks": [], "timings": [], "errors": []}
 started = time.perf_counter()
 
@@ -38,7 +44,8 @@ def save() -> None:
     (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = ["# GPU check: Triton threshold_pool vs reference", "",
              f"{report['date']}, {report.get('gpu')}, torch {report.get('torch')}, triton {report.get('triton')}, "
-             f"python {report['python']}, copy bandwidth {report.get('copy_gbs', float('nan')):.0f} GB/s.", "",
+             f"python {report['python']}, copy bandwidth {report.get('copy_gbs', float('nan')):.0f} GB/s, "
+             f"commit {report['commit']}.", "",
              f"Correctness: {sum(c['ok'] for c in report['checks'])}/{len(report['checks'])} cases pass.", ""]
     bad = [c for c in report["checks"] if not c["ok"]]
     for c in bad[:20]:
@@ -50,16 +57,31 @@ def save() -> None:
             lines.append(f"| {t['mode']} | {t['dim']} | {t['bags']} | {t['pooling']} | {t['dtype']} | "
                          f"{t['reference_fwd_bwd_ms']:.3f} | {t['fused_fwd_ms']:.3f} | {t['fused_fwd_bwd_ms']:.3f} | "
                          f"{t['speedup_fwd_bwd']:.1f} | {t['fused_fwd_bwd_gbs']:.0f} | {t['fused_fwd_bwd_of_copy']:.2f} |")
-    for g in report.get("groups", []):
-        lines.append(f"\nGrouped ({g['mode']}, F={g['features']}, B={g['bags']}, D={g['dim']}): "
-                     f"{g['fused_fwd_bwd_ms']:.3f} ms f+b vs per-feature reference {g['reference_fwd_bwd_ms']:.3f} ms "
-                     f"(x{g['speedup_fwd_bwd']:.1f}).")
-    if report.get("train_step"):
-        t = report["train_step"]
-        lines.append(f"\nTrain step ({t['device']}, 26 tables x {t['rows_per_table']} rows, D {t['dim']}, batch "
-                     f"{t['batch']}, fused Adam): base {t['base_step_ms']:.2f} ms, PEP feature "
-                     f"{t['pep_feature_step_ms']:.2f} ms ({t['pep_feature_over_base']:.3f}x), PEP feature_dim "
-                     f"{t['pep_feature_dim_step_ms']:.2f} ms ({t['pep_feature_dim_over_base']:.3f}x).")
+    if report.get("groups"):
+        lines += ["", "TBE groups (`GroupedThresholdPool`, float32, forward + backward; bytes 4·(3·B·P·F·W + 2·B·F·D); "
+                  "`compiled`: `torch.compile` of the formula on the same rows; `copy`: `copy_` of the same bytes). "
+                  "GPU: device time with the host running ahead (`benchmarks.kernel._gpu_ms`); wall: host clock "
+                  "around the calls, Python and launch overhead included. Ratios paired per repeat, medians:", "",
+                  "| mode | F | B | P | D | fused GPU ms | GB/s | of copy bw | compiled GPU ms | compiled / fused | "
+                  "copy GPU ms | fused wall ms | of copy bw (wall) | compiled wall ms | compiled / fused (wall) | ref wall ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for g in report["groups"]:
+            opt = lambda k, f: format(g[k], f) if k in g else ""  # noqa: E731
+            lines.append(f"| {g['mode']} | {g['features']} | {g['bags']} | {g['pooling']} | {g['dim']} | "
+                         f"{opt('fused_fwd_bwd_gpu_ms', '.3f')} | {opt('fused_fwd_bwd_gpu_gbs', '.0f')} | "
+                         f"{opt('fused_of_copy_gpu', '.2f')} | {opt('compiled_fwd_bwd_gpu_ms', '.3f')} | "
+                         f"{opt('compiled_over_fused_gpu', '.2f')} | {opt('copy_gpu_ms', '.3f')} | "
+                         f"{g['fused_fwd_bwd_ms']:.3f} | {g['fused_of_copy']:.2f} | {opt('compiled_fwd_bwd_ms', '.3f')} | "
+                         f"{opt('compiled_over_fused', '.2f')} | {opt('reference_fwd_bwd_ms', '.3f')} |")
+    if report.get("train_steps"):
+        lines += ["", "Train step (26 tables, one id per table per sample, SparseAdam tables + fused Adam MLPs; "
+                  "ratios paired per repeat, medians):", "",
+                  "| rows/table | D | batch | base ms | PEP feature ms | / base | PEP feature_dim ms | / base |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for t in report["train_steps"]:
+            lines.append(f"| {t['rows_per_table']} | {t['dim']} | {t['batch']} | {t['base_step_ms']:.2f} | "
+                         f"{t['pep_feature_step_ms']:.2f} | {t['pep_feature_over_base']:.3f} | "
+                         f"{t['pep_feature_dim_step_ms']:.2f} | {t['pep_feature_dim_over_base']:.3f} |")
     for e in report["errors"]:
         lines += ["", "Error: " + e.splitlines()[-1]]
     lines += ["", f"wall {report['wall_s']} s", ""]
@@ -100,11 +122,11 @@ try:
     # grad_coarse sums over all N rows (up to 10^4): 1e-4.
     gen = torch.Generator().manual_seed(0)
     shapes = [(3, [2, 0, 3, 1]), (16, [1] * 4096), (17, [0, 4, 0, 2, 5]), (4, [0, 0, 0]), (8, [3000, 1]),
-              (64, [20] * 512), (128, [0, 7, 1, 300])]
+              (64, [20] * 512), (128, [0, 7, 1, 300]), (130, [5, 0, 2, 40]), (300, [3, 1, 0, 9])]
     for mode, code in library.MODE_CODES.items():
         for dim, lengths in shapes:
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
-                if dtype != torch.float32 and dim not in (16, 17):
+                if dtype != torch.float32 and dim not in (16, 17, 130):
                     continue
                 for weighted, mean, pad in ((False, False, 0), (True, True, 5)):
                     name = f"{mode.value} D={dim} B={len(lengths)} N={sum(lengths)} {str(dtype)[6:]} w={int(weighted)} mean={int(mean)} pad={pad}"
@@ -192,19 +214,18 @@ try:
     print(f"correctness: {n_ok}/{len(report['checks'])} pass ({time.perf_counter() - started:.0f}s)", flush=True)
 
     # ---- timings -----------------------------------------------------------------------------
-    from benchmarks.kernel import copy_bandwidth_gbs, make_case, time_case
-    report["copy_gbs"] = copy_bandwidth_gbs(dev, mib=1024 if dev.type == "cuda" else 64)
+    from benchmarks.kernel import copy_bandwidth_gbs, make_case, time_case, time_group
     big = dev.type == "cuda"
+    report["copy_gbs"] = copy_bandwidth_gbs(dev, mib=1024 if big else 64)
     save()
     for mode, dim, bags, pooling, weights in [
         (ThresholdMode.ROW_DIM, 16, 65536, 1, False), (ThresholdMode.ROW, 16, 65536, 1, False),
-        (ThresholdMode.ROW_DIM, 16, 16384, 20, False), (ThresholdMode.ROW, 16, 16384, 20, False),
-        (ThresholdMode.COARSE, 64, 16384, 20, False), (ThresholdMode.MASK, 64, 16384, 20, False),
-        (ThresholdMode.NONE, 64, 16384, 20, False), (ThresholdMode.ROW_DIM, 128, 8192, 50, True),
+        (ThresholdMode.ROW_DIM, 16, 16384, 20, False), (ThresholdMode.COARSE, 64, 16384, 20, False),
+        (ThresholdMode.MASK, 64, 16384, 20, False), (ThresholdMode.ROW_DIM, 128, 8192, 50, True),
     ][: None if big else 2]:
         bags = bags if big else bags // 16
-        if time.perf_counter() - started > 380:
-            report["errors"].append("timing section cut short to stay within the time budget")
+        if time.perf_counter() - started > 200:
+            report["errors"].append("single-feature timings cut short to stay within the time budget")
             break
         try:
             case = make_case(mode, dim, bags, pooling, dev, weights)
@@ -220,30 +241,87 @@ try:
             report["errors"].append(traceback.format_exc()[-2000:])
         save()
 
-    # ---- the grouped call and the train-step ratio (fused Adam) ---------------------------------
-    from benchmarks.kernel import time_group
+    # ---- TBE groups at production shapes, beside torch.compile and a copy of the same bytes -----
     report["groups"] = []
-    for mode in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
-        if time.perf_counter() - started > 390:
+    groups = [  # (mode, D, B, P, reference): F = 26 always
+        (ThresholdMode.ROW_DIM, 16, 4096, 1, True), (ThresholdMode.ROW, 16, 4096, 1, True),
+        (ThresholdMode.ROW_DIM, 16, 65536, 1, False), (ThresholdMode.ROW, 16, 65536, 1, False),
+        (ThresholdMode.ROW_DIM, 64, 65536, 1, False), (ThresholdMode.ROW, 64, 65536, 1, False),
+        (ThresholdMode.ROW_DIM, 128, 65536, 1, False),
+        (ThresholdMode.ROW_DIM, 16, 16384, 20, False), (ThresholdMode.ROW_DIM, 64, 16384, 20, False),
+        (ThresholdMode.ROW_DIM, 128, 16384, 20, False),
+    ]
+    for i, (mode, dim, bags, pooling, reference) in enumerate(groups if big else groups[:2]):
+        if time.perf_counter() - started > 330:
             report["errors"].append("grouped timings cut short to stay within the time budget")
             break
         try:
-            report["groups"].append(time_group(mode, 16, 26, 4096 if big else 512, 7 if big else 2,
-                                               10 if big else 1, dev))
+            # The CPU dry run compiles the baseline once (Inductor's C++ build is slow on 2 cores).
+            g = time_group(mode, dim, 26, bags if big else 64, 7 if big else 2, 10 if big else 1, dev,
+                           pooling=pooling, compiled=big or i == 0, reference=reference)
+            g["fused_of_copy"] = g["fused_fwd_bwd_gbs"] / report["copy_gbs"]
+            if "fused_fwd_bwd_gpu_gbs" in g:
+                g["fused_of_copy_gpu"] = g["fused_fwd_bwd_gpu_gbs"] / report["copy_gbs"]
+            report["groups"].append(g)
+            print(f"group {mode.value} D={dim} B={g['bags']} P={pooling}: fused wall {g['fused_fwd_bwd_ms']:.3f} ms "
+                  f"GPU {g.get('fused_fwd_bwd_gpu_ms', float('nan')):.3f} ms "
+                  f"({g.get('fused_of_copy_gpu', float('nan')):.2f} of copy bw), compiled GPU "
+                  f"{g.get('compiled_fwd_bwd_gpu_ms', float('nan')):.3f} ms, copy GPU {g.get('copy_gpu_ms', float('nan')):.3f} ms",
+                  flush=True)
         except Exception:  # noqa: BLE001
             report["errors"].append(traceback.format_exc()[-2000:])
+        if big:
+            torch.cuda.empty_cache()
         save()
-    if time.perf_counter() - started < 400:
+
+    # ---- where the host time of one grouped forward + backward goes (cProfile, B = 4096) ----------
+    try:
+        import cProfile, io, pstats
+        width = row_width(16, ThresholdMode.ROW_DIM)
+        rows_p = torch.randn(4096, 26 * width, device=dev).requires_grad_()
+        offsets_p = torch.arange(26 * 4096 + 1, device=dev)
+        grad_p = torch.randn(4096, 26 * 16, device=dev)
+
+        def grouped_step():
+            library.GroupedThresholdPool.apply(rows_p, offsets_p, None, 26, 16, 0, 1.0, False, 1e-5, 0.0).backward(grad_p)
+            rows_p.grad = None
+
+        for _ in range(5):
+            grouped_step()
+        sync()
+        profiler = cProfile.Profile()
+        t0 = time.perf_counter()
+        profiler.enable()
+        for _ in range(200):
+            grouped_step()
+        profiler.disable()
+        sync()
+        report["host_us_per_grouped_fwd_bwd"] = (time.perf_counter() - t0) / 200 * 1e6
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        (out_dir / "gpu_host_profile.txt").write_text(text.getvalue())
+        print(f"host time per grouped fwd+bwd (profiled): {report['host_us_per_grouped_fwd_bwd']:.0f} us", flush=True)
+    except Exception:  # noqa: BLE001
+        report["errors"].append(traceback.format_exc()[-2000:])
+    save()
+
+    # ---- the train-step ratio (fused Adam), 10^6-row tables, two batch sizes ---------------------
+    from benchmarks.gpu_train_step import time_models
+    report["train_steps"] = []
+    for dim, batch in ((16, 65536), (64, 65536), (16, 4096), (64, 4096)) if big else ((16, 512),):
+        if time.perf_counter() - started > 400:
+            report["errors"].append("train-step ratios cut short to stay within the time budget")
+            break
         try:
-            from benchmarks.gpu_train_step import time_models
-            report["train_step"] = time_models(dev, rows=10_000 if big else 1000, batch=4096 if big else 512,
-                                               repeats=7 if big else 2, steps=20 if big else 2)
-            print("train step:", json.dumps(report["train_step"]), flush=True)
+            t = time_models(dev, rows=1_000_000 if big else 1000, dim=dim, batch=batch, repeats=7 if big else 2,
+                            steps=10 if big else 2)
+            report["train_steps"].append(t)
+            print("train step:", json.dumps(t), flush=True)
         except Exception:  # noqa: BLE001
             report["errors"].append(traceback.format_exc()[-2000:])
-    else:
-        report["errors"].append("train-step ratio skipped to stay within the time budget")
-    save()
+        if big:
+            torch.cuda.empty_cache()
+        save()
 except SystemExit:
     raise
 except BaseException:  # noqa: BLE001  (KeyboardInterrupt from timeout --signal=INT included)

@@ -56,11 +56,12 @@ class StackedTablesModel(nn.Module):
     """F one-id-per-sample sparse features over stacked tables + 13 dense features → one logit."""
 
     def __init__(self, num_features: int, rows: int, dim: int, mode: ThresholdMode | None,
-                 s_init: float = -15.0) -> None:  # fmt: skip
+                 s_init: float = -15.0, device: torch.device | None = None) -> None:  # fmt: skip
         super().__init__()
         self.num_features, self.rows, self.dim, self.mode = num_features, rows, dim, mode
         width = dim if mode is None else row_width(dim, mode)
-        table = torch.randn(num_features * rows, width) * 0.01
+        # Made on the device: 26 × 10^6 rows × 2D floats is gigabytes, slow to draw on a CPU.
+        table = torch.randn(num_features * rows, width, device=device) * 0.01
         if mode is not None:
             table[:, dim:] = s_init  # the s columns (ROW: s and three pads), as PEP initialises them
         self.table = nn.Parameter(table)
@@ -102,10 +103,10 @@ def time_models(device: torch.device, num_features: int = 26, rows: int = 10_000
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs = {}
     for name, mode in MODELS.items():
-        if mode is not None and not library.group_kernel_available(device, torch.float32):
+        if mode is not None and not library.group_kernel_available(device, torch.float32, dim, library.MODE_CODES[mode]):
             raise RuntimeError(f"no grouped threshold_pool kernel on {device}")
         torch.manual_seed(seed)
-        model = StackedTablesModel(num_features, rows, dim, mode).to(device)
+        model = StackedTablesModel(num_features, rows, dim, mode, device=device).to(device)
         dense_params = [p for n, p in model.named_parameters() if n != "table"]
         optims = (torch.optim.SparseAdam([model.table], lr=1e-3),
                   torch.optim.Adam(dense_params, lr=1e-3, fused=device.type == "cuda"))  # fmt: skip
@@ -151,20 +152,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--name", default="gpu_train_step", help="results file stem in benchmarks/results/")
     args = parser.parse_args(argv)
     from benchmarks.common import machine_info, write_results
 
-    result = time_models(torch.device(args.device), rows=args.rows, batch=args.batch, repeats=args.repeats,
-                         steps=args.steps)  # fmt: skip
+    result = time_models(torch.device(args.device), rows=args.rows, dim=args.dim, batch=args.batch,
+                         repeats=args.repeats, steps=args.steps)  # fmt: skip
     info = machine_info()
     md = "\n".join([
         "# Train-step overhead of PEP without TorchRec (stacked tables, grouped threshold_pool)", "",
         f"{info['date']}, {info['cuda'] or info['host_cpu']}, torch {info['versions']['torch']}, "
         f"threads {info['torch_threads']}, `{info['command']}`.", "",
-        f"26 tables x {args.rows} rows x dim 16, batch {args.batch}, SparseAdam tables + "
+        f"26 tables x {args.rows} rows x dim {args.dim}, batch {args.batch}, SparseAdam tables + "
         f"{'fused ' if result['device'].startswith('cuda') else ''}Adam MLPs; median of {args.repeats} interleaved "
         f"repeats of {args.steps} steps.", "",
         "| variant | ms/step | / base |", "|---|---|---|",

@@ -157,50 +157,114 @@ def time_case(case: dict[str, Any], device: torch.device, repeats: int, inner: i
     return result
 
 
+def threshold_formula(rows_all: torch.Tensor, num_bags: int, pooling: int, num_features: int, dim: int,
+                      mode: ThresholdMode) -> torch.Tensor:  # fmt: skip
+    """The element-wise PEP formula on a TBE group's rows [B·P, F·W] (P ids per bag, fixed), summed
+    over each bag: [B, F·D]. The `torch.compile` baseline of `time_group` (backward by autograd, no
+    pressure term): what a hand-written kernel must beat."""
+    x = rows_all.view(num_bags, pooling, num_features, -1)
+    v = x[..., :dim]
+    s = x[..., dim : 2 * dim] if mode is ThresholdMode.ROW_DIM else x[..., dim : dim + 1]
+    vhat = torch.sign(v) * torch.relu(v.abs() - torch.sigmoid(s))
+    return vhat.sum(1).reshape(num_bags, num_features * dim)
+
+
 def time_group(
     mode: ThresholdMode, dim: int, num_features: int, num_bags: int, repeats: int, inner: int,
-    device: torch.device | None = None,
+    device: torch.device | None = None, pooling: int = 1, compiled: bool = False, reference: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
-    """A sharded TBE group as the lookup sees it, F features × B one-id bags in one [B, F·W]
-    buffer; fwd+bwd of the per-feature reference (F `threshold_pool_reference` calls on the blocks)
-    vs `GroupedThresholdPool` (one call: C++ on CPU, Triton on CUDA); `device` defaults to CPU."""
+    """A sharded TBE group as the lookup sees it: F features × B bags of P ids each in one
+    [B·P, F·W] float32 buffer; forward + backward (the gradient precomputed) of
+    - `fused`: `GroupedThresholdPool` (one call each way: C++ on CPU, Triton on CUDA);
+    - `reference` (optional): F `threshold_pool_reference` calls on the column blocks;
+    - `compiled` (optional, ROW_DIM / ROW): `torch.compile` of `threshold_formula` on the same rows;
+    and `copy`: `dst.copy_(src)` moving the same bytes (half read, half written).
+    Bytes counted (float32): rows read twice (forward, backward) and their gradient written, the
+    pooled output written and its gradient read: 4·(3·B·P·F·W + 2·B·F·D). Interleaved repeats of
+    `inner` calls, medians; `device` defaults to CPU."""
     device = device or torch.device("cpu")
     width = row_width(dim, mode)
-    rows_all = (torch.randn(num_bags, num_features * width, device=device) * 0.5).requires_grad_()
-    offsets = torch.arange(num_features * num_bags + 1, dtype=torch.int64, device=device)
-    bag_offsets = torch.arange(num_bags + 1, dtype=torch.int64, device=device)
+    num_rows = num_bags * pooling
+    rows_all = (torch.randn(num_rows, num_features * width, device=device) * 0.5).requires_grad_()
+    offsets = torch.arange(0, num_features * num_rows + 1, pooling, dtype=torch.int64, device=device)
+    bag_offsets = torch.arange(0, num_rows + 1, pooling, dtype=torch.int64, device=device)
+    grad = torch.randn(num_bags, num_features * dim, device=device)
     code = library.MODE_CODES[mode]
+    nbytes = 4 * (3 * num_rows * num_features * width + 2 * num_bags * num_features * dim)
 
-    def reference() -> None:
-        out = torch.cat([threshold_pool_reference(rows_all[:, f * width : (f + 1) * width], bag_offsets, dim=dim,
-                                                  mode=mode, s_decay=1e-5) for f in range(num_features)], dim=1)  # fmt: skip
-        out.backward(torch.ones_like(out))
-        rows_all.grad = None
+    def fwd_bwd(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def call() -> None:
+            forward().backward(grad)
+            rows_all.grad = None
 
-    def grouped() -> None:
-        out = library.GroupedThresholdPool.apply(
-            rows_all, offsets, None, num_features, dim, code, 1.0, False, 1e-5, 0.0
-        )
-        out.backward(torch.ones_like(out))
-        rows_all.grad = None
+        return call
 
-    fns = {"reference": reference, "fused": grouped}
-    for fn in fns.values():
+    fns = {"fused": fwd_bwd(lambda: library.GroupedThresholdPool.apply(
+        rows_all, offsets, None, num_features, dim, code, 1.0, False, 1e-5, 0.0))}  # fmt: skip
+    if reference:
+        fns["reference"] = fwd_bwd(lambda: torch.cat([
+            threshold_pool_reference(rows_all[:, f * width : (f + 1) * width], bag_offsets, dim=dim, mode=mode,
+                                     s_decay=1e-5) for f in range(num_features)], dim=1))  # fmt: skip
+    if compiled:
+        torch._dynamo.reset()  # each shape compiles afresh (no recompile limit reached, no eager fallback)
+        formula = torch.compile(threshold_formula, dynamic=False)
+        fns["compiled"] = fwd_bwd(lambda: formula(rows_all, num_bags, pooling, num_features, dim, mode))
+    src = torch.empty(nbytes // 8, dtype=torch.float32, device=device).uniform_()
+    dst = torch.zeros_like(src)
+    fns["copy"] = lambda: dst.copy_(src)
+    for fn in fns.values():  # warm-up: Triton / Inductor compilation, allocator
+        fn()
         fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    gpu_samples: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
     for r in range(repeats):
-        for impl in list(fns) if r % 2 == 0 else list(fns)[::-1]:
+        for impl in names[r % len(names) :] + names[: r % len(names)]:
             _sync(device)
             t0 = time.perf_counter()
             for _ in range(inner):
                 fns[impl]()
             _sync(device)
             samples[impl].append((time.perf_counter() - t0) / inner * 1e3)
-    ref_ms, fused_ms = statistics.median(samples["reference"]), statistics.median(samples["fused"])
-    nbytes = 4 * (3 * num_bags * num_features * width + 2 * num_bags * num_features * dim)
-    return {"mode": mode.value, "dim": dim, "features": num_features, "bags": num_bags,
-            "reference_fwd_bwd_ms": ref_ms, "fused_fwd_bwd_ms": fused_ms, "speedup_fwd_bwd": ref_ms / fused_ms,
-            "fused_fwd_bwd_gbs": nbytes / (fused_ms * 1e-3) / 1e9}  # fmt: skip
+            if device.type == "cuda":
+                gpu_samples[impl].append(_gpu_ms(fns[impl], inner, host_ms=samples[impl][-1] * inner))
+    result: dict[str, Any] = {
+        "mode": mode.value, "dim": dim, "features": num_features, "bags": num_bags, "pooling": pooling,
+        "bytes": nbytes,
+    }  # fmt: skip
+    # wall: host clock around `inner` calls (Python and launch overhead included: at small sizes the
+    # host is the bottleneck); gpu (CUDA only): device time of the same calls, the host running ahead.
+    for clock, table in (("", samples), ("gpu_", gpu_samples)):
+        if not table["fused"]:
+            continue
+        ms = {impl: statistics.median(ts) for impl, ts in table.items()}
+        result[f"fused_fwd_bwd_{clock}ms"] = ms["fused"]
+        result[f"copy_{clock}ms"] = ms["copy"]
+        result[f"fused_fwd_bwd_{clock}gbs"] = nbytes / (ms["fused"] * 1e-3) / 1e9
+        for impl in ("reference", "compiled"):  # paired per repeat: impl / fused, median
+            if impl in ms:
+                result[f"{impl}_fwd_bwd_{clock}ms"] = ms[impl]
+                result[f"{impl}_over_fused{'_' + clock[:-1] if clock else ''}"] = statistics.median(
+                    a / f for a, f in zip(table[impl], table["fused"]))  # fmt: skip
+    if "reference_over_fused" in result:
+        result["speedup_fwd_bwd"] = result["reference_over_fused"]
+    return result
+
+
+def _gpu_ms(fn: Callable[[], Any], inner: int, host_ms: float) -> float:
+    """Device time per call of `fn` (CUDA): a device-side sleep of 1.5x the host time of `inner`
+    calls (`host_ms`, ≥ 10 ms) is queued first, so the host has enqueued all the calls before the
+    device reaches them and the events time the device's work alone, as in a training loop whose
+    host runs ahead."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e6 * max(10.0, 1.5 * host_ms)))  # cycles: ~2e6 per ms at the H200's 2 GHz
+    start.record()
+    for _ in range(inner):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / inner
 
 
 def cases(quick: bool) -> list[tuple[ThresholdMode, int, int, int, bool]]:
@@ -249,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{res['reference_fwd_bwd_ms']:.3f} fused {res['fused_fwd_bwd_ms']:.3f} ms "
               f"(x{res['speedup_fwd_bwd']:.2f}, fused {res['fused_fwd_bwd_gbs']:.1f} GB/s)", flush=True)  # fmt: skip
     groups: list[dict[str, Any]] = []
-    if library.group_kernel_available(device, torch.float32):
-        for mode in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
+    for mode in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
+        if library.group_kernel_available(device, torch.float32, 16, library.MODE_CODES[mode]):
             g = time_group(mode, 16, 26, 4096, repeats, inner, device)
             g["fused_fwd_bwd_of_copy"] = g["fused_fwd_bwd_gbs"] / copy_gbs
             groups.append(g)

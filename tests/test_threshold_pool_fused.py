@@ -281,9 +281,12 @@ _TRITON_SCRIPT = textwrap.dedent(
     from pep_torchrec.ops import threshold_pool_triton as T
     from pep_torchrec.ops.library import MODE_CODES
     gen = torch.Generator().manual_seed(0)
-    # (D, bag lengths, weights, mean, row-stride pad): odd D, empty bags, a bag longer than BLOCK_N.
+    # (D, bag lengths, weights, mean, row-stride pad): odd D, empty bags, a long bag, more bags than
+    # one tile holds (BLOCK_B = 32 at D <= 16), D past one column block (130: two blocks of 128;
+    # ROW holds it in one block of 256) with weights (their gradient sums over the blocks).
     cases = [(5, [2, 0, 3, 1], True, True, 0), (16, [1, 1, 0, 1], False, False, 3),
-             (3, [70, 0, 2], True, False, 0), (4, [0, 0], False, True, 0)]
+             (3, [70, 0, 2], True, False, 0), (4, [0, 0], False, True, 0), (8, [1, 2, 0] * 50, True, False, 0),
+             (130, [3, 0, 2], True, True, 0)]
     worst = 0.0
     for mode, code in MODE_CODES.items():
         for dim, lengths, weighted, mean, pad in cases:
@@ -421,4 +424,5 @@ def test_gpu_check_script_dry_run_on_cpu(tmp_path: Path) -> None:
     assert report["checks"] and all(c["ok"] for c in report["checks"]), report["checks"]
     assert any(c["case"].startswith("grouped") for c in report["checks"])
     assert {g["mode"] for g in report["groups"]} == {"row_dim", "row"}
-    assert report["train_step"]["pep_feature_dim_over_base"] > 0 and not report["errors"]
+    assert report["groups"][0]["compiled_fwd_bwd_ms"] > 0 and report["groups"][0]["reference_fwd_bwd_ms"] > 0
+    assert report["train_steps"][0]["pep_feature_dim_over_base"] > 0 and not report["errors"]

@@ -326,13 +326,15 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         if (
             num_features == 0
             or is_traced(rows_all)  # fake tensors / compile: the per-feature op has a fake implementation
-            or not library.group_kernel_available(rows_all.device, rows_all.dtype)
         ):
             return None
         if weights is not None and weights.requires_grad:
             return None
         first = self._pep_table_specs[self._feature_table_map[0]]
         if first.mode is ThresholdMode.COARSE or not library.fused_available(rows_all.device):
+            return None
+        code = library.MODE_CODES[first.mode]
+        if not library.group_kernel_available(rows_all.device, rows_all.dtype, first.dim, code):
             return None
         params = None
         for t in sorted(set(self._feature_table_map[:num_features])):
@@ -346,7 +348,7 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         assert params is not None
         gk, s_decay, s_push = params
         return library.GroupedThresholdPool.apply(
-            rows_all.contiguous(), offsets, weights, num_features, first.dim, library.MODE_CODES[first.mode],
+            rows_all.contiguous(), offsets, weights, num_features, first.dim, code,
             float(gk), self._pep_pooling == "mean", float(s_decay), float(s_push),
         )  # fmt: skip
 

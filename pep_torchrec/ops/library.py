@@ -243,18 +243,18 @@ def _kernels_for(device_type: str):
     return threshold_pool_cpu if device_type == "cpu" else triton_kernels()
 
 
-def _kernel_dtype(rows: Tensor) -> torch.dtype | None:
+def _kernel_dtype(rows: Tensor, dim: int, mode: int) -> torch.dtype | None:
     """The dtype the fused kernel reads `rows` in, or None if it has no kernel for them."""
     if rows.device.type == "cpu":
         return _acc_dtype(rows.dtype)  # half types are upcast once, float64 has its own kernel
-    if rows.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if rows.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_kernels().supports(dim, mode):
         return rows.dtype
     return None
 
 
 def _fused_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean):
-    kernel_dtype = _kernel_dtype(rows)
-    if not kernel_available(rows.device) or kernel_dtype is None:
+    kernel_dtype = kernel_available(rows.device) and _kernel_dtype(rows, dim, mode)
+    if not kernel_dtype:
         return _reference_forward(rows, offsets, coarse_s, psw, dim, mode, gk, mean)
     rows_k, offsets_k, coarse_k, psw_k = _prepare(rows, offsets, coarse_s, psw, kernel_dtype)
     return _kernels_for(rows.device.type).forward(rows_k, offsets_k, coarse_k, psw_k, dim, mode, gk, mean)
@@ -264,8 +264,8 @@ def _fused_backward_grads(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mea
                           nr, nc, nw) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
     """(grad rows, grad coarse_s, grad weights), None where not asked for (or no such input)."""
     needs = (nr, nc and coarse_s is not None, nw and psw is not None)
-    kernel_dtype = _kernel_dtype(rows)
-    if not kernel_available(rows.device) or kernel_dtype is None:
+    kernel_dtype = kernel_available(rows.device) and _kernel_dtype(rows, dim, mode)
+    if not kernel_dtype:
         return _reference_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, needs)
     rows_k, offsets_k, coarse_k, psw_k = _prepare(rows, offsets, coarse_s, psw, kernel_dtype)
     grads = _kernels_for(rows.device.type).backward(
@@ -364,13 +364,15 @@ def threshold_pool_fused(rows: Tensor, offsets: Tensor, coarse_s: Tensor | None,
 # f's N_f ids in rows [0, N_f)), W = stored row width (the same for every feature of the group).
 
 
-def group_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `GroupedThresholdPool` has a kernel for rows of `dtype` on `device`: the C++ one on
-    CPU (float32/float64), the Triton one on CUDA (float32/bf16/fp16)."""
+def group_kernel_available(device: torch.device, dtype: torch.dtype, dim: int, mode: int) -> bool:
+    """Whether `GroupedThresholdPool` has a kernel for rows of `dtype` on `device`, dim D and `mode`
+    (a `MODE_CODES` value): the C++ one on CPU (float32/float64), the Triton one on CUDA
+    (float32/bf16/fp16; ROW up to D = 1024)."""
     if device.type == "cpu":
         return dtype in (torch.float32, torch.float64) and threshold_pool_cpu.available()
     if device.type == "cuda":
-        return dtype in (torch.float32, torch.bfloat16, torch.float16) and triton_kernels() is not None
+        kernels = triton_kernels()
+        return dtype in (torch.float32, torch.bfloat16, torch.float16) and kernels is not None and kernels.supports(dim, mode)
     return False
 
 
@@ -390,7 +392,7 @@ class GroupedThresholdPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows_all, offsets, psw, num_features, dim, mode, gk, mean, s_decay, s_push):  # type: ignore[override]
-        if is_traced(rows_all) or not group_kernel_available(rows_all.device, rows_all.dtype):
+        if is_traced(rows_all) or not group_kernel_available(rows_all.device, rows_all.dtype, dim, mode):
             raise ValueError(f"GroupedThresholdPool: no grouped kernel for {type(rows_all).__name__} "
                              f"{rows_all.dtype} rows on {rows_all.device} (traced, or no kernel)")  # fmt: skip
         if psw is not None and psw.requires_grad:

@@ -1,183 +1,326 @@
 """The Triton kernels of `threshold_pool` (CUDA; on CPU only under `TRITON_INTERPRET=1`, for tests).
 
 Legend: N = gathered rows, B = bags (per feature), D = embedding dim, W = stored row width,
-F = features, BLOCK_N × BLOCK_D = the tile of rows × columns a program holds.
+F = features, BLOCK_B × BLOCK_D = the tile of bags × columns a program holds.
 
-One program per (bag, feature) (grid = (B, F)), holding all D columns (BLOCK_D = next power of two
-≥ D, the rest masked: any D works) and walking the bag's rows BLOCK_N at a time. So every pooled
-row and every gradient row is written by exactly one program (no atomics, deterministic), the
-per-row s-gradient of ROW mode (a sum over D) stays inside one program, and only the [D]
-coarse-threshold gradient needs an atomic add per bag. Offsets are int64 and row addresses are
-computed in int64 (tables past 2^31 elements). Rows may be float32, bfloat16 or float16 (and are
-read at any row stride: the sharded lookup passes a column slice of the TBE output); all math and
-accumulation is float32, gradients are stored in the rows' dtype. A bag with a huge pooling factor
-is walked by one program: fine for recommendation bags (pooling factors ≲ 10^3), a split-bag
-variant would be needed for 10^5-row bags.
+Work split. One program per (tile of BLOCK_B bags, feature): the 1-D grid is
+cdiv(B, BLOCK_B) · F with the feature fastest, so neighbouring programs read neighbouring column
+blocks of the same TBE rows. A program walks its columns BLOCK_D at a time (one step for D ≤ 128,
+and always one for ROW, whose s-gradient is a sum over the row) and, inside, the j-th row of all its
+bags at once (j < the tile's longest bag; shorter bags are masked). So
+- a bag of one id (the TBE gather case: one id per feature per sample) is one masked-free load of
+  a [BLOCK_B, BLOCK_D] tile: purely element-wise, no per-bag loop, `TILE` elements per program
+  (the previous design gave each program one bag: 64 bytes of work at D = 16);
+- every pooled row and every gradient row is written by exactly one program (no atomics on rows,
+  deterministic); the [D] coarse gradient takes one atomic add per (program, column block), and a
+  per-sample-weight gradient one per (row, column block) (a plain sum when D ≤ BLOCK_D);
+- the backward writes every column of every row of the group in one pass: the v- and s-gradients,
+  zeros in MASK's m columns and ROW's pad columns, and zeros in a group's padding rows (feature f's
+  rows [N_f, N_max) of the TBE output), so its output needs no zero-filled allocation.
+Bags of any length work (a long bag is walked row by row by one program; fine for recommendation
+pooling factors ≲ 10^3). Offsets are int64 and row addresses are int64 (tables past 2^31 elements).
+Rows may be float32, bfloat16 or float16 and are read at any row stride (the sharded lookup passes
+the TBE output); math and accumulation are float32, gradients are stored in the rows' dtype.
+
+Which kernel a launch compiles is a function of (MODE, rows dtype, BLOCK_B × BLOCK_D, VEC) and of
+the divisibility by 16 of the strides, widths and D (Triton's own specialization, which decides
+vector widths): pooling, weights, the backward's NEED_* flags, F and the batch's counts are runtime
+scalars (`do_not_specialize`), and absent inputs are passed as tensors of the same dtype. So every
+kernel a launch can build is few enough to compile ahead of time for sm_80 and sm_90 in the CPU
+test suite (`tests/test_threshold_pool_compile.py`, through the launchers below).
 
 Features (the grouped launch `GroupedThresholdPool` makes, one per sharded TBE group): feature
-f's bag b is rows offsets[f·B + b] .. offsets[f·B + b + 1] of a KJT's offsets; its row n lives at
-rows + (n − offsets[f·B])·stride_row + f·W (the TBE output [N_max, F·W]: feature f's ids in rows
-[0, N_f)); weights are indexed by n itself (the KJT's); pooled bag (f, b) goes to
-out + b·ldo + f·D. A single-feature call is F = 1.
+f's bag b is KJT positions offsets[f·B + b] .. offsets[f·B + b + 1]; position n lives in TBE row
+n − offsets[f·B] at columns [f·W, (f+1)·W) (the TBE output [N_max, F·W]: feature f's ids in rows
+[0, N_f)); weights are indexed by n itself (the KJT's); pooled bag (f, b) goes to out + b·ldo + f·D.
+A single-feature call is F = 1.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# ThresholdMode codes, as in library.py.
-ROW_DIM, ROW, COARSE, MASK, NONE = 0, 1, 2, 3, 4
-# Elements per tile: BLOCK_N · BLOCK_D ≈ 2048 keeps the tile in registers for D up to a few hundred.
-_TILE = 2048
+# ThresholdMode codes (library.MODE_CODES). A @triton.jit function may only read module globals
+# that are tl.constexpr; the launchers compare plain ints (`.value`).
+ROW_DIM = tl.constexpr(0)
+ROW = tl.constexpr(1)
+COARSE = tl.constexpr(2)
+MASK = tl.constexpr(3)
+NONE = tl.constexpr(4)
+MODE_VALUES = (ROW_DIM.value, ROW.value, COARSE.value, MASK.value, NONE.value)
+
+# Elements of a program's tile (BLOCK_B · BLOCK_D): 512, one 16-byte vector per thread at 4 warps.
+# Measured on an H200 (benchmarks/results/gpu_tile_sweep.md, kernels alone, F = 26 TBE groups): 512
+# beat 1024-8192 at one id per bag (D 16: 0.65 of copy bandwidth vs 0.60 at 2048; D 64: 0.75 vs
+# 0.55) and at 20 ids (D 16: 0.86 vs 0.70; D 128: 0.98 vs 0.65): more, smaller programs keep
+# more loads in flight per SM.
+TILE = 512
+# Widest column block for the modes that may loop over column blocks (ROW holds its whole row).
+MAX_BLOCK_D = 128
+# ROW holds a row in one tile; past this D its registers spill: such tables use the reference.
+MAX_ROW_DIM = 1024
 
 
 @triton.jit
+def _bag_tile(offsets_ptr, num_bags, f, tile, BLOCK_B: tl.constexpr):
+    """The bags of program (tile, f): their indices b and validity, KJT start positions, first TBE
+    rows (start − the feature's first position), row counts (0 past B) and the longest count."""
+    b = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < num_bags
+    first = f.to(tl.int64) * num_bags
+    pos0 = tl.load(offsets_ptr + first)  # feature f's first KJT position: its TBE row 0
+    start = tl.load(offsets_ptr + first + b, mask=b_ok, other=0)
+    end = tl.load(offsets_ptr + first + b + 1, mask=b_ok, other=0)
+    count = end - start
+    return b, b_ok, start, start - pos0, count, tl.max(count, axis=0)
+
+
+# Runtime scalars Triton must not specialize on (it compiles a variant for an int == 1 and for one
+# divisible by 16): the batch-dependent counts, F (1 for the op, the group size otherwise) and the
+# 0/1 flags. One binary serves them all; what is left to specialize (strides, widths, D: their
+# divisibility by 16 decides vector widths) is what `launch_configs` enumerates.
+_FWD_RUNTIME = ["num_bags", "num_features", "has_psw", "mean"]
+_BWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean", "need_rows", "need_coarse", "need_psw"]
+
+
+@triton.jit(do_not_specialize=_FWD_RUNTIME)
 def _fwd_kernel(
     rows_ptr, stride_row, offsets_ptr, coarse_s_ptr, psw_ptr, out_ptr,
-    B, D, W, ldo, gk,
-    MODE: tl.constexpr, HAS_PSW: tl.constexpr, MEAN: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_bags, num_features, dim, width, ldo, gk, has_psw, mean,
+    MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    f = tl.program_id(1).to(tl.int64)
-    row0 = tl.load(offsets_ptr + f * B)  # int64: feature f's first id
-    start = tl.load(offsets_ptr + f * B + b)  # int64 bag bounds (KJT positions)
-    end = tl.load(offsets_ptr + f * B + b + 1)
-    rows_ptr = rows_ptr + f * W  # feature f's columns; its id n is row n − row0
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    # COARSE: one threshold per column, shared by every row of every bag.
-    coarse_t = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if MODE == COARSE:
-        coarse_t = gk * tl.sigmoid(tl.load(coarse_s_ptr + d, mask=d_ok, other=0.0).to(tl.float32))
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        tile_ok = n_ok[:, None] & d_ok[None, :]
-        r = n - row0  # the ids' rows in the TBE output (int64: no overflow on large tables)
-        row_base = rows_ptr + r[:, None] * stride_row
-        # Masked lanes read 0: v = 0 is never kept (|0| − t ≤ 0), so they add nothing.
-        v = tl.load(row_base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        if MODE == NONE:
-            vhat = v
-        elif MODE == MASK:
-            m = tl.load(row_base + D + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            vhat = tl.where(m > 0.5, v, 0.0)
-        else:
-            if MODE == ROW_DIM:
-                t = gk * tl.sigmoid(
-                    tl.load(row_base + D + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-                )
-            elif MODE == ROW:
-                s_n = tl.load(rows_ptr + r * stride_row + D, mask=n_ok, other=0.0).to(tl.float32)
-                t = (gk * tl.sigmoid(s_n))[:, None]  # one threshold per row, broadcast over D
+    pid = tl.program_id(0)
+    f = pid % num_features
+    tile = pid // num_features
+    b, b_ok, start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, tile, BLOCK_B)
+    scale = tl.full([BLOCK_B], 1.0, tl.float32)
+    if mean:
+        scale = 1.0 / tl.maximum(count, 1).to(tl.float32)  # an empty bag stays 0
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        if MODE == COARSE:
+            # One threshold per column, shared by every row of every bag.
+            t_d = gk * tl.sigmoid(tl.load(coarse_s_ptr + d, mask=d_ok, other=0.0).to(tl.float32))
+        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+        for j in range(0, max_count):
+            ok = j < count
+            tile_ok = ok[:, None] & d_ok[None, :]
+            # The launcher promises VEC | stride_row and VEC | width: 16-byte vector loads.
+            base = rows_ptr + tl.multiple_of((row + j) * stride_row + f * width, VEC)[:, None]
+            # Masked lanes read 0: v = 0 is never kept (|0| − t ≤ 0), so they add nothing.
+            v = tl.load(base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            if MODE == NONE:
+                vhat = v
+            elif MODE == MASK:
+                m = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                vhat = tl.where(m > 0.5, v, 0.0)
             else:
-                t = coarse_t[None, :]
-            mag = tl.abs(v) - t
-            # sign(v)·relu(|v| − t); pruned elements (mag ≤ 0, the relu kink included) give 0.
-            vhat = tl.where(mag > 0.0, tl.where(v < 0.0, -mag, mag), 0.0)
-        if HAS_PSW:
-            w = tl.load(psw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-            vhat = vhat * w[:, None]
-        acc += tl.sum(vhat, axis=0)
-    if MEAN:
-        # Divide by the row count; an empty bag (count 0) stays 0.
-        acc = acc / tl.maximum(end - start, 1).to(tl.float32)
-    tl.store(out_ptr + b * ldo + f * D + d, acc, mask=d_ok)
+                if MODE == ROW_DIM:
+                    s = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                    t = gk * tl.sigmoid(s)
+                elif MODE == ROW:
+                    s_row = tl.load(base + dim, mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_B, 1]
+                    t = gk * tl.sigmoid(s_row)
+                else:
+                    t = t_d[None, :]
+                mag = tl.abs(v) - t
+                # sign(v)·relu(|v| − t); pruned elements (mag ≤ 0, the relu kink included) give 0.
+                vhat = tl.where(mag > 0.0, tl.where(v < 0.0, -mag, mag), 0.0)
+            if has_psw:
+                w = tl.load(psw_ptr + start + j, mask=ok, other=0.0).to(tl.float32)
+                vhat = vhat * w[:, None]
+            acc += vhat
+        acc = acc * scale[:, None]
+        tl.store(out_ptr + b[:, None] * ldo + f * dim + d[None, :], acc, mask=b_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BWD_RUNTIME)
 def _bwd_kernel(
     grad_out_ptr, rows_ptr, stride_row, offsets_ptr, coarse_s_ptr, psw_ptr,
     grad_rows_ptr, grad_coarse_ptr, grad_psw_ptr,
-    B, D, W, ldgo, ldg, gk, s_decay, s_push,
-    MODE: tl.constexpr, HAS_PSW: tl.constexpr, MEAN: tl.constexpr,
-    NEED_ROWS: tl.constexpr, NEED_COARSE: tl.constexpr, NEED_PSW: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_bags, num_features, num_rows, dim, width, ldgo, ldg, gk, s_decay, s_push,
+    has_psw, mean, need_rows, need_coarse, need_psw,
+    MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
-    f = tl.program_id(1).to(tl.int64)
-    row0 = tl.load(offsets_ptr + f * B)
-    start = tl.load(offsets_ptr + f * B + b)
-    end = tl.load(offsets_ptr + f * B + b + 1)
-    rows_ptr = rows_ptr + f * W  # as in the forward
-    grad_rows_ptr = grad_rows_ptr + f * W
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    # The gradient reaching each row's w·v̂ (mean: divided by the count).
-    g = tl.load(grad_out_ptr + b * ldgo + f * D + d, mask=d_ok, other=0.0).to(tl.float32)
-    if MEAN:
-        g = g / tl.maximum(end - start, 1).to(tl.float32)
-    coarse_sig = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if MODE == COARSE:
-        coarse_sig = tl.sigmoid(tl.load(coarse_s_ptr + d, mask=d_ok, other=0.0).to(tl.float32))
-    grad_coarse = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < end
-        tile_ok = n_ok[:, None] & d_ok[None, :]
-        r = n - row0
-        row_base = rows_ptr + r[:, None] * stride_row
-        grad_base = grad_rows_ptr + r[:, None] * ldg
-        v = tl.load(row_base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-        if HAS_PSW:
-            w = tl.load(psw_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-            g_e = g[None, :] * w[:, None]  # gradient reaching v̂
-        else:
-            g_e = g[None, :] + tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        if MODE == NONE:
-            vhat = v
-            g_v = g_e
-        elif MODE == MASK:
-            keep = tl.load(row_base + D + d[None, :], mask=tile_ok, other=0.0).to(tl.float32) > 0.5
-            vhat = tl.where(keep, v, 0.0)
-            g_v = tl.where(keep, g_e, 0.0)  # masked elements get zero gradient (retrain)
-        else:
-            if MODE == ROW_DIM:
-                s = tl.load(row_base + D + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-                sig = tl.sigmoid(s)
-            elif MODE == ROW:
-                s_n = tl.load(rows_ptr + r * stride_row + D, mask=n_ok, other=0.0).to(tl.float32)
-                sig = tl.sigmoid(s_n)[:, None] + tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    pid = tl.program_id(0)
+    f = pid % num_features
+    tile = pid // num_features
+    b, b_ok, start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, tile, BLOCK_B)
+    scale = tl.full([BLOCK_B], 1.0, tl.float32)
+    if mean:
+        scale = 1.0 / tl.maximum(count, 1).to(tl.float32)
+    out_ty = grad_rows_ptr.dtype.element_ty
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        # The gradient reaching each row's w·v̂: one load per bag and column block (mean: / count).
+        g = tl.load(grad_out_ptr + b[:, None] * ldgo + f * dim + d[None, :],
+                    mask=b_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale[:, None]  # fmt: skip
+        if MODE == COARSE:
+            sig_d = tl.sigmoid(tl.load(coarse_s_ptr + d, mask=d_ok, other=0.0).to(tl.float32))
+        grad_coarse = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(0, max_count):
+            ok = j < count
+            tile_ok = ok[:, None] & d_ok[None, :]
+            r = row + j
+            base = rows_ptr + tl.multiple_of(r * stride_row + f * width, VEC)[:, None]
+            grad_base = grad_rows_ptr + tl.multiple_of(r * ldg + f * width, VEC)[:, None]
+            v = tl.load(base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            g_e = g
+            if has_psw:
+                w = tl.load(psw_ptr + start + j, mask=ok, other=0.0).to(tl.float32)
+                g_e = g * w[:, None]  # the gradient reaching v̂
+            if MODE == NONE:
+                vhat = v
+                g_v = g_e
+            elif MODE == MASK:
+                keep = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32) > 0.5
+                vhat = tl.where(keep, v, 0.0)
+                g_v = tl.where(keep, g_e, 0.0)  # masked elements get zero gradient (retrain)
+                if need_rows:  # the m columns get none
+                    tl.store(grad_base + dim + d[None, :], tl.zeros_like(v).to(out_ty), mask=tile_ok)
             else:
-                sig = coarse_sig[None, :] + tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            mag = tl.abs(v) - gk * sig
-            kept = mag > 0.0  # relu'(0) = 0: an element at its threshold is pruned
-            vhat = tl.where(kept, tl.where(v < 0.0, -mag, mag), 0.0)
-            g_v = tl.where(kept, g_e, 0.0)
-            # ∂v̂/∂s = −sign(v)·1[kept]·gk·σ(1 − σ); kept ⇒ v ≠ 0.
-            g_s = tl.where(kept, tl.where(v < 0.0, g_e, -g_e) * gk * sig * (1.0 - sig), 0.0)
-            if NEED_ROWS:
                 if MODE == ROW_DIM:
-                    # + the sparsity pressure s_decay·s − s_push, once per row occurrence.
-                    tl.store(grad_base + D + d[None, :],
-                             (g_s + s_decay * s - s_push).to(grad_rows_ptr.dtype.element_ty), mask=tile_ok)  # fmt: skip
-                if MODE == ROW:
-                    # s is broadcast over D: its gradient is the row sum (pad columns: zeroed by the launcher).
-                    g_row = tl.sum(g_s, axis=1) + s_decay * s_n - s_push
-                    tl.store(grad_rows_ptr + r * ldg + D, g_row.to(grad_rows_ptr.dtype.element_ty), mask=n_ok)
-            if NEED_COARSE:
-                grad_coarse += tl.sum(g_s, axis=0)
-        if NEED_ROWS:
-            tl.store(grad_base + d[None, :], g_v.to(grad_rows_ptr.dtype.element_ty), mask=tile_ok)
-        if NEED_PSW:
-            tl.store(grad_psw_ptr + n, tl.sum(g[None, :] * vhat, axis=1), mask=n_ok)
-    if NEED_COARSE:
-        # One atomic add of a [D] partial per bag (float32: order-dependent in the last bits).
-        tl.atomic_add(grad_coarse_ptr + d, grad_coarse, mask=d_ok)
+                    s = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                    sig = tl.sigmoid(s)
+                elif MODE == ROW:
+                    s = tl.load(base + dim, mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_B, 1]
+                    sig = tl.sigmoid(s)
+                else:
+                    sig = sig_d[None, :]
+                mag = tl.abs(v) - gk * sig
+                kept = mag > 0.0  # relu'(0) = 0: an element at its threshold is pruned
+                vhat = tl.where(kept, tl.where(v < 0.0, -mag, mag), 0.0)
+                g_v = tl.where(kept, g_e, 0.0)
+                # ∂v̂/∂s = −sign(v)·1[kept]·gk·σ(1 − σ); kept ⇒ v ≠ 0.
+                g_s = tl.where(kept, tl.where(v < 0.0, g_e, -g_e) * gk * sig * (1.0 - sig), 0.0)
+                if MODE == ROW_DIM:
+                    if need_rows:
+                        # + the sparsity pressure s_decay·s − s_push, once per row occurrence.
+                        tl.store(grad_base + dim + d[None, :], (g_s + s_decay * s - s_push).to(out_ty), mask=tile_ok)
+                elif MODE == ROW:
+                    if need_rows:
+                        # s is broadcast over D (this block is the whole row): its gradient is the
+                        # row sum, + the pressure, in column D; the 3 pad columns (W = D + 4) get 0.
+                        g_row = tl.sum(g_s, axis=1)[:, None] + s_decay * s - s_push  # [BLOCK_B, 1]
+                        pad = tl.arange(0, 4)[None, :]
+                        tl.store(grad_base + dim + pad, tl.where(pad == 0, g_row, 0.0).to(out_ty), mask=ok[:, None])
+                else:
+                    grad_coarse += tl.sum(g_s, axis=0)
+            if need_rows:
+                tl.store(grad_base + d[None, :], g_v.to(out_ty), mask=tile_ok)
+            if need_psw:
+                # A row's weight gradient sums over all D: accumulated over column blocks (float32,
+                # zero-initialised by the launcher; one program owns the row, so the order is fixed).
+                tl.atomic_add(grad_psw_ptr + start + j, tl.sum(g[:, :] * vhat, axis=1), mask=ok, sem="relaxed")
+        if MODE == COARSE:
+            if need_coarse:
+                # One atomic add of a [BLOCK_D] partial per program and block (float32: order-dependent
+                # in the last bits).
+                tl.atomic_add(grad_coarse_ptr + d, grad_coarse, mask=d_ok, sem="relaxed")
+    if need_rows:
+        # A group's padding rows (feature f's TBE rows [N_f, N_max)) get zero gradient, split over
+        # the feature's programs. (A single-feature call has none: its bags cover every row.)
+        num_tiles = tl.cdiv(num_bags, BLOCK_B)
+        first = f.to(tl.int64) * num_bags
+        num_ids = tl.load(offsets_ptr + first + num_bags) - tl.load(offsets_ptr + first)
+        c = tl.arange(0, BLOCK_D)
+        for r0 in range(num_ids + tile.to(tl.int64) * BLOCK_B, num_rows, num_tiles.to(tl.int64) * BLOCK_B):
+            r = r0 + tl.arange(0, BLOCK_B)
+            for c0 in range(0, width, BLOCK_D):
+                tl.store(grad_rows_ptr + r[:, None] * ldg + f * width + c0 + c[None, :],
+                         tl.zeros([BLOCK_B, BLOCK_D], dtype=out_ty),
+                         mask=(r < num_rows)[:, None] & (c0 + c < width)[None, :])  # fmt: skip
 
 
-def _blocks(dim: int) -> tuple[int, int]:
-    block_d = triton.next_power_of_2(dim)
-    return max(1, min(64, _TILE // block_d)), block_d
+class Launch(NamedTuple):
+    """One kernel launch: `kernel[grid](*args, **constexprs)`. The CPU compile test builds these
+    from CPU tensors and compiles them for real GPU targets."""
+
+    kernel: Any
+    grid: tuple[int]
+    args: tuple
+    constexprs: dict[str, int]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs)
+
+
+def blocks(dim: int, mode: int) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_D): BLOCK_D the next power of two ≥ D within [16, 128] (ROW: ≥ D, up to
+    `MAX_ROW_DIM`), BLOCK_B = TILE / BLOCK_D bags (≥ 1)."""
+    block_d = max(16, triton.next_power_of_2(dim))
+    if mode != ROW.value:
+        block_d = min(block_d, MAX_BLOCK_D)
+    return max(1, TILE // block_d), block_d
+
+
+def supports(dim: int, mode: int) -> bool:
+    """Whether these kernels take tables of dim D in `mode` (ROW holds a row in one tile)."""
+    return mode != ROW.value or dim <= MAX_ROW_DIM
+
+
+def _vec(rows: Tensor, stride_row: int, width: int) -> int:
+    """Elements per 16-byte vector if every row block starts on one (stride and width multiples
+    of it: the promise behind the kernels' `tl.multiple_of`), else 1."""
+    vec = 16 // rows.element_size()
+    return vec if stride_row % vec == 0 and width % vec == 0 else 1
 
 
 def _row_stride(rows: Tensor) -> int:
     return rows.stride(0) if rows.shape[0] > 1 else rows.shape[1]
+
+
+def _grid(num_bags: int, num_features: int, block_b: int) -> tuple[int]:
+    return (triton.cdiv(num_bags, block_b) * num_features,)
+
+
+def forward_launch(rows: Tensor, offsets: Tensor, coarse_s: Tensor | None, per_sample_weights: Tensor | None,
+                   out: Tensor, dim: int, mode: int, gk: float, mean: bool, num_features: int) -> Launch:  # fmt: skip
+    num_bags = (offsets.numel() - 1) // num_features
+    block_b, block_d = blocks(dim, mode)
+    stride, width = _row_stride(rows), rows.shape[1] // num_features
+    # Absent inputs are passed as `out` (float32, never read): the pointer types, hence the compiled
+    # kernel, do not depend on which inputs are present.
+    args = (
+        rows, stride, offsets, coarse_s if coarse_s is not None else out,
+        per_sample_weights if per_sample_weights is not None else out, out,
+        num_bags, num_features, dim, width, num_features * dim, gk, int(per_sample_weights is not None), int(mean),
+    )  # fmt: skip
+    return Launch(_fwd_kernel, _grid(num_bags, num_features, block_b), args,
+                  dict(MODE=mode, BLOCK_B=block_b, BLOCK_D=block_d, VEC=_vec(rows, stride, width)))  # fmt: skip
+
+
+def backward_launch(grad_pooled: Tensor, rows: Tensor, offsets: Tensor, coarse_s: Tensor | None,
+                    per_sample_weights: Tensor | None, grad_rows: Tensor | None, grad_coarse: Tensor | None,
+                    grad_psw: Tensor | None, dim: int, mode: int, gk: float, mean: bool, s_decay: float,
+                    s_push: float, num_features: int) -> Launch:  # fmt: skip
+    num_rows, full_width = rows.shape
+    num_bags = (offsets.numel() - 1) // num_features
+    block_b, block_d = blocks(dim, mode)
+    stride, width = _row_stride(rows), full_width // num_features
+    # Absent inputs and outputs are passed as tensors of their dtype that are never touched
+    # (grad_pooled: float32; rows for grad_rows): one compiled kernel whatever is present.
+    dummy = grad_pooled
+    args = (
+        grad_pooled, rows, stride, offsets, coarse_s if coarse_s is not None else dummy,
+        per_sample_weights if per_sample_weights is not None else dummy,
+        grad_rows if grad_rows is not None else rows, grad_coarse if grad_coarse is not None else dummy,
+        grad_psw if grad_psw is not None else dummy,
+        num_bags, num_features, num_rows, dim, width, num_features * dim, full_width, gk, s_decay, s_push,
+        *(int(flag) for flag in (per_sample_weights is not None, mean, grad_rows is not None,
+                                 grad_coarse is not None, grad_psw is not None)),
+    )  # fmt: skip
+    # The gradient rows are [N, F·W] contiguous: VEC must divide its row stride F·W too (it does
+    # whenever it divides W).
+    return Launch(_bwd_kernel, _grid(num_bags, num_features, block_b), args,
+                  dict(MODE=mode, BLOCK_B=block_b, BLOCK_D=block_d, VEC=_vec(rows, stride, width)))  # fmt: skip
 
 
 def forward(
@@ -199,13 +342,7 @@ def forward(
     out = torch.empty(num_bags, num_features * dim, dtype=torch.float32, device=rows.device)
     if num_bags == 0:
         return out
-    block_n, block_d = _blocks(dim)
-    _fwd_kernel[(num_bags, num_features)](
-        rows, _row_stride(rows), offsets, coarse_s if coarse_s is not None else rows,
-        per_sample_weights if per_sample_weights is not None else rows, out,
-        num_bags, dim, rows.shape[1] // num_features, num_features * dim, gk,
-        MODE=mode, HAS_PSW=per_sample_weights is not None, MEAN=mean, BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
+    forward_launch(rows, offsets, coarse_s, per_sample_weights, out, dim, mode, gk, mean, num_features)()
     return out
 
 
@@ -236,26 +373,14 @@ def backward(
     num_rows, width = rows.shape
     num_bags = (offsets.numel() - 1) // num_features if num_features else 0
     device = rows.device
+    # The kernel writes every column of every row (padding rows included) when B > 0.
     grad_rows = None
     if need_rows:
-        # The kernel writes every v / s column of every row a bag reads; pad (ROW) and mask (MASK)
-        # columns, and a group's padding rows, must read 0.
-        fill = torch.zeros if mode in (ROW, MASK) or grouped else torch.empty
-        grad_rows = fill(num_rows, width, dtype=rows.dtype, device=device)
+        grad_rows = (torch.empty if num_bags else torch.zeros)(num_rows, width, dtype=rows.dtype, device=device)
     grad_coarse = torch.zeros(dim, dtype=torch.float32, device=device) if need_coarse else None
     grad_psw = torch.zeros(num_rows, dtype=torch.float32, device=device) if need_weights else None
-    if num_bags == 0:
+    if num_bags == 0 or not (need_rows or need_coarse or need_weights):
         return grad_rows, grad_coarse, grad_psw
-    block_n, block_d = _blocks(dim)
-    dummy = grad_pooled
-    _bwd_kernel[(num_bags, num_features)](
-        grad_pooled, rows, _row_stride(rows), offsets, coarse_s if coarse_s is not None else dummy,
-        per_sample_weights if per_sample_weights is not None else dummy,
-        grad_rows if grad_rows is not None else dummy, grad_coarse if grad_coarse is not None else dummy,
-        grad_psw if grad_psw is not None else dummy,
-        num_bags, dim, width // num_features, num_features * dim, width, gk, s_decay, s_push,
-        MODE=mode, HAS_PSW=per_sample_weights is not None, MEAN=mean,
-        NEED_ROWS=grad_rows is not None, NEED_COARSE=grad_coarse is not None, NEED_PSW=grad_psw is not None,
-        BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
+    backward_launch(grad_pooled, rows, offsets, coarse_s, per_sample_weights, grad_rows, grad_coarse, grad_psw,
+                    dim, mode, gk, mean, s_decay, s_push, num_features)()  # fmt: skip
     return grad_rows, grad_coarse, grad_psw
