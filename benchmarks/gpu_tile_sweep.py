@@ -30,7 +30,7 @@ SHAPES = [  # (mode, D, B, P)
     (ThresholdMode.ROW_DIM, 64, 65536, 1), (ThresholdMode.ROW_DIM, 16, 16384, 20),
     (ThresholdMode.ROW_DIM, 128, 16384, 20),
 ]  # fmt: skip
-TILES = (512, 1024, 2048, 4096, 8192)
+TILES = (256, 512, 1024, 2048)
 WARPS = (4, 8)
 
 

@@ -286,7 +286,10 @@ _TRITON_SCRIPT = textwrap.dedent(
     # ROW holds it in one block of 256) with weights (their gradient sums over the blocks).
     cases = [(5, [2, 0, 3, 1], True, True, 0), (16, [1, 1, 0, 1], False, False, 3),
              (3, [70, 0, 2], True, False, 0), (4, [0, 0], False, True, 0), (8, [1, 2, 0] * 50, True, False, 0),
-             (130, [3, 0, 2], True, True, 0)]
+             (130, [3, 0, 2], True, True, 0),
+             # one id per bag over two tiles (the speculative one-id path, weights and mean), and a
+             # tile of one-id bags that do not start at TBE row b (a 2-id bag before them).
+             (16, [1] * 40, True, True, 0), (16, [2] + [1] * 40, False, False, 0)]
     worst = 0.0
     for mode, code in MODE_CODES.items():
         for dim, lengths, weighted, mean, pad in cases:

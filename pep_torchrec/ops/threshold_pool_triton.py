@@ -66,78 +66,190 @@ MAX_BLOCK_D = 128
 MAX_ROW_DIM = 1024
 
 
+# Runtime scalars Triton must not specialize on (it compiles a variant for an int == 1 and for one
+# divisible by 16): the batch-dependent counts, F (1 for the op, the group size otherwise) and the
+# 0/1 flags. One binary serves them all; what is left to specialize (strides, widths, D: their
+# divisibility by 16 decides vector widths) is what `launch_configs` enumerates.
+_FWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean"]
+_BWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean", "need_rows", "need_coarse", "need_psw"]
+
+
 @triton.jit
-def _bag_tile(offsets_ptr, num_bags, f, tile, BLOCK_B: tl.constexpr):
-    """The bags of program (tile, f): their indices b and validity, KJT start positions, first TBE
-    rows (start − the feature's first position), row counts (0 past B) and the longest count."""
-    b = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    b_ok = b < num_bags
+def _bag_tile(offsets_ptr, num_bags, f, b, b_ok):
+    """The bags b of feature f: KJT start positions, first TBE rows (start − the feature's first
+    position), row counts (0 where not b_ok) and the longest count."""
     first = f.to(tl.int64) * num_bags
     pos0 = tl.load(offsets_ptr + first)  # feature f's first KJT position: its TBE row 0
     start = tl.load(offsets_ptr + first + b, mask=b_ok, other=0)
     end = tl.load(offsets_ptr + first + b + 1, mask=b_ok, other=0)
     count = end - start
-    return b, b_ok, start, start - pos0, count, tl.max(count, axis=0)
+    return start, start - pos0, count, tl.max(count, axis=0)
 
 
-# Runtime scalars Triton must not specialize on (it compiles a variant for an int == 1 and for one
-# divisible by 16): the batch-dependent counts, F (1 for the op, the group size otherwise) and the
-# 0/1 flags. One binary serves them all; what is left to specialize (strides, widths, D: their
-# divisibility by 16 decides vector widths) is what `launch_configs` enumerates.
-_FWD_RUNTIME = ["num_bags", "num_features", "has_psw", "mean"]
-_BWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean", "need_rows", "need_coarse", "need_psw"]
+@triton.jit
+def _one_id_tile(b, b_ok, row, count):
+    """Whether every bag of the tile is one id at TBE row b: the speculative loads were right."""
+    return tl.sum((b_ok & ((count != 1) | (row != b))).to(tl.int32), axis=0) == 0
+
+
+@triton.jit
+def _load_rows(rows_ptr, r, stride_row, f, width, dim, d, ok, MODE: tl.constexpr, VEC: tl.constexpr):
+    """v [BLOCK_B, BLOCK_D] of TBE rows r at columns d of feature f, and the row's other operand:
+    s (ROW_DIM: [BLOCK_B, BLOCK_D]; ROW: [BLOCK_B, 1]) or m (MASK); v again where there is none.
+    Masked lanes read 0 (v = 0 is never kept: |0| − t ≤ 0, so they add nothing)."""
+    # The launcher promises VEC | stride_row and VEC | width: 16-byte vector loads.
+    base = rows_ptr + tl.multiple_of(r * stride_row + f * width, VEC)[:, None]
+    tile_ok = ok[:, None] & (d < dim)[None, :]
+    v = tl.load(base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    if MODE == ROW_DIM or MODE == MASK:
+        aux = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    elif MODE == ROW:
+        aux = tl.load(base + dim, mask=ok[:, None], other=0.0).to(tl.float32)
+    else:
+        aux = v
+    return v, aux
+
+
+@triton.jit
+def _threshold(v, aux, sig_d, gk, MODE: tl.constexpr):
+    """(v̂, kept, σ(s)) of a tile: sign(v)·relu(|v| − gk·σ(s)); MASK: v·1[m > 0.5]; NONE: v.
+    sig_d: σ(coarse_s) [1, BLOCK_D] (COARSE only)."""
+    if MODE == NONE:
+        return v, v == v, v
+    if MODE == MASK:
+        keep = aux > 0.5
+        return tl.where(keep, v, 0.0), keep, v
+    if MODE == COARSE:
+        sig = sig_d + tl.zeros_like(v)
+    else:
+        sig = tl.sigmoid(aux)
+    mag = tl.abs(v) - gk * sig
+    kept = mag > 0.0  # the relu kink (mag = 0) is pruned, with zero gradient
+    return tl.where(kept, tl.where(v < 0.0, -mag, mag), 0.0), kept, sig
+
+
+@triton.jit
+def _coarse_sigmoid(coarse_s_ptr, d, dim, MODE: tl.constexpr):
+    """σ(coarse_s) of columns d as [1, BLOCK_D] (COARSE; zeros otherwise)."""
+    if MODE == COARSE:
+        return tl.sigmoid(tl.load(coarse_s_ptr + d, mask=d < dim, other=0.0).to(tl.float32))[None, :]
+    return tl.zeros_like(d.to(tl.float32))[None, :]
+
+
+@triton.jit
+def _pool_block(rows_ptr, stride_row, psw_ptr, f, width, dim, d, sig_d, gk, has_psw, start, row, count, max_count,
+                MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """Σ over each bag's rows of w·v̂ at columns d: [BLOCK_B, BLOCK_D] float32 (bags of any length:
+    the j-th row of every bag at once, shorter bags masked)."""
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
+    for j in range(0, max_count):
+        ok = j < count
+        v, aux = _load_rows(rows_ptr, row + j, stride_row, f, width, dim, d, ok, MODE, VEC)
+        vhat, _, _ = _threshold(v, aux, sig_d, gk, MODE)
+        if has_psw:
+            vhat = vhat * tl.load(psw_ptr + start + j, mask=ok, other=0.0).to(tl.float32)[:, None]
+        acc += vhat
+    return acc
 
 
 @triton.jit(do_not_specialize=_FWD_RUNTIME)
 def _fwd_kernel(
     rows_ptr, stride_row, offsets_ptr, coarse_s_ptr, psw_ptr, out_ptr,
-    num_bags, num_features, dim, width, ldo, gk, has_psw, mean,
+    num_bags, num_features, num_rows, dim, width, ldo, gk, has_psw, mean,
     MODE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     f = pid % num_features
-    tile = pid // num_features
-    b, b_ok, start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, tile, BLOCK_B)
-    scale = tl.full([BLOCK_B], 1.0, tl.float32)
-    if mean:
-        scale = 1.0 / tl.maximum(count, 1).to(tl.float32)  # an empty bag stays 0
-    for d0 in range(0, dim, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        if MODE == COARSE:
-            # One threshold per column, shared by every row of every bag.
-            t_d = gk * tl.sigmoid(tl.load(coarse_s_ptr + d, mask=d_ok, other=0.0).to(tl.float32))
-        acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)
-        for j in range(0, max_count):
-            ok = j < count
-            tile_ok = ok[:, None] & d_ok[None, :]
-            # The launcher promises VEC | stride_row and VEC | width: 16-byte vector loads.
-            base = rows_ptr + tl.multiple_of((row + j) * stride_row + f * width, VEC)[:, None]
-            # Masked lanes read 0: v = 0 is never kept (|0| − t ≤ 0), so they add nothing.
-            v = tl.load(base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            if MODE == NONE:
-                vhat = v
-            elif MODE == MASK:
-                m = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-                vhat = tl.where(m > 0.5, v, 0.0)
-            else:
-                if MODE == ROW_DIM:
-                    s = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-                    t = gk * tl.sigmoid(s)
-                elif MODE == ROW:
-                    s_row = tl.load(base + dim, mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_B, 1]
-                    t = gk * tl.sigmoid(s_row)
-                else:
-                    t = t_d[None, :]
-                mag = tl.abs(v) - t
-                # sign(v)·relu(|v| − t); pruned elements (mag ≤ 0, the relu kink included) give 0.
-                vhat = tl.where(mag > 0.0, tl.where(v < 0.0, -mag, mag), 0.0)
+    b = (pid // num_features).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < num_bags
+    d = tl.arange(0, BLOCK_D)
+    out_ptrs = out_ptr + b[:, None] * ldo + f * dim + d[None, :]
+    if dim <= BLOCK_D:  # one column block (D ≤ 128, and always ROW)
+        # Speculate that every bag of the tile is one id, the TBE gather case (bag b of feature f is
+        # then TBE row b): the rows' loads issue beside the offsets' loads instead of after them.
+        v, aux = _load_rows(rows_ptr, b, stride_row, f, width, dim, d, b_ok & (b < num_rows), MODE, VEC)
+        sig_d = _coarse_sigmoid(coarse_s_ptr, d, dim, MODE)
+        start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, b, b_ok)
+        if _one_id_tile(b, b_ok, row, count):
+            acc, _, _ = _threshold(v, aux, sig_d, gk, MODE)  # a one-row bag: sum and mean are v̂ itself
             if has_psw:
-                w = tl.load(psw_ptr + start + j, mask=ok, other=0.0).to(tl.float32)
-                vhat = vhat * w[:, None]
-            acc += vhat
-        acc = acc * scale[:, None]
-        tl.store(out_ptr + b[:, None] * ldo + f * dim + d[None, :], acc, mask=b_ok[:, None] & d_ok[None, :])
+                acc = acc * tl.load(psw_ptr + start, mask=b_ok, other=0.0).to(tl.float32)[:, None]
+        else:
+            acc = _pool_block(rows_ptr, stride_row, psw_ptr, f, width, dim, d, sig_d, gk, has_psw, start, row,
+                              count, max_count, MODE, BLOCK_B, BLOCK_D, VEC)  # fmt: skip
+            if mean:
+                acc = acc / tl.maximum(count, 1).to(tl.float32)[:, None]  # an empty bag stays 0
+        tl.store(out_ptrs, acc, mask=b_ok[:, None] & (d < dim)[None, :])
+    else:
+        start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, b, b_ok)
+        for d0 in range(0, dim, BLOCK_D):
+            sig_d = _coarse_sigmoid(coarse_s_ptr, d0 + d, dim, MODE)
+            acc = _pool_block(rows_ptr, stride_row, psw_ptr, f, width, dim, d0 + d, sig_d, gk, has_psw, start, row,
+                              count, max_count, MODE, BLOCK_B, BLOCK_D, VEC)  # fmt: skip
+            if mean:
+                acc = acc / tl.maximum(count, 1).to(tl.float32)[:, None]
+            tl.store(out_ptrs + d0, acc, mask=b_ok[:, None] & (d0 + d < dim)[None, :])
+
+
+@triton.jit
+def _row_grads(grad_rows_ptr, grad_psw_ptr, r, ok, pos, f, width, ldg, dim, d, v, aux, g, g_e, sig_d, gk,
+               s_decay, s_push, need_rows, need_psw, MODE: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """Write the gradient of TBE rows r at columns d (v, and the s / m / pad columns) from g_e, the
+    gradient reaching v̂ (weights applied); add Σ_d g·v̂ to grad_psw[pos]. Returns the tile's
+    s-gradient summed over rows (COARSE's partial)."""
+    vhat, kept, sig = _threshold(v, aux, sig_d, gk, MODE)
+    grad_base = grad_rows_ptr + tl.multiple_of(r * ldg + f * width, VEC)[:, None]
+    tile_ok = ok[:, None] & (d < dim)[None, :]
+    out_ty = grad_rows_ptr.dtype.element_ty
+    g_s = tl.zeros_like(v)
+    if MODE == NONE:
+        g_v = g_e
+    elif MODE == MASK:
+        g_v = tl.where(kept, g_e, 0.0)  # masked elements get zero gradient (retrain)
+        if need_rows:  # the m columns get none
+            tl.store(grad_base + dim + d[None, :], tl.zeros_like(v).to(out_ty), mask=tile_ok)
+    else:
+        g_v = tl.where(kept, g_e, 0.0)
+        # ∂v̂/∂s = −sign(v)·1[kept]·gk·σ(1 − σ); kept ⇒ v ≠ 0.
+        g_s = tl.where(kept, tl.where(v < 0.0, g_e, -g_e) * gk * sig * (1.0 - sig), 0.0)
+        if MODE == ROW_DIM:
+            if need_rows:  # + the sparsity pressure s_decay·s − s_push, once per row occurrence
+                tl.store(grad_base + dim + d[None, :], (g_s + s_decay * aux - s_push).to(out_ty), mask=tile_ok)
+        elif MODE == ROW:
+            if need_rows:
+                # s is broadcast over D (this block is the whole row): its gradient is the row sum,
+                # + the pressure, in column D; the 3 pad columns (W = D + 4) get 0.
+                g_row = tl.sum(g_s, axis=1)[:, None] + s_decay * aux - s_push  # [BLOCK_B, 1]
+                pad = tl.arange(0, 4)[None, :]
+                tl.store(grad_base + dim + pad, tl.where(pad == 0, g_row, 0.0).to(out_ty), mask=ok[:, None])
+    if need_rows:
+        tl.store(grad_base + d[None, :], g_v.to(out_ty), mask=tile_ok)
+    if need_psw:
+        # A row's weight gradient sums over all D: accumulated over column blocks (float32,
+        # zero-initialised by the launcher; one program owns the row, so the order is fixed).
+        tl.atomic_add(grad_psw_ptr + pos, tl.sum(g * vhat, axis=1), mask=ok, sem="relaxed")
+    coarse_part = tl.zeros_like(d.to(tl.float32))
+    if MODE == COARSE:  # a reduction over the tile's bags (across warps): only where it is used
+        coarse_part = tl.sum(g_s, axis=0)
+    return coarse_part
+
+
+@triton.jit
+def _grad_block(grad_rows_ptr, grad_psw_ptr, rows_ptr, stride_row, psw_ptr, f, width, ldg, dim, d, g, sig_d, gk,
+                s_decay, s_push, has_psw, need_rows, need_psw, start, row, count, max_count,
+                MODE: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
+    """The row gradients of every bag's rows at columns d (g: the bags' pooled gradient, mean
+    already applied), the j-th row of every bag at once; returns COARSE's [BLOCK_D] partial."""
+    grad_coarse = tl.zeros_like(d.to(tl.float32))
+    for j in range(0, max_count):
+        ok = j < count
+        v, aux = _load_rows(rows_ptr, row + j, stride_row, f, width, dim, d, ok, MODE, VEC)
+        g_e = g
+        if has_psw:
+            g_e = g * tl.load(psw_ptr + start + j, mask=ok, other=0.0).to(tl.float32)[:, None]
+        grad_coarse += _row_grads(grad_rows_ptr, grad_psw_ptr, row + j, ok, start + j, f, width, ldg, dim, d, v, aux,
+                                  g, g_e, sig_d, gk, s_decay, s_push, need_rows, need_psw, MODE, VEC)  # fmt: skip
+    return grad_coarse
 
 
 @triton.jit(do_not_specialize=_BWD_RUNTIME)
@@ -151,92 +263,57 @@ def _bwd_kernel(
     pid = tl.program_id(0)
     f = pid % num_features
     tile = pid // num_features
-    b, b_ok, start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, tile, BLOCK_B)
-    scale = tl.full([BLOCK_B], 1.0, tl.float32)
-    if mean:
-        scale = 1.0 / tl.maximum(count, 1).to(tl.float32)
-    out_ty = grad_rows_ptr.dtype.element_ty
-    for d0 in range(0, dim, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        # The gradient reaching each row's w·v̂: one load per bag and column block (mean: / count).
-        g = tl.load(grad_out_ptr + b[:, None] * ldgo + f * dim + d[None, :],
-                    mask=b_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale[:, None]  # fmt: skip
-        if MODE == COARSE:
-            sig_d = tl.sigmoid(tl.load(coarse_s_ptr + d, mask=d_ok, other=0.0).to(tl.float32))
-        grad_coarse = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(0, max_count):
-            ok = j < count
-            tile_ok = ok[:, None] & d_ok[None, :]
-            r = row + j
-            base = rows_ptr + tl.multiple_of(r * stride_row + f * width, VEC)[:, None]
-            grad_base = grad_rows_ptr + tl.multiple_of(r * ldg + f * width, VEC)[:, None]
-            v = tl.load(base + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            g_e = g
+    b = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    b_ok = b < num_bags
+    d = tl.arange(0, BLOCK_D)
+    g_ptrs = grad_out_ptr + b[:, None] * ldgo + f * dim + d[None, :]
+    if dim <= BLOCK_D:  # one column block; speculative one-id loads as in the forward
+        v, aux = _load_rows(rows_ptr, b, stride_row, f, width, dim, d, b_ok & (b < num_rows), MODE, VEC)
+        g = tl.load(g_ptrs, mask=b_ok[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
+        sig_d = _coarse_sigmoid(coarse_s_ptr, d, dim, MODE)
+        start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, b, b_ok)
+        if _one_id_tile(b, b_ok, row, count):
+            g_e = g  # a one-row bag: mean divides by 1
             if has_psw:
-                w = tl.load(psw_ptr + start + j, mask=ok, other=0.0).to(tl.float32)
-                g_e = g * w[:, None]  # the gradient reaching v̂
-            if MODE == NONE:
-                vhat = v
-                g_v = g_e
-            elif MODE == MASK:
-                keep = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32) > 0.5
-                vhat = tl.where(keep, v, 0.0)
-                g_v = tl.where(keep, g_e, 0.0)  # masked elements get zero gradient (retrain)
-                if need_rows:  # the m columns get none
-                    tl.store(grad_base + dim + d[None, :], tl.zeros_like(v).to(out_ty), mask=tile_ok)
-            else:
-                if MODE == ROW_DIM:
-                    s = tl.load(base + dim + d[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-                    sig = tl.sigmoid(s)
-                elif MODE == ROW:
-                    s = tl.load(base + dim, mask=ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_B, 1]
-                    sig = tl.sigmoid(s)
-                else:
-                    sig = sig_d[None, :]
-                mag = tl.abs(v) - gk * sig
-                kept = mag > 0.0  # relu'(0) = 0: an element at its threshold is pruned
-                vhat = tl.where(kept, tl.where(v < 0.0, -mag, mag), 0.0)
-                g_v = tl.where(kept, g_e, 0.0)
-                # ∂v̂/∂s = −sign(v)·1[kept]·gk·σ(1 − σ); kept ⇒ v ≠ 0.
-                g_s = tl.where(kept, tl.where(v < 0.0, g_e, -g_e) * gk * sig * (1.0 - sig), 0.0)
-                if MODE == ROW_DIM:
-                    if need_rows:
-                        # + the sparsity pressure s_decay·s − s_push, once per row occurrence.
-                        tl.store(grad_base + dim + d[None, :], (g_s + s_decay * s - s_push).to(out_ty), mask=tile_ok)
-                elif MODE == ROW:
-                    if need_rows:
-                        # s is broadcast over D (this block is the whole row): its gradient is the
-                        # row sum, + the pressure, in column D; the 3 pad columns (W = D + 4) get 0.
-                        g_row = tl.sum(g_s, axis=1)[:, None] + s_decay * s - s_push  # [BLOCK_B, 1]
-                        pad = tl.arange(0, 4)[None, :]
-                        tl.store(grad_base + dim + pad, tl.where(pad == 0, g_row, 0.0).to(out_ty), mask=ok[:, None])
-                else:
-                    grad_coarse += tl.sum(g_s, axis=0)
-            if need_rows:
-                tl.store(grad_base + d[None, :], g_v.to(out_ty), mask=tile_ok)
-            if need_psw:
-                # A row's weight gradient sums over all D: accumulated over column blocks (float32,
-                # zero-initialised by the launcher; one program owns the row, so the order is fixed).
-                tl.atomic_add(grad_psw_ptr + start + j, tl.sum(g[:, :] * vhat, axis=1), mask=ok, sem="relaxed")
+                g_e = g * tl.load(psw_ptr + start, mask=b_ok, other=0.0).to(tl.float32)[:, None]
+            grad_coarse = _row_grads(grad_rows_ptr, grad_psw_ptr, b, b_ok, start, f, width, ldg, dim, d, v, aux, g, g_e,
+                                     sig_d, gk, s_decay, s_push, need_rows, need_psw, MODE, VEC)  # fmt: skip
+        else:
+            if mean:
+                g = g / tl.maximum(count, 1).to(tl.float32)[:, None]
+            grad_coarse = _grad_block(grad_rows_ptr, grad_psw_ptr, rows_ptr, stride_row, psw_ptr, f, width, ldg, dim,
+                                      d, g, sig_d, gk, s_decay, s_push, has_psw, need_rows, need_psw, start, row,
+                                      count, max_count, MODE, VEC)  # fmt: skip
         if MODE == COARSE:
             if need_coarse:
-                # One atomic add of a [BLOCK_D] partial per program and block (float32: order-dependent
-                # in the last bits).
-                tl.atomic_add(grad_coarse_ptr + d, grad_coarse, mask=d_ok, sem="relaxed")
+                # One atomic add of a [BLOCK_D] partial per program (float32: order-dependent in the last bits).
+                tl.atomic_add(grad_coarse_ptr + d, grad_coarse, mask=d < dim, sem="relaxed")
+    else:
+        start, row, count, max_count = _bag_tile(offsets_ptr, num_bags, f, b, b_ok)
+        for d0 in range(0, dim, BLOCK_D):
+            g = tl.load(g_ptrs + d0, mask=b_ok[:, None] & (d0 + d < dim)[None, :], other=0.0).to(tl.float32)
+            if mean:
+                g = g / tl.maximum(count, 1).to(tl.float32)[:, None]
+            sig_d = _coarse_sigmoid(coarse_s_ptr, d0 + d, dim, MODE)
+            grad_coarse = _grad_block(grad_rows_ptr, grad_psw_ptr, rows_ptr, stride_row, psw_ptr, f, width, ldg, dim,
+                                      d0 + d, g, sig_d, gk, s_decay, s_push, has_psw, need_rows, need_psw, start, row,
+                                      count, max_count, MODE, VEC)  # fmt: skip
+            if MODE == COARSE:
+                if need_coarse:
+                    tl.atomic_add(grad_coarse_ptr + d0 + d, grad_coarse, mask=d0 + d < dim, sem="relaxed")
     if need_rows:
         # A group's padding rows (feature f's TBE rows [N_f, N_max)) get zero gradient, split over
         # the feature's programs. (A single-feature call has none: its bags cover every row.)
         num_tiles = tl.cdiv(num_bags, BLOCK_B)
         first = f.to(tl.int64) * num_bags
         num_ids = tl.load(offsets_ptr + first + num_bags) - tl.load(offsets_ptr + first)
-        c = tl.arange(0, BLOCK_D)
+        out_ty = grad_rows_ptr.dtype.element_ty
         for r0 in range(num_ids + tile.to(tl.int64) * BLOCK_B, num_rows, num_tiles.to(tl.int64) * BLOCK_B):
             r = r0 + tl.arange(0, BLOCK_B)
             for c0 in range(0, width, BLOCK_D):
-                tl.store(grad_rows_ptr + r[:, None] * ldg + f * width + c0 + c[None, :],
+                tl.store(grad_rows_ptr + r[:, None] * ldg + f * width + c0 + d[None, :],
                          tl.zeros([BLOCK_B, BLOCK_D], dtype=out_ty),
-                         mask=(r < num_rows)[:, None] & (c0 + c < width)[None, :])  # fmt: skip
+                         mask=(r < num_rows)[:, None] & (c0 + d < width)[None, :])  # fmt: skip
 
 
 class Launch(NamedTuple):
@@ -291,7 +368,8 @@ def forward_launch(rows: Tensor, offsets: Tensor, coarse_s: Tensor | None, per_s
     args = (
         rows, stride, offsets, coarse_s if coarse_s is not None else out,
         per_sample_weights if per_sample_weights is not None else out, out,
-        num_bags, num_features, dim, width, num_features * dim, gk, int(per_sample_weights is not None), int(mean),
+        num_bags, num_features, rows.shape[0], dim, width, num_features * dim, gk, int(per_sample_weights is not None),
+        int(mean),
     )  # fmt: skip
     return Launch(_fwd_kernel, _grid(num_bags, num_features, block_b), args,
                   dict(MODE=mode, BLOCK_B=block_b, BLOCK_D=block_d, VEC=_vec(rows, stride, width)))  # fmt: skip
