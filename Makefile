@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # pytest-timeout guards against a hung collective; -p no:cacheprovider keeps a fresh clone clean.
 PYTEST_ARGS ?= -q -p no:cacheprovider
 
-.PHONY: install test demo lint format bench quality clean
+.PHONY: install test demo lint format bench quality gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: install
 	$(BIN)/python benchmarks/kernel.py
 	test -d out/demo/runs/search/masks || $(MAKE) demo  # the serving benchmark exports a search run
 	$(BIN)/python -m benchmarks.serving --run-dir out/demo/runs/search --retrain-runs out/demo/runs/retrain_10
+
+# On a CUDA machine with torch + Triton (no TorchRec needed): correctness and speed of the Triton
+# kernels, writes benchmarks/results/gpu_check.{json,md}.
+gpu-check:
+	PEP_GIT_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) bash benchmarks/gpu_check.sh
 
 lint: install
 	$(BIN)/ruff check pep_torchrec pipelines tests benchmarks

@@ -5,7 +5,7 @@ Layout::
 
     RUN/checkpoints/step_00000120/      DCP files (every rank writes its own shards)
     RUN/checkpoints/step_00000120/trainer_state.json   step, epoch, best-so-far, metrics (rank 0)
-    RUN/checkpoints/step_00000120/rng_rank{R}.json     each rank's torch RNG state
+    RUN/checkpoints/step_00000120/rng_rank{R}.json     each rank's RNG states (CPU; its CUDA device's)
 
 A checkpoint is written under `step_N.tmp` and renamed by rank 0 after every rank finished, so a
 checkpoint directory without the suffix is always complete.
@@ -80,8 +80,7 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         _barrier()
         dcp.save(state, checkpoint_id=str(tmp))
-        _write_json(tmp / f"rng_rank{self.rank}.json",
-                    {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()})
+        _write_json(tmp / f"rng_rank{self.rank}.json", _rng_state())
         _barrier()
         if self.rank == 0:
             _write_json(tmp / "trainer_state.json", trainer_state)
@@ -104,8 +103,7 @@ class CheckpointManager:
         dcp.load(state, checkpoint_id=str(path))
         rng_path = path / f"rng_rank{self.rank}.json"
         if rng_path.is_file():
-            raw = base64.b64decode(json.loads(rng_path.read_text())["torch"])
-            torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+            _set_rng_state(json.loads(rng_path.read_text()))
         return json.loads(meta_path.read_text())
 
     def _prune(self, protect: tuple[int, ...]) -> None:
@@ -114,3 +112,26 @@ class CheckpointManager:
         for step in steps:
             if step not in keep:
                 shutil.rmtree(self.path(step), ignore_errors=True)
+
+
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _rng_state() -> dict[str, str]:
+    """This rank's generators: the CPU one, and its current CUDA device's where CUDA is in use
+    (dropout and random init on the GPU draw from that one, not the CPU's)."""
+    state = {"torch": _encode(torch.get_rng_state())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _encode(torch.cuda.get_rng_state())
+    return state
+
+
+def _set_rng_state(state: dict[str, str]) -> None:
+    torch.set_rng_state(_decode(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decode(state["cuda"]))

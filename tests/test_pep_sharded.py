@@ -233,15 +233,23 @@ def _matrix_worker(rank: int, world_size: int) -> dict:
             torch.optim.SGD(dense, lr=LR).step()
         pep = dmp.module.pep
         assert isinstance(pep, ShardedPEPEmbeddingBagCollection)
+        flushes = []  # the scans must flush a UVM-caching TBE before reading its weights
+        for kernel in pep._pep_kernels():
+            kernel.flush = lambda kernel=kernel, flush=kernel.flush, log=flushes: (log.append(kernel), flush())[1]
+        kept = pep.kept_counts()
+        margins = {t: [(r, c, m.numpy()) for r, c, m in pep.local_margins(t)] for t in TABLE_NAMES}
+        flushed = len({id(k) for k in flushes})  # before state_dict, which flushes on its own
         results[(plan_name, case.name)] = {
             "keys": list(keys),
             "out": {f: t.detach().numpy() for f, t in out.items()},
             "pieces": _pieces(dmp.state_dict()),
             "plan": plan,
-            "kept": pep.kept_counts(),
+            "kept": kept,
             # What the output all-to-all / reduce-scatter is sized for, per feature.
             "odist_dims": list(pep._embedding_bag_collection._embedding_dims),
-            "margins": {t: [(r, c, m.numpy()) for r, c, m in pep.local_margins(t)] for t in TABLE_NAMES},
+            "margins": margins,
+            "flushed_kernels": flushed,
+            "kernels": len(list(pep._pep_kernels())),
         }
     return results
 
@@ -303,6 +311,7 @@ def test_sharded_equals_unsharded(matrix_results, plan, case):
     mirror.load_state_dict({k: torch.from_numpy(v) for k, v in assembled.items()})
     kept = {t: sum(r["kept"][t] for r in results) for t in TABLE_NAMES}
     assert kept == mirror.kept_counts()
+    assert all(r["flushed_kernels"] == r["kernels"] for r in results)  # every local TBE flushed first
     for t, _, n, _ in TABLES:
         margins = np.full((n, DIM), np.nan, dtype=np.float32)
         for result in results:

@@ -214,6 +214,10 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
 
     def pep_tables(self) -> list[tuple[PEPTableSpec, int, int, Tensor]]:
         """This kernel's local shards: (spec, row offset, column offset, [rows, C] stored weight)."""
+        # A UVM-caching TBE (`fused_uvm_caching` on CUDA) keeps recent updates in its HBM cache:
+        # write them back first, or the kept counts and margins read stale rows (TorchRec's own
+        # state_dict flushes the same way). Without a cache this is a no-op.
+        self.flush()
         return [
             (spec, row_offset, col_offset, weight)
             for spec, row_offset, col_offset, weight in zip(

@@ -8,9 +8,12 @@ cdiv(B, BLOCK_B) · F with the feature fastest, so neighbouring programs read ne
 blocks of the same TBE rows. A program walks its columns BLOCK_D at a time (one step for D ≤ 128,
 and always one for ROW, whose s-gradient is a sum over the row) and, inside, the j-th row of all its
 bags at once (j < the tile's longest bag; shorter bags are masked). So
-- a bag of one id (the TBE gather case: one id per feature per sample) is one masked-free load of
-  a [BLOCK_B, BLOCK_D] tile: purely element-wise, no per-bag loop, `TILE` elements per program
-  (the previous design gave each program one bag: 64 bytes of work at D = 16);
+- bags of one id (the TBE gather case: one id per feature per sample) are element-wise. With D in
+  one block, a program speculatively loads TBE row b for its bag b beside the offsets, then checks
+  that every bag of its tile is one id at row b (else it walks the bags): the row loads do not wait
+  for the offsets (on an H200, one-id F = 26 groups at D 16 went from 0.65 to 0.89 of copy
+  bandwidth, `benchmarks/gpu_tile_sweep.py` at commit 1139563 and after; the first design, one
+  bag per program, reached 0.04);
 - every pooled row and every gradient row is written by exactly one program (no atomics on rows,
   deterministic); the [D] coarse gradient takes one atomic add per (program, column block), and a
   per-sample-weight gradient one per (row, column block) (a plain sum when D ≤ BLOCK_D);
@@ -55,10 +58,10 @@ NONE = tl.constexpr(4)
 MODE_VALUES = (ROW_DIM.value, ROW.value, COARSE.value, MASK.value, NONE.value)
 
 # Elements of a program's tile (BLOCK_B · BLOCK_D): 512, one 16-byte vector per thread at 4 warps.
-# Measured on an H200 (benchmarks/results/gpu_tile_sweep.md, kernels alone, F = 26 TBE groups): 512
-# beat 1024-8192 at one id per bag (D 16: 0.65 of copy bandwidth vs 0.60 at 2048; D 64: 0.75 vs
-# 0.55) and at 20 ids (D 16: 0.86 vs 0.70; D 128: 0.98 vs 0.65): more, smaller programs keep
-# more loads in flight per SM.
+# Measured on an H200 (`benchmarks/gpu_tile_sweep.py` → benchmarks/results/gpu_tile_sweep.md: the
+# kernels alone, F = 26 TBE groups, share of copy bandwidth): 512 × 4 warps is best or tied in every
+# shape, e.g. one id per bag D 16: 0.89 (256: 0.72, 1024: 0.71, 2048: 0.75), D 64: 0.93 (1024: 0.92,
+# 2048: 0.80); 20 ids D 16: 0.89 (others 0.67-0.79); 8 warps lose everywhere but one tie.
 TILE = 512
 # Widest column block for the modes that may loop over column blocks (ROW holds its whole row).
 MAX_BLOCK_D = 128
@@ -69,7 +72,7 @@ MAX_ROW_DIM = 1024
 # Runtime scalars Triton must not specialize on (it compiles a variant for an int == 1 and for one
 # divisible by 16): the batch-dependent counts, F (1 for the op, the group size otherwise) and the
 # 0/1 flags. One binary serves them all; what is left to specialize (strides, widths, D: their
-# divisibility by 16 decides vector widths) is what `launch_configs` enumerates.
+# divisibility by 16 decides vector widths) is what tests/test_threshold_pool_compile.py enumerates.
 _FWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean"]
 _BWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean", "need_rows", "need_coarse", "need_psw"]
 
