@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             run = work / "runs" / f"{dataset}_{model}"
             config = REPO / "configs" / f"{dataset}_{model}.yaml"
             argv_train = ["train", "--config", str(config.relative_to(REPO)), "--data", str(data), "--run-dir", str(run),
-                          "--set", "train.progress=false"]
+                          "--overwrite", "--set", "train.progress=false"]
             t0 = time.perf_counter()
             if cli.main(argv_train) != 0:
                 return 1

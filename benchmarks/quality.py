@@ -63,7 +63,7 @@ METHODS = (("PEP retrain", "search"), ("magnitude", "magnitude"), ("magnitude, P
 
 def _train(argv: list[str], log: list[dict]) -> dict:
     started = time.perf_counter()
-    if cli.main(["train", *argv, "--set", "train.progress=false"]) != 0:
+    if cli.main(["train", *argv, "--overwrite", "--set", "train.progress=false"]) != 0:
         raise SystemExit(f"training failed: pep-torchrec train {' '.join(argv)}")
     run_dir = Path(argv[argv.index("--run-dir") + 1])
     summary = json.loads((run_dir / "summary.json").read_text())

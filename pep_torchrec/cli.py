@@ -35,18 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pep_torchrec.config import ConfigError
-    from pep_torchrec.data.report import PrepareError
-    from pep_torchrec.data.schema import SchemaError
+    from pep_torchrec.errors import USER_ERROR_EXIT, UserError
     from pep_torchrec.logging_utils import setup_logging
 
     setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, SchemaError, PrepareError) as e:
+    except UserError as e:  # bad input: one line naming it (pep_torchrec/errors.py)
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

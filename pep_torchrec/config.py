@@ -17,9 +17,16 @@ from typing import Any
 
 import yaml
 
+from pep_torchrec.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config file or override is invalid; the message names the key (and file)."""
+
+
+MODEL_NAMES = ("fm", "deepfm", "autoint", "dlrm")
+"""`model.name` choices: the keys of `pep_torchrec.models.MODELS` (tests/test_config.py keeps them
+equal; the config, at the bottom of the package, does not import the models)."""
 
 
 @dataclass
@@ -310,7 +317,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"{p}: top level must be a mapping")
         # Validate the file on its own first so errors name the file.
         try:
-            _from_dict(RunConfig, loaded)
+            check_values(_from_dict(RunConfig, loaded))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from e
         data = _merge(data, loaded)
@@ -318,10 +325,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         keys, value = parse_override(text)
         data = _merge(data, _nest(keys, value))
         try:
-            _from_dict(RunConfig, data)
+            check_values(_from_dict(RunConfig, data))
         except ConfigError as e:
             raise ConfigError(f"--set {text}: {e}") from e
-    return _from_dict(RunConfig, data)
+    cfg = _from_dict(RunConfig, data)
+    check_values(cfg)
+    return cfg
+
+
+def check_values(cfg: RunConfig) -> None:
+    """The checks types cannot express (names, sizes, shares), where the config is parsed: a bad
+    value fails at start-up with its key, not as a traceback from inside a rank."""
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name: {cfg.model.name!r} is not one of {list(MODEL_NAMES)}")
+    for key, value in (("model.embedding_dim", cfg.model.embedding_dim), ("data.batch_size", cfg.data.batch_size),
+                       ("data.eval_batch_size", cfg.data.eval_batch_size), ("train.epochs", cfg.train.epochs)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {value}")
+    for budget in cfg.pep.budgets:
+        if not 0.0 < budget < 1.0:
+            raise ConfigError(f"pep.budgets: {budget} is not a share of the embedding in (0, 1) (0.1 keeps 10 %)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -109,8 +109,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-row-dims", type=int, default=0, help="no row keeps more (0 = embedding_dim)")
 
 
+def _budgets(text: str) -> list[float]:
+    """--budgets "0.2,0.1": shares of the embedding in (0, 1); ConfigError naming the bad item."""
+    budgets = []
+    for item in (b.strip() for b in text.split(",")):
+        try:
+            budget = float(item)
+        except ValueError:
+            raise ConfigError(f"--budgets: {item!r} is not a number (expected shares such as 0.2,0.1)") from None
+        if not 0.0 < budget < 1.0:
+            raise ConfigError(f"--budgets: {item} is not a share of the embedding in (0, 1) (0.1 keeps 10 %)")
+        budgets.append(budget)
+    return budgets
+
+
 def run(args: argparse.Namespace) -> int:
-    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    budgets = _budgets(args.budgets)
+    if not Path(args.run_dir).is_dir():
+        raise ConfigError(f"--run-dir {args.run_dir}: no such directory")
     results = magnitude_masks(Path(args.run_dir), budgets, Path(args.out), layout=args.layout,
                               min_row_dims=args.min_row_dims, max_row_dims=args.max_row_dims)
     for result in results:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,33 +32,82 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override config fields, e.g. --set train.epochs=3 sharding.types=[row_wise]")
     parser.add_argument("--mask", help="retrain: mask directory from a search run (sets pep.mask)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the previous run in --run-dir (without it, a run directory holding "
+                             "checkpoints, masks or a summary is refused)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the sharding plan and per-rank memory for sharding.dry_run_world_size ranks, then exit")
 
 
+# What a run leaves in its directory; a new run refuses to write among them (it would mix runs).
+_RUN_OUTPUTS = ("checkpoints", "masks", "init", "summary.json", "metrics.jsonl", "config.yaml")
+
+
+def _check_run_dir(args: argparse.Namespace) -> None:
+    """Refuse to mix runs: a new run needs a run directory without a previous run's checkpoints,
+    masks or summary (`--overwrite` clears them; rank 0 does, before any rank starts), and
+    `--resume` needs one that has a complete checkpoint."""
+    from pep_torchrec.checkpoint import CheckpointManager
+    from pep_torchrec.config import ConfigError
+
+    run_dir = Path(args.run_dir)
+    if args.resume:
+        if args.overwrite:
+            raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml)")
+        if CheckpointManager(run_dir / "checkpoints", rank=0).latest() is None:
+            raise ConfigError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+        return
+    # A start that failed before training leaves only config.yaml and an empty metrics.jsonl:
+    # nothing to lose, so that is not a previous run.
+    found = [name for name in ("checkpoints", "masks", "summary.json") if (run_dir / name).exists()]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    if not found:
+        return
+    if not args.overwrite:
+        raise ConfigError(f"--run-dir {run_dir} holds a previous run ({', '.join(found)}): pass --resume to "
+                          "continue it or --overwrite to replace it")
+    if int(os.environ.get("RANK", "0")) == 0:  # the ranks meet in init_distributed, after this
+        for name in _RUN_OUTPUTS:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+
 def run(args: argparse.Namespace) -> int:
-    from pep_torchrec.config import load_config
+    from pep_torchrec.config import ConfigError, load_config
 
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={json.dumps(args.data)}")
     if args.mask:
+        if not (Path(args.mask) / "meta.json").is_file():
+            raise ConfigError(f"--mask {args.mask}: not a mask directory (no meta.json; a search run's masks/budget_*)")
         overrides.append(f"pep.mask={json.dumps(args.mask)}")
-    if args.resume and not args.run_dir:
-        raise SystemExit("--resume needs --run-dir")
+    if (args.resume or args.overwrite) and not args.run_dir:
+        raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --run-dir")
+    if args.run_dir and not args.dry_run:
+        _check_run_dir(args)
     base = None
     if args.resume and args.config is None:
         # Resume with the run's own resolved config unless another one is given.
         import yaml
 
         base = yaml.safe_load((Path(args.run_dir) / "config.yaml").read_text())
+    elif args.config is None:
+        raise ConfigError("--config is required (a YAML of configs/, e.g. configs/debug_cpu.yaml)")
     cfg = load_config(args.config, overrides, base=base)
     if not cfg.data.path:
-        raise SystemExit("no dataset: pass --data DIR (a `pep-torchrec data prepare` output) or set data.path")
+        raise ConfigError("no dataset: pass --data DIR (a `pep-torchrec data prepare` output) or set data.path")
     if args.dry_run:
         return _dry_run(cfg)
     if not args.run_dir:
-        raise SystemExit("--run-dir is required for training")
+        raise ConfigError("--run-dir is required for training")
 
     from pep_torchrec.distributed.env import init_distributed, shutdown
     from pep_torchrec.trainer import Trainer
@@ -115,15 +166,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from pep_torchrec.config import ConfigError
-    from pep_torchrec.data.report import PrepareError
-    from pep_torchrec.data.schema import SchemaError
+    from pep_torchrec.errors import USER_ERROR_EXIT, UserError
 
     try:
         return run(args)
-    except (ConfigError, SchemaError, PrepareError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ def test_defaults_file_and_overrides_precedence(tmp_path):
         ("data.batch_size=1.5", "data.batch_size: expected an integer"),
         ("sharding.types=row_wise", "sharding.types: expected a list"),
         ("train.epochs", "expected key=value"),
+        # Values the types admit but the run cannot use: refused where the config is parsed.
+        ("model.name=fmm", "model.name: 'fmm' is not one of"),
+        ("data.batch_size=0", "data.batch_size: must be at least 1, got 0"),
+        ("model.embedding_dim=-4", "model.embedding_dim: must be at least 1"),
+        ("pep.budgets=[0.1,1.5]", r"pep.budgets: 1.5 is not a share of the embedding in \(0, 1\)"),
+        ("pep.budgets=[0]", r"pep.budgets: 0.0 is not a share"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -62,3 +68,17 @@ def test_saved_config_round_trips(tmp_path):
 def test_every_shipped_config_is_valid(path):
     load_config(path)
     assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+def test_model_names_are_the_registered_models():
+    from pep_torchrec.config import MODEL_NAMES
+    from pep_torchrec.models import MODELS
+
+    assert set(MODEL_NAMES) == set(MODELS)
+
+
+def test_bad_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  name: fmm\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: model\.name: 'fmm'"):
+        load_config(path)

@@ -154,3 +154,20 @@ def test_budget_count():
         budget_count(2000, 1000)
     with pytest.raises(ValueError):
         budget_count(0, 1000)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--run-dir", "/nonexistent/run"], "--run-dir /nonexistent/run: no such directory"),
+        (["--run-dir", ".", "--budgets", "0.1,1.5x"], "--budgets: '1.5x' is not a number"),
+        (["--run-dir", ".", "--budgets", "0.1,1.5"], "--budgets: 1.5 is not a share"),
+    ],
+)
+def test_prune_user_mistakes_are_one_error_line(tmp_path, capsys, argv, message):
+    from pep_torchrec import cli
+
+    assert cli.main(["prune", *argv, "--out", str(tmp_path / "masks")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "masks").exists()

@@ -227,3 +227,26 @@ def test_hot_reload_under_load(artifacts, tmp_path):
         thread.join(timeout=10)
     assert not failures, failures[:3]
     assert total >= 50 and seen == versions
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "99999"], "--port (PEP_SERVE_PORT): 99999 is not a TCP port"),
+        (["--port", "0"], "--port (PEP_SERVE_PORT): must be at least 1"),
+        (["--max-instances", "0"], "--max-instances (PEP_SERVE_MAX_INSTANCES): must be at least 1"),
+    ],
+)
+def test_serve_bad_settings_are_one_error_line(tmp_path, capsys, flags, message):
+    """Refused with the flag before the artifact is read (the artifact here does not even exist)."""
+    from pep_torchrec import cli
+
+    assert cli.main(["serve", "--artifact", str(tmp_path / "none"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
+def test_serve_bad_env_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("PEP_SERVE_PORT", "80x")
+    with pytest.raises(ValueError, match=r"PEP_SERVE_PORT='80x': expected an integer"):
+        Settings.from_env(artifact="a")

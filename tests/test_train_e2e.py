@@ -96,10 +96,64 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, debug_data):
     assert _evals(full) == _evals(killed)
 
 
-def test_resume_without_checkpoint_fails_clearly(tmp_path, debug_data):
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        train_main(["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(tmp_path / "empty"),
-                    "--resume", "--set", "train.progress=false"])
+def test_resume_without_a_run_fails_clearly(tmp_path, debug_data, capsys):
+    """--resume into a missing or empty directory, or one without a complete checkpoint: one
+    `error:` line and exit 2, no traceback."""
+    args = ["--config", DEBUG, "--data", str(debug_data), "--resume", "--set", "train.progress=false"]
+    (tmp_path / "empty").mkdir()
+    partial = tmp_path / "partial"
+    (partial / "checkpoints" / "step_00000025.tmp").mkdir(parents=True)
+    (partial / "config.yaml").write_text("{}\n")
+    for run_dir, message in ((tmp_path / "missing", "holds no run"), (tmp_path / "empty", "holds no run"),
+                             (partial, "no complete checkpoint")):  # fmt: skip
+        assert train_main([*args, "--run-dir", str(run_dir)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --resume: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "missing").exists()  # a refused start writes nothing
+
+
+def test_run_dir_of_a_previous_run_is_refused_unless_overwrite(tmp_path, debug_data, capsys):
+    """A second run into a run directory would mix checkpoints (and a later --resume would continue
+    the old run): refused without --overwrite; --overwrite replaces the old run's files."""
+    run = tmp_path / "r"
+    args = ["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(run), "--set", "train.progress=false"]
+    assert train_main([*args, "--set", "train.max_steps=25"]) == 0
+    old_steps = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert train_main([*args, "--set", "train.max_steps=20"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --run-dir {run} holds a previous run (checkpoints, summary.json, metrics.jsonl)" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == old_steps  # untouched
+    (run / "notes.txt").write_text("mine")  # not a run output: --overwrite leaves it
+    assert train_main([*args, "--set", "train.max_steps=20", "--overwrite"]) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020"]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 20
+    assert (run / "notes.txt").read_text() == "mine"
+    assert train_main([*args, "--resume", "--overwrite"]) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "model.name=fmm"], "model.name: 'fmm' is not one of"),
+        (["--set", "data.batch_size=0"], "data.batch_size: must be at least 1"),
+        (["--set", "pep.budgets=[1.5]"], "pep.budgets: 1.5 is not a share"),
+        (["--mask", "/nonexistent/mask"], "--mask /nonexistent/mask: not a mask directory"),
+        (["--overwrite"], "--overwrite needs --run-dir"),
+    ],
+)
+def test_user_mistakes_are_one_error_line(tmp_path, debug_data, capsys, argv, message):
+    code = train_main(["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(tmp_path / "r"), *argv]
+                      if "--overwrite" not in argv else ["--config", DEBUG, "--data", str(debug_data), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_needs_a_config(tmp_path, debug_data, capsys):
+    """Without --config (and not resuming) training would run the built-in defaults: refused."""
+    assert cli.main(["train", "--data", str(debug_data), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "error: --config is required" in capsys.readouterr().err
 
 
 def test_dry_run_plans_sixteen_ranks(debug_data, capsys):

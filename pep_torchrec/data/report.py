@@ -32,13 +32,15 @@ from typing import Any
 
 import numpy as np
 
+from pep_torchrec.errors import UserError
+
 #: Reasons whose count is a number of files, not of rows.
 FILE_REASONS = ("broken_gzip", "empty_file")
 #: Reasons that count lines of side tables (MovieLens users/items), not rows of the main input.
 SIDE_TABLE_REASONS = ("bad_user_row", "bad_item_row")
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """The raw input or the options cannot produce a prepared dataset; the message says why and where."""
 
 

@@ -29,12 +29,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pep_torchrec.errors import UserError
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 OOV_ID = 0
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError):
     """A prepared dataset's schema.json is missing, malformed or inconsistent."""
 
 

@@ -59,6 +59,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from pep_torchrec.atomic import replace_dir
+from pep_torchrec.errors import UserError
 
 FORMAT_NAME = "pep-torchrec-artifact"
 FORMAT_VERSION = 1
@@ -73,7 +74,7 @@ _VALUE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int
 INT8_MAX = 127
 
 
-class ArtifactError(ValueError):
+class ArtifactError(UserError):
     """An artifact directory is missing, incomplete, corrupted or of an unsupported format."""
 
 

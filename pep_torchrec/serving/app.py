@@ -69,18 +69,40 @@ class Settings:
     num_threads: int = 1
     warmup: bool = True
 
+    def __post_init__(self) -> None:
+        # Where a setting is read, so a bad one is refused with its flag before anything starts.
+        lowest = {"port": 1, "max_instances": 1, "max_body_bytes": 1, "num_threads": 1}
+        for name, low in lowest.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{_flag(name)}: must be at least {low}, got {getattr(self, name)}")
+        if self.port > 65535:
+            raise ValueError(f"{_flag('port')}: {self.port} is not a TCP port (1-65535)")
+
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
         values: dict[str, Any] = {}
         for name, f in cls.__dataclass_fields__.items():
             raw = os.environ.get(f"PEP_SERVE_{name.upper()}")
-            if raw is not None:
-                values[name] = (raw.lower() in ("1", "true", "yes")) if f.type in ("bool", bool) else \
-                    int(raw) if f.type in ("int", int) else raw
+            if raw is None:
+                continue
+            if f.type in ("bool", bool):
+                values[name] = raw.lower() in ("1", "true", "yes")
+            elif f.type in ("int", int):
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"PEP_SERVE_{name.upper()}={raw!r}: expected an integer") from None
+            else:
+                values[name] = raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "artifact" not in values:
             raise ValueError("no artifact: pass --artifact or set PEP_SERVE_ARTIFACT")
         return cls(**values)
+
+
+def _flag(name: str) -> str:
+    """A setting as the user gives it: the flag and the environment variable."""
+    return f"--{name.replace('_', '-')} (PEP_SERVE_{name.upper()})"
 
 
 class ModelHolder:
