@@ -104,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, base=base)
     if not cfg.data.path:
         raise ConfigError("no dataset: pass --data DIR (a `pep-torchrec data prepare` output) or set data.path")
+    # Stored resolved in the run's config.yaml: export, prune and report then find the dataset and
+    # the mask from any working directory.
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.pep.mask:
+        cfg.pep.mask = str(Path(cfg.pep.mask).resolve())
     if args.dry_run:
         return _dry_run(cfg)
     if not args.run_dir:

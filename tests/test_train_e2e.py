@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pep_torchrec import cli
 from pep_torchrec.train import main as train_main
@@ -191,3 +192,19 @@ def test_movielens_fm_reaches_reference_auc(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     # An independent FM with the same features reaches about 0.86, logistic regression about 0.85.
     assert summary["test_auc"] >= 0.85, summary
+
+
+def test_run_directory_works_from_any_working_directory(tmp_path, debug_data, monkeypatch):
+    """Paths given relative to where training ran are stored resolved, so a run is pruned from
+    elsewhere (it used to fail: `error: <relative data path>/schema.json: not found`)."""
+    monkeypatch.chdir(debug_data.parent)
+    assert train_main(["--config", DEBUG, "--data", debug_data.name, "--run-dir", "relative_run",
+                       "--set", "train.progress=false", "train.max_steps=25"]) == 0  # fmt: skip
+    run = debug_data.parent / "relative_run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(debug_data.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["prune", "--run-dir", str(run), "--budgets", "0.1", "--out", "masks"]) == 0
+    assert (elsewhere / "masks" / "masks" / "budget_0.1" / "meta.json").is_file()
