@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override config fields, e.g. --set train.epochs=3 sharding.types=[row_wise]")
     parser.add_argument("--mask", help="retrain: mask directory from a search run (sets pep.mask)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="resume if --run-dir has a complete checkpoint, else start afresh (replacing what "
+                             "an earlier attempt left): what a job restarted after a failure passes")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the previous run in --run-dir (without it, a run directory holding "
                              "checkpoints, masks or a summary is refused)")
@@ -51,6 +54,13 @@ def _check_run_dir(args: argparse.Namespace) -> None:
     from pep_torchrec.config import ConfigError
 
     run_dir = Path(args.run_dir)
+    if args.auto_resume:
+        if args.resume or args.overwrite:
+            raise ConfigError("--auto-resume decides between --resume and --overwrite itself: pass it alone")
+        complete = CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None
+        args.resume, args.overwrite = complete and (run_dir / "config.yaml").is_file(), True
+        if args.resume:
+            args.overwrite = False
     if args.resume:
         if args.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
@@ -89,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         if not (Path(args.mask) / "meta.json").is_file():
             raise ConfigError(f"--mask {args.mask}: not a mask directory (no meta.json; a search run's masks/budget_*)")
         overrides.append(f"pep.mask={json.dumps(args.mask)}")
-    if (args.resume or args.overwrite) and not args.run_dir:
-        raise ConfigError(f"--{'resume' if args.resume else 'overwrite'} needs --run-dir")
+    for flag in ("resume", "auto_resume", "overwrite"):
+        if getattr(args, flag) and not args.run_dir:
+            raise ConfigError(f"--{flag.replace('_', '-')} needs --run-dir")
     if args.run_dir and not args.dry_run:
         _check_run_dir(args)
     base = None

@@ -56,6 +56,8 @@ def train(
     data: str,
     run_dir: str,
     resume: bool = False,
+    max_restarts: int = 0,
+    max_retries: int = 0,
     j: str = "1x2",
     cpu: int = 2,
     gpu: int = 0,
@@ -71,6 +73,10 @@ def train(
         data: prepared dataset directory.
         run_dir: output directory.
         resume: continue from the latest checkpoint in run_dir.
+        max_restarts: torchrun restarts every rank of a node this many times after one fails (any
+            scheduler, local_cwd included); each attempt resumes from run_dir's latest checkpoint.
+        max_retries: the scheduler reruns the job this many times (Kubernetes, Slurm, ...; the local
+            schedulers ignore it); each attempt resumes likewise.
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 locally, 2x8 on two 8-GPU nodes.
         cpu: CPUs per replica.
         gpu: GPUs per replica (0 on CPU: gloo; >0: NCCL).
@@ -81,10 +87,21 @@ def train(
     args = ["--config", config, "--data", data, "--run-dir", run_dir]
     for item in overrides:
         args += ["--set", item]
-    if resume:
+    if max_restarts or max_retries:
+        if resume:
+            raise ValueError("resume with max_restarts / max_retries: every attempt resumes by itself already")
+        args.append("--auto-resume")  # every attempt: resume if a checkpoint exists, else start
+    elif resume:
         args.append("--resume")
+    # torchrun reads its flags from PET_* variables too: PET_MAX_RESTARTS is its --max-restarts.
+    env = {"OMP_NUM_THREADS": str(omp_num_threads), "PET_MAX_RESTARTS": str(max_restarts)}
+    if max_restarts:
+        # With the rendezvous' TCP store shared with the workers (torchrun's default), the restarted
+        # workers hung creating their gloo process group (torch 2.13, CPU); a store per round works
+        # (tests/test_train_e2e.py::test_torchx_run_resumes_by_itself_after_a_rank_dies).
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return dist.ddp(*args, script="pep_torchrec/train.py", j=j, cpu=cpu, gpu=gpu, memMB=memMB, image=image,
-                    name="pep-train", env={"OMP_NUM_THREADS": str(omp_num_threads)})
+                    name="pep-train", env=env, max_retries=max_retries)
 
 
 def prune(run_dir: str, out: str, budgets: str = "0.2,0.1,0.05,0.02", image: str = torchx.IMAGE) -> specs.AppDef:

@@ -133,6 +133,19 @@ def test_run_dir_of_a_previous_run_is_refused_unless_overwrite(tmp_path, debug_d
     assert "choose one" in capsys.readouterr().err
 
 
+def test_auto_resume_starts_or_resumes(tmp_path, debug_data):
+    """--auto-resume (what a restarted job passes): a fresh directory starts, one with a complete
+    checkpoint resumes from it."""
+    run = tmp_path / "r"
+    args = ["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(run), "--auto-resume",
+            "--set", "train.progress=false"]  # fmt: skip
+    assert train_main([*args, "--set", "train.max_steps=25"]) == 0
+    assert train_main([*args, "--set", "train.max_steps=50"]) == 0
+    assert [r["step"] for r in _evals(run) if "valid_auc" in r] == [25, 50]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 50
+    assert train_main([*args, "--resume"]) == 2
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -178,6 +191,45 @@ def test_torchx_two_ranks(tmp_path, debug_data):
     assert summary["world_size"] == 2
     assert summary["steps"] == 50
     assert 0.6 < summary["test_auc"] < 1.0
+
+
+def _rank_pid(run_dir: Path, rank: int) -> int | None:
+    """The pid of the training process of `rank` writing `run_dir` (from /proc), or None."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"pep_torchrec/train.py" in b" ".join(cmdline) and str(run_dir).encode() in cmdline and \
+                f"RANK={rank}".encode() in environ:  # fmt: skip
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(shutil.which("torchx", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchx not installed in this environment")
+def test_torchx_run_resumes_by_itself_after_a_rank_dies(tmp_path, debug_data):
+    """`pipelines/components.py:train --max_restarts 1`: rank 1 is killed after the first checkpoint;
+    torchrun restarts both ranks, which resume from that checkpoint (--auto-resume) and finish."""
+    run = tmp_path / "run"
+    torchx = str(Path(sys.executable).parent / "torchx")
+    cmd = [torchx, "run", "-s", "local_cwd", "pipelines/components.py:train", "--config", DEBUG,
+           "--data", str(debug_data), "--run_dir", str(run), "-j", "1x2", "--max_restarts", "1",
+           "train.progress=false", "train.max_steps=100"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = run / "checkpoints" / "step_00000025" / "trainer_state.json"
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = _rank_pid(run, 1)
+    assert first.exists() and pid is not None, "the job never wrote its first checkpoint"
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 100
+    assert [r["step"] for r in _evals(run) if "valid_auc" in r] == [25, 50, 75, 100]  # once each
 
 
 @pytest.mark.slow
