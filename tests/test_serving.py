@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,10 @@ from pep_torchrec.serving.predictor import Predictor
 
 EXAMPLE = {"user_id": 196, "item_id": 242, "age": 49, "gender": "M", "occupation": "writer", "zip": "55105",
            "genres": ["Comedy"]}
+
+
+TOKEN = "s3cret-admin-token"
+ADMIN = {"authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +135,12 @@ def test_bad_artifact_refused_at_start_and_reload(artifacts, tmp_path):
     with pytest.raises(Exception, match="manifest"):
         with TestClient(create_app(Settings(artifact=str(bad)))):
             pass
-    with TestClient(create_app(Settings(artifact=str(artifacts[0])))) as client:
+    root = os.path.commonpath([bad, artifacts[0]])
+    with TestClient(create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=root))) as client:
         version = client.get("/readyz").json()["model_version"]
-        r = client.post("/admin/reload", json={"artifact": str(bad)})
+        r = client.post("/admin/reload", json={"artifact": str(bad)}, headers=ADMIN)
         assert r.status_code == 409 and "manifest" in r.json()["detail"][0]["msg"]
+        assert root not in r.text  # no filesystem paths in responses
         r = client.post("/v1/predict", json={"instances": [EXAMPLE]})
         assert r.status_code == 200 and r.json()["model_version"] == version
 
@@ -182,14 +189,15 @@ def test_hot_reload_under_load(artifacts, tmp_path):
     import uvicorn
 
     port = free_port()
-    app = create_app(Settings(artifact=str(artifacts[0])))
+    bad = tmp_path / "corrupt"
+    root = os.path.commonpath([bad, artifacts[0]])
+    app = create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=root))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     wait_ready(base, timeout_s=30, alive=thread.is_alive)
     versions = {load_artifact(a).version for a in artifacts}
-    bad = tmp_path / "corrupt"
     import shutil
 
     shutil.copytree(artifacts[1], bad)
@@ -216,7 +224,7 @@ def test_hot_reload_under_load(artifacts, tmp_path):
             with httpx.Client(base_url=base, timeout=30) as admin:
                 for i in range(6):
                     target = str(artifacts[(i + 1) % 2]) if i != 3 else str(bad)
-                    r = admin.post("/admin/reload", json={"artifact": target})
+                    r = admin.post("/admin/reload", json={"artifact": target}, headers=ADMIN)
                     assert r.status_code == (409 if i == 3 else 200), r.text
                     time.sleep(0.2)
             stop.set()
@@ -250,3 +258,44 @@ def test_serve_bad_env_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("PEP_SERVE_PORT", "80x")
     with pytest.raises(ValueError, match=r"PEP_SERVE_PORT='80x': expected an integer"):
         Settings.from_env(artifact="a")
+
+
+def test_admin_reload_is_locked_down(artifacts, synthetic_data, tmp_path_factory):  # noqa: F811
+    """No admin token configured: no reload route. With one: 401 without it or with a wrong one,
+    403 for an artifact outside the root, 409 for other input fields unless forced; responses name
+    no filesystem path; /metrics counts every status."""
+    with TestClient(create_app(Settings(artifact=str(artifacts[0])))) as client:
+        assert client.post("/admin/reload").status_code == 404
+        assert "artifact" not in client.get("/readyz").json()
+    other_root = tmp_path_factory.mktemp("other")
+    other = other_root / "synthetic_artifact"
+    ArtifactConverter(make_run(other_root, synthetic_data, stage="retrain", model="fm", dim=8)).convert(other)
+    root = os.path.commonpath([other, artifacts[0]])
+    with TestClient(create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=str(artifacts[0].parent)))) as client:
+        assert client.post("/admin/reload").status_code == 401
+        assert client.post("/admin/reload", headers={"authorization": "Bearer wrong"}).status_code == 401
+        r = client.post("/admin/reload", json={"artifact": str(other)}, headers=ADMIN)
+        assert r.status_code == 403 and str(other) not in r.text
+        assert client.post("/admin/reload", json={"artifact": str(artifacts[1])}, headers=ADMIN).status_code == 200
+        metrics = client.get("/metrics").text
+        assert 'status="401"' in metrics and 'status="403"' in metrics
+    with TestClient(create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=root))) as client:
+        version = client.get("/readyz").json()["model_version"]
+        r = client.post("/admin/reload", json={"artifact": str(other)}, headers=ADMIN)
+        detail = r.json()["detail"][0]
+        assert r.status_code == 409 and detail["type"] == "schema_change" and "removed" in detail["msg"]
+        assert root not in r.text and client.get("/readyz").json()["model_version"] == version
+        r = client.post("/admin/reload", json={"artifact": str(other), "force": True}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["model_version"] != version
+        client.post("/v1/predict", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+        metrics = client.get("/metrics").text
+        for status in ("409", "200", "413"):  # the body limit's 413 included
+            assert f'status="{status}"' in metrics, status
+
+
+def test_predict_before_a_model_is_loaded_is_503(artifacts):
+    app = create_app(Settings(artifact=str(artifacts[0])))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        app.state.holder.current = None  # as between the port binding and the first load
+        r = client.post("/v1/predict", json={"instances": [EXAMPLE]})
+        assert r.status_code == 503 and r.json()["detail"][0]["type"] == "not_ready"

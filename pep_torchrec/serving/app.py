@@ -6,8 +6,12 @@ Endpoints:
     POST /v1/predict      {"instances": [{raw field: value, ...}, ...]} → {"scores": [...], "model_version"}
     GET  /healthz         the process is up (200)
     GET  /readyz          200 once a model is loaded, 503 before
-    GET  /metrics         Prometheus text: request counts, latency histograms, batch sizes, reloads
-    POST /admin/reload    load the artifact again (or {"artifact": path}) and swap it in; SIGHUP too
+    GET  /metrics         Prometheus text: request counts (every status), latency histograms, batch
+                          sizes, reloads
+    POST /admin/reload    load the artifact again (or {"artifact": path under the artifact root,
+                          "force": bool}) and swap it in; SIGHUP too. Only when an admin token is
+                          configured (PEP_SERVE_ADMIN_TOKEN; `Authorization: Bearer <token>`,
+                          compared in constant time): without one the route does not exist (404)
     GET  /docs, /openapi.json
 
 Bad requests get 4xx with FastAPI's error shape ({"detail": [{"loc", "msg", "type"}]}) naming the
@@ -17,6 +21,9 @@ field: 422 for wrong types, unknown or missing fields and too many instances, 41
 `ArtifactError`. A reload builds and verifies the new model completely before one reference
 assignment swaps it in: a request holds the model it started with, so in-flight requests finish on
 the old model, and a bad artifact leaves the old one serving (the reload answers 409 with the error).
+A reload whose artifact takes other input fields (names or types) than the served one is refused
+(409) unless forced: clients would start getting 422s. Responses never name filesystem paths (the
+artifact's location is in the service log); /v1/predict answers 503 until a model is loaded.
 Endpoints are plain `def` (torch work blocks; FastAPI runs them in its thread pool).
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import logging
 import os
 import signal
@@ -35,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +67,9 @@ class Settings:
         max_body_bytes: largest request body accepted (413 beyond).
         num_threads: torch intra-op threads (requests already run in parallel threads).
         warmup: score one example instance at load (start and reload) before serving it.
+        admin_token: enables POST /admin/reload for requests bearing it (unset: no admin route).
+        artifact_root: the directory a reload may take artifacts from (default: the parent of
+            `artifact`).
     """
 
     artifact: str
@@ -68,6 +79,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     num_threads: int = 1
     warmup: bool = True
+    admin_token: str | None = None
+    artifact_root: str | None = None
 
     def __post_init__(self) -> None:
         # Where a setting is read, so a bad one is refused with its flag before anything starts.
@@ -105,6 +118,22 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')} (PEP_SERVE_{name.upper()})"
 
 
+class SchemaChange(ArtifactError):
+    """A reload's artifact takes other input fields than the served one."""
+
+
+def _input_fields(predictor: Predictor) -> dict[str, str]:
+    return {name: spec["type"] for name, spec in predictor.fields.items()}
+
+
+def _schema_change(old: dict[str, str], new: dict[str, str]) -> str | None:
+    """What a client would notice going from input fields `old` to `new`, or None."""
+    parts = [f"{label}: {names}" for label, names in (
+        ("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
+        ("retyped", sorted(k for k in set(old) & set(new) if old[k] != new[k]))) if names]  # fmt: skip
+    return "; ".join(parts) or None
+
+
 class ModelHolder:
     """The current Predictor behind one reference; swaps are atomic, loads are serialised."""
 
@@ -113,7 +142,19 @@ class ModelHolder:
         self.metrics = metrics
         self.current: Predictor | None = None
         self.artifact_path = Path(settings.artifact)
+        self.artifact_root = Path(settings.artifact_root or Path(settings.artifact).resolve().parent).resolve()
         self._load_lock = threading.Lock()
+
+    def under_root(self, path: str) -> Path | None:
+        """`path` resolved, if it lies under the artifact root (symlinks followed), else None."""
+        target = Path(path).resolve()
+        return target if target.is_relative_to(self.artifact_root) else None
+
+    def redact(self, message: str) -> str:
+        """An error for a client: the artifact root and the served path replaced by placeholders."""
+        for path, label in ((self.artifact_root, "<artifact root>"), (self.artifact_path.resolve(), "<artifact>")):
+            message = message.replace(str(path), label)
+        return message.replace(str(self.artifact_path), "<artifact>")
 
     def _build(self, path: Path) -> Predictor:
         predictor = Predictor.from_path(path, max_instances=self.settings.max_instances)
@@ -121,12 +162,18 @@ class ModelHolder:
             predictor.predict([predictor.example_instance()])
         return predictor
 
-    def load(self, path: str | Path | None = None) -> Predictor:
-        """Load (verify, build, warm up) then swap. Raises ArtifactError and keeps the old model."""
+    def load(self, path: str | Path | None = None, *, force: bool = False) -> Predictor:
+        """Load (verify, build, warm up) then swap. Raises ArtifactError (SchemaChange for other
+        input fields, unless `force`) and keeps the old model."""
         with self._load_lock:
             target = Path(path) if path is not None else self.artifact_path
             try:
                 predictor = self._build(target)
+                change = None if self.current is None else \
+                    _schema_change(_input_fields(self.current), _input_fields(predictor))  # fmt: skip
+                if change and not force:
+                    raise SchemaChange(f"{target}: its input fields differ from the served model's ({change}); "
+                                       "reload with force to switch")  # fmt: skip
             except ArtifactError:
                 self.metrics.reload(False)
                 raise
@@ -154,7 +201,9 @@ class PredictResponse(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    artifact: str | None = Field(default=None, description="another artifact directory (default: the current one)")
+    artifact: str | None = Field(default=None, description="another artifact directory under the artifact root "
+                                                           "(default: the current one)")
+    force: bool = Field(default=False, description="switch even if the input fields change")
 
 
 def _error(status: int, loc: list[Any], msg: str, kind: str) -> JSONResponse:
@@ -226,6 +275,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="pep-torchrec inference", version="1", lifespan=lifespan,
                   description="CTR scores from a PEP-pruned model artifact (raw feature values in).")
     app.state.holder, app.state.metrics, app.state.settings = holder, metrics, settings
+    # Added first, so it runs inside `record`: its 413s are counted like every other status.
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
 
     @app.middleware("http")
     async def record(request: Request, call_next):
@@ -240,8 +291,6 @@ def create_app(settings: Settings) -> FastAPI:
             path = route.path if route is not None else "unmatched"
             metrics.request(path, request.method, status, time.perf_counter() - start)
 
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
-
     @app.exception_handler(RequestError)
     def request_error(_: Request, e: RequestError) -> JSONResponse:
         return _error(422, ["body", *e.loc], e.message, e.kind)
@@ -253,11 +302,12 @@ def create_app(settings: Settings) -> FastAPI:
                   for err in e.errors()]
         return JSONResponse(status_code=422, content={"detail": detail})
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses={422: {"description": "bad request"}})
-    def predict(request: PredictRequest) -> PredictResponse:
+    @app.post("/v1/predict", response_model=PredictResponse,
+              responses={422: {"description": "bad request"}, 503: {"description": "no model loaded yet"}})
+    def predict(request: PredictRequest) -> PredictResponse | JSONResponse:
         predictor = holder.current  # this request's model, even if a reload swaps meanwhile
         if predictor is None:
-            raise RequestError(["model"], "no model loaded yet", "not_ready")
+            return _error(503, ["model"], "no model loaded yet", "not_ready")
         scores = predictor.predict(request.instances)
         metrics.batch(len(request.instances))
         return PredictResponse(scores=scores, model_version=predictor.version)
@@ -271,8 +321,7 @@ def create_app(settings: Settings) -> FastAPI:
         predictor = holder.current
         if predictor is None:
             return JSONResponse(status_code=503, content={"status": "loading"})
-        return JSONResponse(content={"status": "ready", "model_version": predictor.version,
-                                     "artifact": str(holder.artifact_path)})
+        return JSONResponse(content={"status": "ready", "model_version": predictor.version})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
@@ -280,14 +329,28 @@ def create_app(settings: Settings) -> FastAPI:
         return PlainTextResponse(metrics.render(predictor.version if predictor else None),
                                  media_type="text/plain; version=0.0.4")
 
-    @app.post("/admin/reload")
-    def reload(request: ReloadRequest | None = None) -> JSONResponse:
-        try:
-            predictor = holder.load(request.artifact if request is not None else None)
-        except ArtifactError as e:
-            return _error(409, ["artifact"], f"reload refused, still serving the previous model: {e}",
-                          "artifact_error")
-        return JSONResponse(content={"status": "reloaded", "model_version": predictor.version})
+    if settings.admin_token:
+        token = settings.admin_token.encode()
+
+        @app.post("/admin/reload")
+        def reload(request: ReloadRequest | None = None, authorization: str | None = Header(default=None)) -> JSONResponse:
+            given = (authorization or "").removeprefix("Bearer ").encode()
+            if not hmac.compare_digest(given, token):
+                return _error(401, ["header", "authorization"], "admin token missing or wrong", "unauthorized")
+            request = request or ReloadRequest()
+            target = None
+            if request.artifact is not None:
+                target = holder.under_root(request.artifact)
+                if target is None:
+                    return _error(403, ["body", "artifact"], "not under the service's artifact root", "forbidden")
+            try:
+                predictor = holder.load(target, force=request.force)
+            except ArtifactError as e:
+                logger.error("reload refused, still serving the previous model: %s", e)
+                kind = "schema_change" if isinstance(e, SchemaChange) else "artifact_error"
+                return _error(409, ["body", "artifact"],
+                              f"reload refused, still serving the previous model: {holder.redact(str(e))}", kind)
+            return JSONResponse(content={"status": "reloaded", "model_version": predictor.version})
 
     return app
 
@@ -303,6 +366,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-instances", type=int, help="most instances per request (default 1024)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 1 MiB)")
     parser.add_argument("--num-threads", type=int, help="torch intra-op threads (default 1)")
+    parser.add_argument("--artifact-root", help="POST /admin/reload may load artifacts under this directory only "
+                                                "(default: the parent of --artifact); the route itself needs "
+                                                "PEP_SERVE_ADMIN_TOKEN")
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
@@ -314,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env(artifact=args.artifact, host=args.host, port=args.port,
                                      max_instances=args.max_instances, max_body_bytes=args.max_body_bytes,
-                                     num_threads=args.num_threads)
+                                     num_threads=args.num_threads, artifact_root=args.artifact_root)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     app = create_app(settings)
