@@ -128,15 +128,38 @@ def run(args: argparse.Namespace) -> int:
     from pep_torchrec.distributed.env import init_distributed, shutdown
     from pep_torchrec.trainer import Trainer
 
+    run_dir = Path(args.run_dir)
+    created = not run_dir.exists()
     env = init_distributed(cfg.train.device)
     try:
-        trainer = Trainer(cfg, env, args.run_dir, resume=args.resume)
+        trainer = Trainer(cfg, env, run_dir, resume=args.resume)
         summary = trainer.train()
         if env.is_main:
             _print_summary(summary)
+    except BaseException:
+        if env.is_main and not args.resume:
+            _discard_failed_start(run_dir, created)
+        raise
     finally:
         shutdown(env)
     return 0
+
+
+def _discard_failed_start(run_dir: Path, created: bool) -> None:
+    """A new run that failed before its first complete checkpoint cannot be resumed: remove what it
+    wrote (and the directory, if this start created it), so the next start finds nothing stale."""
+    from pep_torchrec.checkpoint import CheckpointManager
+
+    if CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None:
+        return  # resumable: keep everything
+    for name in _RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
 
 
 def _dry_run(cfg) -> int:

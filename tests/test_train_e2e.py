@@ -164,6 +164,27 @@ def test_user_mistakes_are_one_error_line(tmp_path, debug_data, capsys, argv, me
     assert not (tmp_path / "r").exists()
 
 
+def test_failed_start_leaves_nothing_behind(tmp_path, debug_data, monkeypatch):
+    """A run that fails before its first checkpoint removes what it wrote (config.yaml, an empty
+    metrics.jsonl, the search's init/): the directory too if the start created it."""
+    from pep_torchrec.trainer import Trainer
+
+    def fail(self):
+        raise RuntimeError("boom at step 0")
+
+    monkeypatch.setattr(Trainer, "train", fail)
+    args = ["--config", DEBUG, "--data", str(debug_data), "--set", "train.progress=false"]
+    with pytest.raises(RuntimeError, match="boom"):
+        train_main([*args, "--run-dir", str(tmp_path / "new")])
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="boom"):
+        train_main([*args, "--run-dir", str(kept)])
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
 def test_train_needs_a_config(tmp_path, debug_data, capsys):
     """Without --config (and not resuming) training would run the built-in defaults: refused."""
     assert cli.main(["train", "--data", str(debug_data), "--run-dir", str(tmp_path / "r")]) == 2
