@@ -23,7 +23,7 @@ from pep_torchrec.export.converter import ArtifactConverter
 from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.serving.app import Settings, create_app
 from pep_torchrec.serving.local import free_port, wait_ready
-from pep_torchrec.serving.predictor import Predictor
+from pep_torchrec.serving.predictor import Predictor, RequestError
 
 EXAMPLE = {"user_id": 196, "item_id": 242, "age": 49, "gender": "M", "occupation": "writer", "zip": "55105",
            "genres": ["Comedy"]}
@@ -299,3 +299,13 @@ def test_predict_before_a_model_is_loaded_is_503(artifacts):
         app.state.holder.current = None  # as between the port binding and the first load
         r = client.post("/v1/predict", json={"instances": [EXAMPLE]})
         assert r.status_code == 503 and r.json()["detail"][0]["type"] == "not_ready"
+
+
+def test_int_fields_take_the_whole_int64_range(artifacts):
+    """-2^63 and 2^63 - 1 are ids like any other (unknown → OOV); one past either end is a 422."""
+    predictor = Predictor.from_path(artifacts[0])
+    for edge in (-(2**63), 2**63 - 1):
+        assert len(predictor.predict([{**EXAMPLE, "user_id": edge}])) == 1
+    for outside in (-(2**63) - 1, 2**63):
+        with pytest.raises(RequestError, match="int64 range"):
+            predictor.predict([{**EXAMPLE, "user_id": outside}])

@@ -57,8 +57,10 @@ def _check_value(ftype: str, nullable: bool, value: Any, loc: list[Any]) -> None
             return
         raise RequestError(loc, "must not be null", "missing")
     if ftype == "int":
-        if not _is_int(value) or abs(value) >= 2**63:
+        if not _is_int(value):
             raise RequestError(loc, f"expected an integer, got {type(value).__name__}", "int_type")
+        if not -(2**63) <= value < 2**63:  # the whole int64 range, both ends
+            raise RequestError(loc, "integer outside the int64 range", "int_range")
     elif ftype == "string":
         if not isinstance(value, str):
             raise RequestError(loc, f"expected a string, got {type(value).__name__}", "string_type")
