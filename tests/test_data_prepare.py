@@ -179,6 +179,34 @@ def test_criteo_malformed_rows_are_counted_per_reason(tmp_path, gz):
     assert report_of(tmp_path / "out") == report
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_overlong_lines_nul_bytes_and_long_values_are_counted(tmp_path, gz):
+    """A 3 MiB line (past MAX_LINE_BYTES and the block: skipped unread), a 1.5 MiB one (inside a
+    block), a NUL byte and a 2,000-character value are rejected with their reasons; line numbers
+    after them stay exact. (A 40 MB line used to crash both modes with ArrowInvalid.)"""
+    from pep_torchrec.data.readers import MAX_LINE_BYTES
+
+    lines = [criteo_line() for _ in range(20)]
+    lines[3] = criteo_line(cats=["x" * (3 << 20)] + ["a"] * 25)
+    lines[7] = criteo_line(cats=["y" * (MAX_LINE_BYTES + (1 << 19))] + ["a"] * 25)
+    lines[9] = criteo_line(cats=["a\0b"] + ["a"] * 25)
+    lines[12] = criteo_line(cats=["z" * 2000] + ["a"] * 25)
+    lines[15] = criteo_line(label="x")
+    raw = write(tmp_path / "day_0", "\n".join(lines) + "\n", gz=gz)
+    report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1, block_size=2 << 20)
+    assert report["rows_rejected"] == {"line_too_long": 2, "nul_byte": 1, "value_too_long": 1, "bad_label": 1}
+    assert report["rows_read"] == 20 and report["rows_kept"] == 15
+    assert_rows_add_up(report)
+    examples = report["rejected_examples"]
+    assert examples["line_too_long"].startswith(f"{raw}:4: ")
+    assert examples["nul_byte"].startswith(f"{raw}:10: ")
+    assert examples["value_too_long"].startswith(f"{raw}:13: ")
+    assert examples["bad_label"].startswith(f"{raw}:16: ")
+    with pytest.raises(MalformedRowError) as info:
+        prepare_dataset("criteo", raw, tmp_path / "strict", strict=True, block_size=2 << 20)
+    assert (info.value.line, info.value.reason) == (4, "line_too_long")
+
+
 def test_line_numbers_stay_exact_across_small_blocks(tmp_path):
     lines = [criteo_line() for _ in range(500)]
     lines[137] = criteo_line(label="x")

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pep_torchrec.data.report import PrepareError, Reject
+from pep_torchrec.data.schema import MAX_VALUE_CHARS
 
 GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_BLOCK_SIZE = 16 << 20
@@ -41,8 +42,9 @@ DEFAULT_BLOCK_SIZE = 16 << 20
 _GZIP_PIECE = 256 << 10
 # Replay step (compressed bytes) when salvaging the output before a corrupt spot.
 _GZIP_SALVAGE_STEP = 512
-# A "line" this long means the input is not line-oriented text: stop instead of eating the memory.
-MAX_LINE_BYTES = 1 << 30
+# A line longer than this is rejected (`line_too_long`) and skipped without being held: no CTR row
+# comes near it, and every accepted line then fits in one block of Arrow's CSV parser.
+MAX_LINE_BYTES = 1 << 20
 
 
 class _BrokenGzip(Exception):
@@ -100,12 +102,15 @@ class LineChunk:
         first_line: 1-based number of the first line in `data` (or of the line where the stream broke).
         num_lines: lines in `data`.
         broken: None, or why the gzip stream broke (then `data` is empty and this is the last chunk).
+        long_lines: numbers of lines before `data` that were longer than `MAX_LINE_BYTES` and skipped
+            unread (they are not in `data` and not in `num_lines`).
     """
 
     data: bytes
     first_line: int
     num_lines: int
     broken: str | None = None
+    long_lines: tuple[int, ...] = ()
 
 
 def _raw_pieces(f, piece_size: int, hasher) -> Iterator[bytes]:
@@ -193,25 +198,34 @@ def iter_line_chunks(
         wanted = block_size  # bytes to gather before cutting a chunk
         line = 1
         broken = None
+        long_lines: list[int] = []  # skipped since the last chunk
+        skipping = False  # inside a line past MAX_LINE_BYTES: drop bytes up to its newline
         try:
             for piece in stream:
+                if skipping:
+                    end = piece.find(b"\n")
+                    if end < 0:
+                        continue
+                    skipping, piece = False, piece[end + 1 :]
+                    line += 1
                 pending.append(piece)
                 pending_bytes += len(piece)
                 if pending_bytes < wanted:
                     continue
                 data = b"".join(pending)
                 cut = data.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than a block: read on, doubling to stay linear
+                if cut == 0:  # a line longer than a block: read on, doubling to stay linear
                     if pending_bytes > MAX_LINE_BYTES:
-                        raise PrepareError(
-                            f"{path}:{line}: line longer than {MAX_LINE_BYTES:,} bytes (not a text file?)"
-                        )
-                    pending, wanted = [data], 2 * pending_bytes
+                        long_lines.append(line)
+                        pending, pending_bytes, wanted, skipping = [], 0, block_size, True
+                    else:
+                        pending, wanted = [data], 2 * pending_bytes
                     continue
                 chunk, rest = data[:cut], data[cut:]
                 pending, pending_bytes, wanted = [rest], len(rest), block_size
                 num = chunk.count(b"\n")
-                yield LineChunk(chunk, line, num)
+                yield LineChunk(chunk, line, num, long_lines=tuple(long_lines))
+                long_lines = []
                 line += num
         except _BrokenGzip as e:
             broken = e.args[0]
@@ -222,14 +236,16 @@ def iter_line_chunks(
         # Everything is read and hashed: set it before the last yields, which a consumer may not resume.
         source.sha256 = hasher.hexdigest()
     data = b"".join(pending)
+    if skipping and broken is None:  # the file ended inside the overlong line
+        line += 1
     if broken is not None:
         # The text after the last newline is a line cut by the break: part of the broken stream.
         data = data[: data.rfind(b"\n") + 1]
     elif data and not data.endswith(b"\n"):
         data += b"\n"
-    if data:
+    if data or long_lines:
         num = data.count(b"\n")
-        yield LineChunk(data, line, num)
+        yield LineChunk(data, line, num, long_lines=tuple(long_lines))
         line += num
     if broken is not None:
         yield LineChunk(b"", line, 0, broken=broken)
@@ -309,7 +325,15 @@ class DelimitedFile:
                 rej = Reject("broken_gzip", np.array([chunk.first_line]), chunk.broken)
                 yield RawBlock(self._empty_table(), np.empty(0, np.int64), [rej])
                 break
+            if chunk.long_lines:
+                rej = Reject("line_too_long", np.array(chunk.long_lines, np.int64),
+                             f"line longer than {MAX_LINE_BYTES:,} bytes (skipped unread)")  # fmt: skip
+                yield RawBlock(self._empty_table(), np.empty(0, np.int64), [rej])
+                last_line = max(last_line, max(chunk.long_lines))
+                self.data_lines = max(0, last_line - first_data_line + 1)
             data, first_line = chunk.data, chunk.first_line
+            if not data:
+                continue
             if self.multi_byte_delimiter:
                 data = data.replace(self.multi_byte_delimiter, self.delimiter)
             if first_line == 1 and self.header:
@@ -350,10 +374,18 @@ class DelimitedFile:
         num_found = np.diff(delims_before_end, prepend=0) + 1  # [N] fields per line
         ok = num_found == num_fields
         rejects: list[Reject] = []
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        too_long = (ends - starts) > MAX_LINE_BYTES  # whole in this chunk, but over the line limit
+        if too_long.any():
+            rejects.append(Reject("line_too_long", lines[too_long], f"line longer than {MAX_LINE_BYTES:,} bytes"))
+            ok &= ~too_long
+        if not ok.all() and (~ok & ~too_long).any():
+            i = int(np.flatnonzero(~ok & ~too_long)[0])
             detail = f"expected {num_fields} fields, found {int(num_found[i])}"
-            rejects.append(Reject("wrong_field_count", lines[~ok], detail))
+            rejects.append(Reject("wrong_field_count", lines[~ok & ~too_long], detail))
+        for reason, bad, detail in self._bad_values(data, arr, starts, ends, ok):
+            rejects.append(Reject(reason, lines[bad], detail))
+            ok &= ~bad
         bad_enc = self._bad_encoding(data, arr, ends) & ok
         if bad_enc.any():
             rejects.append(
@@ -361,7 +393,6 @@ class DelimitedFile:
             )
             ok &= ~bad_enc
         if not ok.all():
-            starts = np.concatenate([[0], ends[:-1] + 1])
             data = arr[np.repeat(ok, ends - starts + 1)].tobytes()
             lines = lines[ok]
         table = self._read_csv(data) if len(lines) else self._empty_table()
@@ -370,6 +401,27 @@ class DelimitedFile:
                 f"{where}:{first_line}: parsed {table.num_rows} rows from {len(lines)} lines"
             )
         return RawBlock(table, lines, rejects)
+
+    def _bad_values(self, data: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                    ok: np.ndarray) -> list[tuple[str, np.ndarray, str]]:  # fmt: skip
+        """(reason, [N] bool, detail) for lines (among `ok`) holding a NUL byte, or a value longer
+        than the service accepts (`MAX_VALUE_CHARS`: such a value could never be scored)."""
+        out = []
+        nul = np.zeros(len(ends), dtype=bool)
+        if b"\0" in data:
+            nul[np.searchsorted(ends, np.flatnonzero(arr == 0))] = True
+            nul &= ok
+            if nul.any():
+                out.append(("nul_byte", nul, "a NUL byte in the line"))
+        # Only a line longer than the limit can hold a longer value: check those few in Python.
+        long_value = np.zeros(len(ends), dtype=bool)
+        delimiter = self.delimiter
+        for i in np.flatnonzero(((ends - starts) > MAX_VALUE_CHARS) & ok & ~nul):
+            fields = data[starts[i] : ends[i]].split(delimiter)
+            long_value[i] = any(len(f.decode("utf-8", errors="replace")) > MAX_VALUE_CHARS for f in fields)
+        if long_value.any():
+            out.append(("value_too_long", long_value, f"a value longer than {MAX_VALUE_CHARS} characters"))
+        return out
 
     @staticmethod
     def _bad_encoding(data: bytes, arr: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -5,6 +5,10 @@ Reasons a raw row (or file) is rejected, as counted in report.json["rows_rejecte
     wrong_field_count   the line does not have the expected number of delimited fields
                         (an empty line is one field, so it lands here too)
     bad_encoding        the line is not valid UTF-8, or holds a stray carriage return
+    line_too_long       the line is longer than 1 MiB (`readers.MAX_LINE_BYTES`; skipped without being held)
+    nul_byte            the line holds a NUL byte
+    value_too_long      a value is longer than 1,024 characters (`schema.MAX_VALUE_CHARS`: the service
+                        refuses such values, so no vocabulary entry may be one)
     bad_label           Criteo/Avazu label not "0"/"1"; MovieLens rating not an integer in 1..5
     bad_integer         a Criteo integer feature I1..I13 is neither empty nor an integer ("-1" is valid)
     bad_hour            Avazu `hour` is not a valid YYMMDDHH

@@ -32,6 +32,9 @@ from typing import Any
 from pep_torchrec.errors import UserError
 
 FORMAT_VERSION = 1
+MAX_VALUE_CHARS = 1024
+"""The longest raw categorical value: longer ones are rejected by `data prepare` (`value_too_long`)
+and by the service (422), so both sides agree on what can be a vocabulary entry."""
 SPLITS = ("train", "valid", "test")
 OOV_ID = 0
 

@@ -25,11 +25,11 @@ import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pep_torchrec.data.schema import OOV_ID
+from pep_torchrec.data.schema import MAX_VALUE_CHARS, OOV_ID
 from pep_torchrec.data.vocab import apply_transform
 from pep_torchrec.export.serving_model import LoadedArtifact, load_artifact
 
-_MAX_STRING = 1024  # longer raw values are refused (no vocabulary holds them)
+_MAX_STRING = MAX_VALUE_CHARS  # longer raw values are refused (`data prepare` rejected them too)
 _MAX_LIST = 1024
 
 
