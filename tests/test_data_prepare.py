@@ -628,9 +628,9 @@ def test_movielens_temporal_split_orders_by_timestamp(tmp_path):
 
 def test_movielens_bad_side_table_lines_are_counted(tmp_path):
     ml = write_ml100k(tmp_path / "ml", ["1\t1\t5\t1", "2\t1\t5\t2", "3\t2\t1\t3"])
-    write(ml / "u.user", "1|24|M|technician|85711\n2|53|F\nx|1|M|a|b\n3|23|M|writer|T8H1N\n")
+    write(ml / "u.user", "1|24|M|technician|85711\n2|53|F\nx|1|M|a|b\n3|23|M|writer|T8H1N\n4|abc|F|a|b\n")
     report = prepare_dataset("movielens", ml, tmp_path / "out")
-    assert report["rows_rejected"] == {"bad_user_row": 2, "unknown_user": 1}
+    assert report["rows_rejected"] == {"bad_user_row": 3, "unknown_user": 1}  # age 'abc' is no category
     assert report["rejected_examples"]["bad_user_row"] == f"{ml / 'u.user'}:2: expected 5 fields, found 3"
     assert report["rows_kept"] == 2
     assert_rows_add_up(report)

@@ -163,6 +163,8 @@ class MovieLensReader(DatasetReader):
                 detail = f"user id {fields[0]!r} is not an integer"
             elif int(fields[0]) in rows:
                 detail = f"duplicate user id {fields[0]}"
+            elif not fields[v.user_columns.index("age")].isdigit():  # a number (ml-1m: an age code)
+                detail = f"age {fields[v.user_columns.index('age')]!r} is not an integer"
             if detail:
                 bad_lines.append(number)
                 first_detail = first_detail or detail
