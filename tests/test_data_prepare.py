@@ -255,6 +255,9 @@ def test_truncated_gzip_keeps_rows_before_the_break(tmp_path):
     report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1)
     assert report["rows_rejected"] == {"broken_gzip": 1}
     assert report["rows_kept"] == report["rows_read"] == readable_lines
+    assert "DATA LOST: 1 gzip stream(s) break" in prepare.format_summary(report)
+    with pytest.raises(MalformedRowError, match="broken_gzip: truncated gzip"):
+        prepare_dataset("criteo", raw, tmp_path / "strict", min_count=1, strict=True)
     assert_rows_add_up(report)
     assert report["rejected_examples"]["broken_gzip"].startswith(
         f"{raw}:{readable_lines + 1}: truncated gzip"

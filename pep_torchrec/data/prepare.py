@@ -47,6 +47,7 @@ from pep_torchrec.data.report import PrepareError, RejectionLog, write_report
 from pep_torchrec.data.schema import SPLITS, Schema, SparseFeature, SplitInfo
 from pep_torchrec.data.synthetic import SyntheticConfig, SyntheticGenerator, hash_uniform, mix_key
 from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
+from pep_torchrec.errors import USER_ERROR_EXIT
 
 logger = logging.getLogger(__name__)
 
@@ -583,6 +584,10 @@ def format_summary(report: dict[str, Any]) -> str:
         "  label mean: "
         + ", ".join(f"{s} {m:.4f}" if m is not None else f"{s} -" for s, m in report["label_mean"].items()),
     ]
+    broken = report["rows_rejected"].get("broken_gzip", 0)
+    if broken:  # rows_rejected_total cannot count what was never read: say it in words
+        lines.append(f"  DATA LOST: {broken} gzip stream(s) break before their end; the rows after each break "
+                     f"were not read (first: {report['rejected_examples']['broken_gzip']}); --strict refuses this")
     if report["rows_rejected"]:
         lines.append("  rejected: " + ", ".join(f"{k} {v:,}" for k, v in report["rows_rejected"].items()))
         for reason, example in report["rejected_examples"].items():
@@ -741,7 +746,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return USER_ERROR_EXIT
     print(format_summary(report))
     return 0
 
