@@ -265,7 +265,26 @@ class Trainer:
             path.write_text("".join(ln + "\n" for ln in kept))
         logger.info("resumed from %s (step %d)", self.checkpoints.path(step), step)
 
+    @torch.no_grad()
+    def _average_batchnorm_stats(self) -> None:
+        """Make every rank's BatchNorm running statistics the average over ranks.
+
+        They are buffers: each rank updates its own from its own batches (TorchRec's DDP wrapper
+        does not broadcast buffers), and only eval reads them. Unsynchronised, a gathered eval mixes
+        one model per rank, and a checkpoint (DCP saves one copy of a replicated tensor) resumes
+        every rank from one rank's statistics, so evals after a multi-rank resume drifted from the
+        uninterrupted run's (issue 13). Averaged before every eval and checkpoint, the evaluated
+        model is one model and what is saved is what every rank holds. One rank: a no-op."""
+        if self.env.world_size == 1:
+            return
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                for stat in (module.running_mean, module.running_var):
+                    dist.all_reduce(stat)
+                    stat.div_(self.env.world_size)
+
     def _save_checkpoint(self) -> None:
+        self._average_batchnorm_stats()
         # Never pruned: the best-on-valid checkpoint (tested at the end) and every search snapshot's
         # (the converter exports a snapshot from its own step's weights and gk).
         protect = tuple(snap["step"] for snap in self.state["snapshots"])
@@ -407,6 +426,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str) -> EvalResult:
         """AUC / logloss on `split` over every rank's examples (gathered, so exact for any world size)."""
+        self._average_batchnorm_stats()
         model = self.pipeline.detach()  # plain (non-pipelined) forward for eval
         model.eval()
         logits, labels, weights = [], [], []
