@@ -715,3 +715,23 @@ def test_real_criteo_10k(tmp_path):
     labels = np.concatenate([tables[s].column("label").to_numpy() for s in SPLITS])
     assert labels.mean() == pytest.approx(0.2182)
     assert report["duration_s"] < 10
+
+
+def test_progress_is_logged_per_interval(tmp_path, monkeypatch, caplog):
+    """Not a terminal (logs, CI): one INFO line per interval with rows, rows/s and files."""
+    import logging
+
+    monkeypatch.setattr(prepare._Progress, "__init__", _fast_progress(prepare._Progress.__init__))
+    raw = write(tmp_path / "day_0", criteo_text(3000))
+    with caplog.at_level(logging.INFO, logger="pep_torchrec.data.prepare"):
+        prepare_dataset("criteo", raw, tmp_path / "out", min_count=1, block_size=4096)
+    lines = [r.getMessage() for r in caplog.records if "rows/s" in r.getMessage()]
+    assert any(m.startswith("pass 1/2 (count): ") and "file 1 of 1" in m for m in lines), lines
+    assert any(m.startswith("pass 2/2 (write): ") and "% of 3,000" in m for m in lines), lines
+
+
+def _fast_progress(init):
+    def fast(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.interval = 0.0  # every block, for the test
+    return fast

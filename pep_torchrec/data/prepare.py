@@ -42,8 +42,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pep_torchrec.atomic import replace_dir
-from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, DatasetReader
-from pep_torchrec.data.report import PrepareError, RejectionLog, write_report
+from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, DatasetReader, ParsedBlock
+from pep_torchrec.data.report import (
+    FILE_REASONS,
+    SIDE_TABLE_REASONS,
+    PrepareError,
+    RejectionLog,
+    write_report,
+)
 from pep_torchrec.data.schema import SPLITS, Schema, SparseFeature, SplitInfo
 from pep_torchrec.data.synthetic import SyntheticConfig, SyntheticGenerator, hash_uniform, mix_key
 from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
@@ -290,7 +296,9 @@ def _prepare_raw(
     order_keys: list[np.ndarray] = []
     order_records: list[np.ndarray] = []
     by_timestamp = split == "temporal" and reader.temporal_key == "timestamp"
+    progress = _Progress("pass 1/2 (count)", reader)
     for block in reader.blocks(hash_files=True):
+        progress.update(block)
         log.record(block.path, block.rejects)
         for reason, count in block.filtered.items():
             log.filter(reason, count)
@@ -302,6 +310,7 @@ def _prepare_raw(
         if by_timestamp:
             order_keys.append(block.order_keys)
             order_records.append(block.records)
+    progress.close()
     timings["count_s"] = time.perf_counter() - started
     files = [s.path for s in reader.sources]
     if num_kept == 0:
@@ -330,7 +339,10 @@ def _prepare_raw(
     arrow_schema = _arrow_schema(features, reader.dense_features)
     writers = _open_writers(tmp, arrow_schema, writer_options)
     position = 0  # rank of the block's first kept row in input order
+    total_rows = reader.rows_read
+    progress = _Progress("pass 2/2 (write)", reader, total_rows=total_rows)
     for block in reader.blocks():
+        progress.update(block)
         n = block.num_rows
         if not n:
             continue
@@ -357,6 +369,7 @@ def _prepare_raw(
         )
     splits = {s: w.close() for s, w in writers.items()}
     write_vocab(tmp, [vocabs[f.name] for f in specs])
+    progress.close()
     timings["write_s"] = time.perf_counter() - t
 
     schema = Schema(
@@ -571,6 +584,50 @@ def prepare_dataset(
         }
         write_report(tmp, report)
     return report
+
+
+class _Progress:
+    """Where a pass is: rows read, rows/s, input files begun (and share of the rows in pass 2).
+
+    On a terminal one status line on stderr, rewritten at most twice a second; otherwise (logs, CI)
+    one INFO line every 30 s. Full Criteo Kaggle is ~9 minutes of reading: it must not be silent.
+    """
+
+    def __init__(self, name: str, reader: DatasetReader, total_rows: int | None = None) -> None:
+        self.name, self.total_rows = name, total_rows
+        self.num_files = len(getattr(reader, "files", None) or [])
+        self.tty = sys.stderr.isatty()
+        self.interval = 0.5 if self.tty else 30.0
+        self.start = self.last = time.perf_counter()
+        self.rows = 0
+        self.paths: set[str] = set()
+        self.shown = False
+
+    def _line(self, now: float) -> str:
+        text = f"{self.name}: {self.rows:,} rows ({self.rows / max(now - self.start, 1e-9):,.0f} rows/s)"
+        if self.total_rows:
+            text += f", {100 * self.rows / self.total_rows:.0f} % of {self.total_rows:,}"
+        if self.num_files:
+            text += f", file {len(self.paths)} of {self.num_files}"
+        return text
+
+    def update(self, block: ParsedBlock) -> None:
+        self.rows += block.num_rows + sum(block.filtered.values())
+        self.rows += sum(r.count for r in block.rejects if r.reason not in FILE_REASONS + SIDE_TABLE_REASONS)
+        self.paths.add(block.path)
+        now = time.perf_counter()
+        if now - self.last < self.interval:
+            return
+        self.last = now
+        if self.tty:
+            print(f"\r{self._line(now)}\033[K", end="", file=sys.stderr, flush=True)
+            self.shown = True
+        else:
+            logger.info("%s", self._line(now))
+
+    def close(self) -> None:
+        if self.shown:
+            print(f"\r{self._line(time.perf_counter())}\033[K", file=sys.stderr, flush=True)
 
 
 def format_summary(report: dict[str, Any]) -> str:
