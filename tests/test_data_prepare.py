@@ -280,6 +280,10 @@ def test_corrupt_gzip_is_counted_and_multi_member_gzip_is_read(tmp_path):
     report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1)
     assert report["rows_rejected"]["broken_gzip"] == 1
     assert report["rows_kept"] < 3000
+    # --strict names the break, not the garbage lines zlib put out before it noticed (it named
+    # `wrong_field_count ... found 14` at one of those).
+    with pytest.raises(MalformedRowError, match="broken_gzip: corrupt gzip stream"):
+        prepare_dataset("criteo", raw, tmp_path / "strict", min_count=1, strict=True)
     # two concatenated gzip members (as `cat a.gz b.gz` makes) are one stream of lines
     half = data.index(b"\n", len(data) // 2) + 1
     members = gzip.compress(data[:half], mtime=0) + gzip.compress(data[half:], mtime=0)

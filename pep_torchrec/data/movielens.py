@@ -91,9 +91,9 @@ def _read_lines(path: Path, block_size: int, source: SourceFile | None) -> tuple
     lines: list[str] = []
     rejects: list[Reject] = []
     for chunk in iter_line_chunks(path, block_size, source):
-        if chunk.broken is not None:
+        if chunk.broken is not None:  # the lines salvaged before the break follow
             rejects.append(Reject("broken_gzip", np.array([chunk.first_line]), chunk.broken))
-            break
+            continue
         lines += chunk.data.decode("latin-1").splitlines()
     if not lines:
         rejects.append(Reject("empty_file", np.array([1]), "no data line"))

@@ -101,7 +101,8 @@ class LineChunk:
         data: bytes of whole lines, each ending in b"\\n" (a final unterminated line gets one).
         first_line: 1-based number of the first line in `data` (or of the line where the stream broke).
         num_lines: lines in `data`.
-        broken: None, or why the gzip stream broke (then `data` is empty and this is the last chunk).
+        broken: None, or why the gzip stream broke (then `data` is empty; at most one chunk, of the
+            lines salvaged before the break, follows).
         long_lines: numbers of lines before `data` that were longer than `MAX_LINE_BYTES` and skipped
             unread (they are not in `data` and not in `num_lines`).
     """
@@ -243,12 +244,14 @@ def iter_line_chunks(
         data = data[: data.rfind(b"\n") + 1]
     elif data and not data.endswith(b"\n"):
         data += b"\n"
-    if data or long_lines:
-        num = data.count(b"\n")
-        yield LineChunk(data, line, num, long_lines=tuple(long_lines))
-        line += num
+    num = data.count(b"\n")
     if broken is not None:
-        yield LineChunk(b"", line, 0, broken=broken)
+        # Named before the lines salvaged from the failing piece: the bytes zlib put out before it
+        # noticed the fault parse as garbage lines, and under --strict the break, not the first of
+        # them, is the error to report (at the line after the salvaged ones, as before).
+        yield LineChunk(b"", line + num, 0, broken=broken)
+    if data or long_lines:
+        yield LineChunk(data, line, num, long_lines=tuple(long_lines))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,11 +323,11 @@ class DelimitedFile:
         last_line = 0
         broken = False
         for chunk in iter_line_chunks(self.path, self.block_size, self.source):
-            if chunk.broken is not None:
+            if chunk.broken is not None:  # the salvaged lines before the break follow
                 broken = True
                 rej = Reject("broken_gzip", np.array([chunk.first_line]), chunk.broken)
                 yield RawBlock(self._empty_table(), np.empty(0, np.int64), [rej])
-                break
+                continue
             if chunk.long_lines:
                 rej = Reject("line_too_long", np.array(chunk.long_lines, np.int64),
                              f"line longer than {MAX_LINE_BYTES:,} bytes (skipped unread)")  # fmt: skip
