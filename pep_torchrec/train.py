@@ -46,47 +46,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _RUN_OUTPUTS = ("checkpoints", "masks", "init", "summary.json", "metrics.jsonl", "config.yaml")
 
 
-def _check_run_dir(args: argparse.Namespace) -> None:
+def _check_run_dir(args: argparse.Namespace) -> list[Path]:
     """Refuse to mix runs: a new run needs a run directory without a previous run's checkpoints,
-    masks or summary (`--overwrite` clears them; rank 0 does, before any rank starts), and
-    `--resume` needs one that has a complete checkpoint."""
+    masks or summary, and `--resume` one that has a complete checkpoint. `--auto-resume` becomes
+    `--resume` where that holds and `--overwrite` otherwise. Returns what `--overwrite` replaces:
+    the previous run's outputs, removed by rank 0 only once the config has been accepted."""
     from pep_torchrec.checkpoint import CheckpointManager
     from pep_torchrec.config import ConfigError
 
     run_dir = Path(args.run_dir)
+    resumable = (run_dir / "config.yaml").is_file() and \
+        CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None  # fmt: skip
     if args.auto_resume:
         if args.resume or args.overwrite:
             raise ConfigError("--auto-resume decides between --resume and --overwrite itself: pass it alone")
-        complete = CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None
-        args.resume, args.overwrite = complete and (run_dir / "config.yaml").is_file(), True
-        if args.resume:
-            args.overwrite = False
+        args.resume, args.overwrite = resumable, not resumable
     if args.resume:
         if args.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        if CheckpointManager(run_dir / "checkpoints", rank=0).latest() is None:
+        if not resumable:
             raise ConfigError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
-        return
+        return []
     # A start that failed before training leaves only config.yaml and an empty metrics.jsonl:
     # nothing to lose, so that is not a previous run.
     found = [name for name in ("checkpoints", "masks", "summary.json") if (run_dir / name).exists()]
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and metrics.stat().st_size > 0:
         found.append("metrics.jsonl")
-    if not found:
-        return
-    if not args.overwrite:
+    if found and not args.overwrite:
         raise ConfigError(f"--run-dir {run_dir} holds a previous run ({', '.join(found)}): pass --resume to "
                           "continue it or --overwrite to replace it")
-    if int(os.environ.get("RANK", "0")) == 0:  # the ranks meet in init_distributed, after this
-        for name in _RUN_OUTPUTS:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+    return [run_dir / name for name in _RUN_OUTPUTS if (run_dir / name).exists()] if args.overwrite else []
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("resume", "auto_resume", "overwrite"):
         if getattr(args, flag) and not args.run_dir:
             raise ConfigError(f"--{flag.replace('_', '-')} needs --run-dir")
-    if args.run_dir and not args.dry_run:
-        _check_run_dir(args)
+    replaced = _check_run_dir(args) if args.run_dir and not args.dry_run else []
     base = None
     if args.resume and args.config is None:
         # Resume with the run's own resolved config unless another one is given.
@@ -130,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     created = not run_dir.exists()
+    if replaced and int(os.environ.get("RANK", "0")) == 0:  # the ranks meet in init_distributed, after this
+        _remove(replaced)
     env = init_distributed(cfg.train.device)
     try:
         trainer = Trainer(cfg, env, run_dir, resume=args.resume)
@@ -152,12 +153,7 @@ def _discard_failed_start(run_dir: Path, created: bool) -> None:
 
     if CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None:
         return  # resumable: keep everything
-    for name in _RUN_OUTPUTS:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
+    _remove([run_dir / name for name in _RUN_OUTPUTS])
     if created and run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()
 

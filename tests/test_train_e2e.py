@@ -124,6 +124,8 @@ def test_run_dir_of_a_previous_run_is_refused_unless_overwrite(tmp_path, debug_d
     err = capsys.readouterr().err
     assert f"error: --run-dir {run} holds a previous run (checkpoints, summary.json, metrics.jsonl)" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == old_steps  # untouched
+    assert train_main([*args, "--overwrite", "--set", "model.name=fmm"]) == 2  # a bad config replaces nothing
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == old_steps
     (run / "notes.txt").write_text("mine")  # not a run output: --overwrite leaves it
     assert train_main([*args, "--set", "train.max_steps=20", "--overwrite"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000020"]
