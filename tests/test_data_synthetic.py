@@ -182,7 +182,7 @@ def test_bad_synthetic_options(tmp_path, capsys):
         prepare_dataset("synthetic", None, tmp_path / "o", cardinalty=5)
     with pytest.raises(PrepareError, match="--min-count does not apply"):
         prepare_dataset("synthetic", None, tmp_path / "o", min_count=3)
-    assert main(["--dataset", "synthetic", "--out", str(tmp_path / "o"), "--zipf-exponent", "-1"]) == 1
+    assert main(["--dataset", "synthetic", "--out", str(tmp_path / "o"), "--zipf-exponent", "-1"]) == 2
     assert "zipf_exponent must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
