@@ -9,6 +9,13 @@ dense, synthetic Zipf ids generated here, one id per feature per example like Cr
   pep_feature_dim  granularity feature_dim (rows [v|s], 2D wide)
   whole_table      the original PEP design: threshold the WHOLE [v|s] table every step and look up
                    the thresholded table (dense gradients of v and s, dense Adagrad), unsharded
+  search           a whole search run as the shipped search configs run it: feature_dim with its own
+                   s optimizer (pep.s_optimizer: sgd, s0 = -10), plus the per-eval work of a search
+                   (the s optimizer's sync, gk_growth, the kept-element count over every table: the
+                   only whole-table pass) amortised over --eval-every steps. Its ms/step is the
+                   interleaved step time + (median per-eval work) / eval_every, so every scan is
+                   inside the reported step time. Not included: the snapshot masks (one exact top-K
+                   per budget per run: 4 in a run) and the validation evals (the base pays those too).
 Steps of all variants are interleaved (variant order rotates every repeat), so machine noise (this
 is a shared 2-core box) hits them alike; a variant's time is the median over repeats of the median
 step time of a repeat. Ratios are paired: the ratio of two variants' times in the same repeat,
@@ -55,7 +62,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa
 
 from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
 from pep_torchrec.data.batch import Batch  # noqa: E402
-from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_sharders  # noqa: E402
+from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_modules, pep_sharders  # noqa: E402
+from pep_torchrec.distributed.s_optimizer import SOptimizerSettings  # noqa: E402
 from pep_torchrec.distributed.sharding import plan_sharding, shard_model  # noqa: E402
 from pep_torchrec.models import TrainModel, build_model  # noqa: E402
 from pep_torchrec.modules import PEPEmbeddingBagCollection  # noqa: E402
@@ -63,7 +71,8 @@ from pep_torchrec.modules import PEPEmbeddingBagCollection  # noqa: E402
 NUM_DENSE = 13
 DIM = 16
 FUSED = {"optimizer": None, "learning_rate": 0.01, "eps": 1e-8}
-VARIANTS = ("base", "pep_feature", "pep_feature_dim", "whole_table")
+VARIANTS = ("base", "pep_feature", "pep_feature_dim", "whole_table", "search")
+EVAL_WORK_REPEATS = 3
 
 
 def _tables(num_tables: int, rows: int, device: torch.device | None = None) -> list[EmbeddingBagConfig]:
@@ -128,6 +137,7 @@ class Runner:
     def __init__(self, variant: str, num_tables: int, rows: int, batch: int, seed: int = 0) -> None:
         torch.manual_seed(seed)
         self.variant = variant
+        self.steps = 0
         tables = _tables(num_tables, rows)
         if variant == "whole_table":
             self.model = TrainModel(build_model("dlrm", ebc=WholeTablePEP(tables), num_dense=NUM_DENSE))
@@ -139,6 +149,9 @@ class Runner:
         meta = torch.device("meta")
         if variant == "base":
             ebc: nn.Module = EmbeddingBagCollection(tables=tables, device=meta)
+        elif variant == "search":
+            ebc = PEPEmbeddingBagCollection(tables, granularity="feature_dim", s0=-10.0, device=meta)
+            ebc.s_optimizer = SOptimizerSettings(lr=0.01)
         else:
             granularity = variant.removeprefix("pep_")
             ebc = PEPEmbeddingBagCollection(tables, granularity=granularity, s0=-15.0, device=meta)
@@ -153,7 +166,18 @@ class Runner:
         dense = dict(in_backward_optimizer_filter(self.model.named_parameters()))
         self.opts = [torch.optim.Adam(dense.values(), lr=1e-3)]
 
+    def eval_work(self) -> float:
+        """The search's work at one eval (search variant), in ms: sync the s optimizer, grow gk
+        (what the shipped search configs do instead of a controller), count the kept elements."""
+        (pep,) = pep_modules(self.model).values()
+        t0 = time.perf_counter()
+        pep.s_optimizer.sync(self.steps)
+        pep.gk = float(pep.gk) * 1.024
+        pep.kept_counts()
+        return (time.perf_counter() - t0) * 1e3
+
     def step(self, batch: Batch) -> None:
+        self.steps += 1
         loss, _ = self.model(batch)
         loss.backward()
         for opt in self.opts:
@@ -169,6 +193,8 @@ def _interleaved(runners: dict[str, Runner], batches: list[Batch] | dict[str, li
     for name, runner in runners.items():
         for i in range(warmup):
             runner.step(batches_of[name][i % len(batches_of[name])])
+        if runner.variant == "search":
+            runner.eval_work()  # the s optimizer's first sync: its steps run at their real scale
     per_round: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for r in range(repeats):
@@ -181,6 +207,18 @@ def _interleaved(runners: dict[str, Runner], batches: list[Batch] | dict[str, li
                 times.append(time.perf_counter() - t0)
             per_round[name].append(statistics.median(times) * 1e3)
     return {name: {"ms_per_step": statistics.median(v), "rounds_ms": v} for name, v in per_round.items()}
+
+
+def _amortise_eval_work(runners: dict[str, Runner], res: dict, eval_every: int) -> None:
+    """Search runners: measure the per-eval work (median of a few) and add it / eval_every to the
+    step times, so the reported step of a search run includes every whole-table pass."""
+    for name, runner in runners.items():
+        if runner.variant != "search":
+            continue
+        work = statistics.median(runner.eval_work() for _ in range(EVAL_WORK_REPEATS))
+        extra = work / eval_every
+        res[name] = {"ms_per_step": res[name]["ms_per_step"] + extra,
+                     "rounds_ms": [t + extra for t in res[name]["rounds_ms"]], "eval_work_ms": work}
 
 
 def paired_ratio(num: dict, den: dict) -> float:
@@ -202,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-table-max-rows", type=float, default=1e6,
                         help="skip whole_table above this many rows (at 1e7 it takes ~30 s a step)")  # fmt: skip
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--eval-every", type=int, default=1000,
+                        help="search: steps between evals, over which the per-eval work is amortised")
     parser.add_argument("--name", default="train_overhead")
     args = parser.parse_args(argv)
 
@@ -220,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "scaling_tables": args.scaling_tables, "scaling_rows": scaling_rows, "whole_table_max_rows": whole_max,
         "quick": args.quick, "table_optimizer": "fused exact Adagrad (whole_table: dense torch Adagrad)",
         "dense_optimizer": "Adam", "ids": "Zipf(1.1) ranks, hashed over the table",
+        "search_eval_every": args.eval_every,
     }  # fmt: skip
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     started = time.perf_counter()
@@ -230,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     for n in threads:
         torch.set_num_threads(n)
         res = _interleaved(runners, batches, repeats, steps, warmup)
+        _amortise_eval_work(runners, res, args.eval_every)
         for v in VARIANTS:
             overhead.append({"threads": n, "variant": v, "ms_per_step": res[v]["ms_per_step"],
-                             "over_base": paired_ratio(res[v], res["base"]), "rounds_ms": res[v]["rounds_ms"]})  # fmt: skip
+                             "over_base": paired_ratio(res[v], res["base"]), "rounds_ms": res[v]["rounds_ms"],
+                             "eval_work_ms": res[v].get("eval_work_ms")})  # fmt: skip
         print(f"[{time.perf_counter() - started:.0f}s] overhead threads={n}: "
               + ", ".join(f"{v} {res[v]['ms_per_step']:.1f} ms" for v in VARIANTS), flush=True)  # fmt: skip
     del runners
@@ -247,14 +290,18 @@ def main(argv: list[str] | None = None) -> int:
         runners, sbatches = {}, {}
         for rows in scaling_rows:
             batches_r = _zipf_batches(args.scaling_tables, rows, args.batch, 8, seed=2, pooling=args.pooling)
-            for v in ["base", "pep_feature", "pep_feature_dim"] + (["whole_table"] if rows <= whole_max else []):
+            variants = ["base", "pep_feature", "pep_feature_dim"] + (["whole_table"] if rows <= whole_max else [])
+            if rows in (min(scaling_rows), max(scaling_rows)):
+                variants.append("search")
+            for v in variants:
                 runners[f"{v}@{rows}"] = Runner(v, args.scaling_tables, rows, args.batch)
                 sbatches[f"{v}@{rows}"] = batches_r
         scaling_res = _interleaved(runners, sbatches, repeats, steps, warmup)
+        _amortise_eval_work(runners, scaling_res, args.eval_every)
         for key, res_v in scaling_res.items():
             v, rows = key.split("@")
             scaling.append({"rows": int(rows), "variant": v, "ms_per_step": res_v["ms_per_step"],
-                            "rounds_ms": res_v["rounds_ms"]})  # fmt: skip
+                            "rounds_ms": res_v["rounds_ms"], "eval_work_ms": res_v.get("eval_work_ms")})  # fmt: skip
         scaling.sort(key=lambda r: (r["rows"], VARIANTS.index(r["variant"])))
         print(f"[{time.perf_counter() - started:.0f}s] scaling: "
               + ", ".join(f"{k} {r['ms_per_step']:.1f} ms" for k, r in scaling_res.items()), flush=True)  # fmt: skip
@@ -272,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             both = f"{v}@{hi}" in scaling_res and f"{v}@{lo}" in scaling_res
             return paired_ratio(scaling_res[f"{v}@{hi}"], scaling_res[f"{v}@{lo}"]) if both else None
 
-        for v in ("base", "pep_feature", "pep_feature_dim", "whole_table"):
+        for v in VARIANTS:
             if growth(v) is not None:
                 headline[f"scaling_{v}_{hi:.0e}_over_{lo:.0e}".replace("+0", "")] = growth(v)
         if growth("pep_feature_dim") is not None:
@@ -280,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             if growth("base") is not None:
                 # PEP's step growth beyond what the same table sizes cost plain TorchRec.
                 headline["scaling_1e7_over_1e4_relative_to_base"] = growth("pep_feature_dim") / growth("base")
+        if growth("search") is not None:
+            headline["scaling_search_1e7_over_1e4"] = growth("search")
+            headline["search_over_base_at_1e7"] = paired_ratio(scaling_res[f"search@{hi}"], scaling_res[f"base@{hi}"])
     headline["threads"] = threads[0]
     headline["wall_s"] = time.perf_counter() - started
 
@@ -292,10 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         f"DLRM, {args.tables} tables x {args.rows:.0e} rows x dim {DIM}, batch {args.batch}, {args.pooling} id/bag, "
         "1-rank gloo DMP, fused Adagrad; median of per-repeat medians, variants interleaved; `/ base` and the "
         "scaling ratios are medians of per-repeat (paired) ratios.", "",
+        f"`search`: ms/step includes the per-eval work (column `eval ms`) / {args.eval_every} steps "
+        "(`--eval-every`).", "",
         markdown_table(overhead, [("threads", "threads", "d"), ("variant", "variant", ""),
-                                  ("ms_per_step", "ms/step", ".1f"), ("over_base", "/ base", ".2f")]), "",
+                                  ("ms_per_step", "ms/step", ".1f"), ("over_base", "/ base", ".2f"),
+                                  ("eval_work_ms", "eval ms", ".0f")]), "",
         f"## Table scaling ({args.scaling_tables} tables, {threads[0]} thread(s))", "",
-        markdown_table(scaling, [("rows", "rows", ".0e"), ("variant", "variant", ""), ("ms_per_step", "ms/step", ".1f")]),
+        markdown_table(scaling, [("rows", "rows", ".0e"), ("variant", "variant", ""), ("ms_per_step", "ms/step", ".1f"),
+                                 ("eval_work_ms", "eval ms", ".0f")]),
         "", "Headline: " + ", ".join(f"{k} = {v:.3f}" for k, v in headline.items() if isinstance(v, float)), "",
     ])  # fmt: skip
     name = args.name + ("_quick" if args.quick else "")

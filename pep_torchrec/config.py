@@ -119,14 +119,28 @@ class PEPConfig:
     """L2 pull of s towards 0 added to its gradient where rows are looked up (the authors' weight decay)."""
     s_push: float = 0.0
     """Constant upward force on s added (negated) to its gradient per looked-up row."""
+    s_optimizer: str = "fused"
+    """Who updates s (granularity feature / feature_dim): `fused`, the table's TBE optimizer with v
+    (element-wise Adagrad normalises s's gradient away: |v| decides what is pruned), or `sgd`, its
+    own step on the looked-up rows, normalised per table, so the learned s decide the order
+    (pep_torchrec/distributed/s_optimizer.py; benchmarks/research/issue10)."""
+    s_lr: float = 0.01
+    """s_optimizer=sgd: learning rate of s (unit-free with s_norm=table)."""
+    s_norm: str = "table"
+    """s_optimizer=sgd: `table` divides the step by the RMS (EMA) of the table's s-gradients,
+    `none` is plain SGD."""
+    gk_growth: float = 0.0
+    """Open-loop pressure instead of the controller (target_epochs = 0): gk is multiplied by
+    gk_growth per step, applied at each eval (no whole-table work to set it)."""
     target_epochs: float = 0.0
     """Controller: bring the kept share down to `target_floor` over this many epochs along a
-    geometric schedule, setting gk every `control_every` steps so the kept count is exactly on it
-    (0 = no controller: fixed gk, the paper's mechanism)."""
+    geometric schedule, setting gk at every eval (or every `control_every` steps) so the kept count
+    is exactly on it (0 = no controller: fixed gk, or gk_growth)."""
     target_floor: float = 0.0
     """Kept share the schedule ends at (0 = 0.8 x the smallest budget)."""
     control_every: int = 0
-    """Steps between controller updates (0 = at every eval)."""
+    """Steps between controller updates: 0 = at every eval, else a multiple of train.eval_every
+    (each update ranks the whole table: never more often than evals)."""
     budgets: list[float] = field(default_factory=lambda: [0.2, 0.1, 0.05, 0.02])
     """Search: save a mask keeping exactly this many elements when the kept count first reaches it
     (<= 1: share of embedding_params_total; > 1: absolute count)."""
@@ -342,6 +356,24 @@ def check_values(cfg: RunConfig) -> None:
                        ("data.eval_batch_size", cfg.data.eval_batch_size), ("train.epochs", cfg.train.epochs)):  # fmt: skip
         if value < 1:
             raise ConfigError(f"{key}: must be at least 1, got {value}")
+    pep = cfg.pep
+    if pep.s_optimizer not in ("fused", "sgd"):
+        raise ConfigError(f"pep.s_optimizer: {pep.s_optimizer!r} is not one of ['fused', 'sgd']")
+    if pep.s_norm not in ("table", "none"):
+        raise ConfigError(f"pep.s_norm: {pep.s_norm!r} is not one of ['table', 'none']")
+    if pep.s_optimizer == "sgd" and (pep.s_decay or pep.s_push):
+        raise ConfigError("pep.s_decay / pep.s_push act through the fused optimizer: with pep.s_optimizer=sgd "
+                          "the pressure comes from gk (pep.target_epochs or pep.gk_growth)")
+    if not pep.s_lr >= 0:
+        raise ConfigError(f"pep.s_lr: must be >= 0, got {pep.s_lr}")
+    if pep.gk_growth and not pep.gk_growth >= 1.0:
+        raise ConfigError(f"pep.gk_growth: a per-step factor >= 1 (0 = off), got {pep.gk_growth}")
+    if pep.gk_growth and pep.target_epochs > 0:
+        raise ConfigError("pep.gk_growth and pep.target_epochs both set gk: choose one")
+    every = cfg.train.eval_every
+    if pep.control_every < 0 or (pep.control_every and every > 0 and pep.control_every % every):
+        raise ConfigError(f"pep.control_every: {pep.control_every} would rank the whole table between evals "
+                          f"(train.eval_every={every}); use 0 (at every eval) or a multiple of train.eval_every")
     for budget in cfg.pep.budgets:
         if not 0.0 < budget < 1.0:
             raise ConfigError(f"pep.budgets: {budget} is not a share of the embedding in (0, 1) (0.1 keeps 10 %)")

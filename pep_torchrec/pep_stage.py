@@ -42,6 +42,16 @@ from pep_torchrec.pruning import (
 logger = logging.getLogger(__name__)
 
 
+def no_interactions_warning(kept_by_table: dict[str, int]) -> str | None:
+    """A warning when a mask over several tables keeps elements in fewer than two of them: the
+    features' embeddings can no longer interact (FM / DeepFM / AutoInt score pairs of them)."""
+    with_kept = [t for t, k in kept_by_table.items() if k > 0]
+    if len(kept_by_table) < 2 or len(with_kept) >= 2:
+        return None
+    where = f"table {with_kept[0]}" if with_kept else "no table"
+    return f"every kept element is in {where}: no interactions between features are left in this mask"
+
+
 class PEPStage:
     """Search / retrain bookkeeping for one sharded model with one PEP embedding module.
 
@@ -124,6 +134,9 @@ class PEPStage:
         """Save the mask keeping exactly `count` elements, ranked by margin."""
         margins = {t: list(self.module.local_margins(t)) for t in self.table_order}
         min_row = affordable_floor(self.cfg.min_row_dims, count, self.rows)
+        if min_row < self.cfg.min_row_dims:
+            logger.warning("budget %s: pep.min_row_dims=%d clipped to %d (%d elements over %d rows)", budget,
+                           self.cfg.min_row_dims, min_row, count, self.rows)
         keep = select_mask(margins, count, self.table_order, dim=self.dim, min_row=min_row,
                            max_row=self.cfg.max_row_dims, layout=self.cfg.mask_layout)
         kept_by_table = torch.tensor([sum(int(m.sum()) for _, _, m in keep[t]) for t in self.table_order])
@@ -139,6 +152,9 @@ class PEPStage:
         }
         write_arrays(path, {t: (n, self.dim) for t, n in self.tables.items()}, np.bool_, keep, meta, rank=self.rank)
         logger.info("saved %s (%d elements) at step %d", path, count, step)
+        warning = no_interactions_warning(dict(zip(self.table_order, kept_by_table.tolist())))
+        if warning:
+            logger.warning("budget %s: %s", budget, warning)
         return {"budget": budget, "kept": count, "step": step, "valid_auc": valid_auc, "path": str(path)}
 
     def target_share(self, step: int) -> float | None:
@@ -166,6 +182,19 @@ class PEPStage:
         if count >= self.total:
             self.module.gk = 0.0
             return 0.0
+        log_unit = getattr(self.module, "local_log_unit_thresholds", None)
+        if log_unit is not None:
+            # log z = log|v| - log sigmoid(s), computed directly: the difference of two margins
+            # (below) loses sigmoid(s) to float32 rounding once it is < ~1e-7·|v| (s far negative).
+            saved = self.module.gk
+            self.module.gk = 0.0
+            keys = {}
+            for table in self.table_order:
+                magnitude = self.module.local_margins(table)  # |v|
+                keys[table] = [(r, c, torch.log(a) - b) for (r, c, a), (_, _, b) in zip(magnitude, log_unit(table))]
+            self.module.gk = saved
+            self.module.gk = math.exp(kth_largest(keys, count + 1))
+            return float(self.module.gk)
         saved = self.module.gk
         ratios: dict[str, list] = {}
         for table in self.table_order:

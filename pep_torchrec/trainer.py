@@ -33,6 +33,7 @@ from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.distributed.env import DistEnv, configure_threads
 from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_sharders
+from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerSync
 from pep_torchrec.distributed.sharding import (
     fused_params,
     make_constraints,
@@ -91,6 +92,8 @@ def build_train_model(cfg: RunConfig, schema: Schema, *, embedding_device: torch
         ebc = PEPEmbeddingBagCollection(
             tables, granularity=cfg.pep.granularity, s0=cfg.pep.s0, gk=cfg.pep.gk, s_decay=cfg.pep.s_decay,
             s_push=cfg.pep.s_push, retrain=cfg.train.stage == "retrain", device=embedding_device)
+        if cfg.pep.s_optimizer == "sgd":  # read by the sharder (ShardedPEPEmbeddingBagCollection)
+            ebc.s_optimizer = SOptimizerSettings(lr=cfg.pep.s_lr, norm=cfg.pep.s_norm)
     else:
         ebc = EmbeddingBagCollection(tables=tables, device=embedding_device)
     with torch.device(dense_device):
@@ -193,6 +196,8 @@ class Trainer:
             "evals_since_best": 0, "train_seconds": 0.0, "examples": 0, "stopped_early": False,
             "stop_reason": None, "snapshots": [], "gk": cfg.pep.gk, "kept": None,
         }
+        self._control_eval_seconds = 0.0  # of the last search control: its snapshot eval
+        self._kept_by_table: dict[str, int] = {}  # of the last search control (at an eval)
         self.pep: PEPStage | None = None
         if cfg.train.stage in PEP_STAGES:
             self.pep = PEPStage(cfg.pep, cfg.train.stage, self.model, tables=pep_tables,
@@ -253,6 +258,9 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         self.state = saved["trainer"]
+        s_opt = self._s_optimizer()
+        if s_opt is not None and "s_optimizer" in self.state:
+            s_opt.load_state(self.state["s_optimizer"], carry=self.env.is_main)
         if self.pep is not None:
             self.pep.module.gk = self.state["gk"]
             if self.cfg.train.stage == "retrain":
@@ -290,6 +298,9 @@ class Trainer:
         protect = tuple(snap["step"] for snap in self.state["snapshots"])
         if self.state["best_step"] is not None:
             protect += (self.state["best_step"],)
+        s_opt = self._s_optimizer()
+        if s_opt is not None:
+            self.state["s_optimizer"] = s_opt.state(self._all_reduce)
         self.checkpoints.save(self.state["step"], self._checkpoint_state(), {"trainer": self.state},
                               protect=protect)
 
@@ -306,11 +317,30 @@ class Trainer:
         for every in (cfg.eval_every, cfg.checkpoint_every, self._control_every()):
             if every > 0:
                 candidates.append((step // every + 1) * every)
+        if self._s_optimizer() is not None and step == 0:
+            candidates.append(1)
         return min(candidates)
 
+    def _s_optimizer(self) -> SOptimizerSync | None:
+        """The search's own s optimizer (`pep.s_optimizer: sgd`), if any."""
+        return getattr(self.pep.module, "s_optimizer", None) if self.pep is not None else None
+
+    def _sync_s_optimizer(self, step: int) -> None:
+        """Fold every rank's s-gradient statistics into the step scale (two numbers per table)."""
+        s_opt = self._s_optimizer()
+        if s_opt is None:
+            return
+        s_opt.sync(step, self._all_reduce)
+
+    @property
+    def _all_reduce(self):
+        """Sum a tensor over ranks in place (None on one rank)."""
+        return dist.all_reduce if self.env.world_size > 1 else None
+
     def _control_every(self) -> int:
-        """Steps between search-controller updates (0 when there is no controller)."""
-        if self.cfg.train.stage != "search" or self.cfg.pep.target_epochs <= 0:
+        """Steps between search-controller updates beyond the evals (0: at evals only). Besides
+        them, a search with its own s optimizer stops after step 1 for the optimizer's first sync."""
+        if self.cfg.train.stage != "search" or (self.cfg.pep.target_epochs <= 0 and self.cfg.pep.gk_growth <= 0):
             return 0
         return self.cfg.pep.control_every
 
@@ -328,7 +358,9 @@ class Trainer:
 
             progress = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step",
                             dynamic_ncols=True)
-        segment_losses: list[float] = []
+        # Train losses since the last eval (the eval's train_loss): checkpointed, so a run resumed
+        # between two evals reports the same train_loss as an uninterrupted one.
+        segment_losses = self.state.setdefault("losses_since_eval", [])
         while self.state["step"] < self.total_steps and not self.state["stopped_early"]:
             step = self.state["step"]
             epoch, batch_in_epoch = divmod(step, self.steps_per_epoch)
@@ -354,12 +386,21 @@ class Trainer:
                 raise RuntimeError(f"train loader ended at step {self.state['step']}, expected {end}")
 
             step = self.state["step"]
-            if self.cfg.train.stage == "search" and (self._is_eval_step(step) or (
+            at_eval = self._is_eval_step(step)
+            train_loss = float(np.mean(segment_losses)) if segment_losses else float("nan")
+            if at_eval:
+                segment_losses.clear()  # before any checkpoint of this step
+            if self.cfg.train.stage == "search" and (at_eval or step == 1 or (
                     self._control_every() and step % self._control_every() == 0)):
-                self._search_control(step)
-            if self._is_eval_step(step):
-                self._eval_and_select(float(np.mean(segment_losses)) if segment_losses else float("nan"))
-                segment_losses = []
+                # Search work between steps (s optimizer sync, controller, kept counts, snapshot
+                # masks) is training time: counted in train_seconds, the validation AUC is not.
+                t0 = time.perf_counter()
+                self._sync_s_optimizer(step)
+                if step != 1 or at_eval:
+                    self._search_control(step)
+                self.state["train_seconds"] += time.perf_counter() - t0 - self._control_eval_seconds
+            if at_eval:
+                self._eval_and_select(train_loss)
             elif cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0:
                 self._save_checkpoint()
         if progress is not None:
@@ -397,17 +438,26 @@ class Trainer:
             self._save_checkpoint()
 
     def _search_control(self, step: int) -> None:
-        """Put the kept share on schedule (controller), then snapshot every budget just reached."""
+        """Put the kept share on schedule (controller, or gk_growth), count the kept elements, then
+        snapshot every budget just reached. The only whole-table work of a search: at evals."""
         assert self.pep is not None
+        self._control_eval_seconds = 0.0
         target = self.pep.target_share(step)
         if target is not None:
             self.state["gk"] = self.pep.set_kept_share(target)
-        kept = sum(self.pep.kept_by_table().values())
+        elif self.cfg.pep.gk_growth > 0:
+            since = step - self.state.get("gk_step", 0)
+            self.pep.module.gk = float(self.pep.module.gk) * self.cfg.pep.gk_growth**since
+            self.state.update(gk=self.pep.module.gk, gk_step=step)
+        self._kept_by_table = self.pep.kept_by_table()
+        kept = sum(self._kept_by_table.values())
         self.state["kept"] = kept
         done = {snap["budget"] for snap in self.state["snapshots"]}
         reached = [(count, budget) for count, budget in self.pep.budgets if budget not in done and kept <= count]
         if reached:
+            t0 = time.perf_counter()
             valid_auc = self.evaluate("valid").auc
+            self._control_eval_seconds = time.perf_counter() - t0
             for count, budget in reached:
                 self.state["snapshots"].append(
                     self.pep.snapshot(budget, count, step=step, valid_auc=valid_auc, kept_now=kept))
@@ -416,9 +466,10 @@ class Trainer:
             self.state.update(stopped_early=True, stop_reason="budgets_reached")
 
     def _search_record(self) -> dict[str, Any]:
-        """What a search eval adds to metrics.jsonl."""
+        """What a search eval adds to metrics.jsonl (the kept counts `_search_control` took at this
+        eval: no second scan)."""
         assert self.pep is not None
-        by_table = self.pep.kept_by_table()
+        by_table = self._kept_by_table
         kept = sum(by_table.values())
         return {"kept": kept, "kept_share": kept / self.pep.total, "kept_by_table": by_table,
                 "gk": self.state["gk"], "snapshots": len(self.state["snapshots"])}
@@ -489,6 +540,12 @@ class Trainer:
             "sharding": self.plan_report.tables(),
             "versions": _versions(),
         }
+        if self.cfg.train.stage != "search" and best == self.state["step"] and not self.state["stopped_early"]:
+            # The last eval was the best: valid was still improving when the epochs ran out.
+            summary["still_improving"] = True
+            logger.warning("valid AUC was still improving at the last eval (step %d, %.4g epochs): the model may "
+                           "be undertrained; raise train.epochs or the learning rate", best,
+                           best / self.steps_per_epoch)
         if self.cfg.train.stage == "search":
             summary["snapshots"] = self.state["snapshots"]
             summary["gk"] = self.state["gk"]

@@ -66,6 +66,7 @@ from pep_torchrec.distributed.pep_lookup import (
     PEPTableSpec,
     gradient_scale_factor,
 )
+from pep_torchrec.distributed.s_optimizer import SOptimizerSync
 from pep_torchrec.distributed.sharding import EBCSharder
 from pep_torchrec.modules import PEPEmbeddingBagCollection
 from pep_torchrec.ops import ThresholdMode
@@ -328,6 +329,15 @@ class ShardedPEPEmbeddingBagCollection(
 
         for kernel in self._pep_kernels():
             kernel.bind_step_params(self._step_params)
+        # Thresholds with their own optimizer (`pep.s_optimizer: sgd`, distributed/s_optimizer.py).
+        self.s_optimizer: SOptimizerSync | None = None
+        settings = getattr(module, "s_optimizer", None)
+        if settings is not None and not self.retrain:
+            if self.mode not in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
+                raise ValueError(f"pep.s_optimizer=sgd needs s in the stored rows (granularity feature or "
+                                 f"feature_dim), not {self.granularity!r}")
+            states = [kernel.bind_s_optimizer(settings) for kernel in self._pep_kernels()]
+            self.s_optimizer = SOptimizerSync(settings, list(self._table_names), states)
 
         # Coarse parameters no local shard reads (table-wise puts a table on one rank): touched with
         # a zero each forward, so they get a (zero) gradient on every rank. DMP's DDP runs with
@@ -477,6 +487,26 @@ class ShardedPEPEmbeddingBagCollection(
                 ).sum()
             counts[spec.name] += int(total)
         return counts
+
+    @torch.no_grad()
+    def local_log_unit_thresholds(self, table: str) -> list[tuple[int, int, Tensor]]:
+        """This rank's pieces of log sigmoid(s) per element of `table` (the log threshold at gk = 1),
+        [R, C] float32; for the controller, which needs it where sigmoid(s) is far below |v|."""
+        out = []
+        for spec, row_offset, col_offset, weight, coarse_C in self._local_shards():
+            if spec.name != table:
+                continue
+            cols = spec.output_cols(weight.shape[1])
+            if spec.mode is ThresholdMode.ROW_DIM:
+                s = weight[:, cols : 2 * cols]
+            elif spec.mode is ThresholdMode.ROW:
+                s = weight[:, cols : cols + 1].expand(-1, cols)
+            elif coarse_C is not None:
+                s = coarse_C.unsqueeze(0).expand(weight.shape[0], -1)
+            else:
+                raise ValueError(f"table {table}: no thresholds in mode {spec.mode.value!r}")
+            out.append((row_offset, col_offset, torch.nn.functional.logsigmoid(s.detach().float())))
+        return out
 
     @torch.no_grad()
     def local_margins(self, table: str) -> list[tuple[int, int, Tensor]]:

@@ -63,8 +63,9 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_configs import PoolingMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from pep_torchrec.distributed.s_optimizer import OwnSStep, SOptimizerSettings, SOptimizerState, plan_step
 from pep_torchrec.ops import ThresholdMode, library, row_width, threshold_pool
-from pep_torchrec.ops.threshold_pool import is_traced
+from pep_torchrec.ops.threshold_pool import is_traced, s_columns
 
 # Modes whose stored row carries more than v ([v | s], [v | s | pad], [v | m]): the row must stay
 # whole on one shard, and the pooled output (D columns) is narrower than the stored row (W).
@@ -205,6 +206,50 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
             self._pep_table_specs.append(spec)
         self._pep_pooling = "mean" if self._pooling == PoolingMode.MEAN else "sum"
         self._pep_step_params: StepParamsFn | None = None
+        self._s_optimizer: SOptimizerState | None = None
+
+    def bind_s_optimizer(self, settings: SOptimizerSettings) -> SOptimizerState:
+        """Take the s columns away from the fused optimizer: `s_optimizer.OwnSStep` updates them.
+
+        Every table of the group must store rows of one width in one storage (the TBE's, as for
+        tables of one embedding dim), so that one step is a handful of ops for the whole group."""
+        specs = self._pep_table_specs
+        width = self._local_cols[0] if specs else 0
+        s_cols = s_columns(specs[0].dim, specs[0].mode) if specs else None
+        if s_cols is None or any(
+            spec.mode is not specs[0].mode or spec.dim != specs[0].dim or cols != width
+            for spec, cols in zip(specs, self._local_cols)
+        ):
+            raise NotImplementedError(
+                "pep.s_optimizer=sgd needs every table of a TBE group in one threshold mode with s "
+                f"columns and one embedding dim; this group has {[(s.name, s.mode.value, s.dim) for s in specs]}"
+            )
+        cache = getattr(self.emb_module, "lxu_cache_weights", None)
+        if cache is not None and cache.numel() > 0:
+            raise NotImplementedError("pep.s_optimizer=sgd does not support UVM-cached tables (it updates "
+                                      "the backing rows, not the cache); place the tables in HBM or host memory")
+        weights = self.split_embedding_weights()
+        storage = weights[0].untyped_storage()
+        if any(w.untyped_storage().data_ptr() != storage.data_ptr() or w.storage_offset() % width for w in weights):
+            raise NotImplementedError("pep.s_optimizer=sgd: the group's tables are not rows of one storage")
+        whole = torch.empty(0, dtype=weights[0].dtype, device=weights[0].device).set_(storage)
+        # A tensor of its own over the TBE's storage: in-place updates do not bump the version
+        # counter of the weights the TBE saved for backward.
+        self._s_storage = whole[: whole.numel() // width * width].view(-1, width)
+        self._s_cols = s_cols
+        self._s_optimizer = SOptimizerState(settings, [spec.name for spec in specs])
+        return self._s_optimizer
+
+    def _own_s(self, rows_all: Tensor, values: Tensor, ids_per_feature: list[int], num_features: int) -> Tensor:
+        """The own s optimizer's hook on the gathered rows (training only; identity otherwise)."""
+        state = self._s_optimizer
+        if state is None or not rows_all.requires_grad or is_traced(values):
+            return rows_all
+        assert self._pep_step_params is not None
+        gk = self._pep_step_params(self._pep_table_specs[0].name, 0, self._local_cols[0]).gk
+        plan = plan_step(self.split_embedding_weights(), self._feature_table_map[:num_features], values,
+                         ids_per_feature, self._s_cols, self._local_cols[0], self._s_storage, gk)
+        return OwnSStep.apply(rows_all, plan, state)
 
     def bind_step_params(self, fn: StepParamsFn) -> None:
         """Set where the kernel reads gk, s_decay, s_push and coarse thresholds each forward (a
@@ -280,6 +325,7 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
             indices=values.to(self._embedding_table_index_type),
             offsets=gather_offsets.to(self._embedding_table_offset_type),
         )  # [N_max, sum over features of C]
+        rows_all = self._own_s(rows_all, values, ids_per_feature, num_features)
 
         grouped = self._grouped_threshold_pool(rows_all, offsets, weights, num_features)
         if grouped is not None:

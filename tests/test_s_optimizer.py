@@ -1,0 +1,286 @@
+"""`pep.s_optimizer: sgd`: s is updated by its own rule on the looked-up rows (the fused optimizer
+never moves it), the step scale is the same on any sharding plan, and a resumed search takes the
+same steps as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from dist_utils import run_on_ranks
+from test_pep_sharded import (
+    DIM,
+    FEATURES,
+    GK,
+    LR,
+    TABLE_NAMES,
+    TABLES,
+    Case,
+    PooledModel,
+    _assemble,
+    _pieces,
+    _shard,
+    _sharders,
+    full_state,
+    rank_input,
+)
+
+from pep_torchrec import cli
+from pep_torchrec.config import ConfigError, load_config
+from pep_torchrec.distributed.pep_embeddingbag import ShardedPEPEmbeddingBagCollection
+from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerState, SOptimizerSync
+from pep_torchrec.ops import ThresholdMode
+from pep_torchrec.ops.threshold_pool import s_columns
+from pep_torchrec.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
+KEY = "model.ebc._embedding_bag_collection.embedding_bags.{table}.weight"
+S_LR = 0.05
+
+
+# ---- the rule ----------------------------------------------------------------------------------
+
+
+def test_first_sync_sets_the_table_rms_scale_and_v_is_never_touched():
+    state = SOptimizerState(SOptimizerSettings(lr=0.1), ["a", "b"])
+    sync = SOptimizerSync(SOptimizerSettings(lr=0.1), ["a", "b"], [state])
+    weight = torch.zeros(5, 4)  # D = 2: v in [0, 2), s in [2, 4)
+    weight[:, 2:] = -3.0
+    ids, tables = torch.tensor([0, 3]), torch.tensor([0, 1])
+    grad = torch.tensor([[1.0, 3.0], [2.0, 2.0]])
+    state.update(weight, ids, tables, grad, slice(2, 4), gk=2.0)
+    assert torch.equal(weight[:, 2:], torch.full((5, 2), -3.0))  # no scale before the first sync
+    sync.sync(1)
+    # mean over the table's rows of mean_c((g / gk)^2): a: (0.25 + 2.25) / 2, b: 1
+    assert sync.mean_sq == {"a": pytest.approx(1.25), "b": pytest.approx(1.0)}
+    state.update(weight, ids, tables, grad, slice(2, 4), gk=2.0)
+    expected_a = -3.0 - 0.1 / math.sqrt(1.25) * torch.tensor([0.5, 1.5])
+    expected_b = -3.0 - 0.1 / math.sqrt(1.0) * torch.tensor([1.0, 1.0])
+    torch.testing.assert_close(weight[0, 2:], expected_a)
+    torch.testing.assert_close(weight[3, 2:], expected_b)
+    assert torch.equal(weight[:, :2], torch.zeros(5, 2))
+    assert torch.equal(weight[[1, 2, 4], 2:], torch.full((3, 2), -3.0))
+    # The next sync blends the interval's mean into the EMA with beta^(steps since the last sync).
+    sync.sync(3)
+    beta2 = 0.99**2
+    assert sync.mean_sq["a"] == pytest.approx(beta2 * 1.25 + (1 - beta2) * 1.25)
+    assert sync.last_sync == 3
+
+
+def test_saved_state_counts_the_pending_statistics_once():
+    def fresh() -> tuple[SOptimizerState, SOptimizerSync]:
+        k = SOptimizerState(SOptimizerSettings(lr=0.1), ["a"])
+        return k, SOptimizerSync(SOptimizerSettings(lr=0.1), ["a"], [k])
+
+    w = torch.zeros(3, 2)
+    k1, s1 = fresh()
+    k1.update(w, torch.tensor([0]), torch.tensor([0]), torch.tensor([[2.0]]), slice(1, 2), gk=1.0)
+    s1.sync(1)
+    k1.update(w, torch.tensor([1]), torch.tensor([0]), torch.tensor([[4.0]]), slice(1, 2), gk=1.0)
+    saved = json.loads(json.dumps(s1.state()))  # what a checkpoint holds, mid-interval
+    for carry in (True, False):
+        k2, s2 = fresh()
+        s2.load_state(saved, carry=carry)
+        assert k2.scale.tolist() == k1.scale.tolist()
+        s2.sync(5)
+        s1_copy = SOptimizerSync(SOptimizerSettings(lr=0.1), ["a"], [SOptimizerState(SOptimizerSettings(lr=0.1), ["a"])])
+        s1_copy.load_state(saved, carry=True)
+        s1_copy.sync(5)
+        assert (s2.mean_sq == s1_copy.mean_sq) is carry  # only the carrying rank adds them
+    with pytest.raises(ValueError, match="tables"):
+        fresh()[1].load_state({**saved, "mean_sq": {"b": 1.0}}, carry=True)
+
+
+def test_config_refuses_pressure_through_the_fused_optimizer(tmp_path):
+    for sets, match in ((["pep.s_optimizer=sgd", "pep.s_decay=0.1"], "pep.s_decay"),
+                        (["pep.s_optimizer=adam"], "pep.s_optimizer"),
+                        (["pep.gk_growth=0.5"], "pep.gk_growth"),
+                        (["pep.control_every=7"], "pep.control_every")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(SEARCH, sets)
+
+
+# ---- sharded: every plan takes the same steps, and they are the rule's ---------------------------
+
+SOPT_PLANS = {
+    "table_wise": dict.fromkeys(TABLE_NAMES, "table_wise"),
+    "row_wise": dict.fromkeys(TABLE_NAMES, "row_wise"),
+    "table_row_wise": dict.fromkeys(TABLE_NAMES, "table_row_wise"),
+    "mixed": {"t_a": "row_wise", "t_b": "table_wise", "t_c": "row_wise"},
+}
+SOPT_CASES = [Case("feature_dim", s_decay=0.0, s_push=0.0), Case("feature", s_decay=0.0, s_push=0.0)]
+STEPS = 3
+
+
+def _sopt_worker(rank: int, world_size: int) -> dict:
+    sharders = _sharders()
+    results = {}
+    for plan_name, types in SOPT_PLANS.items():
+        for case in SOPT_CASES:
+            torch.manual_seed(0)
+            module = case.module(torch.device("meta"))
+            module.s_optimizer = SOptimizerSettings(lr=S_LR)
+            dmp, _ = _shard(PooledModel(module), types, sharders)
+            full = {f"pep.{k}": v for k, v in full_state(case).items()}
+            from pep_torchrec.distributed.state import copy_full_into_sharded
+
+            copy_full_into_sharded(dmp.state_dict(), full)
+            pep = dmp.module.pep
+            assert isinstance(pep, ShardedPEPEmbeddingBagCollection) and pep.s_optimizer is not None
+            kjt, grads = rank_input(rank)
+            for step in range(1, STEPS + 1):
+                out = dmp(kjt)
+                out.pop("keys")
+                sum((out[f] * grads[f]).sum() for f in out).backward()
+                if step == 1:
+                    pep.s_optimizer.sync(step, dist.all_reduce)
+            results[(plan_name, case.name)] = {"pieces": _pieces(dmp.state_dict()),
+                                               "mean_sq": dict(pep.s_optimizer.mean_sq)}
+    return results
+
+
+@pytest.fixture(scope="module")
+def sopt_results() -> list[dict]:
+    return run_on_ranks(_sopt_worker, 2)
+
+
+def _reference(case: Case) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The rule by hand on the unsharded module: the kernels see the mean over ranks of the
+    per-rank gradients (TorchRec's semantics); v takes fused SGD steps, s its own steps."""
+    world = 2
+    module = case.module(torch.device("cpu"))
+    module.load_state_dict(full_state(case))
+    inputs = [rank_input(rank) for rank in range(world)]
+    cols = s_columns(DIM, case.mode)
+    rows = {t: torch.unique(torch.cat([kjt[f].values() for kjt, _ in inputs for f in fs])) for t, fs, _, _ in TABLES}
+    params = dict(module.named_parameters())
+    scale: dict[str, float] = {}
+    mean_sq: dict[str, float] = {}
+    for step in range(1, STEPS + 1):
+        module.zero_grad()
+        total = 0.0
+        for kjt, grads in inputs:
+            out = module(kjt).to_dict()
+            total = total + sum((out[f] * grads[f]).sum() for f in out)
+        total.backward()
+        with torch.no_grad():
+            for t in TABLE_NAMES:
+                p = params[f"_embedding_bag_collection.embedding_bags.{t}.weight"]
+                g = p.grad / world
+                g_s = g[rows[t], cols].double() / GK
+                if step == 1:
+                    mean_sq[t] = float(g_s.pow(2).mean(1).mean())
+                    scale[t] = S_LR / math.sqrt(mean_sq[t])
+                else:
+                    p[rows[t], cols] = (p[rows[t], cols].double() - scale[t] * g_s).float()
+                p[:, :DIM] -= LR * g[:, :DIM]
+    state = {k: v.detach().numpy() for k, v in module.state_dict().items()}
+    return state, mean_sq
+
+
+@pytest.mark.parametrize("case", SOPT_CASES, ids=lambda c: c.name)
+def test_every_plan_takes_the_rules_steps(sopt_results, case):
+    expected, mean_sq = _reference(case)
+    key = f"_embedding_bag_collection.embedding_bags.{{t}}.weight"
+    first = None
+    for plan in SOPT_PLANS:
+        results = [r[(plan, case.name)] for r in sopt_results]
+        assert results[0]["mean_sq"] == results[1]["mean_sq"]  # every rank holds the same scale
+        for t in TABLE_NAMES:
+            assert results[0]["mean_sq"][t] == pytest.approx(mean_sq[t], rel=1e-5), (plan, t)
+        got = {t: _assemble(results, f"pep.{key.format(t=t)}", expected[key.format(t=t)].shape) for t in TABLE_NAMES}
+        for t in TABLE_NAMES:
+            np.testing.assert_allclose(got[t], expected[key.format(t=t)], rtol=1e-5, atol=1e-6, err_msg=f"{plan} {t}")
+        if first is None:
+            first = got
+        s = s_columns(DIM, case.mode)
+        moved = sum(int((got[t][:, s] != full_state(case)[key.format(t=t)].numpy()[:, s]).sum()) for t in TABLE_NAMES)
+        assert moved > 0, f"{plan}: s never moved"
+
+
+# ---- a search run ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    assert cli.main(["data", "prepare", "--dataset", "synthetic", "--out", str(out), "--rows", "20000",
+                     "--num-sparse", "8", "--num-dense", "4", "--cardinality", "1000"]) == 0
+    return out
+
+
+def _s_at(run: Path, step: int, dim: int = 8) -> torch.Tensor:
+    meta = json.loads((run / "init" / "meta.json").read_text())
+    shapes = {t: (e["rows"], 2 * dim) for t, e in meta["tables"].items()}
+    state = {"model": {KEY.format(table=t): torch.empty(s) for t, s in shapes.items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(run / "checkpoints" / f"step_{step:08d}"), no_dist=True)
+    return torch.cat([w[:, dim:].flatten() for w in state["model"].values()])
+
+
+def _search(data: Path, run: Path, *sets: str, resume: bool = False) -> None:
+    args = ["--config", SEARCH, "--data", str(data), "--run-dir", str(run), "--set", "train.progress=false",
+            "train.max_steps=60", "train.checkpoint_every=10", "train.keep_checkpoints=100",
+            "pep.stop_after_budgets=false", "pep.s_optimizer=sgd", "pep.s0=-6.0", *sets]
+    assert train_main([*args, "--resume"] if resume else args) == 0
+
+
+def test_s_moves_only_by_its_own_rule(tmp_path, data):
+    run = tmp_path / "run"
+    _search(data, run, "pep.s_lr=0.0")
+    s = _s_at(run, 60)
+    assert torch.equal(s, torch.full_like(s, -6.0))  # the fused Adagrad never touched s
+
+
+def test_resumed_search_takes_the_same_steps(tmp_path, data):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _search(data, full, f"pep.s_lr={S_LR}")
+    s = _s_at(full, 60)
+    assert s.std() > 0.01  # the thresholds learned a spread (0.025 here)
+    # Resume from step 30: mid-interval (evals at 25, 50), with statistics pending for the next sync.
+    shutil.copytree(full, resumed)
+    for ckpt in (resumed / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[1]) > 30:
+            shutil.rmtree(ckpt)
+    (resumed / "summary.json").unlink()
+    _search(data, resumed, f"pep.s_lr={S_LR}", resume=True)
+    assert torch.equal(_s_at(resumed, 60), s)
+    strip = ("examples_per_sec", "train_seconds")
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in strip}
+             for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, resumed)]
+    assert rows[0] == rows[1]
+
+
+# ---- what a search says about itself ----------------------------------------------------------
+
+
+def test_no_interactions_warning():
+    from pep_torchrec.pep_stage import no_interactions_warning
+
+    assert no_interactions_warning({"a": 3, "b": 1}) is None
+    assert no_interactions_warning({"a": 3}) is None  # one table: nothing to interact with
+    assert "table a" in no_interactions_warning({"a": 3, "b": 0, "c": 0})
+    assert "no table" in no_interactions_warning({"a": 0, "b": 0})
+
+
+def test_clipped_floor_and_still_improving_are_reported(tmp_path, data, caplog):
+    caplog.set_level("WARNING")
+    run = tmp_path / "run"
+    _search(data, run, "pep.s_lr=0.01", "pep.min_row_dims=8")
+    assert "pep.min_row_dims=8 clipped to 4" in caplog.text
+    base = tmp_path / "base"
+    assert train_main(["--config", str(REPO / "configs" / "debug_cpu.yaml"), "--data", str(data), "--run-dir",
+                       str(base), "--set", "train.progress=false", "train.max_steps=50"]) == 0
+    summary = json.loads((base / "summary.json").read_text())
+    assert summary["best_step"] == 50 and summary["still_improving"] is True
+    assert "valid AUC was still improving at the last eval (step 50" in caplog.text
