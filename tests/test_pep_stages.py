@@ -95,14 +95,23 @@ def test_retrain_refuses_a_missing_or_foreign_mask(tmp_path, data, search, capsy
     assert "not a mask directory" in capsys.readouterr().err
 
 
-def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, search):
+def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, search, caplog):
     base = tmp_path / "base"
     assert cli.main(["train", "--config", BASE, "--data", str(data), "--run-dir", str(base), *QUIET,
                      "train.max_steps=50"]) == 0
     assert cli.main(["prune", "--run-dir", str(base), "--budgets", "0.2", "--out", str(tmp_path / "mag")]) == 0
     mask = tmp_path / "mag" / "masks" / "budget_0.2"
     meta = json.loads((mask / "meta.json").read_text())
-    assert meta["criterion"] == "magnitude" and meta["kept"] == 12800
+    assert meta["criterion"] == "magnitude" and meta["kept"] == 12800 and meta["warnings"] == []
+    # A floor of 4 dims over 8,000 rows: 12,800 elements afford 1 each, 1,280 none; both are said.
+    with caplog.at_level("WARNING", logger="pep_torchrec.prune"):
+        assert cli.main(["prune", "--run-dir", str(base), "--budgets", "0.2,0.02", "--out", str(tmp_path / "floor"),
+                         "--layout", "aligned", "--min-row-dims", "4"]) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any("budget 0.2: row floor clipped: 4 dims per row requested, 1 applied" in m for m in said), said
+    assert any("budget 0.02: row floor clipped: 4 dims per row requested, 0 applied" in m for m in said), said
+    floor_meta = json.loads((tmp_path / "floor" / "masks" / "budget_0.02" / "meta.json").read_text())
+    assert floor_meta["min_row_dims"] == 0 and floor_meta["min_row_dims_requested"] == 4
     run = tmp_path / "mag_retrain"
     assert cli.main(["train", "--config", RETRAIN, "--data", str(data), "--run-dir", str(run), "--mask", str(mask),
                      *QUIET, "train.max_steps=25"]) == 0
