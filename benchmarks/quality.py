@@ -172,6 +172,30 @@ def run_dataset(dataset: str, models: list[str], work: Path, budgets: list[float
     return {"dataset": LABEL[dataset], "rows": rows, "commands": log}
 
 
+def search_learned(run: Path, data: Path) -> dict[float, dict]:
+    """What the search learned at each snapshot (pep_torchrec/search_diagnostics.py), per budget."""
+    from pep_torchrec.data.schema import Schema
+    from pep_torchrec.report import train_frequencies
+    from pep_torchrec.search_diagnostics import analyse_search
+
+    init = json.loads((run / "init" / "meta.json").read_text())
+    rows = {t.removeprefix("t_"): int(e["rows"]) for t, e in init["tables"].items()}
+    frequencies = train_frequencies(data, Schema.load(data), rows)
+    notes: list[str] = []
+    found = analyse_search(run, yaml.safe_load((run / "config.yaml").read_text()),
+                           json.loads((run / "summary.json").read_text())["snapshots"], frequencies, notes)
+    if notes:
+        print(f"{run}: " + "; ".join(notes), file=sys.stderr)
+    return {s["budget"]: {"overlap": s["overlap_topk_margin_vs_topk_absv"],
+                          "kept_by_search": s["mask_share_kept_by_search"],
+                          "sigmoid_s_p5_p50_p95": [s["sigmoid_s_percentiles"][p] for p in ("5", "50", "95")],
+                          "major_sizes_top_k": s["sizes_top_k_margin"]["major_sizes"],
+                          "major_sizes_mask": s["sizes_saved_mask"]["major_sizes"],
+                          "rho_top_k": s["sizes_top_k_margin"]["spearman_freq_size"],
+                          "rho_mask": s["sizes_saved_mask"]["spearman_freq_size"]}
+            for s in (found or {}).get("snapshots", [])}
+
+
 def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int], work: Path) -> dict:
     """The acceptance comparison (base, PEP retrain and every control at each budget) over several
     seeds: each seed seeds the base, the search, the controls' random choices and the retrains (init,
@@ -193,6 +217,7 @@ def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int],
         rows.append({"seed": seed, "method": "base", "budget": 1.0, "test_auc": base["test_auc"],
                      "valid_auc": base["valid_auc"], "kept": base["embedding_params_kept"]})
         reached = {s["budget"] for s in search["snapshots"]}
+        learned = search_learned(runs / "search", data)
         for budget in budgets:
             for method, source in METHODS:
                 if source in ("search", "random_elements") and budget not in reached:
@@ -201,7 +226,8 @@ def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int],
                                   runs / source / "masks" / f"budget_{budget:g}", retrain_set, seed_set, log)
                 rows.append({"seed": seed, "method": method, "budget": budget, "test_auc": result["test_auc"],
                              "valid_auc": result["valid_auc"], "kept": result["embedding_params_kept"],
-                             "delta_auc": result["test_auc"] - base["test_auc"]})
+                             "delta_auc": result["test_auc"] - base["test_auc"],
+                             **({"learned": learned[budget]} if source == "search" and budget in learned else {})})
         log.append({"seed": seed, "seed_wall_s": time.perf_counter() - started})
     summary = []
     for budget in [1.0, *budgets]:
@@ -214,9 +240,19 @@ def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int],
                             "test_auc_mean": float(test.mean()),
                             "test_auc_std": float(test.std(ddof=1)) if len(test) > 1 else None,
                             "test_auc_min": float(test.min()),
-                            "valid_auc_mean": float(np.mean([r["valid_auc"] for r in mine]))})
+                            "valid_auc_mean": float(np.mean([r["valid_auc"] for r in mine])),
+                            **_learned_summary([r["learned"] for r in mine if "learned" in r])})
     return {"dataset": LABEL[dataset], "model": model, "budgets": budgets, "rows": rows, "summary": summary,
             "commands": log}
+
+
+def _learned_summary(learned: list[dict]) -> dict:
+    """Over seeds: mean overlap with top-|v|, and per seed the sizes holding >= 10 % of rows and rho."""
+    if not learned:
+        return {}
+    return {"overlap_mean": float(np.mean([x["overlap"] for x in learned])),
+            "major_sizes": " / ".join(f"{x['major_sizes_top_k']},{x['major_sizes_mask']}" for x in learned),
+            "rho": " / ".join(f"{x['rho_top_k']:+.2f},{x['rho_mask']:+.2f}" for x in learned)}
 
 
 def _seeds_markdown(result: dict, info: dict) -> str:
@@ -234,13 +270,18 @@ def _seeds_markdown(result: dict, info: dict) -> str:
         "frequency, no learning), 'PEP sizes, random elements' (the PEP mask's row counts at random columns:",
         "with an aligned PEP mask, PEP's sizes by construction - a diagnostic). Every retrain uses the retrain",
         "config. sd: sample standard deviation over seeds. FM's first-order weights (one per row) are outside",
-        "every budget.",
+        "every budget. For PEP, what the search learned (pep_torchrec/search_diagnostics.py, from the snapshot's",
+        "checkpoint): overlap of its top-K by margin with the top-K |v| (mean over seeds); per seed, the distinct",
+        "row sizes holding >= 10 % of the rows and Spearman(train id frequency, row size), each as 'top-K by",
+        "margin,saved mask'.",
         f"Reproduce: `python benchmarks/quality.py --datasets= --no-synthetic --seeds {','.join(map(str, seeds))} "
         f"--budgets {budgets}`.", "",
         markdown_table(result["summary"], [("budget", "budget", "g"), ("method", "method", ""), ("seeds", "seeds", "d"),
                                            ("kept", "kept params", ",d"), ("test_auc_mean", "test AUC mean", ".4f"),
                                            ("test_auc_std", "sd", ".4f"), ("test_auc_min", "min", ".4f"),
-                                           ("valid_auc_mean", "valid AUC mean", ".4f")]),
+                                           ("valid_auc_mean", "valid AUC mean", ".4f"),
+                                           ("overlap_mean", "overlap top-K vs top-\\|v\\|", ".1%"),
+                                           ("major_sizes", "sizes ≥ 10 % rows", ""), ("rho", "ρ(freq, size)", "")]),
         "", "Per seed:", "",
         markdown_table(result["rows"], [("seed", "seed", "d"), ("budget", "budget", "g"), ("method", "method", ""),
                                         ("kept", "kept params", ",d"), ("test_auc", "test AUC", ".4f"),
