@@ -277,7 +277,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated shares of the embedding in (0, 1) (default {DEFAULT_BUDGETS}; "
                              "random-elements: every budget_* of --sizes-from)")
     parser.add_argument("--out", required=True, help="output directory (masks/budget_*, and init/ for magnitude)")
-    parser.add_argument("--seed", type=int, default=0, help="uniform, random-elements: seed of the random choices")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="uniform, random-elements: seed of the random choices (default 0)")
     parser.add_argument("--sizes-from", default=None,
                         help="random-elements: a masks/ directory of budget_* masks, or one mask directory")
     parser.add_argument("--data", default=None,
@@ -313,14 +314,16 @@ def run(args: argparse.Namespace) -> int:
     misplaced = [flag for flag, given in magnitude_flags.items() if given and method != "magnitude"]
     misplaced += ["--sizes-from"] if args.sizes_from is not None and method != "random-elements" else []
     misplaced += ["--data"] if args.data is not None and method != "frequency" else []
+    misplaced += ["--seed"] if args.seed is not None and method not in ("uniform", "random-elements") else []
     if misplaced:
         raise ConfigError(f"{misplaced[0]}: not an option of --method {method}")
-    if args.seed < 0:
-        raise ConfigError(f"--seed {args.seed}: must be >= 0")
+    seed = 0 if args.seed is None else args.seed
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: must be >= 0")
     if method == "random-elements":
         if args.sizes_from is None:
             raise ConfigError("--sizes-from: --method random-elements needs the masks whose row sizes it keeps")
-        results = random_element_masks(Path(args.sizes_from), Path(args.out), budgets=budgets, seed=args.seed)
+        results = random_element_masks(Path(args.sizes_from), Path(args.out), budgets=budgets, seed=seed)
     else:
         if args.run_dir is None:
             raise ConfigError(f"--run-dir: --method {method} needs a run directory")
@@ -331,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
             results = magnitude_masks(Path(args.run_dir), budgets, Path(args.out), layout=args.layout,
                                       min_row_dims=args.min_row_dims, max_row_dims=args.max_row_dims)
         else:
-            results = size_control_masks(method, Path(args.run_dir), budgets, Path(args.out), seed=args.seed,
+            results = size_control_masks(method, Path(args.run_dir), budgets, Path(args.out), seed=seed,
                                          data=args.data)
     for result in results:
         print(f"{result['path']}: {result['kept']:,} elements kept (budget {result['budget']:g})")
