@@ -26,7 +26,8 @@ test: install
 demo: install
 	$(BIN)/python -m pipelines.demo
 
-# Paper-style quality table (base vs PEP retrain vs magnitude pruning; tens of minutes on 2 cores).
+# Paper-style quality tables: base vs PEP retrain vs magnitude pruning and the controls (uniform-k,
+# frequency sizes, PEP sizes at random elements); about two hours on 2 cores.
 quality: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/quality.py
 

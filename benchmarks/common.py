@@ -52,10 +52,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """Write RESULTS/name.json and RESULTS/name.md atomically."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    paths = (RESULTS / f"{name}.json", RESULTS / f"{name}.md")
+def write_results(name: str, payload: dict[str, Any], markdown: str, *,
+                  directory: Path | None = None) -> tuple[Path, Path]:
+    """Write DIR/name.json and DIR/name.md atomically (DIR = `directory`, default RESULTS)."""
+    directory = RESULTS if directory is None else Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = (directory / f"{name}.json", directory / f"{name}.md")
     for path, text in zip(paths, (json.dumps(payload, indent=2) + "\n", markdown)):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)

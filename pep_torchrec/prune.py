@@ -1,12 +1,34 @@
-"""Magnitude pruning of a trained run: the baseline PEP has to beat.
+"""Masks without PEP's thresholds: magnitude pruning (the baseline PEP has to beat) and the controls
+that separate "which row sizes" from "which elements".
 
     pep-torchrec prune --run-dir runs/fm --budgets 0.2,0.1,0.05,0.02 --out runs/fm_magnitude
+    pep-torchrec prune --method uniform --run-dir runs/fm_search --budgets 0.1 --out runs/uniform --seed 0
+    pep-torchrec prune --method frequency --run-dir runs/fm_search --budgets 0.1 --out runs/freq
+    pep-torchrec prune --method random-elements --sizes-from runs/fm_search/masks --out runs/rand --seed 0
 
-keeps, per budget, exactly the k largest |v| over every table of the run's best checkpoint (ties by
-table, row, column, as the search does), and writes the same mask directories a search writes
-(OUT/masks/budget_*/) with `init` = the trained weights (OUT/init/) and `warm_start` = the checkpoint,
-so `pep-torchrec train --config <..._retrain.yaml> --mask OUT/masks/budget_0.1` fine-tunes the
-pruned model with the mask fixed, starting from all of its trained parameters.
+Methods (every one writes OUT/masks/budget_*/ in the format a search writes, exactly K elements, K =
+round(budget x embedding elements), so `pep-torchrec train --config <..._retrain.yaml> --mask
+OUT/masks/budget_0.1` retrains it):
+
+  magnitude        the k largest |v| over every table of a *baseline* run's best checkpoint (ties by
+                   table, row, column, as the search does), under the row rules --layout /
+                   --min-row-dims / --max-row-dims; `init` = the trained weights (OUT/init/) and
+                   `warm_start` = the checkpoint: the retrain fine-tunes the pruned model.
+  uniform          uniform-k: every row keeps its first k = K // rows columns, the remaining K - k x rows
+                   elements one extra column each on rows drawn at random (--seed). A lottery ticket:
+                   `init` = the *search* run's step-0 embedding (RUN/init/), the one PEP's masks retrain from.
+  frequency        no learning at all: row sizes from the train split's id frequencies (element j of a row
+                   whose id occurs f times scores log(1 + f) / (j + 1); the K best), first columns; `init`
+                   = the search run's step-0 embedding. The frequencies are counted in the train split of
+                   --data (default: the run's data.path).
+  random-elements  each row keeps as many elements as in the masks of --sizes-from (a masks/ directory of
+                   budget_* masks, or one mask), at columns drawn at random (--seed); `init` and
+                   `warm_start` are the source mask's. With an aligned source this separates "which
+                   sizes" from "which elements".
+
+Every method is deterministic given its inputs and --seed. A mask that leaves the model without feature
+interactions (kept elements in fewer than two tables) and a row floor a budget cannot afford are
+reported as warnings (and recorded in meta.json under `warnings`).
 
 Runs in one process and reads the sharded DCP checkpoint of any world size into whole tables.
 """
@@ -15,8 +37,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,19 +49,30 @@ import torch.distributed.checkpoint as dcp
 import yaml
 
 from pep_torchrec.config import ConfigError, load_config
-from pep_torchrec.data.schema import Schema
+from pep_torchrec.data.schema import Schema, SchemaError
 from pep_torchrec.models import embedding_tables
 from pep_torchrec.pruning import (
     MASK_LAYOUTS,
+    MASK_METHODS,
     affordable_floor,
+    aligned_mask,
     budget_count,
     budget_tag,
+    floor_clip_note,
+    frequency_sizes,
+    interaction_warning,
+    random_columns_mask,
     select_mask,
+    uniform_sizes,
     write_arrays,
 )
 
+logger = logging.getLogger(__name__)
+
 # Where a baseline run's embedding tables live in its checkpoint (DMP(TrainModel(model)).state_dict()).
 TABLE_KEY = "model.ebc.embedding_bags.{table}.weight"
+DEFAULT_BUDGETS = "0.2,0.1,0.05,0.02"
+TABLE_PREFIX = "t_"
 
 
 def best_checkpoint(run_dir: Path) -> Path:
@@ -58,6 +94,27 @@ def load_full_tables(checkpoint: Path, shapes: dict[str, tuple[int, int]], key: 
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
     return {t: state["model"][key.format(table=t)] for t in shapes}
+
+
+def _mask_warnings(budget: float, kept_by_table: Mapping[str, int], clip: str | None = None) -> list[str]:
+    """The warnings of one mask, logged (stderr on the command line) and returned for meta.json."""
+    found = [w for w in (clip, interaction_warning(kept_by_table)) if w]
+    for message in found:
+        logger.warning("budget %g: %s", budget, message)
+    return found
+
+
+def _write_mask(out: Path, budget: float, masks: Mapping[str, np.ndarray], meta: dict[str, Any],
+                clip: str | None = None) -> dict[str, Any]:
+    """Write OUT/masks/budget_*/ from whole bool [R, D] tables, with the tables' kept counts and warnings."""
+    kept = {t: int(m.sum()) for t, m in masks.items()}
+    meta = {**meta, "tables": {t: {"rows": int(m.shape[0]), "kept": kept[t]} for t, m in masks.items()}}
+    meta["warnings"] = _mask_warnings(budget, kept, clip)
+    shapes = {t: tuple(m.shape) for t, m in masks.items()}
+    path = write_arrays(out / "masks" / budget_tag(budget), shapes, np.bool_,
+                        {t: [(0, 0, torch.from_numpy(np.ascontiguousarray(m)))] for t, m in masks.items()},
+                        meta, rank=0)
+    return {"budget": budget, "kept": meta["kept"], "path": str(path), "warnings": meta["warnings"]}
 
 
 def magnitude_masks(run_dir: Path, budgets: list[float], out: Path, *, layout: str = "elementwise",
@@ -87,26 +144,152 @@ def magnitude_masks(run_dir: Path, budgets: list[float], out: Path, *, layout: s
             raise ConfigError(f"budget {budget}: {e}") from e
         meta = {
             "kind": "mask", "criterion": "magnitude", "layout": layout, "min_row_dims": min_row,
-            "max_row_dims": max_row_dims, "budget": budget, "kept": count,
+            "min_row_dims_requested": min_row_dims, "max_row_dims": max_row_dims, "budget": budget, "kept": count,
             "source_run": str(run_dir.resolve()), "warm_start": str(checkpoint.resolve()),
             "dim": dim, "init": "../../init", "embedding_params_total": total,
-            "tables": {t: {"rows": n, "kept": int(keep[t][0][2].sum())} for t, n in tables.items()},
         }
-        path = write_arrays(out / "masks" / budget_tag(budget), shapes, np.bool_, keep, meta, rank=0)
-        results.append({"budget": budget, "kept": count, "path": str(path)})
+        clip = floor_clip_note(min_row_dims, min_row, count, sum(tables.values()))
+        results.append(_write_mask(out, budget, {t: keep[t][0][2].numpy() for t in tables}, meta, clip))
+    return results
+
+
+def _search_init(run_dir: Path, method: str) -> tuple[Path, dict[str, Any]]:
+    """A search run's step-0 embedding (RUN/init/) and its meta: where the lottery-ticket controls start."""
+    meta_path = run_dir / "init" / "meta.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"--run-dir {run_dir}: --method {method} starts from a search run's step-0 embedding "
+                          f"({run_dir}/init/), and {run_dir} has none (not a search run?)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("kind") != "init" or not meta.get("tables") or not meta.get("dim"):
+        raise ConfigError(f"{meta_path}: not an init directory's meta (kind {meta.get('kind')!r})")
+    return (run_dir / "init").resolve(), meta
+
+
+def _train_frequencies(run_dir: Path, data: str | None, tables: Mapping[str, int]) -> tuple[dict[str, np.ndarray], Path]:
+    """Train-split occurrences of every id, per table (`t_<feature>`), from --data or the run's data.path."""
+    from pep_torchrec.report import ReportError, resolve_path, train_frequencies
+
+    if data is not None:
+        dataset: Path | None = Path(data)
+        flag = f"--data {data}"
+    else:
+        recorded = str(((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}).get("path", ""))
+        dataset = resolve_path(recorded, run_dir) if recorded else None
+        flag = f"--data (the run's data.path {recorded!r} was not found)"
+    if dataset is None or not (dataset / "schema.json").is_file():
+        raise ConfigError(f"{flag}: not a prepared dataset (schema.json missing); --method frequency counts the "
+                          f"train split's ids")
+    try:
+        schema = Schema.load(dataset)
+    except SchemaError as e:
+        raise ConfigError(f"--data {dataset}: {e}") from e
+    features = {t: t.removeprefix(TABLE_PREFIX) for t in tables}
+    missing = sorted(f for f in features.values() if f not in schema.feature_names)
+    if missing:
+        raise ConfigError(f"--data {dataset}: no features {missing} in its schema (the run's tables)")
+    try:
+        counts = train_frequencies(dataset, schema, {features[t]: n for t, n in tables.items()})
+    except ReportError as e:
+        raise ConfigError(f"--data {dataset}: {e}") from e
+    return {t: counts[features[t]] for t in tables}, dataset
+
+
+def size_control_masks(method: str, run_dir: Path, budgets: list[float], out: Path, *, seed: int = 0,
+                       data: str | None = None) -> list[dict]:
+    """uniform / frequency masks at each budget, lottery tickets from the search run's step-0 embedding."""
+    init, init_meta = _search_init(run_dir, method)
+    dim = int(init_meta["dim"])
+    tables = {t: int(e["rows"]) for t, e in init_meta["tables"].items()}
+    total = sum(tables.values()) * dim
+    frequencies, dataset = _train_frequencies(run_dir, data, tables) if method == "frequency" else (None, None)
+    results = []
+    for budget in budgets:
+        count = budget_count(budget, total)
+        if method == "uniform":
+            sizes = uniform_sizes(tables, count, dim, seed)
+            extra = {"criterion": "uniform", "min_row_dims": count // sum(tables.values()), "seed": seed}
+        else:
+            assert frequencies is not None
+            sizes = frequency_sizes(frequencies, count, dim)
+            extra = {"criterion": "frequency", "min_row_dims": 0, "frequencies": f"train split of {dataset}"}
+        meta = {"kind": "mask", "layout": "aligned", "max_row_dims": 0, **extra, "budget": budget, "kept": count,
+                "source_run": str(run_dir.resolve()), "dim": dim, "init": str(init), "embedding_params_total": total}
+        results.append(_write_mask(out, budget, {t: aligned_mask(sizes[t], dim) for t in tables}, meta))
+    return results
+
+
+def _source_masks(sizes_from: Path, budgets: list[float] | None) -> list[Path]:
+    """The mask directories --sizes-from names: itself (one mask) or its budget_* (those of --budgets)."""
+    if (sizes_from / "meta.json").is_file():
+        budget = json.loads((sizes_from / "meta.json").read_text()).get("budget")
+        if budgets is not None and budget not in budgets:
+            raise ConfigError(f"--budgets: --sizes-from {sizes_from} is one mask, of budget {budget}")
+        return [sizes_from]
+    if not sizes_from.is_dir():
+        raise ConfigError(f"--sizes-from {sizes_from}: no such directory")
+    if budgets is None:
+        found = sorted((p for p in sizes_from.glob("budget_*") if (p / "meta.json").is_file()),
+                       key=lambda p: -float(p.name.removeprefix("budget_")))
+        if not found:
+            raise ConfigError(f"--sizes-from {sizes_from}: neither a mask (meta.json) nor a directory of budget_* masks")
+        return found
+    missing = [b for b in budgets if not (sizes_from / budget_tag(b) / "meta.json").is_file()]
+    if missing:
+        raise ConfigError(f"--budgets: {sizes_from} has no complete mask for {', '.join(f'{b:g}' for b in missing)}")
+    return [sizes_from / budget_tag(b) for b in budgets]
+
+
+def random_element_masks(sizes_from: Path, out: Path, *, budgets: list[float] | None = None, seed: int = 0) -> list[dict]:
+    """Each row keeps the source mask's count, at random columns; the source's init and warm start."""
+    results = []
+    for source in _source_masks(sizes_from, budgets):
+        meta = json.loads((source / "meta.json").read_text())
+        if meta.get("kind") != "mask":
+            raise ConfigError(f"--sizes-from {source}: not a mask directory (kind {meta.get('kind')!r})")
+        dim = int(meta["dim"])
+        masks = {}
+        for index, (table, entry) in enumerate(meta["tables"].items()):
+            path = source / f"{table}.npy"
+            if not path.is_file():
+                raise ConfigError(f"--sizes-from {source}: {path.name} missing")
+            sizes_R = np.load(path, mmap_mode="r").sum(1)
+            if sizes_R.size != int(entry["rows"]):
+                raise ConfigError(f"--sizes-from {path}: {sizes_R.size} rows, meta.json says {entry['rows']}")
+            # One stream per table (seed, table index): the same draw whatever the other tables are.
+            masks[table] = random_columns_mask(sizes_R, dim, np.random.default_rng([seed, index]))
+        new = {"kind": "mask", "criterion": "random_elements", "layout": "elementwise", "seed": seed,
+               "sizes_from": str(source.resolve()), "sizes_from_criterion": meta.get("criterion"),
+               "min_row_dims": 0, "max_row_dims": 0, "budget": meta["budget"], "kept": int(meta["kept"]), "dim": dim,
+               "init": str((source / meta["init"]).resolve()),
+               "embedding_params_total": meta.get("embedding_params_total")}
+        if meta.get("warm_start"):
+            new["warm_start"] = meta["warm_start"]
+        results.append(_write_mask(out, float(meta["budget"]), masks, new))
     return results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="a finished baseline run")
-    parser.add_argument("--budgets", default="0.2,0.1,0.05,0.02",
-                        help="comma-separated; <= 1 are shares of the embedding parameters, > 1 counts")
-    parser.add_argument("--out", required=True, help="output directory (masks/budget_*, init/)")
+    parser.add_argument("--method", default="magnitude", choices=MASK_METHODS,
+                        help="how the masks are chosen (see above); default magnitude")
+    parser.add_argument("--run-dir", default=None,
+                        help="magnitude: a finished baseline run; uniform / frequency: a search run (its init/)")
+    parser.add_argument("--budgets", default=None,
+                        help=f"comma-separated shares of the embedding in (0, 1) (default {DEFAULT_BUDGETS}; "
+                             "random-elements: every budget_* of --sizes-from)")
+    parser.add_argument("--out", required=True, help="output directory (masks/budget_*, and init/ for magnitude)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="uniform, random-elements: seed of the random choices (default 0)")
+    parser.add_argument("--sizes-from", default=None,
+                        help="random-elements: a masks/ directory of budget_* masks, or one mask directory")
+    parser.add_argument("--data", default=None,
+                        help="frequency: the prepared dataset whose train split is counted (default: the run's data.path)")
     parser.add_argument("--layout", default="elementwise", choices=MASK_LAYOUTS,
-                        help="mask layout, as pep.mask_layout (aligned: each row's kept count in one shared column order)")
+                        help="magnitude: mask layout, as pep.mask_layout (aligned: each row's kept count in one "
+                             "shared column order)")
     parser.add_argument("--min-row-dims", type=int, default=0,
-                        help="every row keeps at least this many elements (clipped to what a budget affords)")
-    parser.add_argument("--max-row-dims", type=int, default=0, help="no row keeps more (0 = embedding_dim)")
+                        help="magnitude: every row keeps at least this many elements (clipped to what a budget "
+                             "affords, with a warning)")
+    parser.add_argument("--max-row-dims", type=int, default=0, help="magnitude: no row keeps more (0 = embedding_dim)")
 
 
 def _budgets(text: str) -> list[float]:
@@ -124,11 +307,35 @@ def _budgets(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    budgets = _budgets(args.budgets)
-    if not Path(args.run_dir).is_dir():
-        raise ConfigError(f"--run-dir {args.run_dir}: no such directory")
-    results = magnitude_masks(Path(args.run_dir), budgets, Path(args.out), layout=args.layout,
-                              min_row_dims=args.min_row_dims, max_row_dims=args.max_row_dims)
+    budgets = _budgets(args.budgets) if args.budgets is not None else None
+    method = args.method
+    magnitude_flags = {"--layout": args.layout != "elementwise", "--min-row-dims": args.min_row_dims != 0,
+                       "--max-row-dims": args.max_row_dims != 0}
+    misplaced = [flag for flag, given in magnitude_flags.items() if given and method != "magnitude"]
+    misplaced += ["--sizes-from"] if args.sizes_from is not None and method != "random-elements" else []
+    misplaced += ["--data"] if args.data is not None and method != "frequency" else []
+    misplaced += ["--seed"] if args.seed is not None and method not in ("uniform", "random-elements") else []
+    if misplaced:
+        raise ConfigError(f"{misplaced[0]}: not an option of --method {method}")
+    seed = 0 if args.seed is None else args.seed
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: must be >= 0")
+    if method == "random-elements":
+        if args.sizes_from is None:
+            raise ConfigError("--sizes-from: --method random-elements needs the masks whose row sizes it keeps")
+        results = random_element_masks(Path(args.sizes_from), Path(args.out), budgets=budgets, seed=seed)
+    else:
+        if args.run_dir is None:
+            raise ConfigError(f"--run-dir: --method {method} needs a run directory")
+        if not Path(args.run_dir).is_dir():
+            raise ConfigError(f"--run-dir {args.run_dir}: no such directory")
+        budgets = budgets if budgets is not None else _budgets(DEFAULT_BUDGETS)
+        if method == "magnitude":
+            results = magnitude_masks(Path(args.run_dir), budgets, Path(args.out), layout=args.layout,
+                                      min_row_dims=args.min_row_dims, max_row_dims=args.max_row_dims)
+        else:
+            results = size_control_masks(method, Path(args.run_dir), budgets, Path(args.out), seed=seed,
+                                         data=args.data)
     for result in results:
         print(f"{result['path']}: {result['kept']:,} elements kept (budget {result['budget']:g})")
     return 0

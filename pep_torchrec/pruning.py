@@ -302,3 +302,110 @@ def budget_count(budget: float, total: int) -> int:
 
 def budget_tag(budget: float) -> str:
     return f"budget_{budget:g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Control masks: row sizes chosen without PEP's thresholds, whole tables in one process (numpy).
+# Each returns table -> [R] int64 kept count per row (or the bool [R, D] mask) for a budget of exactly
+# `count` elements; `aligned_mask` lays sizes out as each row's first columns.
+
+MASK_METHODS = ("magnitude", "uniform", "frequency", "random-elements")
+
+
+def uniform_sizes(rows: Mapping[str, int], count: int, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """Uniform-k: every row keeps k = count // total_rows elements; the remaining count - k·rows go one
+    each to rows drawn at random without replacement (numpy's default_rng(seed), over the rows of all
+    tables in table order), so the total is exactly `count`.
+
+    Raises:
+        ValueError: `count` outside [0, total_rows · dim].
+    """
+    total_rows = sum(rows.values())
+    if not 0 <= count <= total_rows * dim:
+        raise ValueError(f"budget {count} is outside [0, {total_rows * dim}] elements")
+    k, extra = divmod(count, total_rows)
+    plus_N = np.zeros(total_rows, np.int64)
+    plus_N[np.random.default_rng(seed).choice(total_rows, size=extra, replace=False)] = 1
+    out, start = {}, 0
+    for table, n in rows.items():
+        out[table] = k + plus_N[start : start + n]
+        start += n
+    return out
+
+
+def frequency_sizes(frequencies: Mapping[str, np.ndarray], count: int, dim: int) -> dict[str, np.ndarray]:
+    """Row sizes from train id frequency alone (no learning): element j (0-based) of a row whose id
+    occurs f times scores log(1 + f) / (j + 1); the `count` best elements over all tables are kept, so a
+    row's size grows with log(1 + f) and each extra dimension costs more frequency than the last.
+
+    Deterministic: ties at the budget's score go to the more frequent row, then to (table order, row),
+    and a row never keeps more than a more frequent row (sizes are monotone in frequency).
+
+    Args:
+        frequencies: table → [R] int train occurrences of each id, in table order.
+        count: elements to keep, 0 <= count <= rows · dim.
+        dim: D.
+    Returns:
+        table → [R] int64 kept count per row, summing to `count`.
+    """
+    freq_N = np.concatenate([np.asarray(f, np.int64) for f in frequencies.values()])
+    if not 0 <= count <= freq_N.size * dim:
+        raise ValueError(f"budget {count} is outside [0, {freq_N.size * dim}] elements")
+    if freq_N.size and freq_N.min() < 0:
+        raise ValueError("frequencies must be >= 0")
+    # The score depends on the row only through f: rank the distinct frequencies, not every element.
+    uniq_U, rows_U = np.unique(freq_N, return_counts=True)
+    uniq_U, rows_U = uniq_U[::-1], rows_U[::-1]  # most frequent first
+    score_UD = np.log1p(uniq_U.astype(np.float64))[:, None] / np.arange(1, dim + 1, dtype=np.float64)[None, :]
+    sizes_N = np.zeros(freq_N.size, np.int64)
+    if count:
+        flat = score_UD.ravel()
+        order = np.argsort(-flat, kind="stable")
+        covered = np.cumsum(np.repeat(rows_U, dim)[order])
+        tau = flat[order[np.searchsorted(covered, count)]]  # the score of the count-th element
+        above_U = (score_UD > tau).sum(1)
+        ties_U = (score_UD == tau).sum(1)
+        # Rows in order of decreasing frequency, then table order and row: ties at tau go to the first.
+        row_order = np.lexsort((np.arange(freq_N.size), -freq_N))
+        u_of_row = np.searchsorted(-uniq_U, -freq_N[row_order])
+        ties_N = ties_U[u_of_row]
+        need = count - int((above_U * rows_U).sum())
+        before = np.cumsum(ties_N) - ties_N
+        sizes_N[row_order] = above_U[u_of_row] + np.clip(need - before, 0, ties_N)
+    out, start = {}, 0
+    for table, f in frequencies.items():
+        out[table] = sizes_N[start : start + len(f)]
+        start += len(f)
+    assert sum(int(s.sum()) for s in out.values()) == count
+    return out
+
+
+def aligned_mask(sizes_R: np.ndarray, dim: int) -> np.ndarray:
+    """bool [R, D]: row r keeps its first sizes_R[r] columns."""
+    return np.arange(dim)[None, :] < np.asarray(sizes_R)[:, None]
+
+
+def random_columns_mask(sizes_R: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """bool [R, D]: row r keeps sizes_R[r] columns drawn uniformly at random without replacement."""
+    rank_RD = np.argsort(rng.random((len(sizes_R), dim)), axis=1).argsort(axis=1)
+    return rank_RD < np.asarray(sizes_R)[:, None]
+
+
+def interaction_warning(kept_by_table: Mapping[str, int]) -> str | None:
+    """Why a mask leaves a model with no feature interactions (None if it does not): interactions
+    (FM's pairwise dot products, DeepFM's FM part, AutoInt's attention) need kept elements in at least
+    two tables."""
+    alive = [t for t, k in kept_by_table.items() if k > 0]
+    if len(alive) >= 2 or len(kept_by_table) < 2:
+        return None
+    where = f"every kept element is in table {alive[0]}" if alive else "no element is kept"
+    return (f"{where}: a model on this mask has no feature interactions (embeddings of two tables never "
+            f"meet), only per-table terms")
+
+
+def floor_clip_note(requested: int, applied: int, count: int, rows: int) -> str | None:
+    """The message for a row floor a budget cannot afford (None if nothing was clipped)."""
+    if applied >= requested:
+        return None
+    return (f"row floor clipped: {requested} dims per row requested, {applied} applied "
+            f"({count:,} elements over {rows:,} rows afford {count // rows} each)")

@@ -11,6 +11,10 @@ OUT/report.md embeds each plot for which the run has the data:
     size_vs_frequency.png  per mask: kept dimensions of an id against its frequency in the train split
     kept_by_table.png      per mask: share of each table's elements kept
 
+A search run's report also says what the search learned (pep_torchrec/search_diagnostics.py: threshold
+spread, overlap with magnitude, row-size histograms, Spearman(frequency, size) per snapshot, from the
+snapshot's checkpoint), in report.md and OUT/search_diagnostics.json.
+
 A search's masks are its snapshots (RUN/masks/budget_*/, complete ones only); a retrain's is the mask it
 trained with (summary.json or config pep.mask). Frequencies are counted in the train split of the prepared
 dataset named by config data.path (a relative path is tried against the working directory, then against
@@ -748,7 +752,7 @@ def run_numbers(run: Run) -> dict[str, Any]:
 
 
 def _markdown(run: Run, numbers: dict[str, Any], snapshots: Sequence[dict[str, Any]], stats: Sequence[MaskStats],
-              signal: set[str], plots: dict[str, str], notes: Sequence[str]) -> str:
+              signal: set[str], plots: dict[str, str], notes: Sequence[str], learned: Sequence[str] = ()) -> str:
     n = numbers
     md = [f"# Run report: `{run.run_dir.name}`", "",
           f"`{run.run_dir}` · {n['stage']} · {n['model']} on {n['dataset']}"
@@ -827,6 +831,7 @@ def _markdown(run: Run, numbers: dict[str, Any], snapshots: Sequence[dict[str, A
                       + [f"{d[r][1]:.2f}" if r in d else "–" for d in decades] for r in ranges])
         if "size_vs_frequency" in plots:
             md += [f"![kept dimensions vs id frequency]({plots['size_vs_frequency']})", ""]
+    md += list(learned)
     if notes:
         md += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(md)
@@ -843,18 +848,20 @@ def _replaceable(out: Path) -> bool:
 
 
 def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                data: str | os.PathLike | None = None) -> dict[str, Any]:
+                data: str | os.PathLike | None = None, search_diagnostics: bool = True) -> dict[str, Any]:
     """Write the plots and report.md of one run directory into `out` (default RUN/report), atomically.
 
     Args:
         run_dir: a baseline, search or retrain run directory (config.yaml + metrics.jsonl at least).
         out: output directory; replaced if it holds an earlier report, refused if it holds anything else.
         data: the prepared dataset, overriding config.yaml's data.path (for the frequency analysis).
+        search_diagnostics: a search run: add what the search learned (reads each snapshot's checkpoint).
     Returns:
         {"out", "report_md", "plots": {name: path}, "run": headline numbers, "snapshots": [...],
          "masks": [{"label", "path", "budget", "dim", "rows", "kept", "kept_share", "pruned_rows",
                     "spearman" (all ids pooled), "spearman_within_tables" (row-weighted mean of the tables'),
                     "tables": {table: {"rows", "kept", "kept_share", "pruned_rows", "spearman"}}}],
+         "search_diagnostics": pep_torchrec.search_diagnostics.analyse_search's result or None,
          "notes": [...], "seconds"}; a spearman is None without frequencies, NaN where a side is constant.
     Raises:
         ReportError: the run directory, its metrics or a mask is missing or malformed; OUT is not replaceable.
@@ -890,6 +897,11 @@ def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     stats = [mask_stats(m, frequencies) for m in masks]
     snapshots = _snapshots(run, masks)
     numbers = run_numbers(run)
+    learned = None
+    if search_diagnostics and run.stage == "search" and snapshots:
+        from pep_torchrec import search_diagnostics as diagnostics  # torch: only for search runs
+
+        learned = diagnostics.analyse_search(run.run_dir, run.config, snapshots, frequencies, notes)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -904,7 +916,11 @@ def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         if any(s.pairs is not None for s in stats):
             plots["size_vs_frequency"] = plot_size_vs_frequency(run, stats, tmp / PLOT_FILES["size_vs_frequency"])
         names = {k: p.name for k, p in plots.items()}
-        (tmp / "report.md").write_text(_markdown(run, numbers, snapshots, stats, signal, names, notes),
+        learned_md: list[str] = []
+        if learned is not None:
+            learned_md = diagnostics.markdown(learned)
+            (tmp / "search_diagnostics.json").write_text(json.dumps(learned, indent=1) + "\n")
+        (tmp / "report.md").write_text(_markdown(run, numbers, snapshots, stats, signal, names, notes, learned_md),
                                        encoding="utf-8")
         # Swap in: a directory cannot be renamed over a non-empty one, so move the old report aside first.
         old = None
@@ -928,7 +944,7 @@ def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     return {
         "out": str(out), "report_md": str(out / "report.md"),
         "plots": {k: str(out / name) for k, name in names.items()},
-        "run": numbers, "snapshots": snapshots, "masks": mask_results, "notes": notes,
+        "run": numbers, "snapshots": snapshots, "masks": mask_results, "search_diagnostics": learned, "notes": notes,
         "seconds": time.perf_counter() - start,
     }
 
@@ -938,11 +954,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/report); replaced atomically")
     parser.add_argument("--data", default=None,
                         help="prepared dataset for the frequency analysis (default: config.yaml's data.path)")
+    parser.add_argument("--no-search-diagnostics", dest="search_diagnostics", action="store_false",
+                        help="a search run: leave out what the search learned (it reads every snapshot's checkpoint)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = make_report(args.run_dir, args.out, data=args.data)
+        result = make_report(args.run_dir, args.out, data=args.data,
+                             search_diagnostics=getattr(args, "search_diagnostics", True))
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

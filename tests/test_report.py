@@ -182,6 +182,28 @@ def test_search_report_files_and_numbers(runs: dict, search_report: dict) -> Non
     assert a["pruned_rows"] == int((runs["rising"]["user"] == 0).sum())
     assert a["tables"]["t_genre"]["kept"] == 6 * 2
     assert not list(out.parent.glob(".report.*"))  # no temporary directories left behind
+    # Hand-built: no checkpoints, so no search diagnostics, and the notes say why.
+    assert search_report["search_diagnostics"] is None and "## What the search learned" not in md
+    assert "search diagnostics, budget 0.5: checkpoint step_00000040 missing" in md
+    assert not (out / "search_diagnostics.json").exists()
+
+
+def test_search_diagnostics_size_histograms() -> None:
+    from pep_torchrec.search_diagnostics import SIZE_LABELS, size_report
+
+    sizes = {"t_user": np.array([0, 0, 1, 2, 3, 5, 7, 8, 15, 16, 32, 3]), "t_genre": np.array([4, 4, 4, 4])}
+    freq = {"user": np.arange(12), "genre": np.array([3, 1, 2, 0])}
+    got = size_report(sizes, freq)
+    assert SIZE_LABELS == ("0", "1", "2", "3", "4-7", "8-15", "16+")
+    assert got["tables"]["t_user"]["hist"] == pytest.approx([2 / 12, 1 / 12, 1 / 12, 2 / 12, 2 / 12, 2 / 12, 2 / 12])
+    assert got["hist"] == pytest.approx([2 / 16, 1 / 16, 1 / 16, 2 / 16, 6 / 16, 2 / 16, 2 / 16])
+    # t_user: sizes 0 and 3 hold 2 of 12 rows (>= 10 %), the others 1 each; pooled: 4 holds 4 of 16, 0 and 3 2 of 16.
+    assert got["tables"]["t_user"]["major_sizes"] == 2 and got["major_sizes"] == 3
+    assert got["tables"]["t_genre"]["major_sizes"] == 1 and math.isnan(got["tables"]["t_genre"]["spearman_freq_size"])
+    assert got["tables"]["t_user"]["spearman_freq_size"] == pytest.approx(spearman(np.arange(12), sizes["t_user"]))
+    assert got["spearman_freq_size"] == pytest.approx(
+        spearman(np.r_[np.arange(12), [3, 1, 2, 0]], np.r_[sizes["t_user"], sizes["t_genre"]]))
+    assert size_report(sizes, None)["spearman_freq_size"] is None
 
 
 def test_planted_frequency_size_correlation_sign(search_report: dict) -> None:
