@@ -32,6 +32,8 @@ from pep_torchrec.pruning import (
     budget_count,
     budget_tag,
     check_row_rules,
+    floor_clip_note,
+    interaction_warning,
     kth_largest,
     open_array,
     read_meta,
@@ -40,16 +42,6 @@ from pep_torchrec.pruning import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def no_interactions_warning(kept_by_table: dict[str, int]) -> str | None:
-    """A warning when a mask over several tables keeps elements in fewer than two of them: the
-    features' embeddings can no longer interact (FM / DeepFM / AutoInt score pairs of them)."""
-    with_kept = [t for t, k in kept_by_table.items() if k > 0]
-    if len(kept_by_table) < 2 or len(with_kept) >= 2:
-        return None
-    where = f"table {with_kept[0]}" if with_kept else "no table"
-    return f"every kept element is in {where}: no interactions between features are left in this mask"
 
 
 class PEPStage:
@@ -134,27 +126,28 @@ class PEPStage:
         """Save the mask keeping exactly `count` elements, ranked by margin."""
         margins = {t: list(self.module.local_margins(t)) for t in self.table_order}
         min_row = affordable_floor(self.cfg.min_row_dims, count, self.rows)
-        if min_row < self.cfg.min_row_dims:
-            logger.warning("budget %s: pep.min_row_dims=%d clipped to %d (%d elements over %d rows)", budget,
-                           self.cfg.min_row_dims, min_row, count, self.rows)
         keep = select_mask(margins, count, self.table_order, dim=self.dim, min_row=min_row,
                            max_row=self.cfg.max_row_dims, layout=self.cfg.mask_layout)
         kept_by_table = torch.tensor([sum(int(m.sum()) for _, _, m in keep[t]) for t in self.table_order])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(kept_by_table)
         path = self.run_dir / "masks" / budget_tag(budget)
+        kept = dict(zip(self.table_order, kept_by_table.tolist()))
+        warnings = [w for w in (floor_clip_note(self.cfg.min_row_dims, min_row, count, self.rows),
+                                interaction_warning(kept)) if w]
+        for warning in warnings:
+            if self.rank == 0:
+                logger.warning("budget %s: %s", budget, warning)
         meta = {
             "kind": "mask", "criterion": "pep_margin", "layout": self.cfg.mask_layout,
             "min_row_dims": min_row, "max_row_dims": self.cfg.max_row_dims, "budget": budget, "kept": count, "step": step,
             "valid_auc": valid_auc, "learned_kept": kept_now, "granularity": self.cfg.granularity,
             "dim": self.dim, "init": "../../init", "embedding_params_total": self.total,
             "tables": {t: {"rows": n, "kept": int(k)} for (t, n), k in zip(self.tables.items(), kept_by_table)},
+            "warnings": warnings,
         }
         write_arrays(path, {t: (n, self.dim) for t, n in self.tables.items()}, np.bool_, keep, meta, rank=self.rank)
         logger.info("saved %s (%d elements) at step %d", path, count, step)
-        warning = no_interactions_warning(dict(zip(self.table_order, kept_by_table.tolist())))
-        if warning:
-            logger.warning("budget %s: %s", budget, warning)
         return {"budget": budget, "kept": count, "step": step, "valid_auc": valid_auc, "path": str(path)}
 
     def target_share(self, step: int) -> float | None:

@@ -264,20 +264,12 @@ def test_resumed_search_takes_the_same_steps(tmp_path, data):
 # ---- what a search says about itself ----------------------------------------------------------
 
 
-def test_no_interactions_warning():
-    from pep_torchrec.pep_stage import no_interactions_warning
-
-    assert no_interactions_warning({"a": 3, "b": 1}) is None
-    assert no_interactions_warning({"a": 3}) is None  # one table: nothing to interact with
-    assert "table a" in no_interactions_warning({"a": 3, "b": 0, "c": 0})
-    assert "no table" in no_interactions_warning({"a": 0, "b": 0})
-
-
 def test_clipped_floor_and_still_improving_are_reported(tmp_path, data, caplog):
     caplog.set_level("WARNING")
     run = tmp_path / "run"
     _search(data, run, "pep.s_lr=0.01", "pep.min_row_dims=8")
-    assert "pep.min_row_dims=8 clipped to 4" in caplog.text
+    assert "budget 0.5: row floor clipped: 8 dims per row requested, 4 applied" in caplog.text
+    assert "row floor clipped" in json.loads((run / "masks" / "budget_0.5" / "meta.json").read_text())["warnings"][0]
     base = tmp_path / "base"
     assert train_main(["--config", str(REPO / "configs" / "debug_cpu.yaml"), "--data", str(data), "--run-dir",
                        str(base), "--set", "train.progress=false", "train.max_steps=50"]) == 0
