@@ -85,13 +85,15 @@ class SOptimizerState:
         if ids.numel() == 0 or gk <= 0:
             return  # gk = 0: no threshold, no gradient
         weight = weight.data  # the TBE saved the weights for backward: bypass the version counter
-        grad = grad_s.double() / gk
-        table_of_id = table_of_id.to(self.sum_sq.device)
-        self.sum_sq.index_add_(0, table_of_id, grad.pow(2).mean(1).to(self.sum_sq.device))
-        self.rows.index_add_(0, table_of_id, torch.ones_like(table_of_id, dtype=torch.float64))
-        scale = self.scale.to(weight.device)[table_of_id].unsqueeze(1)
-        weight[ids, s_cols] = (weight[ids, s_cols].double() - scale * grad).to(weight.dtype)
-
+        grad = grad_s / gk
+        self.sum_sq.index_add_(0, table_of_id.cpu(), grad.pow(2).mean(1).double().cpu())
+        self.rows += torch.bincount(table_of_id.cpu(), minlength=len(self.tables)).double()
+        scale = self.scale.to(device=weight.device, dtype=grad.dtype)[table_of_id].unsqueeze(1)
+        # Whole rows out and back in (contiguous row copies are several times faster on CPU than an
+        # index_add_ or index_put_ into the strided s columns).
+        rows = weight.index_select(0, ids)
+        rows[:, s_cols] -= (grad * scale).to(weight.dtype)
+        weight.index_copy_(0, ids, rows)
 
 class SOptimizerSync:
     """The module-wide part: the EMA of every table's mean squared s-gradient, folded from all
@@ -197,14 +199,17 @@ class OwnSStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         plan: SPlan = ctx.plan
-        grad = grad.clone(memory_format=torch.contiguous_format)
+        # Zeroed in place: the incoming gradient is the threshold-pool backward's own buffer.
+        grad = grad.contiguous()
         n_max = grad.shape[0]
-        blocks = grad.view(n_max, -1, plan.width)  # [N_max, F, W]
-        s_blocks = blocks[:, :, plan.s_cols].transpose(0, 1)  # [F, N_max, S]
-        valid = torch.arange(n_max, device=grad.device).unsqueeze(0) < plan.lengths.to(grad.device).unsqueeze(1)
-        g = grad.new_zeros(plan.ids.numel(), plan.s_cols.stop - plan.s_cols.start)
-        g.index_add_(0, plan.inverse, s_blocks[valid])
-        blocks[:, :, plan.s_cols] = 0.0
+        s_NFS = grad.view(n_max, -1, plan.width)[:, :, plan.s_cols]  # [N_max, F, S] view
+        if plan.lengths is None:  # every feature has N_max ids: occurrences in (n, f) order
+            occurrences = s_NFS.reshape(-1, s_NFS.shape[-1]).contiguous()  # index_add_ is slow on strided
+        else:
+            valid = torch.arange(n_max, device=grad.device).unsqueeze(0) < plan.lengths.to(grad.device).unsqueeze(1)
+            occurrences = s_NFS.transpose(0, 1)[valid]  # (f, n) order, n < N_f
+        g = grad.new_zeros(plan.ids.numel(), s_NFS.shape[-1]).index_add_(0, plan.inverse, occurrences)
+        s_NFS.zero_()
         ctx.state.update(plan.storage, plan.ids, plan.table_of_id, g, plan.s_cols, plan.gk)
         return grad, None, None
 
@@ -213,13 +218,14 @@ class OwnSStep(torch.autograd.Function):
 class SPlan:
     """What one step's backward updates: the group's rows as one [rows, W] storage view, the unique
     looked-up rows in it (`ids`, global in the storage), each one's local table, the inverse map
-    from the batch's (feature-major, valid) occurrences to `ids`, the ids per feature."""
+    from the batch's occurrences to `ids`: in (n, f) order when every feature has N_max ids
+    (`lengths` None), else in (f, n) order over n < N_f (`lengths`: ids per feature)."""
 
     storage: Tensor
     ids: Tensor
     table_of_id: Tensor
     inverse: Tensor
-    lengths: Tensor
+    lengths: Tensor | None
     s_cols: slice
     width: int
     gk: float
@@ -232,9 +238,15 @@ def plan_step(weights: list[Tensor], feature_table: list[int], values: Tensor, l
     global row is the local id plus the table's row offset there."""
     device = values.device
     row_base = torch.tensor([w.storage_offset() // width for w in weights], dtype=torch.int64)
-    lengths_F = torch.tensor(lengths, dtype=torch.int64)
     table_F = torch.tensor(feature_table, dtype=torch.int64)
-    rows = values.long() + torch.repeat_interleave(row_base[table_F], lengths_F).to(device)
+    num_features = len(lengths)
+    if num_features and all(n == lengths[0] for n in lengths):
+        # One view of the ids in the gathered rows' (n, f) order: backward reads the gradient as is.
+        rows = (values.long().view(num_features, -1) + row_base[table_F].to(device).unsqueeze(1)).t().reshape(-1)
+        lengths_F = None
+    else:
+        lengths_F = torch.tensor(lengths, dtype=torch.int64)
+        rows = values.long() + torch.repeat_interleave(row_base[table_F], lengths_F).to(device)
     ids, inverse = torch.unique(rows, return_inverse=True)
     base_sorted, order = row_base.sort()
     table_of_id = order.to(device)[torch.bucketize(ids, base_sorted.to(device), right=True) - 1]
