@@ -154,7 +154,8 @@ class SplitSpec:
     seed: int = 0
     """random: the split seed."""
     column: str = ""
-    """temporal: the numeric column that orders rows (ties by record number); "" = input order."""
+    """temporal: the numeric column that orders rows (ties by record number); "" = input order. Allowed
+    with random too, for `--split temporal` on the command line."""
     train: list[str] = field(default_factory=list)
     """files: glob patterns of the train files' names."""
     valid: list[str] = field(default_factory=list)
@@ -397,8 +398,8 @@ def check_spec(spec: DatasetSpec) -> None:
             raise ValueError("split.train: required with method files (glob patterns of file names)")
     elif split.train or split.valid or split.test:
         raise ValueError("split.train/valid/test: apply to method files only")
-    if split.column and split.method != "temporal":
-        raise ValueError("split.column: applies to method temporal only")
+    if split.column and split.method == "files":
+        raise ValueError("split.column: applies to methods random/temporal only (used when temporal)")
 
 
 def _check_zone(name: str, key: str) -> None:

@@ -313,6 +313,7 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
     order_keys: list[np.ndarray] = []
     order_records: list[np.ndarray] = []
     num_kept = 0
+    multi_names: set[str] = set()
 
     def codes_of(block: SpecBlock, position: int, ranks: np.ndarray | None) -> np.ndarray:
         n = block.num_rows
@@ -333,6 +334,8 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
             continue
         for name, counter in counters.items():
             counter.add(block.keys[name])
+        # A bag per row: a separator, a flags field, or a list column of a Parquet input.
+        multi_names.update(k for k, v in block.keys.items() if pa.types.is_list(v.type))
         if by_column:
             order_keys.append(block.order_keys)
             order_records.append(block.records)
@@ -375,7 +378,7 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
             card = vocabs[f.name].cardinality
         else:
             card = f.hash_buckets if kind == "hash" else f.num_buckets + 1
-        multi = f.type == "flags" or (f.type == "categorical" and bool(f.separator))
+        multi = f.name in multi_names or f.type == "flags" or (f.type == "categorical" and bool(f.separator))
         transform = "criteo_log_bucket" if f.bucketize == "log2" else "none"
         features.append(SparseFeature(f.name, card, multi, transform))
     timings["vocab_s"] = time.perf_counter() - t

@@ -25,7 +25,7 @@ import glob
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -514,16 +514,15 @@ class _LabelRule:
             return np.array([float(v) for v in values], dtype=np.float64)
         return np.array([str(v) for v in values], dtype=object)
 
-    def apply(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-        """([N] int8 label, [N] bool ok, [N] bool dropped, what a bad label should be)."""
+    def apply(self, column: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray, Callable[[int], str]]:
+        """([N] int8 label, [N] bool ok, [N] bool dropped, row → what is wrong with its label)."""
         if self.numeric:
-            ok = matches(column, FLOAT_PATTERN)
-            values = pc.cast(pc.if_else(pa.array(ok), column, "0"), pa.float64()).to_numpy(zero_copy_only=False)
-            want = "a number"
+            number = matches(column, FLOAT_PATTERN)
+            values = pc.cast(pc.if_else(pa.array(number), column, "0"), pa.float64()).to_numpy(zero_copy_only=False)
         else:
             values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=object)
-            ok = np.ones(len(values), dtype=bool)
-            want = "a value of the spec's label rule"
+            number = np.ones(len(values), dtype=bool)
+        ok = number.copy()
         dropped = np.isin(values, self.drop) & ok if len(self.drop) else np.zeros(len(values), dtype=bool)
         if self.threshold is not None:
             op, t = self.threshold
@@ -534,10 +533,15 @@ class _LabelRule:
             pos = _index(self.map_keys, values)
             ok &= (pos >= 0) | dropped
             labels = np.where(pos >= 0, self.map_labels[np.maximum(pos, 0)], 0)
-            want = f"one of the label map's keys {self.map_keys.tolist()}"
         else:
             labels = np.isin(values, self.positive)
-        return np.asarray(labels, dtype=np.int8), ok, dropped & ok, want
+        keys = self.map_keys.tolist()
+
+        def detail(i: int) -> str:
+            what = "a number" if not number[i] else f"one of the label map's keys {keys}"
+            return f"label {column[i].as_py()!r} is not {what}"
+
+        return np.asarray(labels, dtype=np.int8), ok, dropped & ok, detail
 
 
 def _index(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -569,6 +573,10 @@ def _regex_values(column: pa.Array, pattern: re.Pattern, default: str) -> pa.Arr
         m = pattern.search(value)
         out.append(default if m is None else (m.group(1) if pattern.groups else m.group(0)) or default)
     return pa.array(out, pa.string()).take(encoded.indices)
+
+
+def _time_key(f: FieldSpec) -> tuple[str, str, str]:
+    return f.column, f.time_format, f.timezone
 
 
 def _times(column: pa.Array, f: FieldSpec) -> tuple[np.ndarray, pa.Array]:
@@ -617,8 +625,8 @@ class SpecRows:
         checks = RowChecks(raw.lines)
         cols: dict[str, pa.Array] = {name: table.column(name).combine_chunks() for name in table.column_names}
         label_col = cols[spec.label.column]
-        labels, label_ok, dropped, want = self.label.apply(label_col)
-        checks.check("bad_label", label_ok, lambda i: f"label {label_col[i].as_py()!r} is not {want}")
+        labels, label_ok, dropped, label_detail = self.label.apply(label_col)
+        checks.check("bad_label", label_ok, label_detail)
         for side in self.side_tables:
             pos = side.positions(cols[side.spec.on])
             found = pos >= 0
@@ -643,12 +651,12 @@ class SpecRows:
                              lambda i, c=column, f=f, k=kind: f"field {f.name} = {c[i].as_py()!r} is not {k}")  # fmt: skip
                 missing = np.asarray(pc.equal(column, "").to_numpy(zero_copy_only=False), dtype=bool)
                 numbers[f.name] = (values, missing)
-            elif f.type in ("hour", "weekday") and f.column not in times:
+            elif f.type in ("hour", "weekday") and _time_key(f) not in times:
                 column = cols[f.column]
                 ok, stamps = _times(column, f)
                 checks.check("bad_timestamp", ok,
                              lambda i, c=column, f=f: f"field {f.name}: {c[i].as_py()!r} is not a {f.time_format} time")  # fmt: skip
-                times[f.column] = stamps
+                times[_time_key(f)] = stamps
         order_keys = None
         if self.order_column:
             column = cols[self.order_column]
@@ -698,7 +706,7 @@ class SpecRows:
                 buckets = pc.cast(pa.array(criteo_log_bucket(values.astype(np.int64))), pa.string())
                 keys[f.name] = pc.if_else(pa.array(missing), "", buckets)
             elif f.type in ("hour", "weekday"):
-                stamps = times[f.column]
+                stamps = times[_time_key(f)]
                 if f.type == "hour":
                     keys[f.name] = pc.utf8_lpad(pc.cast(pc.hour(stamps), pa.string()), 2, "0")
                 else:
@@ -707,6 +715,9 @@ class SpecRows:
                 keys[f.name] = _regex_values(cols[f.column], self.patterns[f.name], f.default)
             elif f.type == "cross":
                 a, b = (keys[name] for name in f.fields)
+                if pa.types.is_list(a.type) or pa.types.is_list(b.type):
+                    raise PrepareError(f"fields {f.name}: a cross needs single-valued fields; {f.fields} holds a "
+                                       "list column")  # fmt: skip
                 keys[f.name] = pc.binary_join_element_wise(a, b, CROSS_SEPARATOR)
         return keys
 
