@@ -400,3 +400,38 @@ def test_spec_dataset_trains(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["dataset"] == "toy" and summary["steps"] == 20
     assert summary["valid_auc"] > 0.6  # the label is a function of (user, item): learnable
+
+
+AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
+                "device_id,device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21")
+
+
+def test_avazu_spec_equals_builtin_reader(tmp_path):
+    rng = np.random.default_rng(1)
+    lines = [AVAZU_HEADER]
+    for i in range(600):
+        hour = f"1410{rng.integers(21, 31):02d}{rng.integers(0, 24):02d}"
+        cats = [f"v{rng.integers(0, 12)}" for _ in range(21)]
+        lines.append(",".join([str(i), str(rng.integers(0, 2)), hour, *cats]))
+    raw = write(tmp_path / "train.csv", "\n".join(lines) + "\n", gz=True)
+    prepare_dataset("avazu", raw, tmp_path / "builtin", seed=5)
+    prepare_from_spec("avazu", [raw], tmp_path / "spec", seed=5)
+    assert_same_prepared(tmp_path / "spec", tmp_path / "builtin")
+
+
+@pytest.mark.parametrize("split", ["random", "temporal"])
+def test_movielens_1m_spec_equals_builtin_reader(tmp_path, split):
+    rng = np.random.default_rng(2)
+    genres = ["Action", "Comedy", "Drama", "Children's"]
+    users = [f"{u}::{'MF'[u % 2]}::{[1, 18, 25][u % 3]}::{u % 5}::{10000 + u}" for u in range(1, 21)]
+    movies = [f"{m}::Tïtle {m} (199{m % 10})::{'|'.join(genres[: m % 4])}" for m in range(1, 31)]
+    ratings = [f"{rng.integers(1, 21)}::{rng.integers(1, 31)}::{rng.integers(1, 6)}::{rng.integers(9e8, 1e9)}"
+               for _ in range(500)]  # fmt: skip
+    ml = tmp_path / "ml-1m"
+    ml.mkdir()
+    write(ml / "users.dat", "\n".join(users) + "\n")
+    write(ml / "movies.dat", "\n".join(movies) + "\n", encoding="latin-1")
+    write(ml / "ratings.dat.gz", "\n".join(ratings) + "\n", gz=True)
+    prepare_dataset("movielens", ml, tmp_path / "builtin", split=split)
+    prepare_from_spec("movielens_1m", [ml], tmp_path / "spec", split=split)
+    assert_same_prepared(tmp_path / "spec", tmp_path / "builtin")

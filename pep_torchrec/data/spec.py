@@ -46,7 +46,8 @@ class FormatSpec:
     libffm (`label field:idx:val ...`) or parquet. Text files may be plain or gzip (detected from the
     content, whatever the file name)."""
     delimiter: str = ","
-    """delimited: the field separator, one character ("\\t" or "tab" for a tab)."""
+    """delimited: the field separator ("\\t" or "tab" for a tab); several characters (e.g. "::") are
+    allowed without quoting."""
     quote: str = ""
     """delimited: the quote character (e.g. '"'; a doubled quote inside quotes is one quote), or ""
     for none. A quoted value may hold the delimiter, never a line break."""
@@ -245,8 +246,10 @@ def check_format(fmt: FormatSpec, key: str) -> None:
     fmt.delimiter = unescape(fmt.delimiter)
     fmt.quote = unescape(fmt.quote)
     if fmt.type == "delimited":
-        if len(fmt.delimiter) != 1 or len(fmt.delimiter.encode()) != 1:
-            raise ValueError(f"{key}.delimiter: {fmt.delimiter!r} is not one ASCII character")
+        if not fmt.delimiter or not fmt.delimiter.isascii() or "\n" in fmt.delimiter or "\x1f" in fmt.delimiter:
+            raise ValueError(f"{key}.delimiter: {fmt.delimiter!r} is not one or more ASCII characters")
+        if fmt.quote and len(fmt.delimiter) > 1:
+            raise ValueError(f"{key}.quote: quoting needs a one-character delimiter, not {fmt.delimiter!r}")
         if fmt.quote and (len(fmt.quote) != 1 or fmt.quote == fmt.delimiter or len(fmt.quote.encode()) != 1):
             raise ValueError(f"{key}.quote: {fmt.quote!r} is not one ASCII character other than the delimiter")
         if not fmt.header and not fmt.columns:

@@ -135,8 +135,9 @@ class SpecTextFile(DelimitedFile):
     def __init__(self, path, column_names, *, delimiter: bytes, header: bool, quote: bytes = b"",
                  encoding: str = "utf-8", block_size: int = DEFAULT_BLOCK_SIZE,
                  source: SourceFile | None = None):  # fmt: skip
-        super().__init__(path, column_names, delimiter=delimiter, header=header, block_size=block_size,
-                         source=source)  # fmt: skip
+        multi = delimiter if len(delimiter) > 1 else None  # e.g. b"::": read as b"\x1f" (never in data)
+        super().__init__(path, column_names, delimiter=b"\x1f" if multi else delimiter, header=header,
+                         multi_byte_delimiter=multi, block_size=block_size, source=source)  # fmt: skip
         self.quote = quote
         self.encoding = encoding.lower().replace("_", "-")
         self._utf8 = self.encoding in ("utf-8", "utf8", "ascii")
