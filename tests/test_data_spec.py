@@ -379,27 +379,35 @@ def test_movielens_100k_spec_equals_builtin_reader(tmp_path, split):
 # a spec'd dataset trains
 
 
-def test_spec_dataset_trains(tmp_path):
+def test_spec_dataset_trains_searches_and_retrains_with_the_tabular_configs(tmp_path):
+    """Spec → prepare → configs/tabular_deepfm.yaml baseline, tabular_fm_search.yaml → tabular_fm_retrain.yaml
+    from the 10 % mask: no dataset-specific config anywhere."""
     from pep_torchrec.train import main as train_main
 
     rng = np.random.default_rng(0)
-    n = 3000
+    n = 6000
     users, items = rng.integers(0, 50, n), rng.integers(0, 40, n)
     label = ((users + items) % 3 == 0).astype(int)
-    lines = [f"{u},{i},g{i % 4}|g{i % 7},{rng.random() * 100:.2f},{y}\n"
-             for u, i, y in zip(users, items, label)]  # fmt: skip
+    lines = [f"{u},{i},g{i % 4}|g{i % 7},{rng.random() * 100:.2f},{y}\n" for u, i, y in zip(users, items, label)]
     raw = write(tmp_path / "log.csv", "user,item,tags,price,clicked\n" + "".join(lines))
     spec = {"name": "toy", "format": {"header": True}, "label": {"column": "clicked", "positive": [1]},
             "fields": [{"name": "user"}, {"name": "item"}, {"name": "tags", "separator": "|"},
                        {"name": "price", "type": "numeric", "dense": "log1p_standardize", "bucketize": "quantile"}]}  # fmt: skip
-    _, out = prepare(tmp_path, spec, [raw])
-    run = tmp_path / "run"
-    assert train_main(["--config", str(REPO / "configs" / "debug_cpu.yaml"), "--data", str(out), "--run-dir", str(run),
-                       "--set", "train.progress=false", "--set", "train.max_steps=20", "--set", "train.epochs=3",
-                       "--set", "train.eval_every=10"]) == 0  # fmt: skip
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["dataset"] == "toy" and summary["steps"] == 20
-    assert summary["valid_auc"] > 0.6  # the label is a function of (user, item): learnable
+    _, data = prepare(tmp_path, spec, [raw])
+    runs = tmp_path / "runs"
+    common = ["--data", str(data), "--set", "train.progress=false", "--set", "train.epochs=3"]
+
+    def train(config: str, run: str, *extra: str) -> dict:
+        argv = ["--config", str(REPO / "configs" / config), "--run-dir", str(runs / run), *common, *extra]
+        assert train_main(argv) == 0
+        return json.loads((runs / run / "summary.json").read_text())
+
+    base = train("tabular_deepfm.yaml", "base")
+    assert base["dataset"] == "toy" and base["steps"] >= 4 and base["model"] == "deepfm"
+    train("tabular_fm_search.yaml", "search", "--set", "train.eval_every=5", "--set", "pep.target_epochs=2")
+    retrain = train("tabular_fm_retrain.yaml", "retrain", "--mask", str(runs / "search" / "masks" / "budget_0.1"))
+    assert retrain["embedding_params_kept"] <= 0.1 * retrain["embedding_params_total"] + 1
+    assert retrain["valid_auc"] > 0.7  # the label is a function of (user, item): learnable from 10 %
 
 
 AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
