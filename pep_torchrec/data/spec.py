@@ -42,9 +42,10 @@ _THRESHOLD = re.compile(r"^\s*(>=|<=|>|<|==|!=)\s*(-?[0-9.eE+-]+)\s*$")
 @dataclass
 class FormatSpec:
     type: str = "delimited"
-    """delimited (text with a one-character delimiter), libsvm (`label idx:val ...`, fields by position),
-    libffm (`label field:idx:val ...`) or parquet. Text files may be plain or gzip (detected from the
-    content, whatever the file name)."""
+    """delimited (text with a delimiter), libsvm (`label idx:val ...`, fields by position), libffm
+    (`label field:idx:val ...`) or parquet (every column read as text; a list column is a bag; null is
+    missing; a row's "line" in reports is its 1-based row number). Text files may be plain or gzip
+    (detected from the content, whatever the file name)."""
     delimiter: str = ","
     """delimited: the field separator ("\\t" or "tab" for a tab); several characters (e.g. "::") are
     allowed without quoting."""
@@ -269,6 +270,10 @@ def check_format(fmt: FormatSpec, key: str) -> None:
             raise ValueError(f"{key}.fields: duplicate names")
     elif fmt.fields:
         raise ValueError(f"{key}.fields: applies to libsvm/libffm only")
+    if fmt.type != "delimited":
+        for k in ("columns", "header", "quote"):
+            if getattr(fmt, k):
+                raise ValueError(f"{key}.{k}: applies to delimited text only")
 
 
 def input_columns(fmt: FormatSpec) -> list[str] | None:
@@ -319,6 +324,8 @@ def check_spec(spec: DatasetSpec) -> None:
             raise ValueError(f"{key}.min_count: must be >= 1, got {f.min_count}")
         if f.hash_buckets < 0:
             raise ValueError(f"{key}.hash_buckets: must be >= 0, got {f.hash_buckets}")
+        if f.min_count is not None and (f.hash_buckets or f.bucketize == "quantile"):
+            raise ValueError(f"{key}.min_count: a hashed or quantile field has no vocabulary")
         outputs = []
         if f.type == "numeric":
             if f.dense not in DENSE_TRANSFORMS:
