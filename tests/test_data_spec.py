@@ -408,6 +408,9 @@ def test_spec_dataset_trains_searches_and_retrains_with_the_tabular_configs(tmp_
     retrain = train("tabular_fm_retrain.yaml", "retrain", "--mask", str(runs / "search" / "masks" / "budget_0.1"))
     assert retrain["embedding_params_kept"] <= 0.1 * retrain["embedding_params_total"] + 1
     assert retrain["valid_auc"] > 0.7  # the label is a function of (user, item): learnable from 10 %
+    # `price` is quantile-bucketized: the service cannot compute its ids, so export refuses (one line).
+    assert cli.main(["export", "--run-dir", str(runs / "retrain"), "--out", str(tmp_path / "artifact")]) == 2
+    assert not (tmp_path / "artifact").exists()
 
 
 AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
