@@ -446,3 +446,24 @@ def test_movielens_1m_spec_equals_builtin_reader(tmp_path, split):
     prepare_dataset("movielens", ml, tmp_path / "builtin", split=split)
     prepare_from_spec("movielens_1m", [ml], tmp_path / "spec", split=split)
     assert_same_prepared(tmp_path / "spec", tmp_path / "builtin")
+
+
+def test_output_is_independent_of_block_size_and_counts_break_and_order_key(tmp_path):
+    rng = np.random.default_rng(4)
+    lines = [f'{rng.integers(0, 2)},"k{rng.integers(0, 30)}, x",{rng.integers(0, 1000)}' for _ in range(3000)]
+    lines[1200] = '1,"k1, x",soon'  # line 1202 of the file (after the header)
+    text = "y,key,ts\n" + "\n".join(lines) + "\n"
+    write(tmp_path / "a.csv", text)
+    broken = gzip.compress(text.encode())
+    (tmp_path / "b.csv.gz").write_bytes(broken[: len(broken) // 2])  # cut: the rows before the break stay
+    spec = {"format": {"header": True, "quote": '"', "files": ["*.csv", "*.csv.gz"]},
+            "label": {"column": "y", "positive": [1]}, "fields": [{"name": "key"}],
+            "split": {"method": "temporal", "column": "ts"}}  # fmt: skip
+    big, out_big = prepare(tmp_path, spec, [tmp_path], out="big")
+    small, out_small = prepare(tmp_path, spec, [tmp_path], out="small", block_size=1024)
+    for split in SPLITS:
+        assert pq.read_table(out_big / split).equals(pq.read_table(out_small / split)), split
+    assert big["rows_rejected"] == small["rows_rejected"]
+    assert big["rows_rejected"]["bad_order_key"] == 2 and big["rows_rejected"]["broken_gzip"] == 1
+    assert big["rejected_examples"]["bad_order_key"].endswith("a.csv:1202: split column ts = 'soon' is not a number")
+    assert 3000 < big["rows_read"] < 6000
