@@ -467,3 +467,19 @@ def test_output_is_independent_of_block_size_and_counts_break_and_order_key(tmp_
     assert big["rows_rejected"]["bad_order_key"] == 2 and big["rows_rejected"]["broken_gzip"] == 1
     assert big["rejected_examples"]["bad_order_key"].endswith("a.csv:1202: split column ts = 'soon' is not a number")
     assert 3000 < big["rows_read"] < 6000
+
+
+def test_libsvm_with_a_feature_index_map(tmp_path):
+    # libFM one-hot rows whose items are in no fixed order: the map file says which field each index is.
+    write(tmp_path / "fields.txt", "0 user\n1 user\n2 item\n3 item\n4 tag\n5 tag\n")
+    raw = write(tmp_path / "d.libfm", "1 2:1 0:1 4:1 5:1\n0 1:1 3:1\n1 0:1 9:1\n")
+    spec = {"format": {"type": "libsvm", "fields": ["user", "item", "tag"], "field_map": "fields.txt"},
+            "label": {"column": "label", "positive": [1]},
+            "fields": [{"name": "user"}, {"name": "item"}, {"name": "tag", "separator": " "}], "split": ALL_TRAIN}  # fmt: skip
+    report, out = prepare(tmp_path, spec, [raw])
+    assert report["rows_rejected"] == {"bad_pair": 1}
+    assert report["rejected_examples"]["bad_pair"].endswith("d.libfm:3: item '9:1' is not idx:val with idx in fields.txt")
+    table, users, items, tags = rows(out), vocab(out, "user"), vocab(out, "item"), vocab(out, "tag")
+    assert table["user"].to_pylist() == [users["0"], users["1"]]
+    assert table["item"].to_pylist() == [items["2"], items["3"]]
+    assert table["tag"].to_pylist() == [[tags["4"], tags["5"]], []]

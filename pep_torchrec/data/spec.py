@@ -65,6 +65,10 @@ class FormatSpec:
     """libsvm/libffm: names of the fields. libsvm: the i-th `idx:val` pair of a line is field i;
     libffm: field number i is `fields[i]` (a field given several times in a line is a space-separated
     bag). Each field gives two columns: `<name>` (the index, a string) and `<name>_value` (the value)."""
+    field_map: str = ""
+    """libsvm: a file of lines `index field` (whitespace-separated, plain or gzip; relative to the first
+    `--raw` directory) giving each feature index's field, instead of fields by position; an index
+    absent from it is a `bad_pair` row."""
 
 
 @dataclass
@@ -270,6 +274,8 @@ def check_format(fmt: FormatSpec, key: str) -> None:
             raise ValueError(f"{key}.fields: duplicate names")
     elif fmt.fields:
         raise ValueError(f"{key}.fields: applies to libsvm/libffm only")
+    if fmt.field_map and fmt.type != "libsvm":
+        raise ValueError(f"{key}.field_map: applies to libsvm only")
     if fmt.type != "delimited":
         for k in ("columns", "header", "quote"):
             if getattr(fmt, k):

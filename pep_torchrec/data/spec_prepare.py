@@ -54,6 +54,7 @@ from pep_torchrec.data.report import PrepareError, RejectionLog, write_report
 from pep_torchrec.data.schema import Schema, SparseFeature
 from pep_torchrec.data.spec import DatasetSpec, FieldSpec, load_spec, resolve_spec_path, spec_to_dict
 from pep_torchrec.data.spec_reader import (
+    FieldMap,
     InputFile,
     SideTable,
     SpecBlock,
@@ -88,6 +89,10 @@ class SpecReader:
         self.block_size = block_size
         self.files = resolve_inputs(self.raws, spec.format.files)
         self.side_paths = [side_table_path(self.raws, j.path, f"joins {j.name}") for j in spec.joins]
+        self.field_map = None
+        if spec.format.field_map:
+            path = side_table_path(self.raws, spec.format.field_map, "format.field_map")
+            self.field_map = FieldMap.load(path, spec.format.fields)
         self.split_codes = [split_of_file(p, spec) for p in self.files] if spec.split.method == "files" else None
         self.sources: list[SourceFile] = []
         self.rows_read = 0
@@ -105,7 +110,7 @@ class SpecReader:
         data_sources = []
         for k, path in enumerate(self.files):
             source = SourceFile(str(path.resolve()), "data") if hash_files else None
-            reader = InputFile(path, self.spec.format, self.block_size, source)
+            reader = InputFile(path, self.spec.format, self.block_size, source, self.field_map)
             code = None if self.split_codes is None else self.split_codes[k]
             checked = False
             for raw in reader.blocks():

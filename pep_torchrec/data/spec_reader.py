@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import fnmatch
 import glob
+import gzip
 import hashlib
 import os
 import re
@@ -43,6 +44,7 @@ from pep_torchrec.data.readers import (
     RawBlock,
     RowChecks,
     SourceFile,
+    is_gzip,
     matches,
     natural_key,
     to_int64,
@@ -242,7 +244,36 @@ class SpecTextFile(DelimitedFile):
 # libSVM / libFFM
 
 
-def _libsvm_columns(raw: RawBlock, fmt: FormatSpec) -> RawBlock:
+@dataclass(frozen=True)
+class FieldMap:
+    """libSVM feature index → field (`format.field_map`): [M] index strings, [M] field numbers."""
+
+    indices: pa.Array
+    fields: np.ndarray
+    path: Path
+
+    @classmethod
+    def load(cls, path: Path, names: list[str]) -> FieldMap:
+        """Read lines `index field` (whitespace-separated; field = a name of `format.fields`)."""
+        indices, fields = [], []
+        number = {name: i for i, name in enumerate(names)}
+        opener = gzip.open if is_gzip(path) else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) != 2 or parts[1] not in number:
+                    raise PrepareError(f"{path}:{line_no}: expected 'index field' with field one of {names}, "
+                                       f"got {line.strip()!r}")  # fmt: skip
+                indices.append(parts[0])
+                fields.append(number[parts[1]])
+        if len(set(indices)) != len(indices):
+            raise PrepareError(f"{path}: an index is mapped twice")
+        return cls(pa.array(indices, pa.string()), np.asarray(fields, np.int64), path)
+
+
+def _libsvm_columns(raw: RawBlock, fmt: FormatSpec, field_map: FieldMap | None = None) -> RawBlock:
     """A block of whole lines (column "line") → label, <field>, <field>_value columns.
 
     libsvm: the i-th `idx:val` item is field i; libffm: `field:idx:val` with field a 0-based index
@@ -263,7 +294,12 @@ def _libsvm_columns(raw: RawBlock, fmt: FormatSpec) -> RawBlock:
     want = 2 if fmt.type == "libsvm" else 3
     item_ok = num_parts == want
     checks = RowChecks(raw.lines)
-    if fmt.type == "libsvm":
+    if field_map is not None:  # libsvm with an index → field map: the item's index names its field
+        idx_text = pc.list_element(pc.if_else(pa.array(item_ok), parts, pa.scalar(["", ""], parts.type)), 0)
+        pos = pc.fill_null(pc.index_in(idx_text, value_set=field_map.indices), -1).to_numpy(zero_copy_only=False)
+        field_of = np.where(pos >= 0, field_map.fields[np.maximum(pos, 0)], -1) if len(pos) else np.empty(0, np.int64)
+        item_ok &= field_of >= 0
+    elif fmt.type == "libsvm":
         checks.check("wrong_field_count", counts <= len(names),
                      lambda i: f"{int(counts[i])} items, the spec names {len(names)} fields")  # fmt: skip
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -276,7 +312,10 @@ def _libsvm_columns(raw: RawBlock, fmt: FormatSpec) -> RawBlock:
     bad_item = np.zeros(n, dtype=bool)
     bad_item[parent[~item_ok]] = True
     example = {int(parent[j]): flat[int(j)].as_py() for j in np.flatnonzero(~item_ok)[:1]}
-    shape = "idx:val" if fmt.type == "libsvm" else f"field:idx:val with field in 0..{len(names) - 1}"
+    if field_map is not None:
+        shape = f"idx:val with idx in {field_map.path.name}"
+    else:
+        shape = "idx:val" if fmt.type == "libsvm" else f"field:idx:val with field in 0..{len(names) - 1}"
     checks.check("bad_pair", ~bad_item, lambda i: f"item {example.get(i, '?')!r} is not {shape}")
     safe = pc.if_else(pa.array(item_ok), parts, pa.scalar([""] * want, parts.type))
     idx = pc.list_element(safe, want - 2)
@@ -307,8 +346,10 @@ class InputFile:
     `first_data_line` is the line number of the first of them.
     """
 
-    def __init__(self, path: Path, fmt: FormatSpec, block_size: int, source: SourceFile | None):
+    def __init__(self, path: Path, fmt: FormatSpec, block_size: int, source: SourceFile | None,
+                 field_map: FieldMap | None = None):  # fmt: skip
         self.path, self.fmt, self.block_size, self.source = path, fmt, block_size, source
+        self.field_map = field_map
         self.data_lines = 0
         self.first_data_line = 2 if (fmt.type == "delimited" and fmt.header) else 1
         self.columns: list[str] | None = input_columns(fmt)
@@ -329,7 +370,7 @@ class InputFile:
             if fmt.type == "delimited":
                 self.columns = text.column_names
             elif raw.table.num_rows or "line" in raw.table.column_names:
-                raw = _libsvm_columns(raw, fmt) if raw.table.num_rows else RawBlock(self._empty(), raw.lines, raw.rejects)
+                raw = _libsvm_columns(raw, fmt, self.field_map) if raw.table.num_rows else RawBlock(self._empty(), raw.lines, raw.rejects)
             yield raw
         self.data_lines = text.data_lines
 
