@@ -115,7 +115,7 @@ def test_libffm_field_index_value_and_bags(tmp_path):
 
 def test_parquet_input_with_a_list_column(tmp_path):
     raw = tmp_path / "part.parquet"
-    pq.write_table(pa.table({"y": [1, 0, 1], "u": [10, 11, None], "g": [["a", "b"], [], ["b"]],
+    pq.write_table(pa.table({"y": [1, 0, 1], "u": [10, 11, None], "g": [["a", "b"], None, ["b", None, ""]],
                              "x": [1.5, None, 3.0]}), raw)  # fmt: skip
     spec = {"format": {"type": "parquet"}, "label": {"column": "y", "positive": [1]},
             "fields": [{"name": "u"}, {"name": "g"}, {"name": "x", "type": "numeric", "dense": "none"}],

@@ -391,9 +391,7 @@ class InputFile:
             for name in batch.schema.names:
                 col = batch.column(name)
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                    columns[name] = pc.cast(col, pa.list_(pa.string()))  # a multi-valued field's bag
-                elif pa.types.is_floating(col.type):
-                    columns[name] = pc.fill_null(pc.cast(col, pa.string()), "")
+                    columns[name] = _clean_bags(pc.cast(col, pa.list_(pa.string())))  # a multi-valued field's bag
                 else:
                     try:
                         columns[name] = pc.fill_null(pc.cast(col, pa.string()), "")
@@ -599,11 +597,15 @@ def _is_number(v) -> bool:
 
 def _split_bags(column: pa.Array, separator: str) -> pa.Array:
     """[N] string → [N] list<string> split on `separator`, empty items dropped."""
-    bags = pc.split_pattern(column, separator)
+    return _clean_bags(pc.split_pattern(column, separator))
+
+
+def _clean_bags(bags: pa.Array) -> pa.Array:
+    """[N] list<string> without null or empty items (a null bag is empty)."""
     flat = pc.list_flatten(bags)
     parent = pc.list_parent_indices(bags).to_numpy(zero_copy_only=False)
-    keep = pc.not_equal(flat, "").to_numpy(zero_copy_only=False)
-    counts = np.bincount(parent[keep], minlength=len(column))
+    keep = np.asarray(pc.fill_null(pc.not_equal(flat, ""), False).to_numpy(zero_copy_only=False), dtype=bool)
+    counts = np.bincount(parent[keep], minlength=len(bags))
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), flat.filter(pa.array(keep)))
 
@@ -733,7 +735,7 @@ class SpecRows:
             if f.type == "categorical":
                 column = cols[f.column]
                 if pa.types.is_list(column.type):  # already a bag (a Parquet list column)
-                    keys[f.name] = pc.fill_null(column, pa.scalar([], column.type))
+                    keys[f.name] = column
                 else:
                     keys[f.name] = _split_bags(column, f.separator) if f.separator else column
             elif f.type == "flags":
