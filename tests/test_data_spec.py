@@ -379,9 +379,12 @@ def test_movielens_100k_spec_equals_builtin_reader(tmp_path, split):
 # a spec'd dataset trains
 
 
-def test_spec_dataset_trains_searches_and_retrains_with_the_tabular_configs(tmp_path):
+def test_spec_to_served_predictions_with_the_tabular_configs(tmp_path):
     """Spec → prepare → configs/tabular_deepfm.yaml baseline, tabular_fm_search.yaml → tabular_fm_retrain.yaml
-    from the 10 % mask: no dataset-specific config anywhere."""
+    from the 10 % mask → export → the framework-free Predictor on raw values: no dataset-specific config
+    or code anywhere, and the served test AUC is the retrain run's."""
+    from pep_torchrec.metrics import roc_auc
+    from pep_torchrec.serving.predictor import Predictor
     from pep_torchrec.train import main as train_main
 
     rng = np.random.default_rng(0)
@@ -392,7 +395,7 @@ def test_spec_dataset_trains_searches_and_retrains_with_the_tabular_configs(tmp_
     raw = write(tmp_path / "log.csv", "user,item,tags,price,clicked\n" + "".join(lines))
     spec = {"name": "toy", "format": {"header": True}, "label": {"column": "clicked", "positive": [1]},
             "fields": [{"name": "user"}, {"name": "item"}, {"name": "tags", "separator": "|"},
-                       {"name": "price", "type": "numeric", "dense": "log1p_standardize", "bucketize": "quantile"}]}  # fmt: skip
+                       {"name": "price", "type": "numeric", "dense": "log1p_standardize"}]}  # fmt: skip
     _, data = prepare(tmp_path, spec, [raw])
     runs = tmp_path / "runs"
     common = ["--data", str(data), "--set", "train.progress=false", "--set", "train.epochs=3"]
@@ -408,9 +411,27 @@ def test_spec_dataset_trains_searches_and_retrains_with_the_tabular_configs(tmp_
     retrain = train("tabular_fm_retrain.yaml", "retrain", "--mask", str(runs / "search" / "masks" / "budget_0.1"))
     assert retrain["embedding_params_kept"] <= 0.1 * retrain["embedding_params_total"] + 1
     assert retrain["valid_auc"] > 0.7  # the label is a function of (user, item): learnable from 10 %
-    # `price` is quantile-bucketized: the service cannot compute its ids, so export refuses (one line).
-    assert cli.main(["export", "--run-dir", str(runs / "retrain"), "--out", str(tmp_path / "artifact")]) == 2
-    assert not (tmp_path / "artifact").exists()
+    assert cli.main(["export", "--run-dir", str(runs / "retrain"), "--out", str(tmp_path / "artifact")]) == 0
+    predictor = Predictor.from_path(tmp_path / "artifact")
+    # The test split as a client would send it: raw values back from the vocabulary, price as prepared.
+    test, names = pq.read_table(data / "test"), {k: list(v.values.to_pylist()) for k, v in load_vocab(data).items()}
+    instances = [{"user": names["user"][r["user"] - 1], "item": names["item"][r["item"] - 1],
+                  "tags": [names["tags"][t - 1] for t in r["tags"]], "price": r["price"]}
+                 for r in test.to_pylist()]  # fmt: skip
+    scores = np.asarray(predictor.predict(instances))
+    assert abs(roc_auc(test["label"].to_numpy(), scores) - retrain["test_auc"]) < 1e-4
+
+
+def test_export_refuses_hashed_and_quantile_spec_fields(tmp_path):
+    from pep_torchrec.export.converter import input_spec
+    from pep_torchrec.export.format import ArtifactError
+
+    raw = write(tmp_path / "d.csv", "".join(f"{i % 2},u{i},{i}\n" for i in range(20)))
+    spec = {"format": {"columns": ["y", "u", "x"]}, "label": {"column": "y", "positive": [1]},
+            "fields": [{"name": "u", "hash_buckets": 8}, {"name": "x", "type": "numeric", "bucketize": "quantile"}]}  # fmt: skip
+    _, out = prepare(tmp_path, spec, [raw])
+    with pytest.raises(ArtifactError, match=r"fields \['u', 'x'\] of the spec'd dataset"):
+        input_spec(Schema.load(out))
 
 
 AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
