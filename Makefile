@@ -34,6 +34,7 @@ quality: install
 # Speed and size benchmarks; each writes JSON + Markdown into benchmarks/results/.
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_overhead.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.prepare_spec
 	$(BIN)/python benchmarks/kernel.py
 	test -d out/demo/runs/search/masks || $(MAKE) demo  # the serving benchmark exports a search run
 	$(BIN)/python -m benchmarks.serving --run-dir out/demo/runs/search --retrain-runs out/demo/runs/retrain_10

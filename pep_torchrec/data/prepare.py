@@ -683,12 +683,17 @@ def _int_list(text: str) -> int | tuple[int, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `data prepare` options to `parser` (for `pep-torchrec data prepare`)."""
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="which dataset to prepare")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--dataset", choices=DATASETS, help="which built-in dataset to prepare")
+    what.add_argument("--spec", help="a dataset spec YAML (or a shipped spec's name): any tabular data, "
+                      "see pep_torchrec/data/spec.py")  # fmt: skip
     parser.add_argument(
         "--raw",
         type=Path,
+        nargs="+",
         default=None,
-        help="raw input: file or directory (movielens: the dataset directory)",
+        help="raw input: file or directory (movielens: the dataset directory); with --spec, one or more "
+        "files, directories or globs",
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
     parser.add_argument(
@@ -698,14 +703,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="values seen fewer times map to the OOV id 0 (default: 10 criteo/avazu, 1 movielens)",
     )
     parser.add_argument(
-        "--split", choices=SPLIT_METHODS, default="random", help="random (seeded) or temporal"
+        "--split", choices=SPLIT_METHODS, default=None, help="random (seeded, the default) or temporal"
     )
     parser.add_argument(
         "--split-fractions",
-        default="0.8,0.1,0.1",
+        default=None,
         help="train,valid,test fractions (default 0.8,0.1,0.1)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="split seed (and generator seed for synthetic)")
+    parser.add_argument("--seed", type=int, default=None, help="split seed (and generator seed for synthetic; default 0)")
     parser.add_argument(
         "--strict", action="store_true", help="stop at the first malformed row (file:line: reason)"
     )
@@ -784,16 +789,26 @@ _CLI_SYNTHETIC = (
 def run(args: argparse.Namespace) -> int:
     """Run `data prepare` with parsed arguments; print the summary. Returns the exit code."""
     options = {k: getattr(args, k) for k in _CLI_SYNTHETIC if getattr(args, k, None) is not None}
+    if getattr(args, "spec", None):  # a declared dataset: pep_torchrec/data/spec_prepare.py
+        from pep_torchrec.data import spec_prepare
+
+        if options:
+            print(f"error: options {sorted(options)} apply to the synthetic dataset only", file=sys.stderr)
+            return USER_ERROR_EXIT
+        return spec_prepare.run(args)
+    if args.raw is not None and len(args.raw) > 1:
+        print(f"error: --dataset {args.dataset} takes one --raw path (several are for --spec)", file=sys.stderr)
+        return USER_ERROR_EXIT
     try:
         report = prepare_dataset(
             args.dataset,
-            args.raw,
+            args.raw[0] if args.raw else None,
             args.out,
             min_count=args.min_count,
-            split=args.split,
-            seed=args.seed,
+            split=args.split or "random",
+            seed=args.seed or 0,
             strict=args.strict,
-            split_fractions=args.split_fractions,
+            split_fractions=args.split_fractions or DEFAULT_SPLIT_FRACTIONS,
             overwrite=args.overwrite,
             block_size=args.block_size,
             row_group_size=args.row_group_size,

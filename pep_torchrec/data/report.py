@@ -15,8 +15,9 @@ Reasons a raw row (or file) is rejected, as counted in report.json["rows_rejecte
     bad_id, bad_timestamp, unknown_user, unknown_item
                         MovieLens ratings: non-integer ids or timestamp, users/items absent from the
                         side tables
-    bad_user_row, bad_item_row
-                        (side-table lines) malformed MovieLens users/items lines
+    bad_user_row, bad_item_row, bad_side_row
+                        (side-table lines) malformed MovieLens users/items lines; unusable lines of a
+                        spec's side table (see pep_torchrec/data/spec_reader.py for the spec's reasons)
     broken_gzip         (files) a truncated or corrupt gzip stream; the rows before the break are kept
     empty_file          (files) a file without any data line (a header alone is not data)
 
@@ -41,7 +42,7 @@ from pep_torchrec.errors import UserError
 #: Reasons whose count is a number of files, not of rows.
 FILE_REASONS = ("broken_gzip", "empty_file")
 #: Reasons that count lines of side tables (MovieLens users/items), not rows of the main input.
-SIDE_TABLE_REASONS = ("bad_user_row", "bad_item_row")
+SIDE_TABLE_REASONS = ("bad_user_row", "bad_item_row", "bad_side_row")
 
 
 class PrepareError(UserError):

@@ -49,6 +49,7 @@ from pep_torchrec.export.format import (
     FORMAT_VERSION,
     LAYOUTS,
     VOCAB_FILE,
+    ArtifactError,
     compress_table,
     encode_table,
     save_tensors,
@@ -83,6 +84,13 @@ def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
         vocab}], "dense": [{name, source, transform}]}. Types: "int", "string", "string_list",
         "number"; `vocab` false means the raw integer is the id itself (synthetic data).
     """
+    # A spec'd dataset (data prepare --spec) maps some fields to ids without a vocabulary: the service
+    # would send every such value to id 0. Refused until serving computes them as prepare does.
+    facts = schema.extra.get("fields", {}) if "spec" in schema.extra else {}
+    unservable = [name for name, f in facts.items() if f.get("ids") in ("hash", "quantile")]
+    if unservable:
+        raise ArtifactError(f"fields {unservable} of the spec'd dataset {schema.dataset!r} are hashed or "
+                            "quantile-bucketized; serving cannot compute their ids yet (use a vocabulary field)")
     sparse, dense, fields = [], [], []
     if schema.dataset == "criteo":
         source = schema.extra.get("dense_source", {})

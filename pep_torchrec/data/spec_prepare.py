@@ -1,0 +1,504 @@
+"""`pep-torchrec data prepare --spec SPEC.yaml --raw PATH... --out DIR`: any tabular CTR data, declared
+in a spec (pep_torchrec/data/spec.py), → the same prepared format as the built-in readers
+(pep_torchrec/data/schema.py), so training, export and the loader need nothing new.
+
+The passes are those of `prepare` (streaming, one block at a time, bounded memory):
+
+1. count: validate every row (bad rows counted per reason with the first file:line, or `--strict`
+   stops), count the values of each vocabulary field over all splits (as the built-in readers do),
+   hash the inputs; with a random or given-files split, also the train statistics (mean and standard
+   deviation of `standardize` fields, a bounded seeded sample of `quantile` fields);
+1b. (temporal split with train statistics only) the statistics, once the row order is known;
+2. write: ids (vocabulary with OOV id 0, or FNV-1a hashing, or quantile buckets), dense values,
+   the split, Parquet.
+
+Ids: a vocabulary field's kept values get ids 1.. (most frequent first), everything else 0, as in
+schema.py; a hashed field's id is FNV-1a-64(value) mod `hash_buckets` (no vocabulary rows); a quantile
+field's id is 0 for a missing value, else 1 + its bucket among `num_buckets` (edges in schema.json).
+The random split hashes (seed, record number) exactly as the built-in readers, so the same rows of the
+same file land in the same splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pep_torchrec.data.prepare import (
+    COMPRESSIONS,
+    DEFAULT_ROW_GROUP_SIZE,
+    DEFAULT_ROWS_PER_FILE,
+    LABEL,
+    _finish_report,
+    _open_writers,
+    _write_rows,
+    atomic_output_dir,
+    format_summary,
+    parse_fractions,
+    random_split_codes,
+    rank_split_codes,
+)
+from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, SourceFile
+from pep_torchrec.data.report import PrepareError, RejectionLog, write_report
+from pep_torchrec.data.schema import Schema, SparseFeature
+from pep_torchrec.data.spec import DatasetSpec, FieldSpec, load_spec, resolve_spec_path, spec_to_dict
+from pep_torchrec.data.spec_reader import (
+    FieldMap,
+    InputFile,
+    SideTable,
+    SpecBlock,
+    SpecRows,
+    fnv1a64,
+    resolve_inputs,
+    side_table_path,
+    split_of_file,
+)
+from pep_torchrec.data.synthetic import hash_uniform, mix_key
+from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
+from pep_torchrec.errors import USER_ERROR_EXIT
+
+logger = logging.getLogger(__name__)
+
+QUANTILE_SAMPLE = 200_000
+"""Train values kept (a seeded sample by record) to place a quantile field's edges: bounded memory."""
+
+
+class SpecReader:
+    """The spec's input files (and side tables) as a stream of `SpecBlock`s, one call per pass.
+
+    Args:
+        spec: the checked spec.
+        raws: the `--raw` paths (files, directories, globs).
+        block_size: decompressed bytes per block.
+    """
+
+    def __init__(self, spec: DatasetSpec, raws: Sequence[str | os.PathLike], block_size: int = DEFAULT_BLOCK_SIZE):
+        self.spec = spec
+        self.raws = [str(r) for r in raws]
+        self.block_size = block_size
+        self.files = resolve_inputs(self.raws, spec.format.files)
+        self.side_paths = [side_table_path(self.raws, j.path, f"joins {j.name}") for j in spec.joins]
+        self.field_map = None
+        if spec.format.field_map:
+            path = side_table_path(self.raws, spec.format.field_map, "format.field_map")
+            self.field_map = FieldMap.load(path, spec.format.fields)
+        self.split_codes = [split_of_file(p, spec) for p in self.files] if spec.split.method == "files" else None
+        self.sources: list[SourceFile] = []
+        self.rows_read = 0
+
+    def blocks(self, *, hash_files: bool = False) -> Iterator[SpecBlock]:
+        sides = [SideTable.load(j, p, self.block_size, hash_files) for j, p in zip(self.spec.joins, self.side_paths)]
+        rows = SpecRows(self.spec, sides)
+        sources = []
+        for side in sides:
+            if side.rejects:
+                yield _empty_block(self.spec, str(side.path), side.rejects)
+            if side.source is not None:
+                sources.append(side.source)
+        record_offset = 0
+        data_sources = []
+        for k, path in enumerate(self.files):
+            source = SourceFile(str(path.resolve()), "data") if hash_files else None
+            reader = InputFile(path, self.spec.format, self.block_size, source, self.field_map)
+            code = None if self.split_codes is None else self.split_codes[k]
+            checked = False
+            for raw in reader.blocks():
+                if not checked and raw.table.num_rows:
+                    self._check_columns(rows, reader.columns or [], path)
+                    checked = True
+                if raw.table.num_rows == 0:
+                    yield _empty_block(self.spec, str(path), raw.rejects)
+                    continue
+                yield rows.parse(raw, str(path), record_offset - reader.first_data_line, code)
+            record_offset += reader.data_lines
+            if source is not None:
+                data_sources.append(source)
+        self.rows_read = record_offset
+        if hash_files:
+            self.sources = data_sources + sources
+
+    @staticmethod
+    def _check_columns(rows: SpecRows, columns: list[str], path: Path) -> None:
+        """Every column the spec reads is in the input or joined, and no joined column hides one."""
+        joined = {s.spec.prefix + c for s in rows.side_tables for c in s.columns}
+        clash = sorted(joined & set(columns))
+        if clash:
+            raise PrepareError(f"{path}: joined columns {clash} are also input columns; set the join's prefix")
+        missing = sorted(rows.required_columns() - set(columns) - joined)
+        if missing:
+            raise PrepareError(f"{path}: columns {missing} that the spec reads are neither in the input "
+                               f"{columns} nor joined")
+
+    def check_unchanged(self) -> None:
+        for s in self.sources:
+            st = os.stat(s.path)
+            if (st.st_size, st.st_mtime_ns) != (s.bytes, s.mtime_ns):
+                raise PrepareError(f"{s.path}: changed while the dataset was being prepared; run again")
+
+
+def _empty_block(spec: DatasetSpec, path: str, rejects) -> SpecBlock:
+    return SpecBlock(np.empty(0, np.int8), {}, {}, np.empty(0, np.int64), path, rejects=list(rejects))
+
+
+# ---------------------------------------------------------------------------------------------------
+# train statistics
+
+
+class _TrainStats:
+    """Mean/std of `standardize` fields and a bounded sample of `quantile` fields, over train rows."""
+
+    def __init__(self, spec: DatasetSpec, seed: int):
+        self.std_fields = [f for f in spec.fields if f.type == "numeric" and "standardize" in f.dense]
+        self.q_fields = [f for f in spec.fields if f.type == "numeric" and f.bucketize == "quantile"]
+        self.sums = {f.name: np.zeros(3) for f in self.std_fields}  # count, sum, sum of squares
+        self.samples: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            f.name: (np.empty(0), np.empty(0)) for f in self.q_fields
+        }
+        self.seed = seed
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.std_fields or self.q_fields)
+
+    def add(self, block: SpecBlock, train: np.ndarray) -> None:
+        for f in self.std_fields:
+            values, missing = block.numbers[f.name]
+            v = _dense_base(f, values)[train & ~missing]
+            self.sums[f.name] += (len(v), v.sum(), np.square(v).sum())
+        for f in self.q_fields:
+            values, missing = block.numbers[f.name]
+            sel = train & ~missing
+            # Priority = a hash of the record: the sample does not depend on block sizes or order.
+            prio = hash_uniform(mix_key(self.seed, f"quantile:{f.name}"), block.records[sel].astype(np.uint64))
+            old_p, old_v = self.samples[f.name]
+            p, v = np.concatenate([old_p, prio]), np.concatenate([old_v, values[sel]])
+            if len(p) > QUANTILE_SAMPLE:
+                keep = np.argpartition(p, QUANTILE_SAMPLE)[:QUANTILE_SAMPLE]
+                p, v = p[keep], v[keep]
+            self.samples[f.name] = (p, v)
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for f in self.std_fields:
+            count, total, squares = self.sums[f.name]
+            mean = total / count if count else 0.0
+            var = max(squares / count - mean * mean, 0.0) if count else 0.0
+            std = float(np.sqrt(var)) or 1.0  # a constant field stays 0 rather than dividing by 0
+            out.setdefault(f.name, {}).update(mean=float(mean), std=std, train_values=int(count))
+        for f in self.q_fields:
+            _, v = self.samples[f.name]
+            qs = np.arange(1, f.num_buckets) / f.num_buckets
+            edges = np.unique(np.quantile(v, qs)) if len(v) else np.empty(0)
+            out.setdefault(f.name, {}).update(edges=[float(e) for e in edges], sampled_values=int(len(v)))
+        return out
+
+
+def _dense_base(f: FieldSpec, values: np.ndarray) -> np.ndarray:
+    return np.log1p(np.maximum(values, 0)) if f.dense.startswith("log1p") else values
+
+
+def _dense(f: FieldSpec, values: np.ndarray, missing: np.ndarray, stats: dict) -> np.ndarray:
+    v = _dense_base(f, values)
+    if "standardize" in f.dense:
+        v = (v - stats[f.name]["mean"]) / stats[f.name]["std"]
+    return np.where(missing, 0.0, v).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the preparation
+
+
+def _sparse_kind(f: FieldSpec) -> str:
+    if f.type == "numeric":
+        return "quantile" if f.bucketize == "quantile" else "vocab"
+    return "hash" if f.hash_buckets else "vocab"
+
+
+def prepare_from_spec(
+    spec_path: str | os.PathLike,
+    raws: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    min_count: int | None = None,
+    split: str | None = None,
+    split_fractions: str | Sequence[float] | None = None,
+    seed: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    compression: str = "snappy",
+) -> dict[str, Any]:
+    """Prepare a dataset directory from raw files as a spec declares.
+
+    Args:
+        spec_path: the spec YAML, or a shipped spec's name (`criteo`, `movielens_100k`).
+        raws: the raw inputs: files, directories (files matching `format.files`) or globs.
+        out: the directory to create (atomically; an existing one only with `overwrite`).
+        min_count, split, split_fractions, seed: override the spec's `min_count` and `split.method`,
+            `split.fractions`, `split.seed` when given.
+        strict, overwrite, block_size, row_group_size, rows_per_file, compression: as `prepare_dataset`.
+
+    Returns:
+        The report, also written to `out/report.json`.
+
+    Raises:
+        PrepareError: a bad spec (naming file and key), unreadable or wholly invalid input, an
+            existing `out`, or (strict) a malformed row.
+    """
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    spec_file = resolve_spec_path(str(spec_path))
+    spec = load_spec(spec_file)
+    if min_count is not None:
+        if min_count < 1:
+            raise PrepareError(f"min_count must be >= 1, got {min_count}")
+        spec.min_count = min_count
+    if split is not None:
+        if split not in ("random", "temporal"):
+            raise PrepareError(f"--split {split!r}: random or temporal (given-files splits are set in the spec)")
+        spec.split.method = split
+    if split_fractions is not None:
+        spec.split.fractions = list(parse_fractions(split_fractions))
+    if seed is not None:
+        spec.split.seed = seed
+    fractions = parse_fractions(spec.split.fractions)
+    if compression not in COMPRESSIONS:
+        raise PrepareError(f"unknown compression {compression!r}; have {list(COMPRESSIONS)}")
+    if block_size < 1 << 10 or row_group_size < 1 or rows_per_file < 0:
+        raise PrepareError("block_size must be >= 1024, row_group_size >= 1, rows_per_file >= 0")
+    if not raws:
+        raise PrepareError("--raw is required with --spec")
+    reader = SpecReader(spec, raws, block_size)
+    writer_options = {"row_group_size": row_group_size, "rows_per_file": rows_per_file, "compression": compression}
+    with atomic_output_dir(out, overwrite) as tmp:
+        report = _prepare(spec, reader, tmp, fractions=fractions, strict=strict, writer_options=writer_options)
+        report = {
+            "dataset": spec.name,
+            "spec": str(spec_file.resolve()),
+            "raw": [str(Path(r).resolve()) for r in raws],
+            "out": str(Path(out).resolve()),
+            "started_at": started_at,
+            "duration_s": round(time.perf_counter() - started, 3),
+            "min_count": spec.min_count,
+            "split_method": spec.split.method,
+            "split_fractions": list(fractions),
+            "seed": spec.split.seed,
+            "strict": strict,
+            **report,
+        }
+        write_report(tmp, report)
+    return report
+
+
+def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, strict: bool,
+             writer_options: dict) -> dict[str, Any]:  # fmt: skip
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    method, seed = spec.split.method, spec.split.seed
+    sparse = [f for f in spec.fields if f.type != "numeric" or f.bucketize]
+    dense = [f for f in spec.fields if f.type == "numeric" and f.dense]
+    vocab_fields = [f for f in sparse if _sparse_kind(f) == "vocab"]
+    log = RejectionLog(strict)
+    counters = {f.name: ValueCounter() for f in vocab_fields}
+    stats = _TrainStats(spec, seed)
+    by_column = method == "temporal" and bool(spec.split.column)
+    order_keys: list[np.ndarray] = []
+    order_records: list[np.ndarray] = []
+    num_kept = 0
+    multi_names: set[str] = set()
+
+    def codes_of(block: SpecBlock, position: int, ranks: np.ndarray | None) -> np.ndarray:
+        n = block.num_rows
+        if method == "random":
+            return random_split_codes(block.records, seed, fractions)
+        if method == "files":
+            return np.full(n, block.split_code, dtype=np.int8)
+        if ranks is not None:
+            return rank_split_codes(ranks[position : position + n], num_kept, fractions)
+        return rank_split_codes(np.arange(position, position + n), num_kept, fractions)
+
+    # Pass 1: validate, count, (random / files split) train statistics.
+    for block in reader.blocks(hash_files=True):
+        log.record(block.path, block.rejects)
+        for reason, count in block.filtered.items():
+            log.filter(reason, count)
+        if not block.num_rows:
+            continue
+        for name, counter in counters.items():
+            counter.add(block.keys[name])
+        # A bag per row: a separator, a flags field, or a list column of a Parquet input.
+        multi_names.update(k for k, v in block.keys.items() if pa.types.is_list(v.type))
+        if by_column:
+            order_keys.append(block.order_keys)
+            order_records.append(block.records)
+        if stats.needed and method != "temporal":
+            stats.add(block, codes_of(block, 0, None) == 0)
+        num_kept += block.num_rows
+    timings["count_s"] = time.perf_counter() - t
+    if num_kept == 0:
+        raise PrepareError(
+            f"no valid row in {[str(p) for p in reader.files]}: {reader.rows_read} rows read, rejected "
+            f"{dict(log.rejected)}, filtered {dict(log.filtered)}"
+        )
+    ranks = None
+    if by_column:
+        keys, records = np.concatenate(order_keys), np.concatenate(order_records)
+        order_keys.clear()
+        order_records.clear()
+        ranks = np.empty(num_kept, dtype=np.int64)
+        ranks[np.lexsort((records, keys))] = np.arange(num_kept)
+    if stats.needed and method == "temporal":  # pass 1b: the train rows are known only now
+        t1 = time.perf_counter()
+        reader.check_unchanged()
+        position = 0
+        for block in reader.blocks():
+            if block.num_rows:
+                stats.add(block, codes_of(block, position, ranks) == 0)
+                position += block.num_rows
+        timings["train_stats_s"] = time.perf_counter() - t1
+    train_stats = stats.result()
+
+    t = time.perf_counter()
+    vocabs: dict[str, Vocabulary] = {}
+    for f in vocab_fields:
+        threshold = f.min_count if f.min_count is not None else spec.min_count
+        vocabs[f.name] = Vocabulary.from_counts(f.name, counters.pop(f.name).result(), threshold)
+    features = []
+    for f in sparse:
+        kind = _sparse_kind(f)
+        if kind == "vocab":
+            card = vocabs[f.name].cardinality
+        else:
+            card = f.hash_buckets if kind == "hash" else f.num_buckets + 1
+        multi = f.name in multi_names or f.type == "flags" or (f.type == "categorical" and bool(f.separator))
+        transform = "criteo_log_bucket" if f.bucketize == "log2" else "none"
+        features.append(SparseFeature(f.name, card, multi, transform))
+    timings["vocab_s"] = time.perf_counter() - t
+
+    # Pass 2: ids, dense values, split, Parquet.
+    t = time.perf_counter()
+    reader.check_unchanged()
+    multi_names = {sf.name for sf in features if sf.multi_hot}
+    fields = [pa.field(LABEL, pa.int8())]
+    fields += [pa.field(sf.name, pa.list_(pa.int64()) if sf.multi_hot else pa.int64()) for sf in features]
+    fields += [pa.field(f.dense_name, pa.float32()) for f in dense]
+    arrow_schema = pa.schema(fields)
+    writers = _open_writers(tmp, arrow_schema, writer_options)
+    position = 0
+    for block in reader.blocks():
+        n = block.num_rows
+        if not n:
+            continue
+        columns: list[pa.Array] = [pa.array(block.labels, pa.int8())]
+        for f in sparse:
+            kind = _sparse_kind(f)
+            if kind == "quantile":
+                values, missing = block.numbers[f.name]
+                edges = np.asarray(train_stats[f.name]["edges"], dtype=np.float64)
+                ids = np.where(missing, 0, 1 + np.searchsorted(edges, values, side="right"))
+                columns.append(pa.array(ids.astype(np.int64), pa.int64()))
+                continue
+            values = block.keys[f.name]
+            if f.name in multi_names:
+                offsets = values.offsets.to_numpy()
+                flat = _ids(f, kind, vocabs, values.flatten())
+                columns.append(pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()),
+                                                        pa.array(flat, pa.int64())))  # fmt: skip
+            else:
+                columns.append(pa.array(_ids(f, kind, vocabs, values), pa.int64()))
+        for f in dense:
+            values, missing = block.numbers[f.name]
+            columns.append(pa.array(_dense(f, values, missing, train_stats), pa.float32()))
+        table = pa.Table.from_arrays(columns, schema=arrow_schema)
+        _write_rows(writers, table, codes_of(block, position, ranks))
+        position += n
+    if position != num_kept:
+        raise PrepareError(f"pass 2 read {position} rows, pass 1 {num_kept}: the input changed; run again")
+    splits = {s: w.close() for s, w in writers.items()}
+    write_vocab(tmp, [vocabs[f.name] for f in vocab_fields])
+    timings["write_s"] = time.perf_counter() - t
+
+    field_facts = {}
+    for f in spec.fields:
+        facts: dict[str, Any] = {"type": f.type}
+        if f.type != "numeric" or f.bucketize:
+            facts["ids"] = _sparse_kind(f)
+            if _sparse_kind(f) == "vocab":
+                facts["min_count"] = f.min_count if f.min_count is not None else spec.min_count
+            if f.hash_buckets:
+                facts["hash"] = "fnv1a64(utf-8 value) mod hash_buckets"
+        facts.update(train_stats.get(f.name, {}))
+        field_facts[f.name] = facts
+    schema = Schema(
+        dataset=spec.name,
+        sparse_features=features,
+        dense_features=[f.dense_name for f in dense],
+        splits=splits,
+        label=LABEL,
+        min_count=spec.min_count,
+        split_method=method,
+        seed=seed,
+        source={
+            "files": [s.to_json() for s in reader.sources],
+            "sha256_of": "the file's bytes as stored (compressed bytes for gzip files)",
+        },
+        extra={"spec": spec_to_dict(spec), "fields": field_facts, "split_fractions": list(fractions)},
+    )
+    schema.save(tmp)
+    report = {
+        "rows_read": reader.rows_read,
+        "rows_kept": num_kept,
+        "rows_rejected": dict(sorted(log.rejected.items())),
+        "rows_rejected_total": log.rejected_rows,
+        "rows_filtered": dict(sorted(log.filtered.items())),
+        "rejected_examples": dict(sorted(log.examples.items())),
+        "files": [s.to_json() for s in reader.sources],
+    }
+    return _finish_report(report, schema, writers, timings)
+
+
+def _ids(f: FieldSpec, kind: str, vocabs: dict[str, Vocabulary], values: pa.Array) -> np.ndarray:
+    if kind == "vocab":
+        return vocabs[f.name].lookup(values)
+    # Hash each distinct value once (blocks repeat values a lot).
+    encoded = pc.dictionary_encode(values)
+    ids = (fnv1a64(encoded.dictionary) % np.uint64(f.hash_buckets)).astype(np.int64)
+    return ids[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def run(args: argparse.Namespace) -> int:
+    """`data prepare --spec ...` with parsed arguments (see `prepare.add_arguments`); prints the summary."""
+    try:
+        report = prepare_from_spec(
+            args.spec,
+            args.raw or [],
+            args.out,
+            min_count=args.min_count,
+            split=args.split,
+            split_fractions=args.split_fractions,
+            seed=args.seed,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            block_size=args.block_size,
+            row_group_size=args.row_group_size,
+            rows_per_file=args.rows_per_file,
+            compression=args.compression,
+        )
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    print(format_summary(report))
+    return 0
