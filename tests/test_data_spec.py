@@ -407,7 +407,7 @@ def test_spec_to_served_predictions_with_the_tabular_configs(tmp_path):
 
     base = train("tabular_deepfm.yaml", "base")
     assert base["dataset"] == "toy" and base["steps"] >= 4 and base["model"] == "deepfm"
-    train("tabular_fm_search.yaml", "search", "--set", "train.eval_every=5", "--set", "pep.target_epochs=2")
+    train("tabular_fm_search.yaml", "search", "--set", "train.eval_every=5", "--set", "pep.gk_growth=3.0")
     retrain = train("tabular_fm_retrain.yaml", "retrain", "--mask", str(runs / "search" / "masks" / "budget_0.1"))
     assert retrain["embedding_params_kept"] <= 0.1 * retrain["embedding_params_total"] + 1
     assert retrain["valid_auc"] > 0.7  # the label is a function of (user, item): learnable from 10 %
