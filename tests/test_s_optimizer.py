@@ -18,7 +18,6 @@ import torch.distributed.checkpoint as dcp
 from dist_utils import run_on_ranks
 from test_pep_sharded import (
     DIM,
-    FEATURES,
     GK,
     LR,
     TABLE_NAMES,
@@ -37,7 +36,6 @@ from pep_torchrec import cli
 from pep_torchrec.config import ConfigError, load_config
 from pep_torchrec.distributed.pep_embeddingbag import ShardedPEPEmbeddingBagCollection
 from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerState, SOptimizerSync
-from pep_torchrec.ops import ThresholdMode
 from pep_torchrec.ops.threshold_pool import s_columns
 from pep_torchrec.train import main as train_main
 
@@ -190,8 +188,7 @@ def _reference(case: Case) -> tuple[dict[str, np.ndarray], dict[str, float]]:
 @pytest.mark.parametrize("case", SOPT_CASES, ids=lambda c: c.name)
 def test_every_plan_takes_the_rules_steps(sopt_results, case):
     expected, mean_sq = _reference(case)
-    key = f"_embedding_bag_collection.embedding_bags.{{t}}.weight"
-    first = None
+    key = "_embedding_bag_collection.embedding_bags.{t}.weight"
     for plan in SOPT_PLANS:
         results = [r[(plan, case.name)] for r in sopt_results]
         assert results[0]["mean_sq"] == results[1]["mean_sq"]  # every rank holds the same scale
@@ -200,8 +197,6 @@ def test_every_plan_takes_the_rules_steps(sopt_results, case):
         got = {t: _assemble(results, f"pep.{key.format(t=t)}", expected[key.format(t=t)].shape) for t in TABLE_NAMES}
         for t in TABLE_NAMES:
             np.testing.assert_allclose(got[t], expected[key.format(t=t)], rtol=1e-5, atol=1e-6, err_msg=f"{plan} {t}")
-        if first is None:
-            first = got
         s = s_columns(DIM, case.mode)
         moved = sum(int((got[t][:, s] != full_state(case)[key.format(t=t)].numpy()[:, s]).sum()) for t in TABLE_NAMES)
         assert moved > 0, f"{plan}: s never moved"
