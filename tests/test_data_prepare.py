@@ -732,6 +732,11 @@ def test_progress_is_logged_per_interval(tmp_path, monkeypatch, caplog):
     lines = [r.getMessage() for r in caplog.records if "rows/s" in r.getMessage()]
     assert any(m.startswith("pass 1/2 (count): ") and "file 1 of 1" in m for m in lines), lines
     assert any(m.startswith("pass 2/2 (write): ") and "% of 3,000" in m for m in lines), lines
+    # Stored bytes read of the total, per pass: rising within a pass, never beyond the file.
+    size = (tmp_path / "day_0").stat().st_size / 2**20
+    read = [float(m.split(", ")[-1].split(" of ")[0]) for m in lines if "MiB read" in m]
+    assert read and all(f"of {size:,.1f} MiB read" in m for m in lines if "MiB read" in m), lines
+    assert max(read) <= size + 0.05 and read[0] < max(read), read
 
 
 def _fast_progress(init):

@@ -42,7 +42,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pep_torchrec.atomic import replace_dir
-from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, DatasetReader, ParsedBlock
+from pep_torchrec.data.readers import (
+    DEFAULT_BLOCK_SIZE,
+    DatasetReader,
+    ParsedBlock,
+    bytes_read,
+    reset_bytes_read,
+)
 from pep_torchrec.data.report import (
     FILE_REASONS,
     SIDE_TABLE_REASONS,
@@ -595,7 +601,10 @@ class _Progress:
 
     def __init__(self, name: str, reader: DatasetReader, total_rows: int | None = None) -> None:
         self.name, self.total_rows = name, total_rows
-        self.num_files = len(getattr(reader, "files", None) or [])
+        self.files = [str(p) for p in getattr(reader, "files", None) or []]
+        self.num_files = len(self.files)
+        self.total_bytes = sum(os.path.getsize(p) for p in self.files if os.path.isfile(p))
+        reset_bytes_read(self.files)
         self.tty = sys.stderr.isatty()
         self.interval = 0.5 if self.tty else 30.0
         self.start = self.last = time.perf_counter()
@@ -609,6 +618,9 @@ class _Progress:
             text += f", {100 * self.rows / self.total_rows:.0f} % of {self.total_rows:,}"
         if self.num_files:
             text += f", file {len(self.paths)} of {self.num_files}"
+        done = sum(bytes_read(p) for p in self.files)
+        if self.total_bytes and done:  # text and gzip inputs (stored bytes: compressed for gzip)
+            text += f", {done / 2**20:,.1f} of {self.total_bytes / 2**20:,.1f} MiB read"
         return text
 
     def update(self, block: ParsedBlock) -> None:

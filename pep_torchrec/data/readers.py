@@ -24,7 +24,7 @@ import hashlib
 import os
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,13 +114,31 @@ class LineChunk:
     long_lines: tuple[int, ...] = ()
 
 
+# Stored bytes read so far from each file in its current pass, by resolved path: for progress meters
+# (prepare's `_Progress`), which know the files and their sizes but not the readers' positions.
+_BYTES_READ: dict[str, int] = {}
+
+
+def bytes_read(path: str | os.PathLike) -> int:
+    """Stored (compressed, for gzip) bytes read from `path` since it was last opened by a reader."""
+    return _BYTES_READ.get(os.path.realpath(path), 0)
+
+
+def reset_bytes_read(paths: Iterable[str | os.PathLike]) -> None:
+    """Start a new pass over `paths` (files a pass has not opened yet count 0)."""
+    for path in paths:
+        _BYTES_READ[os.path.realpath(path)] = 0
+
+
 def _raw_pieces(f, piece_size: int, hasher) -> Iterator[bytes]:
+    key = os.path.realpath(f.name)
     while True:
         piece = f.read(piece_size)
         if not piece:
             return
         if hasher is not None:
             hasher.update(piece)
+        _BYTES_READ[key] = _BYTES_READ.get(key, 0) + len(piece)
         yield piece
 
 
@@ -189,6 +207,7 @@ def iter_line_chunks(
     with open(path, "rb") as f:
         compressed = f.read(2) == GZIP_MAGIC
         f.seek(0)
+        _BYTES_READ[os.path.realpath(path)] = 0
         if source is not None:
             st = os.fstat(f.fileno())
             source.bytes, source.mtime_ns, source.compressed = st.st_size, st.st_mtime_ns, compressed
