@@ -103,8 +103,9 @@ def ml100k_data(tmp_path_factory) -> Path:
 
 
 def reference_scores(converter: ArtifactConverter, artifact, split: str = "test"):
-    """(reference probabilities, artifact probabilities, labels) over a split: the reference is the
-    trained module's own forward (thresholds applied by the training op), with the mask zeroing v."""
+    """(reference probabilities, artifact probabilities, labels) over a split's real rows (the loader
+    pads its last batch with weight-0 rows; they are dropped): the reference is the trained module's
+    own forward (thresholds applied by the training op), with the mask zeroing v."""
     model, source = converter.load_model()
     ebc = model.model.ebc
     with torch.no_grad():
@@ -115,13 +116,15 @@ def reference_scores(converter: ArtifactConverter, artifact, split: str = "test"
                 mask = np.load(source.mask_dir / f"{c.name}.npy")
                 stored[:, : c.embedding_dim] *= converter.export_mask(ebc, source, c.name, mask, 0, stored).float()
     loader = ParquetBatchLoader(converter.cfg.data.path, split, batch_size=1024, prefetch=0)
-    ref, got, labels = [], [], []
+    ref, got, labels, real = [], [], [], []
     with torch.no_grad():
         for batch in loader:
             ref.append(torch.sigmoid(model.model(batch.dense_features, batch.sparse_features)))
             got.append(torch.sigmoid(artifact.logits(batch.dense_features, batch.sparse_features)))
             labels.append(batch.labels)
-    return torch.cat(ref), torch.cat(got), torch.cat(labels).numpy()
+            real.append(batch.weights > 0)
+    real = torch.cat(real)
+    return torch.cat(ref)[real], torch.cat(got)[real], torch.cat(labels)[real].numpy()
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

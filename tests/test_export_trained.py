@@ -71,6 +71,9 @@ def test_trained_search_export_is_exact(tmp_path):
             assert (ref - got).abs().max().item() <= 1e-6
             assert 0 < manifest["kept_params"] <= 0.2 * manifest["embedding_params"] + 1e-9
         aucs[dtype] = roc_auc(labels, got.numpy())
+    # The exported search model is the scorer training evaluated (summary test AUC, same checkpoint).
+    summary = json.loads((run / "summary.json").read_text())
+    assert aucs["fp32"] > 0.6, (aucs, summary["test_auc"])
     assert abs(aucs["fp16"] - aucs["fp32"]) <= 1e-3, aucs
     assert abs(aucs["int8"] - aucs["fp32"]) <= 1e-3, aucs
     # The earlier (0.5) snapshot: its own, non-final checkpoint, exported exactly as well.
