@@ -36,6 +36,7 @@ from pep_torchrec import cli
 from pep_torchrec.config import ConfigError, load_config
 from pep_torchrec.distributed.pep_embeddingbag import ShardedPEPEmbeddingBagCollection
 from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerState, SOptimizerSync
+from pep_torchrec.ops import threshold_pool_cpu as cpu_kernel
 from pep_torchrec.ops.threshold_pool import s_columns
 from pep_torchrec.train import main as train_main
 
@@ -72,6 +73,32 @@ def test_first_sync_sets_the_table_rms_scale_and_v_is_never_touched():
     beta2 = 0.99**2
     assert sync.mean_sq["a"] == pytest.approx(beta2 * 1.25 + (1 - beta2) * 1.25)
     assert sync.last_sync == 3
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ CPU kernels could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("s_cols", [slice(8, 16), slice(8, 9)], ids=["feature_dim", "feature"])
+def test_cpu_kernel_takes_the_torch_paths_step(monkeypatch, dtype, s_cols):
+    """`pep_s_update` (C++) == the gather / scatter path: the same s columns, nothing else touched,
+    the same statistics, on a column slice of a wider storage (a TBE group's rows)."""
+    gen = torch.Generator().manual_seed(0)
+    storage = torch.randn(300, 20, generator=gen, dtype=dtype)[:, :16]  # row stride 20 > width
+    ids = torch.randperm(300, generator=gen)[:120]
+    tables = torch.randint(0, 3, (120,), generator=gen)
+    grad = torch.randn(120, s_cols.stop - s_cols.start, generator=gen, dtype=dtype)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(cpu_kernel, "available", lambda native=native: native)
+        state = SOptimizerState(SOptimizerSettings(lr=0.1), ["a", "b", "c"])
+        state.scale = torch.tensor([0.1, 0.2, 0.05], dtype=torch.float64)
+        weight = storage.clone()
+        state.update(weight, ids, tables, grad, s_cols, gk=0.37)
+        results.append((weight, state.sum_sq.clone(), state.rows.clone()))
+    (w_c, sq_c, rows_c), (w_t, sq_t, rows_t) = results
+    assert not torch.equal(w_c, storage)
+    torch.testing.assert_close(w_c, w_t, rtol=0, atol=4 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(sq_c, sq_t, rtol=1e-6, atol=0)
+    assert torch.equal(rows_c, rows_t)
 
 
 def test_saved_state_counts_the_pending_statistics_once():

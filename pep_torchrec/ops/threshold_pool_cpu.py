@@ -32,7 +32,7 @@ from torch import Tensor
 from pep_torchrec.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("csrc") / "threshold_pool_cpu.cpp"
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -87,6 +87,7 @@ _GROUP_BWD_ARGS = [
     _i64,
     _int,
 ]
+_S_UPDATE_ARGS = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr, _dbl, _ptr, _ptr]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -96,6 +97,7 @@ def _configure(lib: ctypes.CDLL) -> None:
         getattr(lib, f"pep_threshold_pool_bwd_{suffix}").argtypes = _BWD_ARGS
         getattr(lib, f"pep_threshold_pool_group_fwd_{suffix}").argtypes = _GROUP_FWD_ARGS
         getattr(lib, f"pep_threshold_pool_group_bwd_{suffix}").argtypes = _GROUP_BWD_ARGS
+        getattr(lib, f"pep_s_update_{suffix}").argtypes = _S_UPDATE_ARGS
 
 
 _NATIVE = NativeLibrary(SOURCE, _FLAGS, abi_symbol="pep_abi_version", abi_version=_ABI_VERSION,
@@ -223,3 +225,19 @@ def group_backward(grad_out: Tensor, rows_all: Tensor, offsets: Tensor, psw: Ten
     else:
         grad_rows.zero_()
     return grad_rows
+
+
+def s_update(storage: Tensor, ids: Tensor, table_of_id: Tensor, grad: Tensor, s_off: int, scale: Tensor,
+             gk: float, sum_sq: Tensor, rows: Tensor) -> None:
+    """The own s optimizer's in-place step on CPU (see `SOptimizerState.update` for the PyTorch
+    path it matches): storage [R, W] (unit column stride), ids / table_of_id [U] int64 (ids unique),
+    grad [U, S] contiguous in storage's dtype, scale / sum_sq / rows [tables] float64 (the last two
+    accumulated)."""
+    lib = load()
+    assert lib is not None and storage.dtype in _SUFFIX and storage.stride(1) == 1 and grad.dtype == storage.dtype
+    assert all(t.dtype == torch.float64 and t.is_contiguous() for t in (scale, sum_sq, rows))
+    ids, table_of_id, grad = ids.contiguous(), table_of_id.contiguous(), grad.contiguous()
+    getattr(lib, f"pep_s_update_{_SUFFIX[storage.dtype]}")(
+        storage.data_ptr(), storage.stride(0), ids.data_ptr(), table_of_id.data_ptr(), ids.numel(),
+        grad.data_ptr(), grad.shape[1], s_off, scale.data_ptr(), gk, sum_sq.data_ptr(), rows.data_ptr(),
+    )  # fmt: skip
