@@ -87,7 +87,7 @@ _GROUP_BWD_ARGS = [
     _i64,
     _int,
 ]
-_S_UPDATE_ARGS = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr, _dbl, _ptr, _ptr]
+_S_UPDATE_ARGS = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr, _dbl]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -228,16 +228,16 @@ def group_backward(grad_out: Tensor, rows_all: Tensor, offsets: Tensor, psw: Ten
 
 
 def s_update(storage: Tensor, ids: Tensor, table_of_id: Tensor, grad: Tensor, s_off: int, scale: Tensor,
-             gk: float, sum_sq: Tensor, rows: Tensor) -> None:
-    """The own s optimizer's in-place step on CPU (see `SOptimizerState.update` for the PyTorch
-    path it matches): storage [R, W] (unit column stride), ids / table_of_id [U] int64 (ids unique),
-    grad [U, S] contiguous in storage's dtype, scale / sum_sq / rows [tables] float64 (the last two
-    accumulated)."""
+             gk: float) -> None:
+    """The own s optimizer's in-place step on CPU, rounded like its PyTorch path
+    (`SOptimizerState.update`): storage [R, W] (unit column stride) rows `ids` (unique, int64),
+    columns [s_off, s_off + S) -= grad / gk · scale[table_of_id]; grad [U, S] in storage's dtype,
+    scale [tables] float64."""
     lib = load()
     assert lib is not None and storage.dtype in _SUFFIX and storage.stride(1) == 1 and grad.dtype == storage.dtype
-    assert all(t.dtype == torch.float64 and t.is_contiguous() for t in (scale, sum_sq, rows))
-    ids, table_of_id, grad = ids.contiguous(), table_of_id.contiguous(), grad.contiguous()
+    assert scale.dtype == torch.float64
+    ids, table_of_id, grad, scale = ids.contiguous(), table_of_id.contiguous(), grad.contiguous(), scale.contiguous()
     getattr(lib, f"pep_s_update_{_SUFFIX[storage.dtype]}")(
         storage.data_ptr(), storage.stride(0), ids.data_ptr(), table_of_id.data_ptr(), ids.numel(),
-        grad.data_ptr(), grad.shape[1], s_off, scale.data_ptr(), gk, sum_sq.data_ptr(), rows.data_ptr(),
+        grad.data_ptr(), grad.shape[1], s_off, scale.data_ptr(), gk,
     )  # fmt: skip
