@@ -350,6 +350,7 @@ PEP_DEFINE(f64, double)
                              double gk) {                                                            \
     const T gk_ = T(gk);                                                                            \
     for (int64_t u = 0; u < U; ++u) {                                                               \
+      if (u + 16 < U) __builtin_prefetch(storage + ids[u + 16] * ld + s_off, 1);                   \
       const T step = T(scale[table_of_id[u]]);                                                      \
       T* s = storage + ids[u] * ld + s_off;                                                         \
       const T* g = grad + u * S;                                                                    \
