@@ -35,7 +35,13 @@ from test_pep_sharded import (
 from pep_torchrec import cli
 from pep_torchrec.config import ConfigError, load_config
 from pep_torchrec.distributed.pep_embeddingbag import ShardedPEPEmbeddingBagCollection
-from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerState, SOptimizerSync
+from pep_torchrec.distributed.s_optimizer import (
+    OwnSStep,
+    SOptimizerSettings,
+    SOptimizerState,
+    SOptimizerSync,
+    plan_step,
+)
 from pep_torchrec.ops import threshold_pool_cpu as cpu_kernel
 from pep_torchrec.ops.threshold_pool import s_columns
 from pep_torchrec.train import main as train_main
@@ -98,6 +104,38 @@ def test_cpu_kernel_takes_the_torch_paths_step(monkeypatch, dtype, s_cols):
     assert not torch.equal(w_c, storage)
     assert torch.equal(w_c, w_t)  # bit for bit: the searches' results do not depend on the path
     assert torch.equal(sq_c, sq_t) and torch.equal(rows_c, rows_t)
+
+
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ CPU kernels could not be built here")
+@pytest.mark.parametrize("ragged", [False, True], ids=["n_max_ids_each", "ragged"])
+def test_cpu_backward_is_the_torch_backward(monkeypatch, ragged):
+    """OwnSStep's backward with the C++ gather (`pep_s_gather`) == its PyTorch ops, bit for bit: the
+    gradient handed to the TBE (s columns zeroed, v columns untouched) and the updated s, with
+    repeated ids (sums in occurrence order) and features of different id counts."""
+    gen = torch.Generator().manual_seed(1)
+    num_f, rows, dim, width = 3, 50, 4, 8  # feature_dim: [v | s], s in columns [4, 8)
+    storage = torch.randn(num_f * rows, width, generator=gen)
+    lengths = [7, 3, 5] if ragged else [6, 6, 6]
+    values = torch.cat([torch.randint(0, 4, (n,), generator=gen) for n in lengths])  # many repeats
+    n_max = max(lengths)
+    grad_out = torch.randn(n_max, num_f * width, generator=gen)
+    for f, n in enumerate(lengths):
+        grad_out[n:, f * width:(f + 1) * width] = 0  # the TBE's padding rows carry no gradient
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(cpu_kernel, "available", lambda native=native: native)
+        state = SOptimizerState(SOptimizerSettings(lr=0.1), ["t0", "t1", "t2"])
+        state.scale = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+        store = storage.clone()
+        plan = plan_step([store[f * rows:(f + 1) * rows] for f in range(num_f)], [0, 1, 2], values, lengths,
+                         slice(dim, width), width, store, gk=0.5)
+        rows_all = torch.zeros(n_max, num_f * width, requires_grad=True)
+        OwnSStep.apply(rows_all, plan, state).backward(grad_out.clone())
+        results.append((rows_all.grad, store, state.sum_sq.clone()))
+    (grad_c, store_c, sq_c), (grad_t, store_t, sq_t) = results
+    assert torch.equal(grad_c, grad_t) and torch.equal(store_c, store_t) and torch.equal(sq_c, sq_t)
+    assert not torch.equal(store_c, storage)
+    assert torch.equal(grad_c.view(n_max, num_f, width)[:, :, dim:], torch.zeros(n_max, num_f, dim))
 
 
 def test_saved_state_counts_the_pending_statistics_once():

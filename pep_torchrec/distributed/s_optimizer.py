@@ -210,6 +210,13 @@ class OwnSStep(torch.autograd.Function):
         # Zeroed in place: the incoming gradient is the threshold-pool backward's own buffer.
         grad = grad.contiguous()
         n_max = grad.shape[0]
+        if grad.device.type == "cpu" and cpu_kernel.available():
+            # One pass: gather-sum per unique row and zero, as the ops below do (bit for bit).
+            g = cpu_kernel.s_gather(grad, grad.shape[1] // plan.width, plan.width, plan.s_cols.start,
+                                    plan.s_cols.stop - plan.s_cols.start, plan.inverse, plan.lengths,
+                                    plan.ids.numel())
+            ctx.state.update(plan.storage, plan.ids, plan.table_of_id, g, plan.s_cols, plan.gk)
+            return grad, None, None
         s_NFS = grad.view(n_max, -1, plan.width)[:, :, plan.s_cols]  # [N_max, F, S] view
         if plan.lengths is None:  # every feature has N_max ids: occurrences in (n, f) order
             occurrences = s_NFS.reshape(-1, s_NFS.shape[-1]).contiguous()  # index_add_ is slow on strided

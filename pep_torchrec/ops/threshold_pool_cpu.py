@@ -87,6 +87,7 @@ _GROUP_BWD_ARGS = [
     _i64,
     _int,
 ]
+_S_GATHER_ARGS = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64]
 _S_UPDATE_ARGS = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr, _dbl]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -98,6 +99,7 @@ def _configure(lib: ctypes.CDLL) -> None:
         getattr(lib, f"pep_threshold_pool_group_fwd_{suffix}").argtypes = _GROUP_FWD_ARGS
         getattr(lib, f"pep_threshold_pool_group_bwd_{suffix}").argtypes = _GROUP_BWD_ARGS
         getattr(lib, f"pep_s_update_{suffix}").argtypes = _S_UPDATE_ARGS
+        getattr(lib, f"pep_s_gather_{suffix}").argtypes = _S_GATHER_ARGS
 
 
 _NATIVE = NativeLibrary(SOURCE, _FLAGS, abi_symbol="pep_abi_version", abi_version=_ABI_VERSION,
@@ -225,6 +227,24 @@ def group_backward(grad_out: Tensor, rows_all: Tensor, offsets: Tensor, psw: Ten
     else:
         grad_rows.zero_()
     return grad_rows
+
+
+def s_gather(grad: Tensor, num_features: int, width: int, s_off: int, s_width: int, inverse: Tensor,
+             lengths: Tensor | None, num_unique: int) -> Tensor:
+    """g [num_unique, s_width]: the s columns of grad [N_max, F·W] (unit column stride) summed per
+    unique row through `inverse` in occurrence order ((n, f), or (f, n < lengths[f])), exactly as
+    index_add_ sums them; those columns of grad are zeroed in place."""
+    lib = load()
+    assert lib is not None and grad.dtype in _SUFFIX and grad.stride(1) == 1
+    assert inverse.dtype == torch.int64 and (lengths is None or lengths.dtype == torch.int64)
+    inverse = inverse.contiguous()
+    lengths = None if lengths is None else lengths.contiguous()
+    g = torch.empty(num_unique, s_width, dtype=grad.dtype)
+    getattr(lib, f"pep_s_gather_{_SUFFIX[grad.dtype]}")(
+        grad.data_ptr(), grad.stride(0), grad.shape[0], num_features, width, s_off, s_width,
+        inverse.data_ptr(), _p(lengths), g.data_ptr(), num_unique,
+    )  # fmt: skip
+    return g
 
 
 def s_update(storage: Tensor, ids: Tensor, table_of_id: Tensor, grad: Tensor, s_off: int, scale: Tensor,

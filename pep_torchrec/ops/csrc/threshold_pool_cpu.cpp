@@ -337,6 +337,41 @@ int pep_abi_version() { return 3; }
 PEP_DEFINE(f32, float)
 PEP_DEFINE(f64, double)
 
+// The own s optimizer's gradient (`s_optimizer.OwnSStep.backward`): the s columns [s_off, s_off + S)
+// of the group's row gradient grad [n_max, F·W] (row stride ld; feature f's row n in columns
+// [f·W, (f+1)·W)) summed per unique looked-up row into g [U, S] (g[inverse[k]] += occurrence k, in
+// occurrence order, like index_add_), then zeroed so the TBE's optimizer never sees them. Occurrence
+// order: (n, f) when `lengths` is null (every feature has n_max ids), else (f, n < lengths[f]).
+#define PEP_DEFINE_S_GATHER(SUFFIX, T)                                                              \
+  void pep_s_gather_##SUFFIX(T* grad, int64_t ld, int64_t n_max, int64_t F, int64_t W, int64_t s_off, \
+                             int64_t S, const int64_t* inverse, const int64_t* lengths, T* g,         \
+                             int64_t U) {                                                            \
+    std::memset(g, 0, sizeof(T) * U * S);                                                           \
+    int64_t k = 0;                                                                                  \
+    if (lengths == nullptr) {                                                                       \
+      for (int64_t n = 0; n < n_max; ++n)                                                           \
+        for (int64_t f = 0; f < F; ++f, ++k) {                                                      \
+          T* src = grad + n * ld + f * W + s_off;                                                   \
+          T* dst = g + inverse[k] * S;                                                              \
+          for (int64_t c = 0; c < S; ++c) dst[c] += src[c];                                         \
+          std::memset(src, 0, sizeof(T) * S);                                                       \
+        }                                                                                           \
+      return;                                                                                       \
+    }                                                                                               \
+    for (int64_t f = 0; f < F; ++f)                                                                 \
+      for (int64_t n = 0; n < n_max; ++n) {                                                         \
+        T* src = grad + n * ld + f * W + s_off;                                                     \
+        if (n < lengths[f]) {                                                                       \
+          T* dst = g + inverse[k++] * S;                                                            \
+          for (int64_t c = 0; c < S; ++c) dst[c] += src[c];                                         \
+        }                                                                                           \
+        std::memset(src, 0, sizeof(T) * S);                                                         \
+      }                                                                                             \
+  }
+
+PEP_DEFINE_S_GATHER(f32, float)
+PEP_DEFINE_S_GATHER(f64, double)
+
 // The own s optimizer's step (pep_torchrec/distributed/s_optimizer.py, `SOptimizerState.update`,
 // which keeps the statistics): for each unique looked-up row u (storage row ids[u], local table
 // t = table_of_id[u]) with summed s-gradient grad[u, 0..S): storage[ids[u], s_off + c] -=
