@@ -22,7 +22,9 @@ LABEL = {"movielens": "ml-100k", "criteo": "criteo 10k"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--datasets", default="movielens,criteo")
     parser.add_argument("--models", default="fm,deepfm,autoint,dlrm")
     parser.add_argument("--work", default=str(REPO / "out" / "bench"), help="prepared data and runs go here")
@@ -43,35 +45,65 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models.split(","):
             run = work / "runs" / f"{dataset}_{model}"
             config = REPO / "configs" / f"{dataset}_{model}.yaml"
-            argv_train = ["train", "--config", str(config.relative_to(REPO)), "--data", str(data), "--run-dir", str(run),
-                          "--overwrite", "--set", "train.progress=false"]
+            argv_train = [
+                "train",
+                "--config",
+                str(config.relative_to(REPO)),
+                "--data",
+                str(data),
+                "--run-dir",
+                str(run),
+                "--overwrite",
+                "--set",
+                "train.progress=false",
+            ]
             t0 = time.perf_counter()
             if cli.main(argv_train) != 0:
                 return 1
             summary = json.loads((run / "summary.json").read_text())
-            rows.append({
-                "dataset": LABEL[dataset], "model": model,
-                "valid_auc": summary["valid_auc"], "valid_logloss": summary["valid_logloss"],
-                "test_auc": summary["test_auc"], "test_logloss": summary["test_logloss"],
-                "steps": summary["steps"], "best_step": summary["best_step"],
-                "examples_per_sec": summary["examples_per_sec"], "wall_s": time.perf_counter() - t0,
-                "embedding_params": summary["embedding_params_total"],
-                "command": "pep-torchrec " + " ".join(argv_train[:-2]),
-            })
+            rows.append(
+                {
+                    "dataset": LABEL[dataset],
+                    "model": model,
+                    "valid_auc": summary["valid_auc"],
+                    "valid_logloss": summary["valid_logloss"],
+                    "test_auc": summary["test_auc"],
+                    "test_logloss": summary["test_logloss"],
+                    "steps": summary["steps"],
+                    "best_step": summary["best_step"],
+                    "examples_per_sec": summary["examples_per_sec"],
+                    "wall_s": time.perf_counter() - t0,
+                    "embedding_params": summary["embedding_params_total"],
+                    "command": "pep-torchrec " + " ".join(argv_train[:-2]),
+                }
+            )
     info = machine_info()
-    columns = [("dataset", "dataset", ""), ("model", "model", ""), ("valid_auc", "valid AUC", ".4f"),
-               ("valid_logloss", "valid logloss", ".4f"), ("test_auc", "test AUC", ".4f"),
-               ("test_logloss", "test logloss", ".4f"), ("steps", "steps", "d"), ("best_step", "best step", "d"),
-               ("examples_per_sec", "train ex/s", ",.0f"), ("embedding_params", "emb. params", ",d")]
-    md = "\n".join([
-        "# Base models on the shared real data", "",
-        f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
-        f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}.",
-        "1 process (world size 1), CPU, fused Adagrad tables + Adam dense; test metrics are those of the",
-        "best-on-valid checkpoint. ml-100k test AUC has a sampling error of about 0.004; Criteo 10k about 0.02.",
-        "Reproduce: `python benchmarks/baselines.py` (each row's training command is in baselines.json).", "",
-        markdown_table(rows, columns), "",
-    ])
+    columns = [
+        ("dataset", "dataset", ""),
+        ("model", "model", ""),
+        ("valid_auc", "valid AUC", ".4f"),
+        ("valid_logloss", "valid logloss", ".4f"),
+        ("test_auc", "test AUC", ".4f"),
+        ("test_logloss", "test logloss", ".4f"),
+        ("steps", "steps", "d"),
+        ("best_step", "best step", "d"),
+        ("examples_per_sec", "train ex/s", ",.0f"),
+        ("embedding_params", "emb. params", ",d"),
+    ]
+    md = "\n".join(
+        [
+            "# Base models on the shared real data",
+            "",
+            f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
+            f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}.",
+            "1 process (world size 1), CPU, fused Adagrad tables + Adam dense; test metrics are those of the",
+            "best-on-valid checkpoint. ml-100k test AUC has a sampling error of about 0.004; Criteo 10k about 0.02.",
+            "Reproduce: `python benchmarks/baselines.py` (each row's training command is in baselines.json).",
+            "",
+            markdown_table(rows, columns),
+            "",
+        ]
+    )
     write_results(args.name, {"machine": info, "rows": rows}, md)
     print(md)
     return 0

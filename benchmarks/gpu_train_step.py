@@ -103,7 +103,9 @@ def time_models(device: torch.device, num_features: int = 26, rows: int = 10_000
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs = {}
     for name, mode in MODELS.items():
-        if mode is not None and not library.group_kernel_available(device, torch.float32, dim, library.MODE_CODES[mode]):
+        if mode is not None and not library.group_kernel_available(
+            device, torch.float32, dim, library.MODE_CODES[mode]
+        ):
             raise RuntimeError(f"no grouped threshold_pool kernel on {device}")
         torch.manual_seed(seed)
         model = StackedTablesModel(num_features, rows, dim, mode, device=device).to(device)
@@ -148,7 +150,9 @@ def time_models(device: torch.device, num_features: int = 26, rows: int = 10_000
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=4096)

@@ -119,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, raw in inputs:
             result = {"name": label, **measure(raw, work, args.repeats)}
             results.append(result)
-            print(f"{label}: {result['rows']:,} rows, built-in {result['builtin_median_s']:.3f} s, spec "
-                  f"{result['spec_median_s']:.3f} s, ratio {result['ratio_of_medians']:.3f} (median pair "
-                  f"{result['median_pair_ratio']:.3f}), identical output {result['identical_output']}")
+            print(
+                f"{label}: {result['rows']:,} rows, built-in {result['builtin_median_s']:.3f} s, spec "
+                f"{result['spec_median_s']:.3f} s, ratio {result['ratio_of_medians']:.3f} (median pair "
+                f"{result['median_pair_ratio']:.3f}), identical output {result['identical_output']}"
+            )
     payload = {"machine": machine_info(), "target_ratio": 1.2, "results": results}
     table = markdown_table(results, [
         ("name", "input", ""), ("rows", "rows", ","), ("builtin_median_s", "built-in s (median)", ".3f"),

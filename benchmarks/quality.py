@@ -57,19 +57,40 @@ def _overrides_from(config: Path, sections: tuple[str, ...]) -> list[str]:
 def _row_rules(search_cfg: Path) -> list[str]:
     """The search config's mask row rules as `pep-torchrec prune` flags."""
     pep = yaml.safe_load(search_cfg.read_text()).get("pep") or {}
-    return ["--layout", str(pep.get("mask_layout", "elementwise")), "--min-row-dims", str(pep.get("min_row_dims", 0)),
-            "--max-row-dims", str(pep.get("max_row_dims", 0))]
+    return [
+        "--layout",
+        str(pep.get("mask_layout", "elementwise")),
+        "--min-row-dims",
+        str(pep.get("min_row_dims", 0)),
+        "--max-row-dims",
+        str(pep.get("max_row_dims", 0)),
+    ]
 
 
 def _prune(run: Path, out: Path, budgets: list[float], flags: list[str]) -> None:
-    argv = ["prune", "--run-dir", str(run), "--budgets", ",".join(map(str, budgets)), "--out", str(out), *flags]
+    argv = [
+        "prune",
+        "--run-dir",
+        str(run),
+        "--budgets",
+        ",".join(map(str, budgets)),
+        "--out",
+        str(out),
+        *flags,
+    ]
     if cli.main(argv) != 0:
         raise SystemExit(f"prune failed: pep-torchrec {' '.join(argv)}")
 
 
 # Mask sources compared at every budget: (method label, run subdirectory holding masks/).
-METHODS = (("PEP retrain", "search"), ("magnitude", "magnitude"), ("magnitude, PEP's row rules", "magnitude_rules"),
-           ("uniform-k", "uniform"), ("frequency sizes", "frequency"), ("PEP sizes, random elements", "random_elements"))
+METHODS = (
+    ("PEP retrain", "search"),
+    ("magnitude", "magnitude"),
+    ("magnitude, PEP's row rules", "magnitude_rules"),
+    ("uniform-k", "uniform"),
+    ("frequency sizes", "frequency"),
+    ("PEP sizes, random elements", "random_elements"),
+)
 
 
 def _control_prunes(runs: Path, data: Path, budgets: list[float], seed: int) -> None:
@@ -79,8 +100,19 @@ def _control_prunes(runs: Path, data: Path, budgets: list[float], seed: int) -> 
     _prune(runs / "search", runs / "frequency", budgets, ["--method", "frequency", "--data", str(data)])
     reached = [b for b in budgets if (runs / "search" / "masks" / f"budget_{b:g}" / "meta.json").is_file()]
     if reached:
-        argv = ["prune", "--method", "random-elements", "--sizes-from", str(runs / "search" / "masks"),
-                "--budgets", ",".join(map(str, reached)), "--out", str(runs / "random_elements"), "--seed", str(seed)]
+        argv = [
+            "prune",
+            "--method",
+            "random-elements",
+            "--sizes-from",
+            str(runs / "search" / "masks"),
+            "--budgets",
+            ",".join(map(str, reached)),
+            "--out",
+            str(runs / "random_elements"),
+            "--seed",
+            str(seed),
+        ]
         if cli.main(argv) != 0:
             raise SystemExit(f"prune failed: pep-torchrec {' '.join(argv)}")
 
@@ -100,32 +132,87 @@ def _prepare(dataset: str, work: Path) -> Path:
     data = work / "data" / dataset
     if not (data / "schema.json").exists():
         argv = ["data", "prepare", "--dataset", dataset, "--out", str(data)]
-        argv += ["--raw", str(RAW[dataset])] if dataset in RAW else ["--rows", "200000", "--cardinality", "5000"]
+        argv += (
+            ["--raw", str(RAW[dataset])] if dataset in RAW else ["--rows", "200000", "--cardinality", "5000"]
+        )
         if cli.main(argv) != 0:
             raise SystemExit(f"prepare failed: {argv}")
     return data
 
 
-def _base_search_prunes(base_cfg: str, data: Path, runs: Path, search_set: list[str], rules: list[str],
-                        budgets: list[float], search_extra: list[str], seed_set: list[str],
-                        log: list[dict], seed: int = 0) -> tuple[dict, dict]:
+def _base_search_prunes(
+    base_cfg: str,
+    data: Path,
+    runs: Path,
+    search_set: list[str],
+    rules: list[str],
+    budgets: list[float],
+    search_extra: list[str],
+    seed_set: list[str],
+    log: list[dict],
+    seed: int = 0,
+) -> tuple[dict, dict]:
     """One model's base run, PEP search, magnitude masks (plain and under the search's row rules) and the
     controls' masks."""
-    base = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "base"),
-                   *(["--set", *seed_set] if seed_set else [])], log)
-    search = _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(runs / "search"),
-                     "--set", *search_set, *search_extra, *seed_set], log)
+    base = _train(
+        [
+            "--config",
+            base_cfg,
+            "--data",
+            str(data),
+            "--run-dir",
+            str(runs / "base"),
+            *(["--set", *seed_set] if seed_set else []),
+        ],
+        log,
+    )
+    search = _train(
+        [
+            "--config",
+            base_cfg,
+            "--data",
+            str(data),
+            "--run-dir",
+            str(runs / "search"),
+            "--set",
+            *search_set,
+            *search_extra,
+            *seed_set,
+        ],
+        log,
+    )
     _prune(runs / "base", runs / "magnitude", budgets, [])
     _prune(runs / "base", runs / "magnitude_rules", budgets, rules)
     _control_prunes(runs, data, budgets, seed)
     return base, search
 
 
-def _retrain(base_cfg: str, data: Path, run_dir: Path, mask: Path, retrain_set: list[str], seed_set: list[str],
-             log: list[dict]) -> dict:
+def _retrain(
+    base_cfg: str,
+    data: Path,
+    run_dir: Path,
+    mask: Path,
+    retrain_set: list[str],
+    seed_set: list[str],
+    log: list[dict],
+) -> dict:
     """A retrain of `mask` (lottery ticket) with the retrain config's train and optim settings."""
-    return _train(["--config", base_cfg, "--data", str(data), "--run-dir", str(run_dir), "--mask", str(mask),
-                   "--set", *retrain_set, *seed_set], log)
+    return _train(
+        [
+            "--config",
+            base_cfg,
+            "--data",
+            str(data),
+            "--run-dir",
+            str(run_dir),
+            "--mask",
+            str(mask),
+            "--set",
+            *retrain_set,
+            *seed_set,
+        ],
+        log,
+    )
 
 
 def run_dataset(dataset: str, models: list[str], work: Path, budgets: list[float]) -> dict:
@@ -142,33 +229,82 @@ def run_dataset(dataset: str, models: list[str], work: Path, budgets: list[float
         runs = work / "runs" / dataset / model
         # The search always runs the full schedule (its budgets shape the controller's), whatever is compared.
         search_budgets = sorted(set(BUDGETS) | set(budgets), reverse=True)
-        base, search = _base_search_prunes(base_cfg, data, runs, search_set, rules, budgets,
-                                           [f"pep.budgets={json.dumps(search_budgets)}"], [], log)
-        rows.append({"model": model, "method": "base", "budget": 1.0, "kept": base["embedding_params_kept"],
-                     "test_auc": base["test_auc"], "test_logloss": base["test_logloss"],
-                     "valid_auc": base["valid_auc"], "train_s": base["train_seconds"]})
+        base, search = _base_search_prunes(
+            base_cfg,
+            data,
+            runs,
+            search_set,
+            rules,
+            budgets,
+            [f"pep.budgets={json.dumps(search_budgets)}"],
+            [],
+            log,
+        )
+        rows.append(
+            {
+                "model": model,
+                "method": "base",
+                "budget": 1.0,
+                "kept": base["embedding_params_kept"],
+                "test_auc": base["test_auc"],
+                "test_logloss": base["test_logloss"],
+                "valid_auc": base["valid_auc"],
+                "train_s": base["train_seconds"],
+            }
+        )
         snapshots = {s["budget"]: s for s in search["snapshots"]}
         for budget in budgets:
             tag = f"budget_{budget:g}"
             for method, source in METHODS:
                 if source in ("search", "random_elements") and budget not in snapshots:
-                    rows.append({"model": model, "method": method, "budget": budget, "note": "search never reached it"})
+                    rows.append(
+                        {
+                            "model": model,
+                            "method": method,
+                            "budget": budget,
+                            "note": "search never reached it",
+                        }
+                    )
                     continue
-                result = _retrain(base_cfg, data, runs / f"{source}_retrain_{budget:g}", runs / source / "masks" / tag,
-                                  retrain_set, [], log)
-                rows.append({"model": model, "method": method, "budget": budget,
-                             "kept": result["embedding_params_kept"], "test_auc": result["test_auc"],
-                             "test_logloss": result["test_logloss"], "valid_auc": result["valid_auc"],
-                             "train_s": result["train_seconds"],
-                             "delta_auc": result["test_auc"] - base["test_auc"]})
-        rows.append({"model": model, "method": "PEP search", "budget": min(search_budgets),
-                     "kept": search["embedding_params_kept"], "test_auc": search["test_auc"],
-                     "test_logloss": search["test_logloss"], "valid_auc": search["valid_auc"],
-                     "train_s": search["train_seconds"],
-                     "search_over_base_time": search["train_seconds"] / base["train_seconds"],
-                     "search_steps": search["steps"], "base_steps": base["steps"],
-                     "search_step_time_over_base": (search["train_seconds"] / search["steps"])
-                     / (base["train_seconds"] / base["steps"])})
+                result = _retrain(
+                    base_cfg,
+                    data,
+                    runs / f"{source}_retrain_{budget:g}",
+                    runs / source / "masks" / tag,
+                    retrain_set,
+                    [],
+                    log,
+                )
+                rows.append(
+                    {
+                        "model": model,
+                        "method": method,
+                        "budget": budget,
+                        "kept": result["embedding_params_kept"],
+                        "test_auc": result["test_auc"],
+                        "test_logloss": result["test_logloss"],
+                        "valid_auc": result["valid_auc"],
+                        "train_s": result["train_seconds"],
+                        "delta_auc": result["test_auc"] - base["test_auc"],
+                    }
+                )
+        rows.append(
+            {
+                "model": model,
+                "method": "PEP search",
+                "budget": min(search_budgets),
+                "kept": search["embedding_params_kept"],
+                "test_auc": search["test_auc"],
+                "test_logloss": search["test_logloss"],
+                "valid_auc": search["valid_auc"],
+                "train_s": search["train_seconds"],
+                "search_over_base_time": search["train_seconds"] / base["train_seconds"],
+                "search_steps": search["steps"],
+                "base_steps": base["steps"],
+                "search_step_time_over_base": (search["train_seconds"] / search["steps"])
+                / (base["train_seconds"] / base["steps"]),
+            }
+        )
     return {"dataset": LABEL[dataset], "rows": rows, "commands": log}
 
 
@@ -182,18 +318,27 @@ def search_learned(run: Path, data: Path) -> dict[float, dict]:
     rows = {t.removeprefix("t_"): int(e["rows"]) for t, e in init["tables"].items()}
     frequencies = train_frequencies(data, Schema.load(data), rows)
     notes: list[str] = []
-    found = analyse_search(run, yaml.safe_load((run / "config.yaml").read_text()),
-                           json.loads((run / "summary.json").read_text())["snapshots"], frequencies, notes)
+    found = analyse_search(
+        run,
+        yaml.safe_load((run / "config.yaml").read_text()),
+        json.loads((run / "summary.json").read_text())["snapshots"],
+        frequencies,
+        notes,
+    )
     if notes:
         print(f"{run}: " + "; ".join(notes), file=sys.stderr)
-    return {s["budget"]: {"overlap": s["overlap_topk_margin_vs_topk_absv"],
-                          "kept_by_search": s["mask_share_kept_by_search"],
-                          "sigmoid_s_p5_p50_p95": [s["sigmoid_s_percentiles"][p] for p in ("5", "50", "95")],
-                          "major_sizes_top_k": s["sizes_top_k_margin"]["major_sizes"],
-                          "major_sizes_mask": s["sizes_saved_mask"]["major_sizes"],
-                          "rho_top_k": s["sizes_top_k_margin"]["spearman_freq_size"],
-                          "rho_mask": s["sizes_saved_mask"]["spearman_freq_size"]}
-            for s in (found or {}).get("snapshots", [])}
+    return {
+        s["budget"]: {
+            "overlap": s["overlap_topk_margin_vs_topk_absv"],
+            "kept_by_search": s["mask_share_kept_by_search"],
+            "sigmoid_s_p5_p50_p95": [s["sigmoid_s_percentiles"][p] for p in ("5", "50", "95")],
+            "major_sizes_top_k": s["sizes_top_k_margin"]["major_sizes"],
+            "major_sizes_mask": s["sizes_saved_mask"]["major_sizes"],
+            "rho_top_k": s["sizes_top_k_margin"]["spearman_freq_size"],
+            "rho_mask": s["sizes_saved_mask"]["spearman_freq_size"],
+        }
+        for s in (found or {}).get("snapshots", [])
+    }
 
 
 def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int], work: Path) -> dict:
@@ -212,22 +357,55 @@ def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int],
         started = time.perf_counter()
         runs = work / "runs" / f"{dataset}_seeds" / model / f"seed_{seed}"
         seed_set = [f"train.seed={seed}"]
-        base, search = _base_search_prunes(base_cfg, data, runs, search_set, _row_rules(search_cfg), budgets,
-                                           [f"pep.budgets={json.dumps(search_budgets)}"], seed_set, log, seed)
-        rows.append({"seed": seed, "method": "base", "budget": 1.0, "test_auc": base["test_auc"],
-                     "valid_auc": base["valid_auc"], "kept": base["embedding_params_kept"]})
+        base, search = _base_search_prunes(
+            base_cfg,
+            data,
+            runs,
+            search_set,
+            _row_rules(search_cfg),
+            budgets,
+            [f"pep.budgets={json.dumps(search_budgets)}"],
+            seed_set,
+            log,
+            seed,
+        )
+        rows.append(
+            {
+                "seed": seed,
+                "method": "base",
+                "budget": 1.0,
+                "test_auc": base["test_auc"],
+                "valid_auc": base["valid_auc"],
+                "kept": base["embedding_params_kept"],
+            }
+        )
         reached = {s["budget"] for s in search["snapshots"]}
         learned = search_learned(runs / "search", data)
         for budget in budgets:
             for method, source in METHODS:
                 if source in ("search", "random_elements") and budget not in reached:
                     continue
-                result = _retrain(base_cfg, data, runs / f"{source}_retrain_{budget:g}",
-                                  runs / source / "masks" / f"budget_{budget:g}", retrain_set, seed_set, log)
-                rows.append({"seed": seed, "method": method, "budget": budget, "test_auc": result["test_auc"],
-                             "valid_auc": result["valid_auc"], "kept": result["embedding_params_kept"],
-                             "delta_auc": result["test_auc"] - base["test_auc"],
-                             **({"learned": learned[budget]} if source == "search" and budget in learned else {})})
+                result = _retrain(
+                    base_cfg,
+                    data,
+                    runs / f"{source}_retrain_{budget:g}",
+                    runs / source / "masks" / f"budget_{budget:g}",
+                    retrain_set,
+                    seed_set,
+                    log,
+                )
+                rows.append(
+                    {
+                        "seed": seed,
+                        "method": method,
+                        "budget": budget,
+                        "test_auc": result["test_auc"],
+                        "valid_auc": result["valid_auc"],
+                        "kept": result["embedding_params_kept"],
+                        "delta_auc": result["test_auc"] - base["test_auc"],
+                        **({"learned": learned[budget]} if source == "search" and budget in learned else {}),
+                    }
+                )
         log.append({"seed": seed, "seed_wall_s": time.perf_counter() - started})
     summary = []
     for budget in [1.0, *budgets]:
@@ -236,58 +414,98 @@ def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int],
             if not mine:
                 continue
             test = np.array([r["test_auc"] for r in mine])
-            summary.append({"method": method, "budget": budget, "seeds": len(mine), "kept": mine[0]["kept"],
-                            "test_auc_mean": float(test.mean()),
-                            "test_auc_std": float(test.std(ddof=1)) if len(test) > 1 else None,
-                            "test_auc_min": float(test.min()),
-                            "valid_auc_mean": float(np.mean([r["valid_auc"] for r in mine])),
-                            **_learned_summary([r["learned"] for r in mine if "learned" in r])})
-    return {"dataset": LABEL[dataset], "model": model, "budgets": budgets, "rows": rows, "summary": summary,
-            "commands": log}
+            summary.append(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "seeds": len(mine),
+                    "kept": mine[0]["kept"],
+                    "test_auc_mean": float(test.mean()),
+                    "test_auc_std": float(test.std(ddof=1)) if len(test) > 1 else None,
+                    "test_auc_min": float(test.min()),
+                    "valid_auc_mean": float(np.mean([r["valid_auc"] for r in mine])),
+                    **_learned_summary([r["learned"] for r in mine if "learned" in r]),
+                }
+            )
+    return {
+        "dataset": LABEL[dataset],
+        "model": model,
+        "budgets": budgets,
+        "rows": rows,
+        "summary": summary,
+        "commands": log,
+    }
 
 
 def _learned_summary(learned: list[dict]) -> dict:
     """Over seeds: mean overlap with top-|v|, and per seed the sizes holding >= 10 % of rows and rho."""
     if not learned:
         return {}
-    return {"overlap_mean": float(np.mean([x["overlap"] for x in learned])),
-            "major_sizes": " / ".join(f"{x['major_sizes_top_k']},{x['major_sizes_mask']}" for x in learned),
-            "rho": " / ".join(f"{x['rho_top_k']:+.2f},{x['rho_mask']:+.2f}" for x in learned)}
+    return {
+        "overlap_mean": float(np.mean([x["overlap"] for x in learned])),
+        "major_sizes": " / ".join(f"{x['major_sizes_top_k']},{x['major_sizes_mask']}" for x in learned),
+        "rho": " / ".join(f"{x['rho_top_k']:+.2f},{x['rho_mask']:+.2f}" for x in learned),
+    }
 
 
 def _seeds_markdown(result: dict, info: dict) -> str:
     seeds = sorted({r["seed"] for r in result["rows"]})
     budgets = ",".join(f"{b:g}" for b in result["budgets"])
-    return "\n".join([
-        f"# {result['model'].upper()} on {result['dataset']} at {budgets} of the embedding parameters, "
-        f"{len(seeds)} seeds", "",
-        f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
-        f"commit {info['git_commit']}. One process, CPU. Each seed seeds the base, the search, the controls'",
-        "random choices and the retrains. The search uses the search config's row rules; 'magnitude' is plain",
-        "top-|v| element-wise, fine-tuned; 'magnitude, PEP's row rules' ranks by |v| under the same layout and",
-        "floor as the PEP masks. Lottery tickets from the search's init: 'uniform-k' (every row the same",
-        "k = K / rows dims, the remainder one each on random rows), 'frequency sizes' (row sizes from train id",
-        "frequency, no learning), 'PEP sizes, random elements' (the PEP mask's row counts at random columns:",
-        "with an aligned PEP mask, PEP's sizes by construction - a diagnostic). Every retrain uses the retrain",
-        "config. sd: sample standard deviation over seeds. FM's first-order weights (one per row) are outside",
-        "every budget. For PEP, what the search learned (pep_torchrec/search_diagnostics.py, from the snapshot's",
-        "checkpoint): overlap of its top-K by margin with the top-K |v| (mean over seeds); per seed, the distinct",
-        "row sizes holding >= 10 % of the rows and Spearman(train id frequency, row size), each as 'top-K by",
-        "margin,saved mask'.",
-        f"Reproduce: `python benchmarks/quality.py --datasets= --no-synthetic --seeds {','.join(map(str, seeds))} "
-        f"--budgets {budgets}`.", "",
-        markdown_table(result["summary"], [("budget", "budget", "g"), ("method", "method", ""), ("seeds", "seeds", "d"),
-                                           ("kept", "kept params", ",d"), ("test_auc_mean", "test AUC mean", ".4f"),
-                                           ("test_auc_std", "sd", ".4f"), ("test_auc_min", "min", ".4f"),
-                                           ("valid_auc_mean", "valid AUC mean", ".4f"),
-                                           ("overlap_mean", "overlap top-K vs top-\\|v\\|", ".1%"),
-                                           ("major_sizes", "sizes ≥ 10 % rows", ""), ("rho", "ρ(freq, size)", "")]),
-        "", "Per seed:", "",
-        markdown_table(result["rows"], [("seed", "seed", "d"), ("budget", "budget", "g"), ("method", "method", ""),
-                                        ("kept", "kept params", ",d"), ("test_auc", "test AUC", ".4f"),
-                                        ("delta_auc", "Δ vs base", "+.4f"), ("valid_auc", "valid AUC", ".4f")]),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# {result['model'].upper()} on {result['dataset']} at {budgets} of the embedding parameters, "
+            f"{len(seeds)} seeds",
+            "",
+            f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
+            f"commit {info['git_commit']}. One process, CPU. Each seed seeds the base, the search, the controls'",
+            "random choices and the retrains. The search uses the search config's row rules; 'magnitude' is plain",
+            "top-|v| element-wise, fine-tuned; 'magnitude, PEP's row rules' ranks by |v| under the same layout and",
+            "floor as the PEP masks. Lottery tickets from the search's init: 'uniform-k' (every row the same",
+            "k = K / rows dims, the remainder one each on random rows), 'frequency sizes' (row sizes from train id",
+            "frequency, no learning), 'PEP sizes, random elements' (the PEP mask's row counts at random columns:",
+            "with an aligned PEP mask, PEP's sizes by construction - a diagnostic). Every retrain uses the retrain",
+            "config. sd: sample standard deviation over seeds. FM's first-order weights (one per row) are outside",
+            "every budget. For PEP, what the search learned (pep_torchrec/search_diagnostics.py, from the snapshot's",
+            "checkpoint): overlap of its top-K by margin with the top-K |v| (mean over seeds); per seed, the distinct",
+            "row sizes holding >= 10 % of the rows and Spearman(train id frequency, row size), each as 'top-K by",
+            "margin,saved mask'.",
+            f"Reproduce: `python benchmarks/quality.py --datasets= --no-synthetic --seeds {','.join(map(str, seeds))} "
+            f"--budgets {budgets}`.",
+            "",
+            markdown_table(
+                result["summary"],
+                [
+                    ("budget", "budget", "g"),
+                    ("method", "method", ""),
+                    ("seeds", "seeds", "d"),
+                    ("kept", "kept params", ",d"),
+                    ("test_auc_mean", "test AUC mean", ".4f"),
+                    ("test_auc_std", "sd", ".4f"),
+                    ("test_auc_min", "min", ".4f"),
+                    ("valid_auc_mean", "valid AUC mean", ".4f"),
+                    ("overlap_mean", "overlap top-K vs top-\\|v\\|", ".1%"),
+                    ("major_sizes", "sizes ≥ 10 % rows", ""),
+                    ("rho", "ρ(freq, size)", ""),
+                ],
+            ),
+            "",
+            "Per seed:",
+            "",
+            markdown_table(
+                result["rows"],
+                [
+                    ("seed", "seed", "d"),
+                    ("budget", "budget", "g"),
+                    ("method", "method", ""),
+                    ("kept", "kept params", ",d"),
+                    ("test_auc", "test AUC", ".4f"),
+                    ("delta_auc", "Δ vs base", "+.4f"),
+                    ("valid_auc", "valid AUC", ".4f"),
+                ],
+            ),
+            "",
+        ]
+    )
 
 
 def synthetic_signal_share(work: Path) -> dict:
@@ -299,45 +517,81 @@ def synthetic_signal_share(work: Path) -> dict:
     log: list[dict] = []
     search_set = _overrides_from(REPO / "configs" / "movielens_fm_search.yaml", ("pep", "train"))
     # The learned ranking alone: no row floor (it would spread the budget evenly by construction).
-    _train(["--config", "configs/criteo_fm.yaml", "--data", str(data), "--run-dir", str(run),
-            "--set", *search_set, "model.embedding_dim=16", "model.options={use_dense: false}",
-            "pep.mask_layout=elementwise", "pep.min_row_dims=0"], log)
+    _train(
+        [
+            "--config",
+            "configs/criteo_fm.yaml",
+            "--data",
+            str(data),
+            "--run-dir",
+            str(run),
+            "--set",
+            *search_set,
+            "model.embedding_dim=16",
+            "model.options={use_dense: false}",
+            "pep.mask_layout=elementwise",
+            "pep.min_row_dims=0",
+        ],
+        log,
+    )
     rows = []
     for budget in BUDGETS:
         meta_path = run / "masks" / f"budget_{budget:g}" / "meta.json"
         if not meta_path.exists():
             continue
         meta = json.loads(meta_path.read_text())
-        kept_signal = sum(t["kept"] for name, t in meta["tables"].items() if name.removeprefix("t_") in signal)
-        total_signal = sum(t["rows"] for name, t in meta["tables"].items() if name.removeprefix("t_") in signal)
+        kept_signal = sum(
+            t["kept"] for name, t in meta["tables"].items() if name.removeprefix("t_") in signal
+        )
+        total_signal = sum(
+            t["rows"] for name, t in meta["tables"].items() if name.removeprefix("t_") in signal
+        )
         total = sum(t["rows"] for t in meta["tables"].values())
-        rows.append({"budget": budget, "kept": meta["kept"], "signal_fields": len(signal),
-                     "noise_fields": len(meta["tables"]) - len(signal),
-                     "kept_share_in_signal": kept_signal / meta["kept"],
-                     "signal_share_of_params": total_signal / total})
+        rows.append(
+            {
+                "budget": budget,
+                "kept": meta["kept"],
+                "signal_fields": len(signal),
+                "noise_fields": len(meta["tables"]) - len(signal),
+                "kept_share_in_signal": kept_signal / meta["kept"],
+                "signal_share_of_params": total_signal / total,
+            }
+        )
     return {"dataset": "synthetic", "rows": rows, "commands": log}
 
 
 def _markdown(result: dict, info: dict) -> str:
-    columns = [("model", "model", ""), ("method", "method", ""), ("budget", "budget", "g"),
-               ("kept", "kept params", ",d"), ("test_auc", "test AUC", ".4f"), ("delta_auc", "Δ vs base", "+.4f"),
-               ("test_logloss", "test logloss", ".4f"), ("valid_auc", "valid AUC", ".4f"),
-               ("search_over_base_time", "search/base time", ".2f"),
-               ("search_step_time_over_base", "search/base per step", ".2f")]
-    return "\n".join([
-        f"# PEP quality on {result['dataset']}", "",
-        f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
-        f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}. One process, CPU.",
-        "Test metrics of the best-on-valid checkpoint of each run. 'PEP retrain': lottery ticket from the",
-        "search's exact-budget mask (step-0 embedding x mask; the search config's row rules: layout, floor).",
-        "'magnitude': top-|v| elements of the trained base embedding, fine-tuned with the mask fixed from all",
-        "trained parameters; 'magnitude, PEP's row rules': the same ranking under the PEP masks' layout and",
-        "floor. Lottery tickets from the search's init: 'uniform-k' (every row the same k = K / rows dims),",
-        "'frequency sizes' (row sizes from train id frequency, no learning), 'PEP sizes, random elements' (the",
-        "PEP mask's row counts at random columns). Every retrain uses the retrain config's train and optim",
-        "settings. FM's first-order weights (one per row) are outside every budget. Reproduce: `make quality`.", "",
-        markdown_table(result["rows"], columns), "",
-    ])
+    columns = [
+        ("model", "model", ""),
+        ("method", "method", ""),
+        ("budget", "budget", "g"),
+        ("kept", "kept params", ",d"),
+        ("test_auc", "test AUC", ".4f"),
+        ("delta_auc", "Δ vs base", "+.4f"),
+        ("test_logloss", "test logloss", ".4f"),
+        ("valid_auc", "valid AUC", ".4f"),
+        ("search_over_base_time", "search/base time", ".2f"),
+        ("search_step_time_over_base", "search/base per step", ".2f"),
+    ]
+    return "\n".join(
+        [
+            f"# PEP quality on {result['dataset']}",
+            "",
+            f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores), torch {info['versions']['torch']}, "
+            f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}. One process, CPU.",
+            "Test metrics of the best-on-valid checkpoint of each run. 'PEP retrain': lottery ticket from the",
+            "search's exact-budget mask (step-0 embedding x mask; the search config's row rules: layout, floor).",
+            "'magnitude': top-|v| elements of the trained base embedding, fine-tuned with the mask fixed from all",
+            "trained parameters; 'magnitude, PEP's row rules': the same ranking under the PEP masks' layout and",
+            "floor. Lottery tickets from the search's init: 'uniform-k' (every row the same k = K / rows dims),",
+            "'frequency sizes' (row sizes from train id frequency, no learning), 'PEP sizes, random elements' (the",
+            "PEP mask's row counts at random columns). Every retrain uses the retrain config's train and optim",
+            "settings. FM's first-order weights (one per row) are outside every budget. Reproduce: `make quality`.",
+            "",
+            markdown_table(result["rows"], columns),
+            "",
+        ]
+    )
 
 
 def _budget_list(text: str) -> list[float]:
@@ -348,18 +602,27 @@ def _budget_list(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--datasets", default="movielens,criteo", help="per-dataset tables (empty: none)")
     parser.add_argument("--models", default="fm,deepfm,autoint", help="models of the per-dataset tables")
-    parser.add_argument("--budgets", default=None,
-                        help=f"restrict the budgets (default: {','.join(map(str, BUDGETS))} in the tables, "
-                             f"{','.join(map(str, SEED_BUDGETS))} over seeds); the search always runs its full schedule")
+    parser.add_argument(
+        "--budgets",
+        default=None,
+        help=f"restrict the budgets (default: {','.join(map(str, BUDGETS))} in the tables, "
+        f"{','.join(map(str, SEED_BUDGETS))} over seeds); the search always runs its full schedule",
+    )
     parser.add_argument("--synthetic", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--seeds", default="0,1,2",
-                        help="seeds of the ml-100k FM comparison over seeds (empty: skip it)")
+    parser.add_argument(
+        "--seeds", default="0,1,2", help="seeds of the ml-100k FM comparison over seeds (empty: skip it)"
+    )
     parser.add_argument("--work", default=str(REPO / "out" / "quality"))
-    parser.add_argument("--results", default=str(RESULTS),
-                        help="where the Markdown and JSON go (a restricted run: not benchmarks/results)")
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="where the Markdown and JSON go (a restricted run: not benchmarks/results)",
+    )
     args = parser.parse_args(argv)
     work, results = Path(args.work), Path(args.results)
     table_budgets = _budget_list(args.budgets) if args.budgets else BUDGETS
@@ -385,18 +648,29 @@ def main(argv: list[str] | None = None) -> int:
         print(md)
     if args.synthetic:
         result = synthetic_signal_share(work)
-        md = "\n".join([
-            "# PEP on synthetic data: where the kept parameters go", "",
-            "FM search on the synthetic generator's data (some fields carry the planted signal, the others are",
-            "noise). A share of kept parameters in signal fields above their share of all parameters means",
-            "PEP keeps what matters. The masks use PEP's ranking alone (element-wise, no row floor).",
-            "Reproduce: `python benchmarks/quality.py --datasets= --seeds= --synthetic`.", "",
-            markdown_table(result["rows"], [("budget", "budget", "g"), ("kept", "kept", ",d"),
-                                            ("signal_fields", "signal fields", "d"), ("noise_fields", "noise fields", "d"),
-                                            ("kept_share_in_signal", "kept in signal fields", ".3f"),
-                                            ("signal_share_of_params", "signal fields' share of params", ".3f")]),
-            "",
-        ])
+        md = "\n".join(
+            [
+                "# PEP on synthetic data: where the kept parameters go",
+                "",
+                "FM search on the synthetic generator's data (some fields carry the planted signal, the others are",
+                "noise). A share of kept parameters in signal fields above their share of all parameters means",
+                "PEP keeps what matters. The masks use PEP's ranking alone (element-wise, no row floor).",
+                "Reproduce: `python benchmarks/quality.py --datasets= --seeds= --synthetic`.",
+                "",
+                markdown_table(
+                    result["rows"],
+                    [
+                        ("budget", "budget", "g"),
+                        ("kept", "kept", ",d"),
+                        ("signal_fields", "signal fields", "d"),
+                        ("noise_fields", "noise fields", "d"),
+                        ("kept_share_in_signal", "kept in signal fields", ".3f"),
+                        ("signal_share_of_params", "signal fields' share of params", ".3f"),
+                    ],
+                ),
+                "",
+            ]
+        )
         write_results("quality_synthetic", {"machine": info, **result}, md, directory=results)
         print(md)
     return 0

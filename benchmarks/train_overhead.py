@@ -101,7 +101,9 @@ class WholeTablePEP(nn.Module):
         for config, v, s in zip(self._configs, self.v, self.s):
             table = torch.sign(v) * torch.relu(v.abs() - torch.sigmoid(s))  # whole table, every step
             jt = jts[config.feature_names[0]]
-            pooled.append(F.embedding_bag(jt.values(), table, jt.offsets(), mode="sum", include_last_offset=True))
+            pooled.append(
+                F.embedding_bag(jt.values(), table, jt.offsets(), mode="sum", include_last_offset=True)
+            )
         names = [c.feature_names[0] for c in self._configs]
         return KeyedTensor(keys=names, length_per_key=[DIM] * len(names), values=torch.cat(pooled, dim=1))
 
@@ -217,8 +219,11 @@ def _amortise_eval_work(runners: dict[str, Runner], res: dict, eval_every: int) 
             continue
         work = statistics.median(runner.eval_work() for _ in range(EVAL_WORK_REPEATS))
         extra = work / eval_every
-        res[name] = {"ms_per_step": res[name]["ms_per_step"] + extra,
-                     "rounds_ms": [t + extra for t in res[name]["rounds_ms"]], "eval_work_ms": work}
+        res[name] = {
+            "ms_per_step": res[name]["ms_per_step"] + extra,
+            "rounds_ms": [t + extra for t in res[name]["rounds_ms"]],
+            "eval_work_ms": work,
+        }
 
 
 def paired_ratio(num: dict, den: dict) -> float:
@@ -227,10 +232,14 @@ def paired_ratio(num: dict, den: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="reduced run (< 5 min): fewer repeats and sizes")
     parser.add_argument("--json", type=Path, help="also write the headline ratios here")
-    parser.add_argument("--threads", help="comma-separated thread counts (default: $OMP_NUM_THREADS, else 1,2)")
+    parser.add_argument(
+        "--threads", help="comma-separated thread counts (default: $OMP_NUM_THREADS, else 1,2)"
+    )
     parser.add_argument("--tables", type=int, default=26)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=4096)
@@ -240,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whole-table-max-rows", type=float, default=1e6,
                         help="skip whole_table above this many rows (at 1e7 it takes ~30 s a step)")  # fmt: skip
     parser.add_argument("--skip-scaling", action="store_true")
-    parser.add_argument("--eval-every", type=int, default=1000,
-                        help="search: steps between evals, over which the per-eval work is amortised")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=1000,
+        help="search: steps between evals, over which the per-eval work is amortised",
+    )
     parser.add_argument("--name", default="train_overhead")
     args = parser.parse_args(argv)
 
@@ -290,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         runners, sbatches = {}, {}
         for rows in scaling_rows:
             batches_r = _zipf_batches(args.scaling_tables, rows, args.batch, 8, seed=2, pooling=args.pooling)
-            variants = ["base", "pep_feature", "pep_feature_dim"] + (["whole_table"] if rows <= whole_max else [])
+            variants = ["base", "pep_feature", "pep_feature_dim"] + (
+                ["whole_table"] if rows <= whole_max else []
+            )
             if rows in (min(scaling_rows), max(scaling_rows)):
                 variants.append("search")
             for v in variants:
@@ -329,12 +344,20 @@ def main(argv: list[str] | None = None) -> int:
                 headline["scaling_1e7_over_1e4_relative_to_base"] = growth("pep_feature_dim") / growth("base")
         if growth("search") is not None:
             headline["scaling_search_1e7_over_1e4"] = growth("search")
-            headline["search_over_base_at_1e7"] = paired_ratio(scaling_res[f"search@{hi}"], scaling_res[f"base@{hi}"])
+            headline["search_over_base_at_1e7"] = paired_ratio(
+                scaling_res[f"search@{hi}"], scaling_res[f"base@{hi}"]
+            )
     headline["threads"] = threads[0]
     headline["wall_s"] = time.perf_counter() - started
 
     info = machine_info()
-    payload = {"machine": info, "config": config, "headline": headline, "overhead": overhead, "scaling": scaling}
+    payload = {
+        "machine": info,
+        "config": config,
+        "headline": headline,
+        "overhead": overhead,
+        "scaling": scaling,
+    }
     md = "\n".join([
         "# Train-step overhead of PEP in sharded TorchRec", "",
         f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores, shared), torch {info['versions']['torch']}, "

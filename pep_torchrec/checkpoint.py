@@ -70,8 +70,9 @@ class CheckpointManager:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def save(self, step: int, state: dict[str, Any], trainer_state: dict[str, Any],
-             protect: tuple[int, ...] = ()) -> Path:
+    def save(
+        self, step: int, state: dict[str, Any], trainer_state: dict[str, Any], protect: tuple[int, ...] = ()
+    ) -> Path:
         """Write `state` (a DCP-able dict: model / optimizer state dicts) and `trainer_state` (JSON)."""
         final = self.path(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -108,7 +109,7 @@ class CheckpointManager:
 
     def _prune(self, protect: tuple[int, ...]) -> None:
         steps = self.steps()
-        keep = set(steps[-self.keep:]) | set(protect)
+        keep = set(steps[-self.keep :]) | set(protect)
         for step in steps:
             if step not in keep:
                 shutil.rmtree(self.path(step), ignore_errors=True)

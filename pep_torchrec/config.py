@@ -264,7 +264,9 @@ def _from_dict(cls: type, obj: dict[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(obj) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {sorted(names)})")
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {sorted(names)})"
+        )
     kwargs = {}
     for name, value in obj.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -305,8 +307,11 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> RunConfig:
     """Build a RunConfig from defaults, an optional YAML file and dotted overrides.
 
     Args:
@@ -362,8 +367,10 @@ def check_values(cfg: RunConfig) -> None:
     if pep.s_norm not in ("table", "none"):
         raise ConfigError(f"pep.s_norm: {pep.s_norm!r} is not one of ['table', 'none']")
     if pep.s_optimizer == "sgd" and (pep.s_decay or pep.s_push):
-        raise ConfigError("pep.s_decay / pep.s_push act through the fused optimizer: with pep.s_optimizer=sgd "
-                          "the pressure comes from gk (pep.target_epochs or pep.gk_growth)")
+        raise ConfigError(
+            "pep.s_decay / pep.s_push act through the fused optimizer: with pep.s_optimizer=sgd "
+            "the pressure comes from gk (pep.target_epochs or pep.gk_growth)"
+        )
     if not pep.s_lr >= 0:
         raise ConfigError(f"pep.s_lr: must be >= 0, got {pep.s_lr}")
     if pep.gk_growth and not pep.gk_growth >= 1.0:
@@ -372,11 +379,15 @@ def check_values(cfg: RunConfig) -> None:
         raise ConfigError("pep.gk_growth and pep.target_epochs both set gk: choose one")
     every = cfg.train.eval_every
     if pep.control_every < 0 or (pep.control_every and every > 0 and pep.control_every % every):
-        raise ConfigError(f"pep.control_every: {pep.control_every} would rank the whole table between evals "
-                          f"(train.eval_every={every}); use 0 (at every eval) or a multiple of train.eval_every")
+        raise ConfigError(
+            f"pep.control_every: {pep.control_every} would rank the whole table between evals "
+            f"(train.eval_every={every}); use 0 (at every eval) or a multiple of train.eval_every"
+        )
     for budget in cfg.pep.budgets:
         if not 0.0 < budget < 1.0:
-            raise ConfigError(f"pep.budgets: {budget} is not a share of the embedding in (0, 1) (0.1 keeps 10 %)")
+            raise ConfigError(
+                f"pep.budgets: {budget} is not a share of the embedding in (0, 1) (0.1 keeps 10 %)"
+            )
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -48,8 +48,17 @@ class NativeLibrary:
         fallback: what the caller does without it (for the warning).
     """
 
-    def __init__(self, source: Path, flags: Sequence[str], *, abi_symbol: str, abi_version: int,
-                 configure: Callable[[ctypes.CDLL], None], what: str, fallback: str) -> None:
+    def __init__(
+        self,
+        source: Path,
+        flags: Sequence[str],
+        *,
+        abi_symbol: str,
+        abi_version: int,
+        configure: Callable[[ctypes.CDLL], None],
+        what: str,
+        fallback: str,
+    ) -> None:
         self.source, self.flags = Path(source), list(flags)
         self.abi_symbol, self.abi_version = abi_symbol, abi_version
         self.configure, self.what, self.fallback = configure, what, fallback
@@ -58,8 +67,16 @@ class NativeLibrary:
         self._tried = False
 
     def _build(self, compiler: str) -> Path:
-        key = hashlib.sha256(b"\0".join([self.source.read_bytes(), compiler.encode(), " ".join(self.flags).encode(),
-                                         _cpu_id().encode()])).hexdigest()[:16]
+        key = hashlib.sha256(
+            b"\0".join(
+                [
+                    self.source.read_bytes(),
+                    compiler.encode(),
+                    " ".join(self.flags).encode(),
+                    _cpu_id().encode(),
+                ]
+            )
+        ).hexdigest()[:16]
         target = cache_dir() / f"{self.source.stem}_{key}.so"
         if target.exists():
             return target
@@ -69,8 +86,12 @@ class NativeLibrary:
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
             tmp_path = Path(tmp.name)
         try:
-            subprocess.run([compiler, *self.flags, "-o", str(tmp_path), str(self.source)], check=True,
-                           capture_output=True, text=True)
+            subprocess.run(
+                [compiler, *self.flags, "-o", str(tmp_path), str(self.source)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             os.replace(tmp_path, target)
         finally:
             tmp_path.unlink(missing_ok=True)
@@ -97,6 +118,10 @@ class NativeLibrary:
                 self._lib = lib
             except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
                 detail = getattr(err, "stderr", "") or ""
-                warnings.warn(f"pep_torchrec: the {self.what} could not be built ({err}) {detail[-2000:]}; "
-                              f"falling back to {self.fallback}", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"pep_torchrec: the {self.what} could not be built ({err}) {detail[-2000:]}; "
+                    f"falling back to {self.fallback}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         return self._lib

@@ -58,30 +58,46 @@ class PEPStage:
         steps_per_epoch: for the pressure schedule.
     """
 
-    def __init__(self, cfg: PEPConfig, stage: str, model: nn.Module, *, tables: dict[str, int], dim: int,
-                 rank: int, run_dir: Path, steps_per_epoch: int) -> None:
+    def __init__(
+        self,
+        cfg: PEPConfig,
+        stage: str,
+        model: nn.Module,
+        *,
+        tables: dict[str, int],
+        dim: int,
+        rank: int,
+        run_dir: Path,
+        steps_per_epoch: int,
+    ) -> None:
         self.cfg, self.stage, self.model, self.rank, self.run_dir = cfg, stage, model, rank, run_dir
         self.steps_per_epoch = steps_per_epoch
         modules = pep_modules(model)
         if len(modules) != 1:
             raise ConfigError(f"train.stage={stage}: expected one PEP embedding module, found {len(modules)}")
-        (self.module_fqn, self.module), = modules.items()
+        ((self.module_fqn, self.module),) = modules.items()
         self.dim = dim
         self.tables = dict(tables)
         self.table_order = list(self.tables)
         self.total = sum(self.tables.values()) * self.dim
-        self.budgets = sorted((budget_count(b, self.total), b) for b in cfg.budgets) if stage == "search" else []
+        self.budgets = (
+            sorted((budget_count(b, self.total), b) for b in cfg.budgets) if stage == "search" else []
+        )
         if cfg.mask_layout not in MASK_LAYOUTS:
             raise ConfigError(f"pep.mask_layout={cfg.mask_layout!r}: expected one of {list(MASK_LAYOUTS)}")
         try:  # at start-up, not at the first snapshot
             check_row_rules(cfg.min_row_dims, cfg.max_row_dims, dim)
         except ValueError as e:
-            raise ConfigError(f"pep.min_row_dims={cfg.min_row_dims}, pep.max_row_dims={cfg.max_row_dims}: {e}") from e
+            raise ConfigError(
+                f"pep.min_row_dims={cfg.min_row_dims}, pep.max_row_dims={cfg.max_row_dims}: {e}"
+            ) from e
         self.rows = sum(self.tables.values())
         for count, budget in self.budgets:
             if count > (cfg.max_row_dims or dim) * self.rows:
-                raise ConfigError(f"pep.budgets: {budget} ({count} elements) is more than pep.max_row_dims="
-                                  f"{cfg.max_row_dims} allows over {self.rows} rows")
+                raise ConfigError(
+                    f"pep.budgets: {budget} ({count} elements) is more than pep.max_row_dims="
+                    f"{cfg.max_row_dims} allows over {self.rows} rows"
+                )
         self.mask_meta: dict[str, Any] | None = None
 
     # ---- stored-table pieces on this rank ------------------------------------------------------
@@ -90,8 +106,13 @@ class PEPStage:
         out: dict[str, list] = {t: [] for t in self.table_order}
         for key, value in self.model.state_dict().items():
             parts = key.split(".")
-            if len(parts) >= 3 and parts[-1] == "weight" and parts[-3] == "embedding_bags" \
-                    and "_embedding_bag_collection" in parts and parts[-2] in out:
+            if (
+                len(parts) >= 3
+                and parts[-1] == "weight"
+                and parts[-3] == "embedding_bags"
+                and "_embedding_bag_collection" in parts
+                and parts[-2] in out
+            ):
                 for index, tensor in local_pieces(value):
                     out[parts[-2]].append((index[0].start, index[1].start, tensor))
         return out
@@ -111,8 +132,14 @@ class PEPStage:
         """Save the step-0 embedding (v only) for lottery-ticket retraining."""
         path = self.run_dir / "init"
         meta = {"kind": "init", "dim": self.dim, "tables": {t: {"rows": n} for t, n in self.tables.items()}}
-        return write_arrays(path, {t: (n, self.dim) for t, n in self.tables.items()}, np.float32,
-                            self._v_pieces(), meta, rank=self.rank)
+        return write_arrays(
+            path,
+            {t: (n, self.dim) for t, n in self.tables.items()},
+            np.float32,
+            self._v_pieces(),
+            meta,
+            rank=self.rank,
+        )
 
     def kept_by_table(self) -> dict[str, int]:
         """Kept elements per table over all ranks (one all-reduce)."""
@@ -122,31 +149,60 @@ class PEPStage:
             dist.all_reduce(counts)
         return dict(zip(self.table_order, counts.tolist()))
 
-    def snapshot(self, budget: float, count: int, *, step: int, valid_auc: float, kept_now: int) -> dict[str, Any]:
+    def snapshot(
+        self, budget: float, count: int, *, step: int, valid_auc: float, kept_now: int
+    ) -> dict[str, Any]:
         """Save the mask keeping exactly `count` elements, ranked by margin."""
         margins = {t: list(self.module.local_margins(t)) for t in self.table_order}
         min_row = affordable_floor(self.cfg.min_row_dims, count, self.rows)
-        keep = select_mask(margins, count, self.table_order, dim=self.dim, min_row=min_row,
-                           max_row=self.cfg.max_row_dims, layout=self.cfg.mask_layout)
+        keep = select_mask(
+            margins,
+            count,
+            self.table_order,
+            dim=self.dim,
+            min_row=min_row,
+            max_row=self.cfg.max_row_dims,
+            layout=self.cfg.mask_layout,
+        )
         kept_by_table = torch.tensor([sum(int(m.sum()) for _, _, m in keep[t]) for t in self.table_order])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(kept_by_table)
         path = self.run_dir / "masks" / budget_tag(budget)
         kept = dict(zip(self.table_order, kept_by_table.tolist()))
-        warnings = [w for w in (floor_clip_note(self.cfg.min_row_dims, min_row, count, self.rows),
-                                interaction_warning(kept)) if w]
+        warnings = [
+            w
+            for w in (
+                floor_clip_note(self.cfg.min_row_dims, min_row, count, self.rows),
+                interaction_warning(kept),
+            )
+            if w
+        ]
         for warning in warnings:
             if self.rank == 0:
                 logger.warning("budget %s: %s", budget, warning)
         meta = {
-            "kind": "mask", "criterion": "pep_margin", "layout": self.cfg.mask_layout,
-            "min_row_dims": min_row, "max_row_dims": self.cfg.max_row_dims, "budget": budget, "kept": count, "step": step,
-            "valid_auc": valid_auc, "learned_kept": kept_now, "granularity": self.cfg.granularity,
-            "dim": self.dim, "init": "../../init", "embedding_params_total": self.total,
-            "tables": {t: {"rows": n, "kept": int(k)} for (t, n), k in zip(self.tables.items(), kept_by_table)},
+            "kind": "mask",
+            "criterion": "pep_margin",
+            "layout": self.cfg.mask_layout,
+            "min_row_dims": min_row,
+            "max_row_dims": self.cfg.max_row_dims,
+            "budget": budget,
+            "kept": count,
+            "step": step,
+            "valid_auc": valid_auc,
+            "learned_kept": kept_now,
+            "granularity": self.cfg.granularity,
+            "dim": self.dim,
+            "init": "../../init",
+            "embedding_params_total": self.total,
+            "tables": {
+                t: {"rows": n, "kept": int(k)} for (t, n), k in zip(self.tables.items(), kept_by_table)
+            },
             "warnings": warnings,
         }
-        write_arrays(path, {t: (n, self.dim) for t, n in self.tables.items()}, np.bool_, keep, meta, rank=self.rank)
+        write_arrays(
+            path, {t: (n, self.dim) for t, n in self.tables.items()}, np.bool_, keep, meta, rank=self.rank
+        )
         logger.info("saved %s (%d elements) at step %d", path, count, step)
         return {"budget": budget, "kept": count, "step": step, "valid_auc": valid_auc, "path": str(path)}
 
@@ -184,7 +240,9 @@ class PEPStage:
             keys = {}
             for table in self.table_order:
                 magnitude = self.module.local_margins(table)  # |v|
-                keys[table] = [(r, c, torch.log(a) - b) for (r, c, a), (_, _, b) in zip(magnitude, log_unit(table))]
+                keys[table] = [
+                    (r, c, torch.log(a) - b) for (r, c, a), (_, _, b) in zip(magnitude, log_unit(table))
+                ]
             self.module.gk = saved
             self.module.gk = math.exp(kth_largest(keys, count + 1))
             return float(self.module.gk)
@@ -195,7 +253,9 @@ class PEPStage:
             magnitude = self.module.local_margins(table)  # |v|
             self.module.gk = 1.0
             unit = self.module.local_margins(table)  # |v| - sigmoid(s)
-            ratios[table] = [(r, c, a / (a - b).clamp_min(1e-30)) for (r, c, a), (_, _, b) in zip(magnitude, unit)]
+            ratios[table] = [
+                (r, c, a / (a - b).clamp_min(1e-30)) for (r, c, a), (_, _, b) in zip(magnitude, unit)
+            ]
         self.module.gk = saved
         self.module.gk = kth_largest(ratios, count + 1)
         return float(self.module.gk)
@@ -207,9 +267,13 @@ class PEPStage:
         mask_dir = Path(self.cfg.mask)
         meta = read_meta(mask_dir)
         if meta.get("kind") != "mask":
-            raise ConfigError(f"pep.mask: {mask_dir} is not a mask directory (meta kind {meta.get('kind')!r})")
+            raise ConfigError(
+                f"pep.mask: {mask_dir} is not a mask directory (meta kind {meta.get('kind')!r})"
+            )
         if int(meta["dim"]) != self.dim:
-            raise ConfigError(f"pep.mask: {mask_dir} is for embedding_dim {meta['dim']}, the model has {self.dim}")
+            raise ConfigError(
+                f"pep.mask: {mask_dir} is for embedding_dim {meta['dim']}, the model has {self.dim}"
+            )
         missing = sorted(set(self.tables) - set(meta["tables"]))
         if missing:
             raise ConfigError(f"pep.mask: {mask_dir} has no mask for tables {missing}")

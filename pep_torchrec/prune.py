@@ -87,7 +87,9 @@ def best_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def load_full_tables(checkpoint: Path, shapes: dict[str, tuple[int, int]], key: str = TABLE_KEY) -> dict[str, torch.Tensor]:
+def load_full_tables(
+    checkpoint: Path, shapes: dict[str, tuple[int, int]], key: str = TABLE_KEY
+) -> dict[str, torch.Tensor]:
     """Read whole [rows, D] tables from a DCP checkpoint written by any number of ranks."""
     state = {"model": {key.format(table=t): torch.empty(shape) for t, shape in shapes.items()}}
     with warnings.catch_warnings():  # a single-process load is the point here, not an accident
@@ -104,24 +106,39 @@ def _mask_warnings(budget: float, kept_by_table: Mapping[str, int], clip: str | 
     return found
 
 
-def _write_mask(out: Path, budget: float, masks: Mapping[str, np.ndarray], meta: dict[str, Any],
-                clip: str | None = None) -> dict[str, Any]:
+def _write_mask(
+    out: Path, budget: float, masks: Mapping[str, np.ndarray], meta: dict[str, Any], clip: str | None = None
+) -> dict[str, Any]:
     """Write OUT/masks/budget_*/ from whole bool [R, D] tables, with the tables' kept counts and warnings."""
     kept = {t: int(m.sum()) for t, m in masks.items()}
     meta = {**meta, "tables": {t: {"rows": int(m.shape[0]), "kept": kept[t]} for t, m in masks.items()}}
     meta["warnings"] = _mask_warnings(budget, kept, clip)
     shapes = {t: tuple(m.shape) for t, m in masks.items()}
-    path = write_arrays(out / "masks" / budget_tag(budget), shapes, np.bool_,
-                        {t: [(0, 0, torch.from_numpy(np.ascontiguousarray(m)))] for t, m in masks.items()},
-                        meta, rank=0)
+    path = write_arrays(
+        out / "masks" / budget_tag(budget),
+        shapes,
+        np.bool_,
+        {t: [(0, 0, torch.from_numpy(np.ascontiguousarray(m)))] for t, m in masks.items()},
+        meta,
+        rank=0,
+    )
     return {"budget": budget, "kept": meta["kept"], "path": str(path), "warnings": meta["warnings"]}
 
 
-def magnitude_masks(run_dir: Path, budgets: list[float], out: Path, *, layout: str = "elementwise",
-                    min_row_dims: int = 0, max_row_dims: int = 0) -> list[dict]:
+def magnitude_masks(
+    run_dir: Path,
+    budgets: list[float],
+    out: Path,
+    *,
+    layout: str = "elementwise",
+    min_row_dims: int = 0,
+    max_row_dims: int = 0,
+) -> list[dict]:
     cfg = load_config(base=yaml.safe_load((run_dir / "config.yaml").read_text()))
     if cfg.train.stage != "baseline":
-        raise ConfigError(f"{run_dir}: magnitude pruning starts from a baseline run (this one is {cfg.train.stage})")
+        raise ConfigError(
+            f"{run_dir}: magnitude pruning starts from a baseline run (this one is {cfg.train.stage})"
+        )
     schema = Schema.load(cfg.data.path)
     dim = cfg.model.embedding_dim
     tables = {t.name: t.num_embeddings for t in embedding_tables(schema.sparse_features, dim)}
@@ -129,24 +146,44 @@ def magnitude_masks(run_dir: Path, budgets: list[float], out: Path, *, layout: s
     weights = load_full_tables(checkpoint, {t: (n, dim) for t, n in tables.items()})
     total = sum(tables.values()) * dim
     shapes = {t: (n, dim) for t, n in tables.items()}
-    write_arrays(out / "init", shapes, np.float32, {t: [(0, 0, w)] for t, w in weights.items()},
-                 {"kind": "init", "dim": dim, "source": str(checkpoint.resolve()),
-                  "tables": {t: {"rows": n} for t, n in tables.items()}}, rank=0)
+    write_arrays(
+        out / "init",
+        shapes,
+        np.float32,
+        {t: [(0, 0, w)] for t, w in weights.items()},
+        {
+            "kind": "init",
+            "dim": dim,
+            "source": str(checkpoint.resolve()),
+            "tables": {t: {"rows": n} for t, n in tables.items()},
+        },
+        rank=0,
+    )
     scores = {t: [(0, 0, w.abs())] for t, w in weights.items()}
     results = []
     for budget in budgets:
         count = budget_count(budget, total)
         min_row = affordable_floor(min_row_dims, count, sum(tables.values()))
         try:
-            keep = select_mask(scores, count, list(tables), dim=dim, min_row=min_row, max_row=max_row_dims,
-                               layout=layout)
+            keep = select_mask(
+                scores, count, list(tables), dim=dim, min_row=min_row, max_row=max_row_dims, layout=layout
+            )
         except ValueError as e:
             raise ConfigError(f"budget {budget}: {e}") from e
         meta = {
-            "kind": "mask", "criterion": "magnitude", "layout": layout, "min_row_dims": min_row,
-            "min_row_dims_requested": min_row_dims, "max_row_dims": max_row_dims, "budget": budget, "kept": count,
-            "source_run": str(run_dir.resolve()), "warm_start": str(checkpoint.resolve()),
-            "dim": dim, "init": "../../init", "embedding_params_total": total,
+            "kind": "mask",
+            "criterion": "magnitude",
+            "layout": layout,
+            "min_row_dims": min_row,
+            "min_row_dims_requested": min_row_dims,
+            "max_row_dims": max_row_dims,
+            "budget": budget,
+            "kept": count,
+            "source_run": str(run_dir.resolve()),
+            "warm_start": str(checkpoint.resolve()),
+            "dim": dim,
+            "init": "../../init",
+            "embedding_params_total": total,
         }
         clip = floor_clip_note(min_row_dims, min_row, count, sum(tables.values()))
         results.append(_write_mask(out, budget, {t: keep[t][0][2].numpy() for t in tables}, meta, clip))
@@ -157,15 +194,19 @@ def _search_init(run_dir: Path, method: str) -> tuple[Path, dict[str, Any]]:
     """A search run's step-0 embedding (RUN/init/) and its meta: where the lottery-ticket controls start."""
     meta_path = run_dir / "init" / "meta.json"
     if not meta_path.is_file():
-        raise ConfigError(f"--run-dir {run_dir}: --method {method} starts from a search run's step-0 embedding "
-                          f"({run_dir}/init/), and {run_dir} has none (not a search run?)")
+        raise ConfigError(
+            f"--run-dir {run_dir}: --method {method} starts from a search run's step-0 embedding "
+            f"({run_dir}/init/), and {run_dir} has none (not a search run?)"
+        )
     meta = json.loads(meta_path.read_text())
     if meta.get("kind") != "init" or not meta.get("tables") or not meta.get("dim"):
         raise ConfigError(f"{meta_path}: not an init directory's meta (kind {meta.get('kind')!r})")
     return (run_dir / "init").resolve(), meta
 
 
-def _train_frequencies(run_dir: Path, data: str | None, tables: Mapping[str, int]) -> tuple[dict[str, np.ndarray], Path]:
+def _train_frequencies(
+    run_dir: Path, data: str | None, tables: Mapping[str, int]
+) -> tuple[dict[str, np.ndarray], Path]:
     """Train-split occurrences of every id, per table (`t_<feature>`), from --data or the run's data.path."""
     from pep_torchrec.report import ReportError, resolve_path, train_frequencies
 
@@ -173,12 +214,16 @@ def _train_frequencies(run_dir: Path, data: str | None, tables: Mapping[str, int
         dataset: Path | None = Path(data)
         flag = f"--data {data}"
     else:
-        recorded = str(((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}).get("path", ""))
+        recorded = str(
+            ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}).get("path", "")
+        )
         dataset = resolve_path(recorded, run_dir) if recorded else None
         flag = f"--data (the run's data.path {recorded!r} was not found)"
     if dataset is None or not (dataset / "schema.json").is_file():
-        raise ConfigError(f"{flag}: not a prepared dataset (schema.json missing); --method frequency counts the "
-                          f"train split's ids")
+        raise ConfigError(
+            f"{flag}: not a prepared dataset (schema.json missing); --method frequency counts the "
+            f"train split's ids"
+        )
     try:
         schema = Schema.load(dataset)
     except SchemaError as e:
@@ -194,14 +239,17 @@ def _train_frequencies(run_dir: Path, data: str | None, tables: Mapping[str, int
     return {t: counts[features[t]] for t in tables}, dataset
 
 
-def size_control_masks(method: str, run_dir: Path, budgets: list[float], out: Path, *, seed: int = 0,
-                       data: str | None = None) -> list[dict]:
+def size_control_masks(
+    method: str, run_dir: Path, budgets: list[float], out: Path, *, seed: int = 0, data: str | None = None
+) -> list[dict]:
     """uniform / frequency masks at each budget, lottery tickets from the search run's step-0 embedding."""
     init, init_meta = _search_init(run_dir, method)
     dim = int(init_meta["dim"])
     tables = {t: int(e["rows"]) for t, e in init_meta["tables"].items()}
     total = sum(tables.values()) * dim
-    frequencies, dataset = _train_frequencies(run_dir, data, tables) if method == "frequency" else (None, None)
+    frequencies, dataset = (
+        _train_frequencies(run_dir, data, tables) if method == "frequency" else (None, None)
+    )
     results = []
     for budget in budgets:
         count = budget_count(budget, total)
@@ -212,8 +260,18 @@ def size_control_masks(method: str, run_dir: Path, budgets: list[float], out: Pa
             assert frequencies is not None
             sizes = frequency_sizes(frequencies, count, dim)
             extra = {"criterion": "frequency", "min_row_dims": 0, "frequencies": f"train split of {dataset}"}
-        meta = {"kind": "mask", "layout": "aligned", "max_row_dims": 0, **extra, "budget": budget, "kept": count,
-                "source_run": str(run_dir.resolve()), "dim": dim, "init": str(init), "embedding_params_total": total}
+        meta = {
+            "kind": "mask",
+            "layout": "aligned",
+            "max_row_dims": 0,
+            **extra,
+            "budget": budget,
+            "kept": count,
+            "source_run": str(run_dir.resolve()),
+            "dim": dim,
+            "init": str(init),
+            "embedding_params_total": total,
+        }
         results.append(_write_mask(out, budget, {t: aligned_mask(sizes[t], dim) for t in tables}, meta))
     return results
 
@@ -228,18 +286,26 @@ def _source_masks(sizes_from: Path, budgets: list[float] | None) -> list[Path]:
     if not sizes_from.is_dir():
         raise ConfigError(f"--sizes-from {sizes_from}: no such directory")
     if budgets is None:
-        found = sorted((p for p in sizes_from.glob("budget_*") if (p / "meta.json").is_file()),
-                       key=lambda p: -float(p.name.removeprefix("budget_")))
+        found = sorted(
+            (p for p in sizes_from.glob("budget_*") if (p / "meta.json").is_file()),
+            key=lambda p: -float(p.name.removeprefix("budget_")),
+        )
         if not found:
-            raise ConfigError(f"--sizes-from {sizes_from}: neither a mask (meta.json) nor a directory of budget_* masks")
+            raise ConfigError(
+                f"--sizes-from {sizes_from}: neither a mask (meta.json) nor a directory of budget_* masks"
+            )
         return found
     missing = [b for b in budgets if not (sizes_from / budget_tag(b) / "meta.json").is_file()]
     if missing:
-        raise ConfigError(f"--budgets: {sizes_from} has no complete mask for {', '.join(f'{b:g}' for b in missing)}")
+        raise ConfigError(
+            f"--budgets: {sizes_from} has no complete mask for {', '.join(f'{b:g}' for b in missing)}"
+        )
     return [sizes_from / budget_tag(b) for b in budgets]
 
 
-def random_element_masks(sizes_from: Path, out: Path, *, budgets: list[float] | None = None, seed: int = 0) -> list[dict]:
+def random_element_masks(
+    sizes_from: Path, out: Path, *, budgets: list[float] | None = None, seed: int = 0
+) -> list[dict]:
     """Each row keeps the source mask's count, at random columns; the source's init and warm start."""
     results = []
     for source in _source_masks(sizes_from, budgets):
@@ -257,11 +323,21 @@ def random_element_masks(sizes_from: Path, out: Path, *, budgets: list[float] | 
                 raise ConfigError(f"--sizes-from {path}: {sizes_R.size} rows, meta.json says {entry['rows']}")
             # One stream per table (seed, table index): the same draw whatever the other tables are.
             masks[table] = random_columns_mask(sizes_R, dim, np.random.default_rng([seed, index]))
-        new = {"kind": "mask", "criterion": "random_elements", "layout": "elementwise", "seed": seed,
-               "sizes_from": str(source.resolve()), "sizes_from_criterion": meta.get("criterion"),
-               "min_row_dims": 0, "max_row_dims": 0, "budget": meta["budget"], "kept": int(meta["kept"]), "dim": dim,
-               "init": str((source / meta["init"]).resolve()),
-               "embedding_params_total": meta.get("embedding_params_total")}
+        new = {
+            "kind": "mask",
+            "criterion": "random_elements",
+            "layout": "elementwise",
+            "seed": seed,
+            "sizes_from": str(source.resolve()),
+            "sizes_from_criterion": meta.get("criterion"),
+            "min_row_dims": 0,
+            "max_row_dims": 0,
+            "budget": meta["budget"],
+            "kept": int(meta["kept"]),
+            "dim": dim,
+            "init": str((source / meta["init"]).resolve()),
+            "embedding_params_total": meta.get("embedding_params_total"),
+        }
         if meta.get("warm_start"):
             new["warm_start"] = meta["warm_start"]
         results.append(_write_mask(out, float(meta["budget"]), masks, new))
@@ -269,27 +345,59 @@ def random_element_masks(sizes_from: Path, out: Path, *, budgets: list[float] | 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="magnitude", choices=MASK_METHODS,
-                        help="how the masks are chosen (see above); default magnitude")
-    parser.add_argument("--run-dir", default=None,
-                        help="magnitude: a finished baseline run; uniform / frequency: a search run (its init/)")
-    parser.add_argument("--budgets", default=None,
-                        help=f"comma-separated shares of the embedding in (0, 1) (default {DEFAULT_BUDGETS}; "
-                             "random-elements: every budget_* of --sizes-from)")
-    parser.add_argument("--out", required=True, help="output directory (masks/budget_*, and init/ for magnitude)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="uniform, random-elements: seed of the random choices (default 0)")
-    parser.add_argument("--sizes-from", default=None,
-                        help="random-elements: a masks/ directory of budget_* masks, or one mask directory")
-    parser.add_argument("--data", default=None,
-                        help="frequency: the prepared dataset whose train split is counted (default: the run's data.path)")
-    parser.add_argument("--layout", default="elementwise", choices=MASK_LAYOUTS,
-                        help="magnitude: mask layout, as pep.mask_layout (aligned: each row's kept count in one "
-                             "shared column order)")
-    parser.add_argument("--min-row-dims", type=int, default=0,
-                        help="magnitude: every row keeps at least this many elements (clipped to what a budget "
-                             "affords, with a warning)")
-    parser.add_argument("--max-row-dims", type=int, default=0, help="magnitude: no row keeps more (0 = embedding_dim)")
+    parser.add_argument(
+        "--method",
+        default="magnitude",
+        choices=MASK_METHODS,
+        help="how the masks are chosen (see above); default magnitude",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=None,
+        help="magnitude: a finished baseline run; uniform / frequency: a search run (its init/)",
+    )
+    parser.add_argument(
+        "--budgets",
+        default=None,
+        help=f"comma-separated shares of the embedding in (0, 1) (default {DEFAULT_BUDGETS}; "
+        "random-elements: every budget_* of --sizes-from)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output directory (masks/budget_*, and init/ for magnitude)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="uniform, random-elements: seed of the random choices (default 0)",
+    )
+    parser.add_argument(
+        "--sizes-from",
+        default=None,
+        help="random-elements: a masks/ directory of budget_* masks, or one mask directory",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="frequency: the prepared dataset whose train split is counted (default: the run's data.path)",
+    )
+    parser.add_argument(
+        "--layout",
+        default="elementwise",
+        choices=MASK_LAYOUTS,
+        help="magnitude: mask layout, as pep.mask_layout (aligned: each row's kept count in one "
+        "shared column order)",
+    )
+    parser.add_argument(
+        "--min-row-dims",
+        type=int,
+        default=0,
+        help="magnitude: every row keeps at least this many elements (clipped to what a budget "
+        "affords, with a warning)",
+    )
+    parser.add_argument(
+        "--max-row-dims", type=int, default=0, help="magnitude: no row keeps more (0 = embedding_dim)"
+    )
 
 
 def _budgets(text: str) -> list[float]:
@@ -299,7 +407,9 @@ def _budgets(text: str) -> list[float]:
         try:
             budget = float(item)
         except ValueError:
-            raise ConfigError(f"--budgets: {item!r} is not a number (expected shares such as 0.2,0.1)") from None
+            raise ConfigError(
+                f"--budgets: {item!r} is not a number (expected shares such as 0.2,0.1)"
+            ) from None
         if not 0.0 < budget < 1.0:
             raise ConfigError(f"--budgets: {item} is not a share of the embedding in (0, 1) (0.1 keeps 10 %)")
         budgets.append(budget)
@@ -309,8 +419,11 @@ def _budgets(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     budgets = _budgets(args.budgets) if args.budgets is not None else None
     method = args.method
-    magnitude_flags = {"--layout": args.layout != "elementwise", "--min-row-dims": args.min_row_dims != 0,
-                       "--max-row-dims": args.max_row_dims != 0}
+    magnitude_flags = {
+        "--layout": args.layout != "elementwise",
+        "--min-row-dims": args.min_row_dims != 0,
+        "--max-row-dims": args.max_row_dims != 0,
+    }
     misplaced = [flag for flag, given in magnitude_flags.items() if given and method != "magnitude"]
     misplaced += ["--sizes-from"] if args.sizes_from is not None and method != "random-elements" else []
     misplaced += ["--data"] if args.data is not None and method != "frequency" else []
@@ -322,7 +435,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seed {seed}: must be >= 0")
     if method == "random-elements":
         if args.sizes_from is None:
-            raise ConfigError("--sizes-from: --method random-elements needs the masks whose row sizes it keeps")
+            raise ConfigError(
+                "--sizes-from: --method random-elements needs the masks whose row sizes it keeps"
+            )
         results = random_element_masks(Path(args.sizes_from), Path(args.out), budgets=budgets, seed=seed)
     else:
         if args.run_dir is None:
@@ -331,11 +446,18 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--run-dir {args.run_dir}: no such directory")
         budgets = budgets if budgets is not None else _budgets(DEFAULT_BUDGETS)
         if method == "magnitude":
-            results = magnitude_masks(Path(args.run_dir), budgets, Path(args.out), layout=args.layout,
-                                      min_row_dims=args.min_row_dims, max_row_dims=args.max_row_dims)
+            results = magnitude_masks(
+                Path(args.run_dir),
+                budgets,
+                Path(args.out),
+                layout=args.layout,
+                min_row_dims=args.min_row_dims,
+                max_row_dims=args.max_row_dims,
+            )
         else:
-            results = size_control_masks(method, Path(args.run_dir), budgets, Path(args.out), seed=seed,
-                                         data=args.data)
+            results = size_control_masks(
+                method, Path(args.run_dir), budgets, Path(args.out), seed=seed, data=args.data
+            )
     for result in results:
         print(f"{result['path']}: {result['kept']:,} elements kept (budget {result['budget']:g})")
     return 0

@@ -76,8 +76,13 @@ def _from_keys(key: int) -> float:
 def _kth_largest_key(local: torch.Tensor, k: int) -> int:
     """The k-th largest key over all ranks (1 <= k <= total): bisection on the key range, one
     all-reduced count per step (32 steps for float32 keys), so no rank ever holds more than its own."""
-    bounds = torch.tensor([local.min().item() if local.numel() else 2**62,
-                           -(local.max().item() if local.numel() else -(2**62))], dtype=torch.int64)
+    bounds = torch.tensor(
+        [
+            local.min().item() if local.numel() else 2**62,
+            -(local.max().item() if local.numel() else -(2**62)),
+        ],
+        dtype=torch.int64,
+    )
     if _world() > 1:
         dist.all_reduce(bounds, op=dist.ReduceOp.MIN)
     lo, hi = int(bounds[0]), -int(bounds[1])  # count(key >= lo) = total >= k; the answer is in [lo, hi]
@@ -101,7 +106,9 @@ def kth_largest(pieces: Mapping[str, Sequence[Piece]], k: int) -> float:
     return _from_keys(_kth_largest_key(local, k))
 
 
-def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequence[str]) -> dict[str, list[Piece]]:
+def select_top_k(
+    pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequence[str]
+) -> dict[str, list[Piece]]:
     """Keep exactly the `k` largest scores over every table (all ranks together).
 
     Args:
@@ -118,7 +125,9 @@ def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Seq
     if not 0 <= k <= total:
         raise ValueError(f"budget {k} is outside [0, {total}] elements")
     if k == 0:
-        return {t: [(r, c, torch.zeros_like(kk, dtype=torch.bool)) for r, c, kk in keys[t]] for t in table_order}
+        return {
+            t: [(r, c, torch.zeros_like(kk, dtype=torch.bool)) for r, c, kk in keys[t]] for t in table_order
+        }
 
     tau = _kth_largest_key(local, k)
     above = int(_all_reduce_sum(torch.tensor([(local > tau).sum().item()], dtype=torch.int64)).item())
@@ -137,7 +146,9 @@ def select_top_k(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Seq
     if _world() > 1:
         gathered: list[Any] = [None] * _world()
         dist.all_gather_object(gathered, mine.numpy())
-        everyone = torch.from_numpy(np.concatenate([g for g in gathered if len(g)] or [np.zeros((0, 3), np.int64)]))
+        everyone = torch.from_numpy(
+            np.concatenate([g for g in gathered if len(g)] or [np.zeros((0, 3), np.int64)])
+        )
     else:
         everyone = mine
     order = np.lexsort((everyone[:, 2].numpy(), everyone[:, 1].numpy(), everyone[:, 0].numpy()))
@@ -165,7 +176,9 @@ def top_per_row(scores: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
     if isinstance(n, int) and (n <= 0 or n >= scores.shape[1]):  # none or all: no sort needed
         return torch.full(scores.shape, n > 0, dtype=torch.bool, device=scores.device)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous())
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(scores.shape[1]).expand_as(order).contiguous()
+    )
     return rank < (n.unsqueeze(1) if isinstance(n, torch.Tensor) else n)
 
 
@@ -184,17 +197,30 @@ def align_rows(keep: Mapping[str, Sequence[Piece]], dim: int) -> dict[str, list[
     order = torch.sort(_all_reduce_sum(per_column), descending=True, stable=True).indices
     rank = torch.empty(dim, dtype=torch.int64)
     rank[order] = torch.arange(dim)
-    return {t: [(r, c, rank[None, :] < m.sum(1, keepdim=True)) for r, c, m in blocks] for t, blocks in keep.items()}
+    return {
+        t: [(r, c, rank[None, :] < m.sum(1, keepdim=True)) for r, c, m in blocks]
+        for t, blocks in keep.items()
+    }
 
 
 def check_row_rules(min_row: int, max_row: int, dim: int) -> None:
     """ValueError unless 0 <= min_row <= max_row (0 = D) <= D."""
     if not 0 <= min_row <= dim or not 0 <= max_row <= dim or (max_row and max_row < min_row):
-        raise ValueError(f"row rules: need 0 <= min_row ({min_row}) <= max_row ({max_row} or 0 = {dim}) <= {dim}")
+        raise ValueError(
+            f"row rules: need 0 <= min_row ({min_row}) <= max_row ({max_row} or 0 = {dim}) <= {dim}"
+        )
 
 
-def select_mask(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequence[str], *, dim: int,
-                min_row: int = 0, max_row: int = 0, layout: str = "elementwise") -> dict[str, list[Piece]]:
+def select_mask(
+    pieces: Mapping[str, Sequence[Piece]],
+    k: int,
+    table_order: Sequence[str],
+    *,
+    dim: int,
+    min_row: int = 0,
+    max_row: int = 0,
+    layout: str = "elementwise",
+) -> dict[str, list[Piece]]:
     """`select_top_k` under row rules: every row keeps at least `min_row` (its best) and at most
     `max_row` (0 = D) elements, and the layout is element-wise or aligned (see the module doc).
     Exactly `k` elements are kept; the rules need whole rows on each shard.
@@ -210,19 +236,32 @@ def select_mask(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequ
     for t in table_order:
         for _, c, s in pieces.get(t, []):
             if c != 0 or s.shape[1] != dim:
-                raise ValueError(f"table {t}: row rules need whole rows on a shard (this one has columns "
-                                 f"[{c}, {c + s.shape[1]}) of {dim}); shard it table- or row-wise")
+                raise ValueError(
+                    f"table {t}: row rules need whole rows on a shard (this one has columns "
+                    f"[{c}, {c + s.shape[1]}) of {dim}); shard it table- or row-wise"
+                )
     forced = {t: [(r, c, top_per_row(s, min_row)) for r, c, s in pieces.get(t, [])] for t in table_order}
-    allowed = {t: [(r, c, top_per_row(s, max_row or dim)) for r, c, s in pieces.get(t, [])] for t in table_order}
-    counts = torch.tensor([sum(int(m.sum()) for b in forced.values() for _, _, m in b),
-                           sum(int(m.sum()) for b in allowed.values() for _, _, m in b)], dtype=torch.int64)
+    allowed = {
+        t: [(r, c, top_per_row(s, max_row or dim)) for r, c, s in pieces.get(t, [])] for t in table_order
+    }
+    counts = torch.tensor(
+        [
+            sum(int(m.sum()) for b in forced.values() for _, _, m in b),
+            sum(int(m.sum()) for b in allowed.values() for _, _, m in b),
+        ],
+        dtype=torch.int64,
+    )
     n_forced, n_allowed = _all_reduce_sum(counts).tolist()
     if not n_forced <= k <= n_allowed:
-        raise ValueError(f"budget {k} elements: the row rules (at least {min_row}, at most {max_row or dim} per "
-                         f"row) allow between {n_forced} and {n_allowed}")
+        raise ValueError(
+            f"budget {k} elements: the row rules (at least {min_row}, at most {max_row or dim} per "
+            f"row) allow between {n_forced} and {n_allowed}"
+        )
     rest = {
-        t: [(r, c, torch.where(f | ~a, torch.full_like(s, float("-inf")), s))
-            for (r, c, s), (_, _, f), (_, _, a) in zip(pieces.get(t, []), forced[t], allowed[t])]
+        t: [
+            (r, c, torch.where(f | ~a, torch.full_like(s, float("-inf")), s))
+            for (r, c, s), (_, _, f), (_, _, a) in zip(pieces.get(t, []), forced[t], allowed[t])
+        ]
         for t in table_order
     }
     chosen = select_top_k(rest, k - n_forced, table_order)
@@ -230,8 +269,15 @@ def select_mask(pieces: Mapping[str, Sequence[Piece]], k: int, table_order: Sequ
     return align_rows(keep, dim) if layout == "aligned" else keep
 
 
-def write_arrays(directory: str | os.PathLike, shapes: Mapping[str, tuple[int, int]], dtype: np.dtype,
-                 pieces: Mapping[str, Sequence[Piece]], meta: Mapping[str, Any], *, rank: int) -> Path:
+def write_arrays(
+    directory: str | os.PathLike,
+    shapes: Mapping[str, tuple[int, int]],
+    dtype: np.dtype,
+    pieces: Mapping[str, Sequence[Piece]],
+    meta: Mapping[str, Any],
+    *,
+    rank: int,
+) -> Path:
     """Write one [rows, cols] .npy per table from every rank's pieces, then meta.json; atomic.
 
     Args:
@@ -399,13 +445,17 @@ def interaction_warning(kept_by_table: Mapping[str, int]) -> str | None:
     if len(alive) >= 2 or len(kept_by_table) < 2:
         return None
     where = f"every kept element is in table {alive[0]}" if alive else "no element is kept"
-    return (f"{where}: a model on this mask has no feature interactions (embeddings of two tables never "
-            f"meet), only per-table terms")
+    return (
+        f"{where}: a model on this mask has no feature interactions (embeddings of two tables never "
+        f"meet), only per-table terms"
+    )
 
 
 def floor_clip_note(requested: int, applied: int, count: int, rows: int) -> str | None:
     """The message for a row floor a budget cannot afford (None if nothing was clipped)."""
     if applied >= requested:
         return None
-    return (f"row floor clipped: {requested} dims per row requested, {applied} applied "
-            f"({count:,} elements over {rows:,} rows afford {count // rows} each)")
+    return (
+        f"row floor clipped: {requested} dims per row requested, {applied} applied "
+        f"({count:,} elements over {rows:,} rows afford {count // rows} each)"
+    )

@@ -249,7 +249,9 @@ def row_sizes(path: Path, rows: int) -> np.ndarray:
         raise ReportError(f"{path}: missing")
     mask_RD = np.load(path, mmap_mode="r")
     if mask_RD.dtype != np.bool_ or mask_RD.ndim != 2 or mask_RD.shape[0] != rows:
-        raise ReportError(f"{path}: want a bool [{rows}, D] mask, found {mask_RD.dtype} {tuple(mask_RD.shape)}")
+        raise ReportError(
+            f"{path}: want a bool [{rows}, D] mask, found {mask_RD.dtype} {tuple(mask_RD.shape)}"
+        )
     sizes_R = np.empty(rows, np.int32)
     step = max(1, _CHUNK_ELEMENTS // max(1, mask_RD.shape[1]))
     for start in range(0, rows, step):
@@ -298,8 +300,10 @@ def train_frequencies(dataset_dir: Path, schema: Schema, rows: dict[str, int]) -
                     low, high = int(ids.min()), int(ids.max())
                     if low < 0 or high >= acc_R.size:
                         bad = low if low < 0 else high
-                        raise ReportError(f"{path}: row group {group}: {name!r} holds id {bad}, outside "
-                                          f"the table's [0, {acc_R.size})")
+                        raise ReportError(
+                            f"{path}: row group {group}: {name!r} holds id {bad}, outside "
+                            f"the table's [0, {acc_R.size})"
+                        )
                     counted = np.bincount(ids)  # only up to the largest id seen, not the table's length
                     acc_R[: counted.size] += counted
     return counts
@@ -314,8 +318,11 @@ def _average_ranks(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return rank_U[inverse.ravel()]
 
 
-def spearman(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray,
-             weights: Sequence[float] | np.ndarray | None = None) -> float:
+def spearman(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    weights: Sequence[float] | np.ndarray | None = None,
+) -> float:
     """Spearman rank correlation with mid-ranks for ties (scipy.stats.spearmanr's definition).
 
     Args:
@@ -391,7 +398,7 @@ class Pairs:
             sel = decade == d
             rows = int(self.count[sel].sum())
             if rows:
-                label = "0" if d == 0 else f"{10 ** (d - 1):,}–{10 ** d - 1:,}"
+                label = "0" if d == 0 else f"{10 ** (d - 1):,}–{10**d - 1:,}"
                 out.append((label, rows, float((self.count[sel] * self.size[sel]).sum() / rows)))
         return out
 
@@ -473,8 +480,11 @@ class MaskStats:
 
 def mask_stats(mask: Mask, frequencies: dict[str, np.ndarray] | None) -> MaskStats:
     """Per-table sizes of one mask, with (frequency, size) pairs where the table's frequencies are known."""
-    dims = {int(np.load(mask.path / f"{t}.npy", mmap_mode="r").shape[1]) for t in mask.tables
-            if (mask.path / f"{t}.npy").is_file()}
+    dims = {
+        int(np.load(mask.path / f"{t}.npy", mmap_mode="r").shape[1])
+        for t in mask.tables
+        if (mask.path / f"{t}.npy").is_file()
+    }
     if len(dims) > 1:
         raise ReportError(f"{mask.path}: tables have different widths {sorted(dims)}")
     dim = dims.pop() if dims else int(mask.meta.get("dim", 0))
@@ -483,9 +493,13 @@ def mask_stats(mask: Mask, frequencies: dict[str, np.ndarray] | None) -> MaskSta
         sizes_R = row_sizes(mask.path / f"{table}.npy", rows)
         freq_R = (frequencies or {}).get(table.removeprefix(TABLE_PREFIX))
         stats.tables[table] = TableStats(
-            rows=rows, dim=dim, kept=int(sizes_R.sum(dtype=np.int64)), pruned_rows=int((sizes_R == 0).sum()),
+            rows=rows,
+            dim=dim,
+            kept=int(sizes_R.sum(dtype=np.int64)),
+            pruned_rows=int((sizes_R == 0).sum()),
             size_hist=np.bincount(sizes_R, minlength=dim + 1),
-            pairs=Pairs.of(freq_R, sizes_R) if freq_R is not None else None)
+            pairs=Pairs.of(freq_R, sizes_R) if freq_R is not None else None,
+        )
     return stats
 
 
@@ -567,15 +581,39 @@ def plot_kept_and_auc(run: Run, snapshots: Sequence[dict[str, Any]], path: Path)
         snaps = [s for s in snapshots if s.get("step") is not None]
         if snaps and total:
             xs = [s["step"] for s in snaps]
-            handles.append(ax.scatter(xs, [s["kept"] / total for s in snaps], marker="o", s=36, color="C0",
-                                      edgecolor="black", zorder=4, label="snapshot (mask saved)"))
+            handles.append(
+                ax.scatter(
+                    xs,
+                    [s["kept"] / total for s in snaps],
+                    marker="o",
+                    s=36,
+                    color="C0",
+                    edgecolor="black",
+                    zorder=4,
+                    label="snapshot (mask saved)",
+                )
+            )
             for s in snaps:
                 ax.axhline(s["kept"] / total, color="C0", lw=0.6, ls=":", alpha=0.6)
-                ax.annotate(f"{s['budget']:g}", (s["step"], s["kept"] / total), textcoords="offset points",
-                            xytext=(-6, -13), ha="right", fontsize=8, color="C0")
+                ax.annotate(
+                    f"{s['budget']:g}",
+                    (s["step"], s["kept"] / total),
+                    textcoords="offset points",
+                    xytext=(-6, -13),
+                    ha="right",
+                    fontsize=8,
+                    color="C0",
+                )
             if any(s.get("valid_auc") is not None for s in snaps):
-                auc_ax.scatter(xs, [s.get("valid_auc", np.nan) for s in snaps], marker="D", s=30,
-                               color=auc_color, edgecolor="black", zorder=4)
+                auc_ax.scatter(
+                    xs,
+                    [s.get("valid_auc", np.nan) for s in snaps],
+                    marker="D",
+                    s=30,
+                    color=auc_color,
+                    edgecolor="black",
+                    zorder=4,
+                )
         ax.legend(handles=handles, loc="lower left", fontsize=8)
     else:
         ax.plot(steps, auc, color="C1", marker="." if len(steps) < 60 else None, label="valid AUC")
@@ -607,15 +645,22 @@ def plot_embedding_sizes(run: Run, stats: Sequence[MaskStats], path: Path) -> Pa
         ax.set_xlim(-0.8, s.dim + 0.8)
         kept_rows = s.rows - s.pruned_rows
         mean = (np.arange(hist.size) * hist).sum() / kept_rows if kept_rows else 0.0
-        ax.text(0.98, 0.97, f"pruned ids (0 dims, red): {s.pruned_rows:,} of {s.rows:,} "
-                f"({s.pruned_rows / max(1, s.rows):.0%})\nmean dims of the kept ids: {mean:.2f}",
-                transform=ax.transAxes, ha="right", va="top", fontsize=8,
-                bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85, "ec": "0.8"})
+        ax.text(
+            0.98,
+            0.97,
+            f"pruned ids (0 dims, red): {s.pruned_rows:,} of {s.rows:,} "
+            f"({s.pruned_rows / max(1, s.rows):.0%})\nmean dims of the kept ids: {mean:.2f}",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85, "ec": "0.8"},
+        )
         ax.set_title(f"{s.mask.label}: {s.kept:,} kept ({s.kept / max(1, s.rows * s.dim):.1%})", fontsize=9)
         ax.set_xlabel(f"kept dimensions of an id (0..{s.dim})")
         ax.set_ylabel("ids (rows), log")
         ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(stats):]:
+    for ax in axes[len(stats) :]:
         ax.set_visible(False)
     fig.suptitle(f"{_title(run)}: embedding size per id", fontsize=10)
     return _save(fig, path)
@@ -637,18 +682,24 @@ def plot_size_vs_frequency(run: Run, stats: Sequence[MaskStats], path: Path) -> 
             if t.pairs is None:
                 continue
             x, mean, _ = t.pairs.binned_means(edges)
-            (handles[table],) = ax.plot(x, mean, color=cmap[i % len(cmap)], lw=1, alpha=0.75, marker=".",
-                                        ms=3, label=table)
+            (handles[table],) = ax.plot(
+                x, mean, color=cmap[i % len(cmap)], lw=1, alpha=0.75, marker=".", ms=3, label=table
+            )
         x, mean, rows = pooled.binned_means(edges)
-        (handles["all tables"],) = ax.plot(x, mean, color="black", lw=2.2, marker="o", ms=4, label="all tables")
+        (handles["all tables"],) = ax.plot(
+            x, mean, color="black", lw=2.2, marker="o", ms=4, label="all tables"
+        )
         ax.set_xscale("log")
         ax.set_ylim(-0.5, s.dim + 0.5)
-        ax.set_title(f"{s.mask.label}: Spearman ρ = {_rho(s.pooled_spearman())} all ids, "
-                     f"{_rho(s.within_table_spearman())} within tables", fontsize=9)
+        ax.set_title(
+            f"{s.mask.label}: Spearman ρ = {_rho(s.pooled_spearman())} all ids, "
+            f"{_rho(s.within_table_spearman())} within tables",
+            fontsize=9,
+        )
         ax.set_xlabel("occurrences in train + 1 (log; 1 = unseen)")
         ax.set_ylabel("mean kept dimensions")
         ax.grid(alpha=0.3)
-    for ax in axes[len(stats):]:
+    for ax in axes[len(stats) :]:
         ax.set_visible(False)
     fig.legend(handles=list(handles.values()), loc="outside right center", fontsize=8, frameon=False)
     fig.suptitle(f"{_title(run)}: kept dimensions vs id frequency (log-binned means)", fontsize=10)
@@ -662,7 +713,9 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(max(n, 1))]
 
 
-def plot_kept_by_table(run: Run, stats: Sequence[MaskStats], path: Path, signal: set[str] = frozenset()) -> Path:
+def plot_kept_by_table(
+    run: Run, stats: Sequence[MaskStats], path: Path, signal: set[str] = frozenset()
+) -> Path:
     from matplotlib.ticker import PercentFormatter
 
     tables = list(stats[0].tables)
@@ -676,8 +729,13 @@ def plot_kept_by_table(run: Run, stats: Sequence[MaskStats], path: Path, signal:
     # Log only when the shares span more than a decade; otherwise bar lengths on a log axis mislead.
     log = positive.size > 0 and positive.max() / positive.min() > 10
     for i, (s, share) in enumerate(zip(stats, shares)):
-        ax.bar(x + (i - (len(stats) - 1) / 2) * width, np.where(share > 0, share, np.nan), width=width,
-               color=f"C{i % 10}", label=f"{s.mask.label} (all tables: {_share(s.kept, s.rows * s.dim)})")
+        ax.bar(
+            x + (i - (len(stats) - 1) / 2) * width,
+            np.where(share > 0, share, np.nan),
+            width=width,
+            color=f"C{i % 10}",
+            label=f"{s.mask.label} (all tables: {_share(s.kept, s.rows * s.dim)})",
+        )
     if log:
         ax.set_yscale("log")
         ax.set_ylim(top=1.5)
@@ -685,7 +743,9 @@ def plot_kept_by_table(run: Run, stats: Sequence[MaskStats], path: Path, signal:
         ax.set_ylim(0, min(1.0, 1.15 * positive.max()) if positive.size else 1.0)
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     ax.yaxis.set_minor_formatter(PercentFormatter(1.0, decimals=None) if not log else "")
-    ax.set_xticks(x, names, rotation=30 if len(tables) > 6 else 0, ha="right" if len(tables) > 6 else "center")
+    ax.set_xticks(
+        x, names, rotation=30 if len(tables) > 6 else 0, ha="right" if len(tables) > 6 else "center"
+    )
     ax.set_ylabel("kept share of the table's elements" + (" (log)" if log else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
@@ -751,22 +811,48 @@ def run_numbers(run: Run) -> dict[str, Any]:
     }
 
 
-def _markdown(run: Run, numbers: dict[str, Any], snapshots: Sequence[dict[str, Any]], stats: Sequence[MaskStats],
-              signal: set[str], plots: dict[str, str], notes: Sequence[str], learned: Sequence[str] = ()) -> str:
+def _markdown(
+    run: Run,
+    numbers: dict[str, Any],
+    snapshots: Sequence[dict[str, Any]],
+    stats: Sequence[MaskStats],
+    signal: set[str],
+    plots: dict[str, str],
+    notes: Sequence[str],
+    learned: Sequence[str] = (),
+) -> str:
     n = numbers
-    md = [f"# Run report: `{run.run_dir.name}`", "",
-          f"`{run.run_dir}` · {n['stage']} · {n['model']} on {n['dataset']}"
-          + ("" if n["finished"] else " · **still running** (no summary.json yet: numbers of the last evaluation)"),
-          "", "## Summary", ""]
+    md = [
+        f"# Run report: `{run.run_dir.name}`",
+        "",
+        f"`{run.run_dir}` · {n['stage']} · {n['model']} on {n['dataset']}"
+        + (
+            ""
+            if n["finished"]
+            else " · **still running** (no summary.json yet: numbers of the last evaluation)"
+        ),
+        "",
+        "## Summary",
+        "",
+    ]
     kept = n["embedding_params_kept"]
     rows: list[list[Any]] = [
-        ["stage", n["stage"]], ["model", n["model"]], ["dataset", n["dataset"]],
-        ["embedding dim D", n["embedding_dim"]], ["steps", n["steps"]], ["best step", n["best_step"]],
-        ["stop reason", n["stop_reason"]], ["valid AUC", n["valid_auc"]], ["valid logloss", n["valid_logloss"]],
-        ["test AUC", n["test_auc"]], ["test logloss", n["test_logloss"]],
+        ["stage", n["stage"]],
+        ["model", n["model"]],
+        ["dataset", n["dataset"]],
+        ["embedding dim D", n["embedding_dim"]],
+        ["steps", n["steps"]],
+        ["best step", n["best_step"]],
+        ["stop reason", n["stop_reason"]],
+        ["valid AUC", n["valid_auc"]],
+        ["valid logloss", n["valid_logloss"]],
+        ["test AUC", n["test_auc"]],
+        ["test logloss", n["test_logloss"]],
         ["embedding params, total", n["embedding_params_total"]],
-        ["embedding params, kept", None if kept is None else
-         f"{kept:,} ({_share(kept, n['embedding_params_total'] or 0)})"],
+        [
+            "embedding params, kept",
+            None if kept is None else f"{kept:,} ({_share(kept, n['embedding_params_total'] or 0)})",
+        ],
         ["mask", None if n["mask"] is None else f"`{n['mask']}`"],
         ["train seconds", None if n["train_seconds"] is None else f"{n['train_seconds']:.1f}"],
     ]
@@ -774,61 +860,125 @@ def _markdown(run: Run, numbers: dict[str, Any], snapshots: Sequence[dict[str, A
     if "kept_and_auc" in plots:
         md += [f"![kept parameters and valid AUC over steps]({plots['kept_and_auc']})", ""]
     if snapshots:
-        md += ["## Snapshots", "", "Masks saved when the learned kept count first fell below a budget; each keeps "
-               "exactly the budget's count (the top PEP margins).", ""]
-        md += _table(["budget", "kept", "step", "valid AUC"],
-                     [[f"{s['budget']:g}" if s.get("budget") is not None else None, s.get("kept"), s.get("step"),
-                       s.get("valid_auc")] for s in snapshots])
+        md += [
+            "## Snapshots",
+            "",
+            "Masks saved when the learned kept count first fell below a budget; each keeps "
+            "exactly the budget's count (the top PEP margins).",
+            "",
+        ]
+        md += _table(
+            ["budget", "kept", "step", "valid AUC"],
+            [
+                [
+                    f"{s['budget']:g}" if s.get("budget") is not None else None,
+                    s.get("kept"),
+                    s.get("step"),
+                    s.get("valid_auc"),
+                ]
+                for s in snapshots
+            ],
+        )
     if stats:
         labels = [s.mask.label for s in stats]
         tables = list(stats[0].tables)
         is_signal = ["yes" if t.removeprefix(TABLE_PREFIX) in signal else "" for t in tables]
-        md += ["## Kept per table", "",
-               "Elements kept, and their share of the table's rows × D."
-               + (" `signal`: the synthetic generator's informative fields." if signal else ""), ""]
-        md += _table(["table", "rows"] + (["signal"] if signal else []) + labels,
-                     [[f"`{t}`", stats[0].tables[t].rows] + ([is_signal[i]] if signal else [])
-                      + [f"{s.tables[t].kept:,} ({s.tables[t].kept_share:.1%})" for s in stats]
-                      for i, t in enumerate(tables)]
-                     + [["**all**", stats[0].rows] + ([""] if signal else [])
-                        + [f"{s.kept:,} ({_share(s.kept, s.rows * s.dim)})" for s in stats]])
+        md += [
+            "## Kept per table",
+            "",
+            "Elements kept, and their share of the table's rows × D."
+            + (" `signal`: the synthetic generator's informative fields." if signal else ""),
+            "",
+        ]
+        md += _table(
+            ["table", "rows"] + (["signal"] if signal else []) + labels,
+            [
+                [f"`{t}`", stats[0].tables[t].rows]
+                + ([is_signal[i]] if signal else [])
+                + [f"{s.tables[t].kept:,} ({s.tables[t].kept_share:.1%})" for s in stats]
+                for i, t in enumerate(tables)
+            ]
+            + [
+                ["**all**", stats[0].rows]
+                + ([""] if signal else [])
+                + [f"{s.kept:,} ({_share(s.kept, s.rows * s.dim)})" for s in stats]
+            ],
+        )
         if "kept_by_table" in plots:
             md += [f"![kept share per table]({plots['kept_by_table']})", ""]
-        md += ["## Embedding sizes", "",
-               "Kept dimensions per id (row). An id with 0 kept dimensions is pruned from the id space: "
-               "its lookups contribute nothing.", ""]
-        md += _table(["mask", "ids", "pruned ids", "full-width ids (D)", "mean dims, all ids", "mean dims, kept ids"],
-                     [[s.mask.label, s.rows, f"{s.pruned_rows:,} ({_share(s.pruned_rows, s.rows)})",
-                       int(s.size_hist[-1]), f"{s.kept / max(1, s.rows):.2f}",
-                       f"{s.kept / max(1, s.rows - s.pruned_rows):.2f}"] for s in stats])
+        md += [
+            "## Embedding sizes",
+            "",
+            "Kept dimensions per id (row). An id with 0 kept dimensions is pruned from the id space: "
+            "its lookups contribute nothing.",
+            "",
+        ]
+        md += _table(
+            ["mask", "ids", "pruned ids", "full-width ids (D)", "mean dims, all ids", "mean dims, kept ids"],
+            [
+                [
+                    s.mask.label,
+                    s.rows,
+                    f"{s.pruned_rows:,} ({_share(s.pruned_rows, s.rows)})",
+                    int(s.size_hist[-1]),
+                    f"{s.kept / max(1, s.rows):.2f}",
+                    f"{s.kept / max(1, s.rows - s.pruned_rows):.2f}",
+                ]
+                for s in stats
+            ],
+        )
         md += ["Pruned ids per table:", ""]
-        md += _table(["table", "rows"] + labels,
-                     [[f"`{t}`", stats[0].tables[t].rows]
-                      + [f"{s.tables[t].pruned_rows:,} ({_share(s.tables[t].pruned_rows, s.tables[t].rows)})"
-                         for s in stats] for t in tables])
+        md += _table(
+            ["table", "rows"] + labels,
+            [
+                [f"`{t}`", stats[0].tables[t].rows]
+                + [
+                    f"{s.tables[t].pruned_rows:,} ({_share(s.tables[t].pruned_rows, s.tables[t].rows)})"
+                    for s in stats
+                ]
+                for t in tables
+            ],
+        )
         if "embedding_sizes" in plots:
             md += [f"![histogram of kept dimensions per id]({plots['embedding_sizes']})", ""]
     with_pairs = [s for s in stats if s.pairs is not None]
     if with_pairs:
-        md += ["## Embedding size vs id frequency", "",
-               "Spearman rank correlation between an id's occurrences in the train split and its kept "
-               "dimensions, over the ids (rows) of a table, ties at mid-ranks. PEP's observation: frequent ids "
-               "keep more dimensions (ρ > 0). *all tables* pools every id, so it also reflects differences "
-               "between tables; *within tables* is the per-table ρ averaged with the tables' rows as weights. "
-               "Id 0 (the OOV bucket) counts like any other id.", ""]
+        md += [
+            "## Embedding size vs id frequency",
+            "",
+            "Spearman rank correlation between an id's occurrences in the train split and its kept "
+            "dimensions, over the ids (rows) of a table, ties at mid-ranks. PEP's observation: frequent ids "
+            "keep more dimensions (ρ > 0). *all tables* pools every id, so it also reflects differences "
+            "between tables; *within tables* is the per-table ρ averaged with the tables' rows as weights. "
+            "Id 0 (the OOV bucket) counts like any other id.",
+            "",
+        ]
         tables = [t for t in with_pairs[0].tables if with_pairs[0].tables[t].pairs is not None]
-        md += _table(["table", "rows"] + [s.mask.label for s in with_pairs],
-                     [[f"`{t}`", with_pairs[0].tables[t].rows] + [_rho(s.table_spearman(t)) for s in with_pairs]
-                      for t in tables]
-                     + [["**within tables**", "", *[_rho(s.within_table_spearman()) for s in with_pairs]],
-                        ["**all tables**", "", *[_rho(s.pooled_spearman()) for s in with_pairs]]])
+        md += _table(
+            ["table", "rows"] + [s.mask.label for s in with_pairs],
+            [
+                [f"`{t}`", with_pairs[0].tables[t].rows] + [_rho(s.table_spearman(t)) for s in with_pairs]
+                for t in tables
+            ]
+            + [
+                ["**within tables**", "", *[_rho(s.within_table_spearman()) for s in with_pairs]],
+                ["**all tables**", "", *[_rho(s.pooled_spearman()) for s in with_pairs]],
+            ],
+        )
         md += ["Mean kept dimensions by train frequency (all tables):", ""]
-        decades = [{label: (rows, mean) for label, rows, mean in s.pairs.by_decade()}  # type: ignore[union-attr]
-                   for s in with_pairs]
+        decades = [
+            {label: (rows, mean) for label, rows, mean in s.pairs.by_decade()}  # type: ignore[union-attr]
+            for s in with_pairs
+        ]
         ranges = list(dict.fromkeys(label for d in decades for label in d))
-        md += _table(["occurrences in train", "ids"] + [s.mask.label for s in with_pairs],
-                     [[r, max(d.get(r, (0, 0.0))[0] for d in decades)]
-                      + [f"{d[r][1]:.2f}" if r in d else "–" for d in decades] for r in ranges])
+        md += _table(
+            ["occurrences in train", "ids"] + [s.mask.label for s in with_pairs],
+            [
+                [r, max(d.get(r, (0, 0.0))[0] for d in decades)]
+                + [f"{d[r][1]:.2f}" if r in d else "–" for d in decades]
+                for r in ranges
+            ],
+        )
         if "size_vs_frequency" in plots:
             md += [f"![kept dimensions vs id frequency]({plots['size_vs_frequency']})", ""]
     md += list(learned)
@@ -847,8 +997,13 @@ def _replaceable(out: Path) -> bool:
     return not entries or ((out / "report.md").is_file() and all(e.is_file() for e in entries))
 
 
-def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                data: str | os.PathLike | None = None, search_diagnostics: bool = True) -> dict[str, Any]:
+def make_report(
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    data: str | os.PathLike | None = None,
+    search_diagnostics: bool = True,
+) -> dict[str, Any]:
     """Write the plots and report.md of one run directory into `out` (default RUN/report), atomically.
 
     Args:
@@ -891,9 +1046,13 @@ def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
                     if feature in features:
                         rows[feature] = max(rows.get(feature, 0), n)
                     elif table.startswith(TABLE_PREFIX):
-                        notes.append(f"table `{table}` has no feature `{feature}` in the schema: no frequencies")
+                        notes.append(
+                            f"table `{table}` has no feature `{feature}` in the schema: no frequencies"
+                        )
             frequencies = train_frequencies(dataset_dir, schema, rows)
-            notes.append(f"frequencies: train split of `{dataset_dir}` ({schema.splits['train'].rows:,} rows)")
+            notes.append(
+                f"frequencies: train split of `{dataset_dir}` ({schema.splits['train'].rows:,} rows)"
+            )
     stats = [mask_stats(m, frequencies) for m in masks]
     snapshots = _snapshots(run, masks)
     numbers = run_numbers(run)
@@ -914,14 +1073,17 @@ def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
             plots["embedding_sizes"] = plot_embedding_sizes(run, stats, tmp / PLOT_FILES["embedding_sizes"])
             plots["kept_by_table"] = plot_kept_by_table(run, stats, tmp / PLOT_FILES["kept_by_table"], signal)
         if any(s.pairs is not None for s in stats):
-            plots["size_vs_frequency"] = plot_size_vs_frequency(run, stats, tmp / PLOT_FILES["size_vs_frequency"])
+            plots["size_vs_frequency"] = plot_size_vs_frequency(
+                run, stats, tmp / PLOT_FILES["size_vs_frequency"]
+            )
         names = {k: p.name for k, p in plots.items()}
         learned_md: list[str] = []
         if learned is not None:
             learned_md = diagnostics.markdown(learned)
             (tmp / "search_diagnostics.json").write_text(json.dumps(learned, indent=1) + "\n")
-        (tmp / "report.md").write_text(_markdown(run, numbers, snapshots, stats, signal, names, notes, learned_md),
-                                       encoding="utf-8")
+        (tmp / "report.md").write_text(
+            _markdown(run, numbers, snapshots, stats, signal, names, notes, learned_md), encoding="utf-8"
+        )
         # Swap in: a directory cannot be renamed over a non-empty one, so move the old report aside first.
         old = None
         if out.exists():
@@ -934,48 +1096,87 @@ def make_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-    mask_results = [{
-        "label": s.mask.label, "path": str(s.mask.path), "budget": s.mask.budget, "dim": s.dim,
-        "rows": s.rows, "kept": s.kept, "kept_share": s.kept / max(1, s.rows * s.dim), "pruned_rows": s.pruned_rows,
-        "spearman": s.pooled_spearman(), "spearman_within_tables": s.within_table_spearman(),
-        "tables": {t: {"rows": ts.rows, "kept": ts.kept, "kept_share": ts.kept_share, "pruned_rows": ts.pruned_rows,
-                       "spearman": s.table_spearman(t)} for t, ts in s.tables.items()},
-    } for s in stats]
+    mask_results = [
+        {
+            "label": s.mask.label,
+            "path": str(s.mask.path),
+            "budget": s.mask.budget,
+            "dim": s.dim,
+            "rows": s.rows,
+            "kept": s.kept,
+            "kept_share": s.kept / max(1, s.rows * s.dim),
+            "pruned_rows": s.pruned_rows,
+            "spearman": s.pooled_spearman(),
+            "spearman_within_tables": s.within_table_spearman(),
+            "tables": {
+                t: {
+                    "rows": ts.rows,
+                    "kept": ts.kept,
+                    "kept_share": ts.kept_share,
+                    "pruned_rows": ts.pruned_rows,
+                    "spearman": s.table_spearman(t),
+                }
+                for t, ts in s.tables.items()
+            },
+        }
+        for s in stats
+    ]
     return {
-        "out": str(out), "report_md": str(out / "report.md"),
+        "out": str(out),
+        "report_md": str(out / "report.md"),
         "plots": {k: str(out / name) for k, name in names.items()},
-        "run": numbers, "snapshots": snapshots, "masks": mask_results, "search_diagnostics": learned, "notes": notes,
+        "run": numbers,
+        "snapshots": snapshots,
+        "masks": mask_results,
+        "search_diagnostics": learned,
+        "notes": notes,
         "seconds": time.perf_counter() - start,
     }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", required=True, help="a baseline, search or retrain run directory")
-    parser.add_argument("--out", default=None, help="output directory (default RUN_DIR/report); replaced atomically")
-    parser.add_argument("--data", default=None,
-                        help="prepared dataset for the frequency analysis (default: config.yaml's data.path)")
-    parser.add_argument("--no-search-diagnostics", dest="search_diagnostics", action="store_false",
-                        help="a search run: leave out what the search learned (it reads every snapshot's checkpoint)")
+    parser.add_argument(
+        "--out", default=None, help="output directory (default RUN_DIR/report); replaced atomically"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="prepared dataset for the frequency analysis (default: config.yaml's data.path)",
+    )
+    parser.add_argument(
+        "--no-search-diagnostics",
+        dest="search_diagnostics",
+        action="store_false",
+        help="a search run: leave out what the search learned (it reads every snapshot's checkpoint)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = make_report(args.run_dir, args.out, data=args.data,
-                             search_diagnostics=getattr(args, "search_diagnostics", True))
+        result = make_report(
+            args.run_dir,
+            args.out,
+            data=args.data,
+            search_diagnostics=getattr(args, "search_diagnostics", True),
+        )
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{result['report_md']}: {len(result['plots'])} plots in {result['seconds']:.1f}s")
     for m in result["masks"]:
         rho = m["spearman"]
-        print(f"  {m['label']}: {m['kept']:,} kept, {m['pruned_rows']:,} of {m['rows']:,} ids pruned"
-              + (f", Spearman(freq, dims) = {rho:+.3f}" if rho is not None else ""))
+        print(
+            f"  {m['label']}: {m['kept']:,} kept, {m['pruned_rows']:,} of {m['rows']:,} ids pruned"
+            + (f", Spearman(freq, dims) = {rho:+.3f}" if rho is not None else "")
+        )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pep-torchrec report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pep-torchrec report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -25,21 +25,41 @@ if __package__ in (None, ""):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (configs/*.yaml)")
     parser.add_argument("--data", help="prepared dataset directory (sets data.path)")
-    parser.add_argument("--run-dir", help="output directory (config.yaml, metrics.jsonl, summary.json, checkpoints/)")
+    parser.add_argument(
+        "--run-dir", help="output directory (config.yaml, metrics.jsonl, summary.json, checkpoints/)"
+    )
     # nargs="+" as well as repetition: torchx rejects a repeated flag after `--`, so under torchx the
     # overrides go in one `--set a=1 b=2`.
-    parser.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="override config fields, e.g. --set train.epochs=3 sharding.types=[row_wise]")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields, e.g. --set train.epochs=3 sharding.types=[row_wise]",
+    )
     parser.add_argument("--mask", help="retrain: mask directory from a search run (sets pep.mask)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
-    parser.add_argument("--auto-resume", action="store_true",
-                        help="resume if --run-dir has a complete checkpoint, else start afresh (replacing what "
-                             "an earlier attempt left): what a job restarted after a failure passes")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the previous run in --run-dir (without it, a run directory holding "
-                             "checkpoints, masks or a summary is refused)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the sharding plan and per-rank memory for sharding.dry_run_world_size ranks, then exit")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --run-dir"
+    )
+    parser.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume if --run-dir has a complete checkpoint, else start afresh (replacing what "
+        "an earlier attempt left): what a job restarted after a failure passes",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the previous run in --run-dir (without it, a run directory holding "
+        "checkpoints, masks or a summary is refused)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the sharding plan and per-rank memory for sharding.dry_run_world_size ranks, then exit",
+    )
 
 
 # What a run leaves in its directory; a new run refuses to write among them (it would mix runs).
@@ -76,8 +96,10 @@ def _check_run_dir(args: argparse.Namespace) -> list[Path]:
     if metrics.is_file() and metrics.stat().st_size > 0:
         found.append("metrics.jsonl")
     if found and not args.overwrite:
-        raise ConfigError(f"--run-dir {run_dir} holds a previous run ({', '.join(found)}): pass --resume to "
-                          "continue it or --overwrite to replace it")
+        raise ConfigError(
+            f"--run-dir {run_dir} holds a previous run ({', '.join(found)}): pass --resume to "
+            "continue it or --overwrite to replace it"
+        )
     return [run_dir / name for name in _RUN_OUTPUTS if (run_dir / name).exists()] if args.overwrite else []
 
 
@@ -97,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"data.path={json.dumps(args.data)}")
     if args.mask:
         if not (Path(args.mask) / "meta.json").is_file():
-            raise ConfigError(f"--mask {args.mask}: not a mask directory (no meta.json; a search run's masks/budget_*)")
+            raise ConfigError(
+                f"--mask {args.mask}: not a mask directory (no meta.json; a search run's masks/budget_*)"
+            )
         overrides.append(f"pep.mask={json.dumps(args.mask)}")
     for flag in ("resume", "auto_resume", "overwrite"):
         if getattr(args, flag) and not args.run_dir:
@@ -113,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--config is required (a YAML of configs/, e.g. configs/debug_cpu.yaml)")
     cfg = load_config(args.config, overrides, base=base)
     if not cfg.data.path:
-        raise ConfigError("no dataset: pass --data DIR (a `pep-torchrec data prepare` output) or set data.path")
+        raise ConfigError(
+            "no dataset: pass --data DIR (a `pep-torchrec data prepare` output) or set data.path"
+        )
     # Stored resolved in the run's config.yaml: export, prune and report then find the dataset and
     # the mask from any working directory.
     cfg.data.path = str(Path(cfg.data.path).resolve())
@@ -174,19 +200,37 @@ def _dry_run(cfg) -> int:
     model = build_train_model(cfg, schema, embedding_device=meta, dense_device=meta)
     names = [t.name for t in model.model.ebc.embedding_bag_configs()]
     report = plan_sharding(
-        model, sharders=make_sharders(cfg.optim.embedding, device_type),
-        constraints=make_constraints(names, cfg.sharding), world_size=world, local_world_size=local,
-        compute_device=device_type, batch_size=max(1, cfg.data.batch_size // world),
-        hbm_cap=int(cfg.sharding.hbm_gb * 1024**3) if device_type == "cuda" else None)
-    print(f"dry run: {world} ranks ({world // local} nodes x {local}), device {device_type}, "
-          f"{len(names)} tables, model {cfg.model.name}, dim {cfg.model.embedding_dim}")
+        model,
+        sharders=make_sharders(cfg.optim.embedding, device_type),
+        constraints=make_constraints(names, cfg.sharding),
+        world_size=world,
+        local_world_size=local,
+        compute_device=device_type,
+        batch_size=max(1, cfg.data.batch_size // world),
+        hbm_cap=int(cfg.sharding.hbm_gb * 1024**3) if device_type == "cuda" else None,
+    )
+    print(
+        f"dry run: {world} ranks ({world // local} nodes x {local}), device {device_type}, "
+        f"{len(names)} tables, model {cfg.model.name}, dim {cfg.model.embedding_dim}"
+    )
     print(report.format())
     return 0
 
 
 def _print_summary(summary: dict) -> None:
-    keys = ("stage", "dataset", "model", "world_size", "steps", "examples_per_sec", "valid_auc", "test_auc",
-            "test_logloss", "embedding_params_total", "embedding_params_kept")
+    keys = (
+        "stage",
+        "dataset",
+        "model",
+        "world_size",
+        "steps",
+        "examples_per_sec",
+        "valid_auc",
+        "test_auc",
+        "test_logloss",
+        "embedding_params_total",
+        "embedding_params_kept",
+    )
     width = max(map(len, keys))
     for k in keys:
         v = summary.get(k)
@@ -197,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     from pep_torchrec.logging_utils import setup_logging
 
     setup_logging()
-    parser = argparse.ArgumentParser(prog="pep-torchrec train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pep-torchrec train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     from pep_torchrec.errors import USER_ERROR_EXIT, UserError

@@ -83,21 +83,31 @@ def plan_inputs(cfg: RunConfig, model: nn.Module, device_type: str):
     return make_sharders(cfg.optim.embedding, device_type), constraints
 
 
-def build_train_model(cfg: RunConfig, schema: Schema, *, embedding_device: torch.device,
-                      dense_device: torch.device) -> TrainModel:
+def build_train_model(
+    cfg: RunConfig, schema: Schema, *, embedding_device: torch.device, dense_device: torch.device
+) -> TrainModel:
     """The unsharded model: one EBC table per sparse feature (on `embedding_device`, usually meta so
     the full tables are never allocated before sharding), dense parts on `dense_device`."""
     tables = embedding_tables(schema.sparse_features, cfg.model.embedding_dim, init_std=cfg.model.init_std)
     if cfg.train.stage in PEP_STAGES:
         ebc = PEPEmbeddingBagCollection(
-            tables, granularity=cfg.pep.granularity, s0=cfg.pep.s0, gk=cfg.pep.gk, s_decay=cfg.pep.s_decay,
-            s_push=cfg.pep.s_push, retrain=cfg.train.stage == "retrain", device=embedding_device)
+            tables,
+            granularity=cfg.pep.granularity,
+            s0=cfg.pep.s0,
+            gk=cfg.pep.gk,
+            s_decay=cfg.pep.s_decay,
+            s_push=cfg.pep.s_push,
+            retrain=cfg.train.stage == "retrain",
+            device=embedding_device,
+        )
         if cfg.pep.s_optimizer == "sgd":  # read by the sharder (ShardedPEPEmbeddingBagCollection)
             ebc.s_optimizer = SOptimizerSettings(lr=cfg.pep.s_lr, norm=cfg.pep.s_norm)
     else:
         ebc = EmbeddingBagCollection(tables=tables, device=embedding_device)
     with torch.device(dense_device):
-        model = build_model(cfg.model.name, ebc=ebc, num_dense=len(schema.dense_features), **cfg.model.options)
+        model = build_model(
+            cfg.model.name, ebc=ebc, num_dense=len(schema.dense_features), **cfg.model.options
+        )
     return TrainModel(model)
 
 
@@ -133,7 +143,9 @@ class Trainer:
         resume: continue from the latest checkpoint in run_dir (an error if there is none).
     """
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, run_dir: str | os.PathLike, *, resume: bool = False) -> None:
+    def __init__(
+        self, cfg: RunConfig, env: DistEnv, run_dir: str | os.PathLike, *, resume: bool = False
+    ) -> None:
         self.cfg = cfg
         self.env = env
         self.run_dir = Path(run_dir)
@@ -146,8 +158,9 @@ class Trainer:
         np.random.seed(cfg.train.seed)
         device = env.device
         # Tables are materialised shard by shard by DMP (which runs each table's init_fn).
-        self.train_model = build_train_model(cfg, self.schema, embedding_device=torch.device("meta"),
-                                             dense_device=device)
+        self.train_model = build_train_model(
+            cfg, self.schema, embedding_device=torch.device("meta"), dense_device=device
+        )
         self.sharders, constraints = plan_inputs(cfg, self.train_model, device.type)
         pep_tables = {c.name: c.num_embeddings for c in self.train_model.model.ebc.embedding_bag_configs()}
         self.plan_report = plan_sharding(
@@ -160,49 +173,83 @@ class Trainer:
             batch_size=self.per_rank_batch,
             pg=dist.group.WORLD,
         )
-        self.model = shard_model(self.train_model, plan=self.plan_report.plan, sharders=self.sharders,
-                                 device=device, pg=dist.group.WORLD)
+        self.model = shard_model(
+            self.train_model,
+            plan=self.plan_report.plan,
+            sharders=self.sharders,
+            device=device,
+            pg=dist.group.WORLD,
+        )
         dense_cls = _DENSE_OPTIMIZERS[cfg.optim.dense.name]
         dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
         self.dense_optimizer = KeyedOptimizerWrapper(
             dense_params,
-            lambda params: dense_cls(params, lr=cfg.optim.dense.lr, weight_decay=cfg.optim.dense.weight_decay),
+            lambda params: dense_cls(
+                params, lr=cfg.optim.dense.lr, weight_decay=cfg.optim.dense.weight_decay
+            ),
         )
-        self.optimizer = CombinedOptimizer([("embedding", self.model.fused_optimizer),
-                                            ("dense", self.dense_optimizer)])
+        self.optimizer = CombinedOptimizer(
+            [("embedding", self.model.fused_optimizer), ("dense", self.dense_optimizer)]
+        )
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device, execute_all_batches=True)
 
-        loader_kwargs = dict(rank=env.rank, world_size=env.world_size, seed=cfg.train.seed,
-                             prefetch=cfg.data.prefetch)
+        loader_kwargs = dict(
+            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, prefetch=cfg.data.prefetch
+        )
         self.train_loader = ParquetBatchLoader(
-            cfg.data.path, "train", batch_size=self.per_rank_batch,
+            cfg.data.path,
+            "train",
+            batch_size=self.per_rank_batch,
             shuffle_buffer_row_groups=cfg.data.shuffle_buffer_row_groups,
-            max_rows=cfg.data.max_train_rows, **loader_kwargs)
+            max_rows=cfg.data.max_train_rows,
+            **loader_kwargs,
+        )
         eval_batch = max(1, cfg.data.eval_batch_size // env.world_size)
-        self.eval_loaders = {split: ParquetBatchLoader(cfg.data.path, split, batch_size=eval_batch, **loader_kwargs)
-                             for split in ("valid", "test")}
+        self.eval_loaders = {
+            split: ParquetBatchLoader(cfg.data.path, split, batch_size=eval_batch, **loader_kwargs)
+            for split in ("valid", "test")
+        }
         self.steps_per_epoch = self.train_loader.num_batches()
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{cfg.data.path}: the train split has fewer rows than one global batch "
-                             f"({cfg.data.batch_size}); lower data.batch_size")
+            raise ConfigError(
+                f"{cfg.data.path}: the train split has fewer rows than one global batch "
+                f"({cfg.data.batch_size}); lower data.batch_size"
+            )
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
 
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", rank=env.rank,
-                                             keep=cfg.train.keep_checkpoints)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", rank=env.rank, keep=cfg.train.keep_checkpoints
+        )
         self.state: dict[str, Any] = {
-            "step": 0, "best_valid_auc": None, "best_step": None, "best_valid_logloss": None,
-            "evals_since_best": 0, "train_seconds": 0.0, "examples": 0, "stopped_early": False,
-            "stop_reason": None, "snapshots": [], "gk": cfg.pep.gk, "kept": None,
+            "step": 0,
+            "best_valid_auc": None,
+            "best_step": None,
+            "best_valid_logloss": None,
+            "evals_since_best": 0,
+            "train_seconds": 0.0,
+            "examples": 0,
+            "stopped_early": False,
+            "stop_reason": None,
+            "snapshots": [],
+            "gk": cfg.pep.gk,
+            "kept": None,
         }
         self._control_eval_seconds = 0.0  # of the last search control: its snapshot eval
         self._kept_by_table: dict[str, int] = {}  # of the last search control (at an eval)
         self.pep: PEPStage | None = None
         if cfg.train.stage in PEP_STAGES:
-            self.pep = PEPStage(cfg.pep, cfg.train.stage, self.model, tables=pep_tables,
-                                dim=cfg.model.embedding_dim, rank=env.rank, run_dir=self.run_dir,
-                                steps_per_epoch=self.steps_per_epoch)
+            self.pep = PEPStage(
+                cfg.pep,
+                cfg.train.stage,
+                self.model,
+                tables=pep_tables,
+                dim=cfg.model.embedding_dim,
+                rank=env.rank,
+                run_dir=self.run_dir,
+                steps_per_epoch=self.steps_per_epoch,
+            )
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()
@@ -231,11 +278,17 @@ class Trainer:
             raise ConfigError("train.stage=retrain needs a mask: pass --mask DIR (a search's masks/budget_*)")
         if cfg.train.stage == "retrain" and cfg.optim.embedding.weight_decay:
             # The fused optimizer would decay the mask columns m of the stored [v | m] rows too.
-            raise ConfigError("optim.embedding.weight_decay must be 0 for retrain (it would decay the stored mask)")
+            raise ConfigError(
+                "optim.embedding.weight_decay must be 0 for retrain (it would decay the stored mask)"
+            )
         if cfg.data.batch_size % env.world_size:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by world size {env.world_size}")
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} is not divisible by world size {env.world_size}"
+            )
         if cfg.optim.dense.name not in _DENSE_OPTIMIZERS:
-            raise ConfigError(f"optim.dense.name: {cfg.optim.dense.name!r} is not one of {sorted(_DENSE_OPTIMIZERS)}")
+            raise ConfigError(
+                f"optim.dense.name: {cfg.optim.dense.name!r} is not one of {sorted(_DENSE_OPTIMIZERS)}"
+            )
         if cfg.train.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
 
@@ -301,8 +354,9 @@ class Trainer:
         s_opt = self._s_optimizer()
         if s_opt is not None:
             self.state["s_optimizer"] = s_opt.state(self._all_reduce)
-        self.checkpoints.save(self.state["step"], self._checkpoint_state(), {"trainer": self.state},
-                              protect=protect)
+        self.checkpoints.save(
+            self.state["step"], self._checkpoint_state(), {"trainer": self.state}, protect=protect
+        )
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
@@ -340,7 +394,9 @@ class Trainer:
     def _control_every(self) -> int:
         """Steps between search-controller updates beyond the evals (0: at evals only). Besides
         them, a search with its own s optimizer stops after step 1 for the optimizer's first sync."""
-        if self.cfg.train.stage != "search" or (self.cfg.pep.target_epochs <= 0 and self.cfg.pep.gk_growth <= 0):
+        if self.cfg.train.stage != "search" or (
+            self.cfg.pep.target_epochs <= 0 and self.cfg.pep.gk_growth <= 0
+        ):
             return 0
         return self.cfg.pep.control_every
 
@@ -356,8 +412,13 @@ class Trainer:
         if self.env.is_main and cfg.progress:
             from tqdm import tqdm
 
-            progress = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step",
-                            dynamic_ncols=True)
+            progress = tqdm(
+                total=self.total_steps,
+                initial=self.state["step"],
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
         # Train losses since the last eval (the eval's train_loss): checkpointed, so a run resumed
         # between two evals reports the same train_loss as an uninterrupted one.
         segment_losses = self.state.setdefault("losses_since_eval", [])
@@ -379,7 +440,7 @@ class Trainer:
                     if progress is not None:
                         progress.update(1)
                         if self.state["step"] % max(1, cfg.log_every) == 0:
-                            progress.set_postfix(loss=f"{np.mean(segment_losses[-cfg.log_every:]):.4f}")
+                            progress.set_postfix(loss=f"{np.mean(segment_losses[-cfg.log_every :]):.4f}")
             self.state["train_seconds"] += time.perf_counter() - t0
             self.state["examples"] += (self.state["step"] - step) * self.cfg.data.batch_size
             if self.state["step"] != end:
@@ -390,8 +451,9 @@ class Trainer:
             train_loss = float(np.mean(segment_losses)) if segment_losses else float("nan")
             if at_eval:
                 segment_losses.clear()  # before any checkpoint of this step
-            if self.cfg.train.stage == "search" and (at_eval or step == 1 or (
-                    self._control_every() and step % self._control_every() == 0)):
+            if self.cfg.train.stage == "search" and (
+                at_eval or step == 1 or (self._control_every() and step % self._control_every() == 0)
+            ):
                 # Search work between steps (s optimizer sync, controller, kept counts, snapshot
                 # masks) is training time: counted in train_seconds, the validation AUC is not.
                 t0 = time.perf_counter()
@@ -413,8 +475,9 @@ class Trainer:
         best_auc = self.state["best_valid_auc"]
         improved = best_auc is None or valid.auc > best_auc
         if improved:
-            self.state.update(best_valid_auc=valid.auc, best_valid_logloss=valid.logloss, best_step=step,
-                              evals_since_best=0)
+            self.state.update(
+                best_valid_auc=valid.auc, best_valid_logloss=valid.logloss, best_step=step, evals_since_best=0
+            )
         else:
             self.state["evals_since_best"] += 1
         patience = self.cfg.train.patience
@@ -423,8 +486,11 @@ class Trainer:
             self.state.update(stopped_early=True, stop_reason="patience")
         seconds = self.state["train_seconds"]
         record = {
-            "step": step, "epoch": step / self.steps_per_epoch, "train_loss": train_loss,
-            "valid_auc": valid.auc, "valid_logloss": valid.logloss,
+            "step": step,
+            "epoch": step / self.steps_per_epoch,
+            "train_loss": train_loss,
+            "valid_auc": valid.auc,
+            "valid_logloss": valid.logloss,
             "best_valid_auc": self.state["best_valid_auc"],
             "examples_per_sec": self.state["examples"] / seconds if seconds > 0 else None,
             "train_seconds": seconds,
@@ -453,14 +519,17 @@ class Trainer:
         kept = sum(self._kept_by_table.values())
         self.state["kept"] = kept
         done = {snap["budget"] for snap in self.state["snapshots"]}
-        reached = [(count, budget) for count, budget in self.pep.budgets if budget not in done and kept <= count]
+        reached = [
+            (count, budget) for count, budget in self.pep.budgets if budget not in done and kept <= count
+        ]
         if reached:
             t0 = time.perf_counter()
             valid_auc = self.evaluate("valid").auc
             self._control_eval_seconds = time.perf_counter() - t0
             for count, budget in reached:
                 self.state["snapshots"].append(
-                    self.pep.snapshot(budget, count, step=step, valid_auc=valid_auc, kept_now=kept))
+                    self.pep.snapshot(budget, count, step=step, valid_auc=valid_auc, kept_now=kept)
+                )
             self._save_checkpoint()  # the weights and gk the snapshot's masks were ranked with
         if self.cfg.pep.stop_after_budgets and len(self.state["snapshots"]) == len(self.pep.budgets):
             self.state.update(stopped_early=True, stop_reason="budgets_reached")
@@ -471,8 +540,13 @@ class Trainer:
         assert self.pep is not None
         by_table = self._kept_by_table
         kept = sum(by_table.values())
-        return {"kept": kept, "kept_share": kept / self.pep.total, "kept_by_table": by_table,
-                "gk": self.state["gk"], "snapshots": len(self.state["snapshots"])}
+        return {
+            "kept": kept,
+            "kept_share": kept / self.pep.total,
+            "kept_by_table": by_table,
+            "gk": self.state["gk"],
+            "snapshots": len(self.state["snapshots"]),
+        }
 
     @torch.no_grad()
     def evaluate(self, split: str) -> EvalResult:
@@ -540,12 +614,19 @@ class Trainer:
             "sharding": self.plan_report.tables(),
             "versions": _versions(),
         }
-        if self.cfg.train.stage != "search" and best == self.state["step"] and not self.state["stopped_early"]:
+        if (
+            self.cfg.train.stage != "search"
+            and best == self.state["step"]
+            and not self.state["stopped_early"]
+        ):
             # The last eval was the best: valid was still improving when the epochs ran out.
             summary["still_improving"] = True
-            logger.warning("valid AUC was still improving at the last eval (step %d, %.4g epochs): the model may "
-                           "be undertrained; raise train.epochs or the learning rate", best,
-                           best / self.steps_per_epoch)
+            logger.warning(
+                "valid AUC was still improving at the last eval (step %d, %.4g epochs): the model may "
+                "be undertrained; raise train.epochs or the learning rate",
+                best,
+                best / self.steps_per_epoch,
+            )
         if self.cfg.train.stage == "search":
             summary["snapshots"] = self.state["snapshots"]
             summary["gk"] = self.state["gk"]
@@ -559,6 +640,7 @@ class Trainer:
             os.replace(tmp, self.run_dir / "summary.json")
         self._barrier()
         return summary
+
 
 def _all_gather_ragged(local: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Concatenate [C, n_r] tensors from every rank along dim 1 (n_r may differ)."""
@@ -579,8 +661,11 @@ def _versions() -> dict[str, str]:
 
     import pep_torchrec
 
-    out = {"pep_torchrec": pep_torchrec.__version__, "torch": torch.__version__,
-           "torchrec": getattr(torchrec, "__version__", "unknown")}
+    out = {
+        "pep_torchrec": pep_torchrec.__version__,
+        "torch": torch.__version__,
+        "torchrec": getattr(torchrec, "__version__", "unknown"),
+    }
     try:
         import fbgemm_gpu
 

@@ -89,7 +89,9 @@ def train(
         args += ["--set", item]
     if max_restarts or max_retries:
         if resume:
-            raise ValueError("resume with max_restarts / max_retries: every attempt resumes by itself already")
+            raise ValueError(
+                "resume with max_restarts / max_retries: every attempt resumes by itself already"
+            )
         args.append("--auto-resume")  # every attempt: resume if a checkpoint exists, else start
     elif resume:
         args.append("--resume")
@@ -100,11 +102,23 @@ def train(
         # workers hung creating their gloo process group (torch 2.13, CPU); a store per round works
         # (tests/test_train_e2e.py::test_torchx_run_resumes_by_itself_after_a_rank_dies).
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    return dist.ddp(*args, script="pep_torchrec/train.py", j=j, cpu=cpu, gpu=gpu, memMB=memMB, image=image,
-                    name="pep-train", env=env, max_retries=max_retries)
+    return dist.ddp(
+        *args,
+        script="pep_torchrec/train.py",
+        j=j,
+        cpu=cpu,
+        gpu=gpu,
+        memMB=memMB,
+        image=image,
+        name="pep-train",
+        env=env,
+        max_retries=max_retries,
+    )
 
 
-def prune(run_dir: str, out: str, budgets: str = "0.2,0.1,0.05,0.02", image: str = torchx.IMAGE) -> specs.AppDef:
+def prune(
+    run_dir: str, out: str, budgets: str = "0.2,0.1,0.05,0.02", image: str = torchx.IMAGE
+) -> specs.AppDef:
     """Magnitude-prune a finished baseline run into mask directories (`pep-torchrec prune`).
 
     Args:
@@ -113,8 +127,18 @@ def prune(run_dir: str, out: str, budgets: str = "0.2,0.1,0.05,0.02", image: str
         budgets: comma-separated budgets (<= 1: shares, > 1: counts).
         image: container image.
     """
-    return utils.python("prune", "--run-dir", run_dir, "--budgets", budgets, "--out", out, m="pep_torchrec.cli",
-                        name="pep-prune", image=image)
+    return utils.python(
+        "prune",
+        "--run-dir",
+        run_dir,
+        "--budgets",
+        budgets,
+        "--out",
+        out,
+        m="pep_torchrec.cli",
+        name="pep-prune",
+        image=image,
+    )
 
 
 def report(run_dir: str, image: str = torchx.IMAGE) -> specs.AppDef:

@@ -47,8 +47,23 @@ def _run(argv: list[str]) -> None:
 
 def _torchx_train(args: list[str], overrides: list[str]) -> None:
     torchx = Path(sys.executable).parent / "torchx"
-    cmd = [str(torchx), "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--env", "OMP_NUM_THREADS=1",
-           "--script", "pep_torchrec/train.py", "--", *args, "--set", *overrides]
+    cmd = [
+        str(torchx),
+        "run",
+        "-s",
+        "local_cwd",
+        "dist.ddp",
+        "-j",
+        "1x2",
+        "--env",
+        "OMP_NUM_THREADS=1",
+        "--script",
+        "pep_torchrec/train.py",
+        "--",
+        *args,
+        "--set",
+        *overrides,
+    ]
     print("$ torchx " + " ".join(cmd[1:]), flush=True)
     env = dict(os.environ, PATH=f"{torchx.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -59,7 +74,9 @@ def _torchx_train(args: list[str], overrides: list[str]) -> None:
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -70,7 +87,14 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def _serve_and_score(artifact: Path, data: Path) -> None:
     """Start the service on a free loopback port, score test instances, show a 4xx, stop it."""
     port = free_port()
-    cmd = [str(Path(sys.executable).parent / "pep-torchrec"), "serve", "--artifact", str(artifact), "--port", str(port)]
+    cmd = [
+        str(Path(sys.executable).parent / "pep-torchrec"),
+        "serve",
+        "--artifact",
+        str(artifact),
+        "--port",
+        str(port),
+    ]
     print("$ pep-torchrec " + " ".join(cmd[1:]), flush=True)
     server = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
@@ -97,7 +121,9 @@ def _serve_and_score(artifact: Path, data: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="out/demo", help="working directory (recreated)")
     parser.add_argument("--rows", type=int, default=100_000, help="synthetic rows")
     args = parser.parse_args(argv)
@@ -105,32 +131,93 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out, ignore_errors=True)
     data, runs = out / "synthetic", out / "runs"
     started = time.perf_counter()
-    model = ["model.embedding_dim=16", "model.init_std=0.01", "model.options={use_dense: true}",
-             "optim.embedding.lr=0.02", "train.progress=false"]
+    model = [
+        "model.embedding_dim=16",
+        "model.init_std=0.01",
+        "model.options={use_dense: true}",
+        "optim.embedding.lr=0.02",
+        "train.progress=false",
+    ]
 
     _stage("1/8 prepare: synthetic Criteo-like data")
-    _run(["data", "prepare", "--dataset", "synthetic", "--out", str(data), "--rows", str(args.rows),
-          "--num-sparse", "26", "--num-dense", "13", "--cardinality", "5000"])
+    _run(
+        [
+            "data",
+            "prepare",
+            "--dataset",
+            "synthetic",
+            "--out",
+            str(data),
+            "--rows",
+            str(args.rows),
+            "--num-sparse",
+            "26",
+            "--num-dense",
+            "13",
+            "--cardinality",
+            "5000",
+        ]
+    )
 
     _stage("2/8 baseline: FM, 1 process")
-    _run(["train", "--config", "configs/criteo_fm.yaml", "--data", str(data), "--run-dir", str(runs / "base"),
-          "--set", *model, "train.epochs=4"])
+    _run(
+        [
+            "train",
+            "--config",
+            "configs/criteo_fm.yaml",
+            "--data",
+            str(data),
+            "--run-dir",
+            str(runs / "base"),
+            "--set",
+            *model,
+            "train.epochs=4",
+        ]
+    )
 
     _stage("3/8 PEP search: 2 ranks under torchx dist.ddp")
-    _torchx_train(["--config", "configs/criteo_fm_search.yaml", "--data", str(data), "--run-dir",
-                   str(runs / "search")], [*model, f"pep.budgets={BUDGETS}", "pep.target_epochs=3",
-                                           "train.eval_every=10"])
+    _torchx_train(
+        ["--config", "configs/criteo_fm_search.yaml", "--data", str(data), "--run-dir", str(runs / "search")],
+        [*model, f"pep.budgets={BUDGETS}", "pep.target_epochs=3", "train.eval_every=10"],
+    )
 
     _stage("4/8 retrain: lottery ticket at 10 %")
     mask = runs / "search" / "masks" / "budget_0.1"
-    _run(["train", "--config", "configs/criteo_fm_retrain.yaml", "--data", str(data), "--run-dir",
-          str(runs / "retrain_10"), "--mask", str(mask), "--set", *model, "train.epochs=4"])
+    _run(
+        [
+            "train",
+            "--config",
+            "configs/criteo_fm_retrain.yaml",
+            "--data",
+            str(data),
+            "--run-dir",
+            str(runs / "retrain_10"),
+            "--mask",
+            str(mask),
+            "--set",
+            *model,
+            "train.epochs=4",
+        ]
+    )
 
     _stage("5/8 magnitude pruning at 10 %, fine-tuned")
     _run(["prune", "--run-dir", str(runs / "base"), "--budgets", "0.1", "--out", str(runs / "magnitude")])
-    _run(["train", "--config", "configs/criteo_fm_retrain.yaml", "--data", str(data), "--run-dir",
-          str(runs / "magnitude_10"), "--mask", str(runs / "magnitude" / "masks" / "budget_0.1"),
-          "--set", *model, "train.epochs=4"])
+    _run(
+        [
+            "train",
+            "--config",
+            "configs/criteo_fm_retrain.yaml",
+            "--data",
+            str(data),
+            "--run-dir",
+            str(runs / "magnitude_10"),
+            "--mask",
+            str(runs / "magnitude" / "masks" / "budget_0.1"),
+            "--set",
+            *model,
+            "train.epochs=4",
+        ]
+    )
 
     _stage("6/8 report")
     _run(["report", "--run-dir", str(runs / "search")])
@@ -138,7 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     _stage("7/8 export: compact serving artifacts of the 10 % retrain")
     artifact = out / "artifact"
     _run(["export", "--run-dir", str(runs / "retrain_10"), "--out", str(artifact)])
-    _run(["export", "--run-dir", str(runs / "retrain_10"), "--out", str(out / "artifact_int8"), "--dtype", "int8"])
+    _run(
+        [
+            "export",
+            "--run-dir",
+            str(runs / "retrain_10"),
+            "--out",
+            str(out / "artifact_int8"),
+            "--dtype",
+            "int8",
+        ]
+    )
     sizes = {}
     for name in ("artifact", "artifact_int8"):
         manifest = json.loads((out / name / "manifest.json").read_text())
@@ -148,16 +245,25 @@ def main(argv: list[str] | None = None) -> int:
     _serve_and_score(artifact, data)
 
     _stage(f"result ({time.perf_counter() - started:.0f} s)")
-    print(f"{'run':<14}{'ranks':>6}{'steps':>7}{'valid AUC':>11}{'test AUC':>10}{'test logloss':>14}"
-          f"{'emb params kept':>17}{'of':>12}")
+    print(
+        f"{'run':<14}{'ranks':>6}{'steps':>7}{'valid AUC':>11}{'test AUC':>10}{'test logloss':>14}"
+        f"{'emb params kept':>17}{'of':>12}"
+    )
     for name in ("base", "search", "retrain_10", "magnitude_10"):
         s = json.loads((runs / name / "summary.json").read_text())
-        print(f"{name:<14}{s['world_size']:>6}{s['steps']:>7}{s['valid_auc']:>11.4f}{s['test_auc']:>10.4f}"
-              f"{s['test_logloss']:>14.4f}{s['embedding_params_kept']:>17,}{s['embedding_params_total']:>12,}")
+        print(
+            f"{name:<14}{s['world_size']:>6}{s['steps']:>7}{s['valid_auc']:>11.4f}{s['test_auc']:>10.4f}"
+            f"{s['test_logloss']:>14.4f}{s['embedding_params_kept']:>17,}{s['embedding_params_total']:>12,}"
+        )
     snaps = json.loads((runs / "search" / "summary.json").read_text())["snapshots"]
-    print("search snapshots: " + ", ".join(f"{s['budget']:g} → {s['kept']:,} kept at step {s['step']}" for s in snaps))
+    print(
+        "search snapshots: "
+        + ", ".join(f"{s['budget']:g} → {s['kept']:,} kept at step {s['step']}" for s in snaps)
+    )
     for name, (total, dense) in sizes.items():
-        print(f"{name}: embedding tables {total:,} bytes = {100 * total / dense:.1f}% of dense fp32 ({dense:,} bytes)")
+        print(
+            f"{name}: embedding tables {total:,} bytes = {100 * total / dense:.1f}% of dense fp32 ({dense:,} bytes)"
+        )
     print(f"report: {runs / 'search' / 'report' / 'report.md'}")
     return 0
 

@@ -8,8 +8,15 @@ def _args(app) -> list[str]:
 
 
 def test_train_component_is_ddp_over_train_script():
-    app = components.train("train.epochs=1", "pep.budgets=[0.1]", config="configs/debug_cpu_search.yaml",
-                           data="out/d", run_dir="runs/s", j="2x8", gpu=8)
+    app = components.train(
+        "train.epochs=1",
+        "pep.budgets=[0.1]",
+        config="configs/debug_cpu_search.yaml",
+        data="out/d",
+        run_dir="runs/s",
+        j="2x8",
+        gpu=8,
+    )
     args = " ".join(_args(app))
     assert "pep_torchrec/train.py" in args and "--nnodes 2" in args and "--nproc_per_node 8" in args
     assert "--set train.epochs=1" in args and "pep.budgets=[0.1]" in args
@@ -17,7 +24,10 @@ def test_train_component_is_ddp_over_train_script():
 
 
 def test_single_process_components_call_the_cli():
-    assert _args(components.prepare(dataset="criteo", raw="raw", out="out/c", min_count=10))[:2] == ["-m", "pep_torchrec.cli"]
+    assert _args(components.prepare(dataset="criteo", raw="raw", out="out/c", min_count=10))[:2] == [
+        "-m",
+        "pep_torchrec.cli",
+    ]
     assert "--min-count" in _args(components.prepare(dataset="criteo", raw="raw", out="out/c", min_count=10))
     assert _args(components.prune(run_dir="runs/b", out="runs/m"))[2:4] == ["prune", "--run-dir"]
     assert _args(components.report(run_dir="runs/s"))[2:] == ["report", "--run-dir", "runs/s"]

@@ -13,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_file_and_overrides_precedence(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 3\n  seed: 7\nmodel:\n  name: deepfm\n")
-    cfg = load_config(path, ["train.epochs=5", "sharding.types=[table_wise,row_wise]", "model.options={dropout: 0.2}"])
+    cfg = load_config(
+        path, ["train.epochs=5", "sharding.types=[table_wise,row_wise]", "model.options={dropout: 0.2}"]
+    )
     assert cfg.train.epochs == 5  # CLI beats file
     assert cfg.train.seed == 7  # file beats default
     assert cfg.model.name == "deepfm"

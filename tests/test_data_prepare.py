@@ -743,4 +743,5 @@ def _fast_progress(init):
     def fast(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.interval = 0.0  # every block, for the test
+
     return fast

@@ -33,9 +33,22 @@ def test_movielens_fm_pep_at_10_percent(tmp_path):
     data = tmp_path / "ml100k"
     assert cli.main(["data", "prepare", "--dataset", "movielens", "--raw", str(raw), "--out", str(data)]) == 0
     configs = REPO / "configs"
-    base = _train("--config", str(configs / "movielens_fm.yaml"), "--data", str(data), "--run-dir", str(tmp_path / "base"))
-    search = _train("--config", str(configs / "movielens_fm_search.yaml"), "--data", str(data),
-                    "--run-dir", str(tmp_path / "search"))
+    base = _train(
+        "--config",
+        str(configs / "movielens_fm.yaml"),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "base"),
+    )
+    search = _train(
+        "--config",
+        str(configs / "movielens_fm_search.yaml"),
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "search"),
+    )
     snapshot = next(s for s in search["snapshots"] if s["budget"] == 0.1)
     total = search["embedding_params_total"]
     mask = Path(snapshot["path"])
@@ -44,14 +57,38 @@ def test_movielens_fm_pep_at_10_percent(tmp_path):
     assert snapshot["kept"] == on_disk == round(0.1 * total)
 
     retrain_cfg = str(configs / "movielens_fm_retrain.yaml")
-    pep = _train("--config", retrain_cfg, "--data", str(data), "--run-dir", str(tmp_path / "retrain"), "--mask", str(mask))
+    pep = _train(
+        "--config",
+        retrain_cfg,
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "retrain"),
+        "--mask",
+        str(mask),
+    )
     assert pep["embedding_params_kept"] == pep["nonzero_embedding_params"] == round(0.1 * total)
 
-    assert cli.main(["prune", "--run-dir", str(tmp_path / "base"), "--budgets", "0.1", "--out", str(tmp_path / "mag")]) == 0
-    magnitude = _train("--config", retrain_cfg, "--data", str(data), "--run-dir", str(tmp_path / "mag_retrain"),
-                       "--mask", str(tmp_path / "mag" / "masks" / "budget_0.1"))
+    assert (
+        cli.main(
+            ["prune", "--run-dir", str(tmp_path / "base"), "--budgets", "0.1", "--out", str(tmp_path / "mag")]
+        )
+        == 0
+    )
+    magnitude = _train(
+        "--config",
+        retrain_cfg,
+        "--data",
+        str(data),
+        "--run-dir",
+        str(tmp_path / "mag_retrain"),
+        "--mask",
+        str(tmp_path / "mag" / "masks" / "budget_0.1"),
+    )
     assert magnitude["embedding_params_kept"] == round(0.1 * total)
 
-    results = {k: round(v["test_auc"], 4) for k, v in (("base", base), ("pep", pep), ("magnitude", magnitude))}
+    results = {
+        k: round(v["test_auc"], 4) for k, v in (("base", base), ("pep", pep), ("magnitude", magnitude))
+    }
     assert pep["test_auc"] >= base["test_auc"] - 0.005, results
     assert pep["test_auc"] > magnitude["test_auc"], results

@@ -235,7 +235,10 @@ def _matrix_worker(rank: int, world_size: int) -> dict:
         assert isinstance(pep, ShardedPEPEmbeddingBagCollection)
         flushes = []  # the scans must flush a UVM-caching TBE before reading its weights
         for kernel in pep._pep_kernels():
-            kernel.flush = lambda kernel=kernel, flush=kernel.flush, log=flushes: (log.append(kernel), flush())[1]
+            kernel.flush = lambda kernel=kernel, flush=kernel.flush, log=flushes: (
+                log.append(kernel),
+                flush(),
+            )[1]
         kept = pep.kept_counts()
         margins = {t: [(r, c, m.numpy()) for r, c, m in pep.local_margins(t)] for t in TABLE_NAMES}
         flushed = len({id(k) for k in flushes})  # before state_dict, which flushes on its own

@@ -117,13 +117,24 @@ def search_run(tmp_path_factory) -> dict:
     counts = write_dataset(root / "data")
     run = root / "search"
     run.mkdir()
-    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"path": str(root / "data")},
-                                                     "model": {"name": "fm", "embedding_dim": D},
-                                                     "train": {"stage": "search"}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "data": {"path": str(root / "data")},
+                "model": {"name": "fm", "embedding_dim": D},
+                "train": {"stage": "search"},
+            }
+        )
+    )
     g = torch.Generator().manual_seed(0)
-    write_arrays(run / "init", {t: (n, D) for t, n in ROWS.items()}, np.float32,
-                 {t: [(0, 0, torch.randn(n, D, generator=g))] for t, n in ROWS.items()},
-                 {"kind": "init", "dim": D, "tables": {t: {"rows": n} for t, n in ROWS.items()}}, rank=0)
+    write_arrays(
+        run / "init",
+        {t: (n, D) for t, n in ROWS.items()},
+        np.float32,
+        {t: [(0, 0, torch.randn(n, D, generator=g))] for t, n in ROWS.items()},
+        {"kind": "init", "dim": D, "tables": {t: {"rows": n} for t, n in ROWS.items()}},
+        rank=0,
+    )
     return {"root": root, "run": run, "counts": counts}
 
 
@@ -152,13 +163,38 @@ def test_size_controls_write_exact_aligned_lottery_tickets(tmp_path, search_run,
             assert set(np.unique(sizes)) <= {count // 36, count // 36 + 1}
         else:
             f_N = np.concatenate([search_run["counts"]["user"], search_run["counts"]["genre"]])
-            np.testing.assert_array_equal(sizes, np.concatenate(list(frequency_sizes(
-                {"t_user": search_run["counts"]["user"], "t_genre": search_run["counts"]["genre"]}, count, D).values())))
+            np.testing.assert_array_equal(
+                sizes,
+                np.concatenate(
+                    list(
+                        frequency_sizes(
+                            {
+                                "t_user": search_run["counts"]["user"],
+                                "t_genre": search_run["counts"]["genre"],
+                            },
+                            count,
+                            D,
+                        ).values()
+                    )
+                ),
+            )
             assert sizes[f_N.argmax()] == sizes.max() and sizes[f_N == 0].sum() == 0
     # Deterministic per seed: the same seed rewrites the same masks; uniform's extra columns move with it.
     assert _prune("--method", method, "--run-dir", run, "--budgets", "0.3", "--out", tmp_path / "b") == 0
-    assert _prune("--method", method, "--run-dir", run, "--budgets", "0.3", "--out", tmp_path / "c",
-                  *(["--seed", "7"] if method == "uniform" else [])) == 0
+    assert (
+        _prune(
+            "--method",
+            method,
+            "--run-dir",
+            run,
+            "--budgets",
+            "0.3",
+            "--out",
+            tmp_path / "c",
+            *(["--seed", "7"] if method == "uniform" else []),
+        )
+        == 0
+    )
     _, a = _masks(tmp_path / "a" / "masks" / "budget_0.3")
     _, b = _masks(tmp_path / "b" / "masks" / "budget_0.3")
     _, c = _masks(tmp_path / "c" / "masks" / "budget_0.3")
@@ -168,11 +204,28 @@ def test_size_controls_write_exact_aligned_lottery_tickets(tmp_path, search_run,
 
 def test_random_elements_keep_the_source_row_sizes(tmp_path, search_run):
     run = search_run["run"]
-    assert _prune("--method", "frequency", "--run-dir", run, "--budgets", "0.3,0.1", "--out", tmp_path / "f") == 0
+    assert (
+        _prune("--method", "frequency", "--run-dir", run, "--budgets", "0.3,0.1", "--out", tmp_path / "f")
+        == 0
+    )
     source = tmp_path / "f" / "masks"
-    assert _prune("--method", "random-elements", "--sizes-from", source, "--out", tmp_path / "r", "--seed", "1") == 0
-    assert _prune("--method", "random-elements", "--sizes-from", source / "budget_0.1", "--out", tmp_path / "r2",
-                  "--seed", "1") == 0
+    assert (
+        _prune("--method", "random-elements", "--sizes-from", source, "--out", tmp_path / "r", "--seed", "1")
+        == 0
+    )
+    assert (
+        _prune(
+            "--method",
+            "random-elements",
+            "--sizes-from",
+            source / "budget_0.1",
+            "--out",
+            tmp_path / "r2",
+            "--seed",
+            "1",
+        )
+        == 0
+    )
     for budget in (0.3, 0.1):
         src_meta, src = _masks(source / f"budget_{budget:g}")
         meta, masks = _masks(tmp_path / "r" / "masks" / f"budget_{budget:g}")
@@ -189,11 +242,22 @@ def test_random_elements_keep_the_source_row_sizes(tmp_path, search_run):
 def test_a_mask_without_interactions_is_a_warning(tmp_path, search_run, caplog):
     source = tmp_path / "one_table"
     sizes = {"t_user": np.full(30, 2), "t_genre": np.zeros(6, np.int64)}
-    write_arrays(source, {t: (n, D) for t, n in ROWS.items()}, np.bool_,
-                 {t: [(0, 0, torch.from_numpy(np.arange(D)[None, :] < sizes[t][:, None]))] for t in ROWS},
-                 {"kind": "mask", "criterion": "magnitude", "budget": 0.2, "kept": 60, "dim": D,
-                  "init": str(search_run["run"] / "init"), "tables": {t: {"rows": n} for t, n in ROWS.items()}},
-                 rank=0)
+    write_arrays(
+        source,
+        {t: (n, D) for t, n in ROWS.items()},
+        np.bool_,
+        {t: [(0, 0, torch.from_numpy(np.arange(D)[None, :] < sizes[t][:, None]))] for t in ROWS},
+        {
+            "kind": "mask",
+            "criterion": "magnitude",
+            "budget": 0.2,
+            "kept": 60,
+            "dim": D,
+            "init": str(search_run["run"] / "init"),
+            "tables": {t: {"rows": n} for t, n in ROWS.items()},
+        },
+        rank=0,
+    )
     with caplog.at_level(logging.WARNING, logger="pep_torchrec.prune"):
         assert _prune("--method", "random-elements", "--sizes-from", source, "--out", tmp_path / "r") == 0
     assert any("budget 0.2: every kept element is in table t_user" in r.getMessage() for r in caplog.records)
@@ -201,8 +265,19 @@ def test_a_mask_without_interactions_is_a_warning(tmp_path, search_run, caplog):
     assert len(meta["warnings"]) == 1 and "no feature interactions" in meta["warnings"][0]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pep_torchrec.prune"):  # both tables kept: no warning
-        assert _prune("--method", "uniform", "--run-dir", search_run["run"], "--budgets", "0.1",
-                      "--out", tmp_path / "u") == 0
+        assert (
+            _prune(
+                "--method",
+                "uniform",
+                "--run-dir",
+                search_run["run"],
+                "--budgets",
+                "0.1",
+                "--out",
+                tmp_path / "u",
+            )
+            == 0
+        )
     assert not caplog.records and _masks(tmp_path / "u" / "masks" / "budget_0.1")[0]["warnings"] == []
 
 
@@ -210,28 +285,60 @@ def _bad(tmp_path: Path, search_run: dict, case: str) -> tuple[list[str], str]:
     run, root = search_run["run"], search_run["root"]
     cases = {
         "no sizes": (["--method", "random-elements"], "--sizes-from: --method random-elements needs"),
-        "missing sizes": (["--method", "random-elements", "--sizes-from", tmp_path / "nope"],
-                          f"--sizes-from {tmp_path / 'nope'}: no such directory"),
-        "budget absent": (["--method", "random-elements", "--sizes-from", run, "--budgets", "0.1"],
-                          "--budgets: "),
+        "missing sizes": (
+            ["--method", "random-elements", "--sizes-from", tmp_path / "nope"],
+            f"--sizes-from {tmp_path / 'nope'}: no such directory",
+        ),
+        "budget absent": (
+            ["--method", "random-elements", "--sizes-from", run, "--budgets", "0.1"],
+            "--budgets: ",
+        ),
         "no run": (["--method", "uniform"], "--run-dir: --method uniform needs a run directory"),
         "not a search": (["--method", "frequency", "--run-dir", root / "data"], "--run-dir "),
         "no data": (["--method", "frequency", "--run-dir", run, "--data", root], "--data "),
-        "layout": (["--method", "uniform", "--run-dir", run, "--layout", "aligned"], "--layout: not an option"),
-        "data elsewhere": (["--method", "uniform", "--run-dir", run, "--data", root / "data"], "--data: not an option"),
+        "layout": (
+            ["--method", "uniform", "--run-dir", run, "--layout", "aligned"],
+            "--layout: not an option",
+        ),
+        "data elsewhere": (
+            ["--method", "uniform", "--run-dir", run, "--data", root / "data"],
+            "--data: not an option",
+        ),
         "seed": (["--method", "uniform", "--run-dir", run, "--seed", "-1"], "--seed -1: must be >= 0"),
-        "seed elsewhere": (["--method", "frequency", "--run-dir", run, "--seed", "1"], "--seed: not an option"),
-        "budget": (["--method", "uniform", "--run-dir", run, "--budgets", "0.1,2"], "--budgets: 2 is not a share"),
+        "seed elsewhere": (
+            ["--method", "frequency", "--run-dir", run, "--seed", "1"],
+            "--seed: not an option",
+        ),
+        "budget": (
+            ["--method", "uniform", "--run-dir", run, "--budgets", "0.1,2"],
+            "--budgets: 2 is not a share",
+        ),
     }
     argv, message = cases[case]
     return [str(a) for a in argv], message
 
 
-@pytest.mark.parametrize("case", ["no sizes", "missing sizes", "budget absent", "no run", "not a search", "no data",
-                                  "layout", "data elsewhere", "seed", "seed elsewhere", "budget"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no sizes",
+        "missing sizes",
+        "budget absent",
+        "no run",
+        "not a search",
+        "no data",
+        "layout",
+        "data elsewhere",
+        "seed",
+        "seed elsewhere",
+        "budget",
+    ],
+)
 def test_bad_control_input_is_one_error_line_naming_the_flag(tmp_path, capsys, search_run, case):
     argv, message = _bad(tmp_path, search_run, case)
     assert cli.main(["prune", *argv, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err and err.count("\n") == 1, (
+        err
+    )
     assert not (tmp_path / "out").exists()

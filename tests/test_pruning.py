@@ -51,8 +51,11 @@ def test_kth_largest_and_edge_budgets(k):
 def _two_rank_select(rank: int, world_size: int, k: int) -> dict:
     # Rank 0 holds t_a and the top half of t_b's rows, rank 1 the rest: a row-wise split.
     full = scores()
-    pieces = {"t_a": [(0, 0, full["t_a"])], "t_b": [(0, 0, full["t_b"][:10])]} if rank == 0 else \
-        {"t_b": [(10, 0, full["t_b"][10:])]}
+    pieces = (
+        {"t_a": [(0, 0, full["t_a"])], "t_b": [(0, 0, full["t_b"][:10])]}
+        if rank == 0
+        else {"t_b": [(10, 0, full["t_b"][10:])]}
+    )
     keep = select_top_k(pieces, k, ORDER)
     return {t: [(r, c, m.numpy()) for r, c, m in blocks] for t, blocks in keep.items()}
 
@@ -78,15 +81,19 @@ def test_two_ranks_select_the_same_elements_as_one():
 def _rules_scores() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(5)
     # Frequent rows (large scores) and rare rows (small ones), as trained embeddings look.
-    return {"t_a": torch.randn(30, 8, generator=g) * torch.logspace(0, -2, 30)[:, None],
-            "t_b": torch.randn(20, 8, generator=g).abs() * 0.05}
+    return {
+        "t_a": torch.randn(30, 8, generator=g) * torch.logspace(0, -2, 30)[:, None],
+        "t_b": torch.randn(20, 8, generator=g).abs() * 0.05,
+    }
 
 
 @pytest.mark.parametrize("min_row,max_row", [(0, 0), (2, 0), (0, 5), (1, 4)])
 def test_row_rules_keep_exactly_k_within_floor_and_cap(min_row, max_row):
     full = _rules_scores()
     k = 150
-    keep = select_mask({t: [(0, 0, s)] for t, s in full.items()}, k, ORDER, dim=8, min_row=min_row, max_row=max_row)
+    keep = select_mask(
+        {t: [(0, 0, s)] for t, s in full.items()}, k, ORDER, dim=8, min_row=min_row, max_row=max_row
+    )
     per_row = torch.cat([keep[t][0][2].sum(1) for t in ORDER])
     assert int(per_row.sum()) == k
     assert per_row.min() >= min_row and per_row.max() <= (max_row or 8)
@@ -122,23 +129,30 @@ def test_aligned_layout_keeps_row_sizes_in_one_shared_column_order():
 
 def _two_rank_rules(rank: int, world_size: int, k: int) -> dict:
     full = _rules_scores()
-    pieces = {"t_a": [(0, 0, full["t_a"])], "t_b": [(0, 0, full["t_b"][:10])]} if rank == 0 else \
-        {"t_b": [(10, 0, full["t_b"][10:])]}
+    pieces = (
+        {"t_a": [(0, 0, full["t_a"])], "t_b": [(0, 0, full["t_b"][:10])]}
+        if rank == 0
+        else {"t_b": [(10, 0, full["t_b"][10:])]}
+    )
     keep = select_mask(pieces, k, ORDER, dim=8, min_row=2, max_row=6, layout="aligned")
     return {t: [(r, c, m.numpy()) for r, c, m in blocks] for t, blocks in keep.items()}
 
 
 def test_two_ranks_apply_row_rules_like_one():
     full = _rules_scores()
-    single = select_mask({t: [(0, 0, s)] for t, s in full.items()}, 170, ORDER, dim=8, min_row=2, max_row=6,
-                         layout="aligned")
+    single = select_mask(
+        {t: [(0, 0, s)] for t, s in full.items()}, 170, ORDER, dim=8, min_row=2, max_row=6, layout="aligned"
+    )
     results = run_on_ranks(_two_rank_rules, 2, 170)
     _assert_ranks_assemble_to(results, single, full)
 
 
 def test_write_arrays_is_atomic_and_complete(tmp_path):
     out = tmp_path / "masks" / "budget_0.1"
-    pieces = {"t_a": [(0, 0, torch.ones(2, 3, dtype=torch.bool))], "t_b": [(1, 1, torch.ones(1, 2, dtype=torch.bool))]}
+    pieces = {
+        "t_a": [(0, 0, torch.ones(2, 3, dtype=torch.bool))],
+        "t_b": [(1, 1, torch.ones(1, 2, dtype=torch.bool))],
+    }
     write_arrays(out, {"t_a": (2, 3), "t_b": (3, 3)}, np.bool_, pieces, {"kind": "mask", "kept": 8}, rank=0)
     assert read_meta(out)["kept"] == 8
     assert np.load(out / "t_b.npy").sum() == 2 and np.load(out / "t_b.npy")[1, 1:].all()

@@ -34,21 +34,30 @@ def write_dataset(root: Path) -> dict[str, np.ndarray]:
     user = rng.permutation(np.repeat(np.arange(30), np.arange(30)))  # id i occurs i times
     rows = user.size
     genre = [list(rng.integers(0, 6, size=rng.integers(1, 4))) for _ in range(rows)]
-    train = pa.table({
-        "label": pa.array(rng.integers(0, 2, rows), pa.int8()),
-        "user": pa.array(user, pa.int64()),
-        "genre": pa.array(genre, pa.list_(pa.int64())),
-    })
+    train = pa.table(
+        {
+            "label": pa.array(rng.integers(0, 2, rows), pa.int8()),
+            "user": pa.array(user, pa.int64()),
+            "genre": pa.array(genre, pa.list_(pa.int64())),
+        }
+    )
     (root / "train").mkdir(parents=True)
     pq.write_table(train, root / "train" / "part-00000.parquet", row_group_size=100)  # 5 row groups
-    Schema(dataset="synthetic",
-           sparse_features=[SparseFeature(name, card, multi) for name, (card, multi) in FEATURES.items()],
-           dense_features=[],
-           splits={"train": SplitInfo(rows, ["train/part-00000.parquet"]), "valid": SplitInfo(0, []),
-                   "test": SplitInfo(0, [])},
-           extra={"signal_fields": ["user"]}).save(root)
-    return {"user": np.bincount(user, minlength=30),
-            "genre": np.bincount(np.concatenate(genre).astype(np.int64), minlength=6)}
+    Schema(
+        dataset="synthetic",
+        sparse_features=[SparseFeature(name, card, multi) for name, (card, multi) in FEATURES.items()],
+        dense_features=[],
+        splits={
+            "train": SplitInfo(rows, ["train/part-00000.parquet"]),
+            "valid": SplitInfo(0, []),
+            "test": SplitInfo(0, []),
+        },
+        extra={"signal_fields": ["user"]},
+    ).save(root)
+    return {
+        "user": np.bincount(user, minlength=30),
+        "genre": np.bincount(np.concatenate(genre).astype(np.int64), minlength=6),
+    }
 
 
 def write_mask(directory: Path, budget: float, sizes: dict[str, np.ndarray], step: int, auc: float) -> int:
@@ -61,31 +70,70 @@ def write_mask(directory: Path, budget: float, sizes: dict[str, np.ndarray], ste
         tables[f"t_{feature}"] = {"rows": int(size_R.size), "kept": int(mask_RD.sum())}
     kept = sum(t["kept"] for t in tables.values())
     total = sum(card for card, _ in FEATURES.values()) * D
-    (directory / "meta.json").write_text(json.dumps({
-        "kind": "mask", "criterion": "pep_margin", "budget": budget, "kept": kept, "step": step,
-        "valid_auc": auc, "dim": D, "embedding_params_total": total, "tables": tables}))
+    (directory / "meta.json").write_text(
+        json.dumps(
+            {
+                "kind": "mask",
+                "criterion": "pep_margin",
+                "budget": budget,
+                "kept": kept,
+                "step": step,
+                "valid_auc": auc,
+                "dim": D,
+                "embedding_params_total": total,
+                "tables": tables,
+            }
+        )
+    )
     return kept
 
 
-def write_run(run_dir: Path, stage: str, data_path: str, *, extra_summary: dict | None = None,
-              config_mask: str = "") -> Path:
+def write_run(
+    run_dir: Path, stage: str, data_path: str, *, extra_summary: dict | None = None, config_mask: str = ""
+) -> Path:
     run_dir.mkdir(parents=True)
-    config = {"data": {"path": data_path}, "model": {"name": "fm", "embedding_dim": D},
-              "pep": {"mask": config_mask}, "train": {"stage": stage}}
+    config = {
+        "data": {"path": data_path},
+        "model": {"name": "fm", "embedding_dim": D},
+        "pep": {"mask": config_mask},
+        "train": {"stage": stage},
+    }
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     total = sum(card for card, _ in FEATURES.values()) * D
     lines = []
     for i, step in enumerate(range(10, 110, 10)):
-        record = {"step": step, "epoch": step / 50, "train_loss": 0.6 - 0.01 * i, "valid_auc": 0.6 + 0.01 * i,
-                  "valid_logloss": 0.6 - 0.01 * i, "best_valid_auc": 0.6 + 0.01 * i}
+        record = {
+            "step": step,
+            "epoch": step / 50,
+            "train_loss": 0.6 - 0.01 * i,
+            "valid_auc": 0.6 + 0.01 * i,
+            "valid_logloss": 0.6 - 0.01 * i,
+            "best_valid_auc": 0.6 + 0.01 * i,
+        }
         if stage == "search":
-            kept = int(total * 0.7 ** i)
-            record |= {"kept": kept, "kept_share": kept / total, "kept_by_table": {}, "gk": 1e-3, "snapshots": 0}
+            kept = int(total * 0.7**i)
+            record |= {
+                "kept": kept,
+                "kept_share": kept / total,
+                "kept_by_table": {},
+                "gk": 1e-3,
+                "snapshots": 0,
+            }
         lines.append(json.dumps(record))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    summary = {"stage": stage, "dataset": "synthetic", "model": "fm", "steps": 100, "best_step": 100,
-               "valid_auc": 0.6876, "valid_logloss": 0.51, "test_auc": 0.6543, "test_logloss": 0.52,
-               "embedding_params_total": total, "embedding_params_kept": total} | (extra_summary or {})
+    summary = {
+        "stage": stage,
+        "dataset": "synthetic",
+        "model": "fm",
+        "steps": 100,
+        "best_step": 100,
+        "valid_auc": 0.6876,
+        "valid_logloss": 0.51,
+        "test_auc": 0.6543,
+        "test_logloss": 0.52,
+        "embedding_params_total": total,
+        "embedding_params_kept": total,
+    } | (extra_summary or {})
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -103,17 +151,30 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     kept_a = write_mask(search / "masks" / "budget_0.5", 0.5, rising, step=40, auc=0.63)
     kept_b = write_mask(search / "masks" / "budget_0.25", 0.25, falling, step=70, auc=0.66)
     (search / "masks" / "budget_0.1.tmp").mkdir()  # an interrupted snapshot: skipped
-    snapshots = [{"budget": 0.5, "kept": kept_a, "step": 40, "valid_auc": 0.63, "path": "x"},
-                 {"budget": 0.25, "kept": kept_b, "step": 70, "valid_auc": 0.66, "path": "x"}]
+    snapshots = [
+        {"budget": 0.5, "kept": kept_a, "step": 40, "valid_auc": 0.63, "path": "x"},
+        {"budget": 0.25, "kept": kept_b, "step": 70, "valid_auc": 0.66, "path": "x"},
+    ]
     summary = json.loads((search / "summary.json").read_text())
     summary |= {"snapshots": snapshots, "embedding_params_kept": kept_b}
     (search / "summary.json").write_text(json.dumps(summary))
     baseline = write_run(root / "runs" / "baseline", "baseline", "prepared_tiny")
     mask = search / "masks" / "budget_0.5"
-    retrain = write_run(root / "runs" / "retrain", "retrain", "prepared_tiny",
-                        extra_summary={"mask": str(mask), "embedding_params_kept": kept_a})
-    return {"root": root, "counts": counts, "search": search, "baseline": baseline, "retrain": retrain,
-            "rising": rising, "kept": (kept_a, kept_b)}
+    retrain = write_run(
+        root / "runs" / "retrain",
+        "retrain",
+        "prepared_tiny",
+        extra_summary={"mask": str(mask), "embedding_params_kept": kept_a},
+    )
+    return {
+        "root": root,
+        "counts": counts,
+        "search": search,
+        "baseline": baseline,
+        "retrain": retrain,
+        "rising": rising,
+        "kept": (kept_a, kept_b),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +232,19 @@ def test_search_report_files_and_numbers(runs: dict, search_report: dict) -> Non
     for name in report.PLOT_FILES.values():
         assert f"]({name})" in md  # embedded with a relative link
     kept_a, kept_b = runs["kept"]
-    for text in ("| search |", "0.6876", "0.6543", f"{kept_a:,}", f"{kept_b:,}", "| 0.5 |", "| 0.25 |",
-                 "`t_user`", "`t_genre`", "Spearman", "| yes |"):
+    for text in (
+        "| search |",
+        "0.6876",
+        "0.6543",
+        f"{kept_a:,}",
+        f"{kept_b:,}",
+        "| 0.5 |",
+        "| 0.25 |",
+        "`t_user`",
+        "`t_genre`",
+        "Spearman",
+        "| yes |",
+    ):
         assert text in md, text
     # only the two complete masks, largest budget first; the interrupted one is named in the notes
     assert [m["budget"] for m in search_report["masks"]] == [0.5, 0.25]
@@ -195,14 +267,21 @@ def test_search_diagnostics_size_histograms() -> None:
     freq = {"user": np.arange(12), "genre": np.array([3, 1, 2, 0])}
     got = size_report(sizes, freq)
     assert SIZE_LABELS == ("0", "1", "2", "3", "4-7", "8-15", "16+")
-    assert got["tables"]["t_user"]["hist"] == pytest.approx([2 / 12, 1 / 12, 1 / 12, 2 / 12, 2 / 12, 2 / 12, 2 / 12])
+    assert got["tables"]["t_user"]["hist"] == pytest.approx(
+        [2 / 12, 1 / 12, 1 / 12, 2 / 12, 2 / 12, 2 / 12, 2 / 12]
+    )
     assert got["hist"] == pytest.approx([2 / 16, 1 / 16, 1 / 16, 2 / 16, 6 / 16, 2 / 16, 2 / 16])
     # t_user: sizes 0 and 3 hold 2 of 12 rows (>= 10 %), the others 1 each; pooled: 4 holds 4 of 16, 0 and 3 2 of 16.
     assert got["tables"]["t_user"]["major_sizes"] == 2 and got["major_sizes"] == 3
-    assert got["tables"]["t_genre"]["major_sizes"] == 1 and math.isnan(got["tables"]["t_genre"]["spearman_freq_size"])
-    assert got["tables"]["t_user"]["spearman_freq_size"] == pytest.approx(spearman(np.arange(12), sizes["t_user"]))
+    assert got["tables"]["t_genre"]["major_sizes"] == 1 and math.isnan(
+        got["tables"]["t_genre"]["spearman_freq_size"]
+    )
+    assert got["tables"]["t_user"]["spearman_freq_size"] == pytest.approx(
+        spearman(np.arange(12), sizes["t_user"])
+    )
     assert got["spearman_freq_size"] == pytest.approx(
-        spearman(np.r_[np.arange(12), [3, 1, 2, 0]], np.r_[sizes["t_user"], sizes["t_genre"]]))
+        spearman(np.r_[np.arange(12), [3, 1, 2, 0]], np.r_[sizes["t_user"], sizes["t_genre"]])
+    )
     assert size_report(sizes, None)["spearman_freq_size"] is None
 
 
@@ -239,8 +318,12 @@ def test_retrain_report_uses_its_mask(runs: dict, tmp_path: Path) -> None:
 
 
 def test_missing_dataset_is_a_note_and_data_overrides(runs: dict, tmp_path: Path) -> None:
-    run = write_run(tmp_path / "moved", "retrain", "no/such/dataset",
-                    extra_summary={"mask": str(runs["search"] / "masks" / "budget_0.5")})
+    run = write_run(
+        tmp_path / "moved",
+        "retrain",
+        "no/such/dataset",
+        extra_summary={"mask": str(runs["search"] / "masks" / "budget_0.5")},
+    )
     result = make_report(run)
     assert "size_vs_frequency" not in result["plots"] and "embedding_sizes" in result["plots"]
     assert result["masks"][0]["spearman"] is None

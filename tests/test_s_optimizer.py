@@ -120,15 +120,23 @@ def test_cpu_backward_is_the_torch_backward(monkeypatch, ragged):
     n_max = max(lengths)
     grad_out = torch.randn(n_max, num_f * width, generator=gen)
     for f, n in enumerate(lengths):
-        grad_out[n:, f * width:(f + 1) * width] = 0  # the TBE's padding rows carry no gradient
+        grad_out[n:, f * width : (f + 1) * width] = 0  # the TBE's padding rows carry no gradient
     results = []
     for native in (True, False):
         monkeypatch.setattr(cpu_kernel, "available", lambda native=native: native)
         state = SOptimizerState(SOptimizerSettings(lr=0.1), ["t0", "t1", "t2"])
         state.scale = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
         store = storage.clone()
-        plan = plan_step([store[f * rows:(f + 1) * rows] for f in range(num_f)], [0, 1, 2], values, lengths,
-                         slice(dim, width), width, store, gk=0.5)
+        plan = plan_step(
+            [store[f * rows : (f + 1) * rows] for f in range(num_f)],
+            [0, 1, 2],
+            values,
+            lengths,
+            slice(dim, width),
+            width,
+            store,
+            gk=0.5,
+        )
         rows_all = torch.zeros(n_max, num_f * width, requires_grad=True)
         OwnSStep.apply(rows_all, plan, state).backward(grad_out.clone())
         results.append((rows_all.grad, store, state.sum_sq.clone()))
@@ -154,7 +162,9 @@ def test_saved_state_counts_the_pending_statistics_once():
         s2.load_state(saved, carry=carry)
         assert k2.scale.tolist() == k1.scale.tolist()
         s2.sync(5)
-        s1_copy = SOptimizerSync(SOptimizerSettings(lr=0.1), ["a"], [SOptimizerState(SOptimizerSettings(lr=0.1), ["a"])])
+        s1_copy = SOptimizerSync(
+            SOptimizerSettings(lr=0.1), ["a"], [SOptimizerState(SOptimizerSettings(lr=0.1), ["a"])]
+        )
         s1_copy.load_state(saved, carry=True)
         s1_copy.sync(5)
         assert (s2.mean_sq == s1_copy.mean_sq) is carry  # only the carrying rank adds them
@@ -163,10 +173,12 @@ def test_saved_state_counts_the_pending_statistics_once():
 
 
 def test_config_refuses_pressure_through_the_fused_optimizer(tmp_path):
-    for sets, match in ((["pep.s_optimizer=sgd", "pep.s_decay=0.1"], "pep.s_decay"),
-                        (["pep.s_optimizer=adam"], "pep.s_optimizer"),
-                        (["pep.gk_growth=0.5"], "pep.gk_growth"),
-                        (["pep.control_every=7"], "pep.control_every")):
+    for sets, match in (
+        (["pep.s_optimizer=sgd", "pep.s_decay=0.1"], "pep.s_decay"),
+        (["pep.s_optimizer=adam"], "pep.s_optimizer"),
+        (["pep.gk_growth=0.5"], "pep.gk_growth"),
+        (["pep.control_every=7"], "pep.control_every"),
+    ):
         with pytest.raises(ConfigError, match=match):
             load_config(SEARCH, sets)
 
@@ -205,8 +217,10 @@ def _sopt_worker(rank: int, world_size: int) -> dict:
                 sum((out[f] * grads[f]).sum() for f in out).backward()
                 if step == 1:
                     pep.s_optimizer.sync(step, dist.all_reduce)
-            results[(plan_name, case.name)] = {"pieces": _pieces(dmp.state_dict()),
-                                               "mean_sq": dict(pep.s_optimizer.mean_sq)}
+            results[(plan_name, case.name)] = {
+                "pieces": _pieces(dmp.state_dict()),
+                "mean_sq": dict(pep.s_optimizer.mean_sq),
+            }
     return results
 
 
@@ -223,7 +237,10 @@ def _reference(case: Case) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     module.load_state_dict(full_state(case))
     inputs = [rank_input(rank) for rank in range(world)]
     cols = s_columns(DIM, case.mode)
-    rows = {t: torch.unique(torch.cat([kjt[f].values() for kjt, _ in inputs for f in fs])) for t, fs, _, _ in TABLES}
+    rows = {
+        t: torch.unique(torch.cat([kjt[f].values() for kjt, _ in inputs for f in fs]))
+        for t, fs, _, _ in TABLES
+    }
     params = dict(module.named_parameters())
     scale: dict[str, float] = {}
     mean_sq: dict[str, float] = {}
@@ -258,11 +275,18 @@ def test_every_plan_takes_the_rules_steps(sopt_results, case):
         assert results[0]["mean_sq"] == results[1]["mean_sq"]  # every rank holds the same scale
         for t in TABLE_NAMES:
             assert results[0]["mean_sq"][t] == pytest.approx(mean_sq[t], rel=1e-5), (plan, t)
-        got = {t: _assemble(results, f"pep.{key.format(t=t)}", expected[key.format(t=t)].shape) for t in TABLE_NAMES}
+        got = {
+            t: _assemble(results, f"pep.{key.format(t=t)}", expected[key.format(t=t)].shape)
+            for t in TABLE_NAMES
+        }
         for t in TABLE_NAMES:
-            np.testing.assert_allclose(got[t], expected[key.format(t=t)], rtol=1e-5, atol=1e-6, err_msg=f"{plan} {t}")
+            np.testing.assert_allclose(
+                got[t], expected[key.format(t=t)], rtol=1e-5, atol=1e-6, err_msg=f"{plan} {t}"
+            )
         s = s_columns(DIM, case.mode)
-        moved = sum(int((got[t][:, s] != full_state(case)[key.format(t=t)].numpy()[:, s]).sum()) for t in TABLE_NAMES)
+        moved = sum(
+            int((got[t][:, s] != full_state(case)[key.format(t=t)].numpy()[:, s]).sum()) for t in TABLE_NAMES
+        )
         assert moved > 0, f"{plan}: s never moved"
 
 
@@ -272,8 +296,27 @@ def test_every_plan_takes_the_rules_steps(sopt_results, case):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert cli.main(["data", "prepare", "--dataset", "synthetic", "--out", str(out), "--rows", "20000",
-                     "--num-sparse", "8", "--num-dense", "4", "--cardinality", "1000"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "prepare",
+                "--dataset",
+                "synthetic",
+                "--out",
+                str(out),
+                "--rows",
+                "20000",
+                "--num-sparse",
+                "8",
+                "--num-dense",
+                "4",
+                "--cardinality",
+                "1000",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -288,9 +331,23 @@ def _s_at(run: Path, step: int, dim: int = 8) -> torch.Tensor:
 
 
 def _search(data: Path, run: Path, *sets: str, resume: bool = False) -> None:
-    args = ["--config", SEARCH, "--data", str(data), "--run-dir", str(run), "--set", "train.progress=false",
-            "train.max_steps=60", "train.checkpoint_every=10", "train.keep_checkpoints=100",
-            "pep.stop_after_budgets=false", "pep.s_optimizer=sgd", "pep.s0=-6.0", *sets]
+    args = [
+        "--config",
+        SEARCH,
+        "--data",
+        str(data),
+        "--run-dir",
+        str(run),
+        "--set",
+        "train.progress=false",
+        "train.max_steps=60",
+        "train.checkpoint_every=10",
+        "train.keep_checkpoints=100",
+        "pep.stop_after_budgets=false",
+        "pep.s_optimizer=sgd",
+        "pep.s0=-6.0",
+        *sets,
+    ]
     assert train_main([*args, "--resume"] if resume else args) == 0
 
 
@@ -315,8 +372,13 @@ def test_resumed_search_takes_the_same_steps(tmp_path, data):
     _search(data, resumed, f"pep.s_lr={S_LR}", resume=True)
     assert torch.equal(_s_at(resumed, 60), s)
     strip = ("examples_per_sec", "train_seconds")
-    rows = [[{k: v for k, v in json.loads(line).items() if k not in strip}
-             for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (full, resumed)]
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if k not in strip}
+            for line in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+        for d in (full, resumed)
+    ]
     assert rows[0] == rows[1]
 
 
@@ -328,10 +390,27 @@ def test_clipped_floor_and_still_improving_are_reported(tmp_path, data, caplog):
     run = tmp_path / "run"
     _search(data, run, "pep.s_lr=0.01", "pep.min_row_dims=8")
     assert "budget 0.5: row floor clipped: 8 dims per row requested, 4 applied" in caplog.text
-    assert "row floor clipped" in json.loads((run / "masks" / "budget_0.5" / "meta.json").read_text())["warnings"][0]
+    assert (
+        "row floor clipped"
+        in json.loads((run / "masks" / "budget_0.5" / "meta.json").read_text())["warnings"][0]
+    )
     base = tmp_path / "base"
-    assert train_main(["--config", str(REPO / "configs" / "debug_cpu.yaml"), "--data", str(data), "--run-dir",
-                       str(base), "--set", "train.progress=false", "train.max_steps=50"]) == 0
+    assert (
+        train_main(
+            [
+                "--config",
+                str(REPO / "configs" / "debug_cpu.yaml"),
+                "--data",
+                str(data),
+                "--run-dir",
+                str(base),
+                "--set",
+                "train.progress=false",
+                "train.max_steps=50",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((base / "summary.json").read_text())
     assert summary["best_step"] == 50 and summary["still_improving"] is True
     assert "valid AUC was still improving at the last eval (step 50" in caplog.text

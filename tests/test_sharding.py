@@ -26,7 +26,10 @@ BATCH = 6
 
 
 def tables() -> list[EmbeddingBagConfig]:
-    return [EmbeddingBagConfig(name=t, feature_names=[f], num_embeddings=n, embedding_dim=DIM) for t, f, n in TABLES]
+    return [
+        EmbeddingBagConfig(name=t, feature_names=[f], num_embeddings=n, embedding_dim=DIM)
+        for t, f, n in TABLES
+    ]
 
 
 def full_weights() -> dict[str, torch.Tensor]:
@@ -53,9 +56,16 @@ def _sharded_worker(rank: int, world_size: int, sharding_type: str) -> dict:
     cfg = ShardingConfig(types=[sharding_type], min_partition=4)
     ebc = EmbeddingBagCollection(tables=tables(), device=torch.device("meta"))
     sharders = make_sharders(EmbeddingOptimizerConfig(name="sgd", lr=LR), "cpu")
-    report = plan_sharding(ebc, sharders=sharders, constraints=make_constraints([t for t, _, _ in TABLES], cfg),
-                           world_size=world_size, local_world_size=world_size, compute_device="cpu",
-                           batch_size=BATCH, pg=torch.distributed.group.WORLD)
+    report = plan_sharding(
+        ebc,
+        sharders=sharders,
+        constraints=make_constraints([t for t, _, _ in TABLES], cfg),
+        world_size=world_size,
+        local_world_size=world_size,
+        compute_device="cpu",
+        batch_size=BATCH,
+        pg=torch.distributed.group.WORLD,
+    )
     model = shard_model(ebc, plan=report.plan, sharders=sharders, device=torch.device("cpu"))
     copy_full_into_sharded(model.state_dict(), full_weights())
 
@@ -66,11 +76,15 @@ def _sharded_worker(rank: int, world_size: int, sharding_type: str) -> dict:
     dense = [p for n, p in model.named_parameters() if p.grad is not None]
     if dense:  # data-parallel tables: stepped by a plain optimizer after DDP's all-reduce
         torch.optim.SGD(dense, lr=LR).step()
-    pieces = {k: [(tuple((s.start, s.stop) for s in idx), t.detach().numpy().copy())
-                  for idx, t in local_pieces(v)]
-              for k, v in model.state_dict().items()}
-    return {"out": {f: t.detach().numpy() for f, t in out.items()}, "pieces": pieces,
-            "plan": [(r["table"], r["sharding_type"], r["shards"]) for r in report.tables()]}
+    pieces = {
+        k: [(tuple((s.start, s.stop) for s in idx), t.detach().numpy().copy()) for idx, t in local_pieces(v)]
+        for k, v in model.state_dict().items()
+    }
+    return {
+        "out": {f: t.detach().numpy() for f, t in out.items()},
+        "pieces": pieces,
+        "plan": [(r["table"], r["sharding_type"], r["shards"]) for r in report.tables()],
+    }
 
 
 @pytest.mark.parametrize("sharding_type", ["table_wise", "column_wise", "row_wise", "data_parallel"])
@@ -90,7 +104,9 @@ def test_sharded_equals_unsharded(sharding_type):
         kjt, grads = rank_input(rank)
         out = reference(kjt).to_dict()
         for f, expected in out.items():  # by key: sharded KeyedTensors may order keys differently
-            np.testing.assert_allclose(results[rank]["out"][f], expected.detach().numpy(), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(
+                results[rank]["out"][f], expected.detach().numpy(), rtol=1e-6, atol=1e-6
+            )
         total_loss = total_loss + sum((out[f] * grads[f]).sum() for f in out)
     total_loss.backward()
     scale = 1.0 / world_size

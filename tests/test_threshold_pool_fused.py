@@ -249,9 +249,19 @@ def test_build_failure_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch, 
     """A compiler that fails → one RuntimeWarning, and the op (and `threshold_pool`) compute the
     reference."""
     fresh = threshold_pool_cpu._NATIVE
-    monkeypatch.setattr(threshold_pool_cpu, "_NATIVE", type(fresh)(
-        fresh.source, fresh.flags, abi_symbol=fresh.abi_symbol, abi_version=fresh.abi_version,
-        configure=fresh.configure, what=fresh.what, fallback=fresh.fallback))
+    monkeypatch.setattr(
+        threshold_pool_cpu,
+        "_NATIVE",
+        type(fresh)(
+            fresh.source,
+            fresh.flags,
+            abi_symbol=fresh.abi_symbol,
+            abi_version=fresh.abi_version,
+            configure=fresh.configure,
+            what=fresh.what,
+            fallback=fresh.fallback,
+        ),
+    )
     monkeypatch.setenv("PEP_TORCHREC_CACHE", str(tmp_path))  # no cached object to find
     broken = tmp_path / "broken-c++"
     broken.write_text("#!/bin/sh\necho 'error: simulated compiler failure' >&2\nexit 1\n")

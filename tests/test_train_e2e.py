@@ -45,18 +45,63 @@ def _evals(run_dir: Path) -> list[dict]:
 def debug_data(tmp_path_factory) -> Path:
     """The debug config's synthetic dataset, generated once through the CLI."""
     out = tmp_path_factory.mktemp("data") / "debug_synthetic"
-    assert cli.main(["data", "prepare", "--dataset", "synthetic", "--out", str(out), "--rows", "20000",
-                     "--num-sparse", "8", "--num-dense", "4", "--cardinality", "1000"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "prepare",
+                "--dataset",
+                "synthetic",
+                "--out",
+                str(out),
+                "--rows",
+                "20000",
+                "--num-sparse",
+                "8",
+                "--num-dense",
+                "4",
+                "--cardinality",
+                "1000",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_debug_config_writes_run_outputs(tmp_path, debug_data):
     run = tmp_path / "run"
-    assert train_main(["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(run),
-                       "--set", "train.progress=false", "--set", "train.max_steps=50"]) == 0
+    assert (
+        train_main(
+            [
+                "--config",
+                DEBUG,
+                "--data",
+                str(debug_data),
+                "--run-dir",
+                str(run),
+                "--set",
+                "train.progress=false",
+                "--set",
+                "train.max_steps=50",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("stage", "dataset", "model", "world_size", "steps", "examples_per_sec", "valid_auc", "test_auc",
-                "test_logloss", "embedding_params_total", "embedding_params_kept"):
+    for key in (
+        "stage",
+        "dataset",
+        "model",
+        "world_size",
+        "steps",
+        "examples_per_sec",
+        "valid_auc",
+        "test_auc",
+        "test_logloss",
+        "embedding_params_total",
+        "embedding_params_kept",
+    ):
         assert key in summary, key
     assert summary["steps"] == 50 and summary["world_size"] == 1
     assert summary["embedding_params_total"] == 8 * 1000 * 8
@@ -67,20 +112,46 @@ def test_debug_config_writes_run_outputs(tmp_path, debug_data):
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path, debug_data, capsys):
-    code = train_main(["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(tmp_path / "r"),
-                       "--set", "train.epochz=1"])
+    code = train_main(
+        [
+            "--config",
+            DEBUG,
+            "--data",
+            str(debug_data),
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--set",
+            "train.epochz=1",
+        ]
+    )
     assert code == 2
     assert "unknown key train.epochz" in capsys.readouterr().err
 
 
 def test_killed_run_resumes_to_identical_metrics(tmp_path, debug_data):
-    args = [sys.executable, "-m", "pep_torchrec.train", "--config", DEBUG, "--data", str(debug_data),
-            "--set", "train.progress=false", "--set", "train.max_steps=100"]
+    args = [
+        sys.executable,
+        "-m",
+        "pep_torchrec.train",
+        "--config",
+        DEBUG,
+        "--data",
+        str(debug_data),
+        "--set",
+        "train.progress=false",
+        "--set",
+        "train.max_steps=100",
+    ]
     full, killed = tmp_path / "full", tmp_path / "killed"
     _run([*args, "--run-dir", str(full)])
 
-    proc = subprocess.Popen([*args, "--run-dir", str(killed)], env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*args, "--run-dir", str(killed)],
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = killed / "checkpoints" / "step_00000025" / "trainer_state.json"
     deadline = time.monotonic() + 120
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -117,7 +188,16 @@ def test_run_dir_of_a_previous_run_is_refused_unless_overwrite(tmp_path, debug_d
     """A second run into a run directory would mix checkpoints (and a later --resume would continue
     the old run): refused without --overwrite; --overwrite replaces the old run's files."""
     run = tmp_path / "r"
-    args = ["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(run), "--set", "train.progress=false"]
+    args = [
+        "--config",
+        DEBUG,
+        "--data",
+        str(debug_data),
+        "--run-dir",
+        str(run),
+        "--set",
+        "train.progress=false",
+    ]
     assert train_main([*args, "--set", "train.max_steps=25"]) == 0
     old_steps = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert train_main([*args, "--set", "train.max_steps=20"]) == 2
@@ -159,8 +239,11 @@ def test_auto_resume_starts_or_resumes(tmp_path, debug_data):
     ],
 )
 def test_user_mistakes_are_one_error_line(tmp_path, debug_data, capsys, argv, message):
-    code = train_main(["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(tmp_path / "r"), *argv]
-                      if "--overwrite" not in argv else ["--config", DEBUG, "--data", str(debug_data), *argv])
+    code = train_main(
+        ["--config", DEBUG, "--data", str(debug_data), "--run-dir", str(tmp_path / "r"), *argv]
+        if "--overwrite" not in argv
+        else ["--config", DEBUG, "--data", str(debug_data), *argv]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and message in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()
@@ -194,22 +277,58 @@ def test_train_needs_a_config(tmp_path, debug_data, capsys):
 
 
 def test_dry_run_plans_sixteen_ranks(debug_data, capsys):
-    assert train_main(["--config", DEBUG, "--data", str(debug_data), "--dry-run",
-                       "--set", "sharding.dry_run_world_size=16"]) == 0
+    assert (
+        train_main(
+            [
+                "--config",
+                DEBUG,
+                "--data",
+                str(debug_data),
+                "--dry-run",
+                "--set",
+                "sharding.dry_run_world_size=16",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "16 ranks (2 nodes x 8)" in out
     assert out.count("t_C") >= 8  # every table appears in the plan
     assert "  15 " in out  # a memory line for the last rank
 
 
-@pytest.mark.skipif(shutil.which("torchx", path=str(Path(sys.executable).parent)) is None,
-                    reason="torchx not installed in this environment")
+@pytest.mark.skipif(
+    shutil.which("torchx", path=str(Path(sys.executable).parent)) is None,
+    reason="torchx not installed in this environment",
+)
 def test_torchx_two_ranks(tmp_path, debug_data):
     run = tmp_path / "run"
     torchx = str(Path(sys.executable).parent / "torchx")
-    _run([torchx, "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--env", "OMP_NUM_THREADS=1",
-          "--script", "pep_torchrec/train.py", "--", "--config", DEBUG, "--data", str(debug_data),
-          "--run-dir", str(run), "--set", "train.progress=false", "train.max_steps=50"])
+    _run(
+        [
+            torchx,
+            "run",
+            "-s",
+            "local_cwd",
+            "dist.ddp",
+            "-j",
+            "1x2",
+            "--env",
+            "OMP_NUM_THREADS=1",
+            "--script",
+            "pep_torchrec/train.py",
+            "--",
+            "--config",
+            DEBUG,
+            "--data",
+            str(debug_data),
+            "--run-dir",
+            str(run),
+            "--set",
+            "train.progress=false",
+            "train.max_steps=50",
+        ]
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["steps"] == 50
@@ -230,8 +349,10 @@ def _rank_pid(run_dir: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.skipif(shutil.which("torchx", path=str(Path(sys.executable).parent)) is None,
-                    reason="torchx not installed in this environment")
+@pytest.mark.skipif(
+    shutil.which("torchx", path=str(Path(sys.executable).parent)) is None,
+    reason="torchx not installed in this environment",
+)
 def test_torchx_run_resumes_by_itself_after_a_rank_dies(tmp_path, debug_data):
     """`pipelines/components.py:train --max_restarts 1`: rank 1 is killed after the first checkpoint;
     torchrun restarts both ranks, which resume from that checkpoint (--auto-resume) and finish with
@@ -269,8 +390,22 @@ def test_movielens_fm_reaches_reference_auc(tmp_path):
         pytest.skip(f"{raw} absent (set PEP_SHARED_DATA to the folder holding ml-100k)")
     data, run = tmp_path / "ml100k", tmp_path / "fm"
     assert cli.main(["data", "prepare", "--dataset", "movielens", "--raw", str(raw), "--out", str(data)]) == 0
-    assert cli.main(["train", "--config", str(REPO / "configs" / "movielens_fm.yaml"), "--data", str(data),
-                     "--run-dir", str(run), "--set", "train.progress=false"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--config",
+                str(REPO / "configs" / "movielens_fm.yaml"),
+                "--data",
+                str(data),
+                "--run-dir",
+                str(run),
+                "--set",
+                "train.progress=false",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     # An independent FM with the same features reaches about 0.86, logistic regression about 0.85.
     assert summary["test_auc"] >= 0.85, summary

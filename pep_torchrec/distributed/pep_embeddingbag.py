@@ -334,8 +334,10 @@ class ShardedPEPEmbeddingBagCollection(
         settings = getattr(module, "s_optimizer", None)
         if settings is not None and not self.retrain:
             if self.mode not in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
-                raise ValueError(f"pep.s_optimizer=sgd needs s in the stored rows (granularity feature or "
-                                 f"feature_dim), not {self.granularity!r}")
+                raise ValueError(
+                    f"pep.s_optimizer=sgd needs s in the stored rows (granularity feature or "
+                    f"feature_dim), not {self.granularity!r}"
+                )
             states = [kernel.bind_s_optimizer(settings) for kernel in self._pep_kernels()]
             self.s_optimizer = SOptimizerSync(settings, list(self._table_names), states)
 

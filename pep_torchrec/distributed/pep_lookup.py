@@ -226,11 +226,16 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
             )
         cache = getattr(self.emb_module, "lxu_cache_weights", None)
         if cache is not None and cache.numel() > 0:
-            raise NotImplementedError("pep.s_optimizer=sgd does not support UVM-cached tables (it updates "
-                                      "the backing rows, not the cache); place the tables in HBM or host memory")
+            raise NotImplementedError(
+                "pep.s_optimizer=sgd does not support UVM-cached tables (it updates "
+                "the backing rows, not the cache); place the tables in HBM or host memory"
+            )
         weights = self.split_embedding_weights()
         storage = weights[0].untyped_storage()
-        if any(w.untyped_storage().data_ptr() != storage.data_ptr() or w.storage_offset() % width for w in weights):
+        if any(
+            w.untyped_storage().data_ptr() != storage.data_ptr() or w.storage_offset() % width
+            for w in weights
+        ):
             raise NotImplementedError("pep.s_optimizer=sgd: the group's tables are not rows of one storage")
         whole = torch.empty(0, dtype=weights[0].dtype, device=weights[0].device).set_(storage)
         # A tensor of its own over the TBE's storage: in-place updates do not bump the version
@@ -240,15 +245,25 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         self._s_optimizer = SOptimizerState(settings, [spec.name for spec in specs])
         return self._s_optimizer
 
-    def _own_s(self, rows_all: Tensor, values: Tensor, ids_per_feature: list[int], num_features: int) -> Tensor:
+    def _own_s(
+        self, rows_all: Tensor, values: Tensor, ids_per_feature: list[int], num_features: int
+    ) -> Tensor:
         """The own s optimizer's hook on the gathered rows (training only; identity otherwise)."""
         state = self._s_optimizer
         if state is None or not rows_all.requires_grad or is_traced(values):
             return rows_all
         assert self._pep_step_params is not None
         gk = self._pep_step_params(self._pep_table_specs[0].name, 0, self._local_cols[0]).gk
-        plan = plan_step(self.split_embedding_weights(), self._feature_table_map[:num_features], values,
-                         ids_per_feature, self._s_cols, self._local_cols[0], self._s_storage, gk)
+        plan = plan_step(
+            self.split_embedding_weights(),
+            self._feature_table_map[:num_features],
+            values,
+            ids_per_feature,
+            self._s_cols,
+            self._local_cols[0],
+            self._s_storage,
+            gk,
+        )
         return OwnSStep.apply(rows_all, plan, state)
 
     def bind_step_params(self, fn: StepParamsFn) -> None:

@@ -80,8 +80,9 @@ class SOptimizerState:
         self.rows = torch.zeros(n, dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, weight: Tensor, ids: Tensor, table_of_id: Tensor, grad_s: Tensor, s_cols: slice,
-               gk: float) -> None:
+    def update(
+        self, weight: Tensor, ids: Tensor, table_of_id: Tensor, grad_s: Tensor, s_cols: slice, gk: float
+    ) -> None:
         """One step on rows `ids` (unique) of `weight` (table `table_of_id` each), with their
         summed s-gradients grad_s [U, S] at threshold scale gk; accumulates the statistics for the
         next sync."""
@@ -91,7 +92,12 @@ class SOptimizerState:
         grad = grad_s / gk
         self.sum_sq.index_add_(0, table_of_id.cpu(), grad.pow(2).mean(1).double().cpu())
         self.rows += torch.bincount(table_of_id.cpu(), minlength=len(self.tables)).double()
-        if weight.device.type == "cpu" and weight.dtype == grad.dtype and weight.stride(1) == 1 and cpu_kernel.available():
+        if (
+            weight.device.type == "cpu"
+            and weight.dtype == grad.dtype
+            and weight.stride(1) == 1
+            and cpu_kernel.available()
+        ):
             # The same step, bit for bit, in one pass over the rows' s columns (no gather / scatter of
             # whole rows: ~3x faster).
             cpu_kernel.s_update(weight, ids, table_of_id, grad_s, s_cols.start, self.scale, gk)
@@ -103,6 +109,7 @@ class SOptimizerState:
         rows[:, s_cols] -= (grad * scale).to(weight.dtype)
         weight.index_copy_(0, ids, rows)
 
+
 class SOptimizerSync:
     """The module-wide part: the EMA of every table's mean squared s-gradient, folded from all
     kernels' (and all ranks') accumulators at each sync, and the scales it sets.
@@ -113,7 +120,9 @@ class SOptimizerSync:
         kernels: this rank's kernel states.
     """
 
-    def __init__(self, settings: SOptimizerSettings, tables: list[str], kernels: list[SOptimizerState]) -> None:
+    def __init__(
+        self, settings: SOptimizerSettings, tables: list[str], kernels: list[SOptimizerState]
+    ) -> None:
         self.settings = settings
         self.tables = list(tables)
         self.kernels = kernels
@@ -170,15 +179,20 @@ class SOptimizerSync:
         """The whole state, the same on every rank (a collective where there are ranks): the EMA and
         the statistics gathered since the last sync, summed over ranks. JSON-able."""
         pending = self._totals(all_reduce, reset=False)
-        return {"mean_sq": dict(self.mean_sq), "last_sync": self.last_sync,
-                "pending": {name: row for name, row in zip(self.tables, pending.tolist())}}
+        return {
+            "mean_sq": dict(self.mean_sq),
+            "last_sync": self.last_sync,
+            "pending": {name: row for name, row in zip(self.tables, pending.tolist())},
+        }
 
     def load_state(self, state: dict[str, Any], *, carry: bool) -> None:
         """Restore `state()`; `carry`: this rank adds the saved pending statistics at the next sync
         (one rank only, so they count once, whatever the world size now)."""
         saved = state["mean_sq"]
         if set(saved) != set(self.tables):
-            raise ValueError(f"s optimizer state: tables {sorted(saved)} != this model's {sorted(self.tables)}")
+            raise ValueError(
+                f"s optimizer state: tables {sorted(saved)} != this model's {sorted(self.tables)}"
+            )
         self.mean_sq = {name: saved[name] for name in self.tables}
         self.last_sync = int(state["last_sync"])
         for kernel in self.kernels:
@@ -212,16 +226,25 @@ class OwnSStep(torch.autograd.Function):
         n_max = grad.shape[0]
         if grad.device.type == "cpu" and cpu_kernel.available():
             # One pass: gather-sum per unique row and zero, as the ops below do (bit for bit).
-            g = cpu_kernel.s_gather(grad, grad.shape[1] // plan.width, plan.width, plan.s_cols.start,
-                                    plan.s_cols.stop - plan.s_cols.start, plan.inverse, plan.lengths,
-                                    plan.ids.numel())
+            g = cpu_kernel.s_gather(
+                grad,
+                grad.shape[1] // plan.width,
+                plan.width,
+                plan.s_cols.start,
+                plan.s_cols.stop - plan.s_cols.start,
+                plan.inverse,
+                plan.lengths,
+                plan.ids.numel(),
+            )
             ctx.state.update(plan.storage, plan.ids, plan.table_of_id, g, plan.s_cols, plan.gk)
             return grad, None, None
         s_NFS = grad.view(n_max, -1, plan.width)[:, :, plan.s_cols]  # [N_max, F, S] view
         if plan.lengths is None:  # every feature has N_max ids: occurrences in (n, f) order
             occurrences = s_NFS.reshape(-1, s_NFS.shape[-1]).contiguous()  # index_add_ is slow on strided
         else:
-            valid = torch.arange(n_max, device=grad.device).unsqueeze(0) < plan.lengths.to(grad.device).unsqueeze(1)
+            valid = torch.arange(n_max, device=grad.device).unsqueeze(0) < plan.lengths.to(
+                grad.device
+            ).unsqueeze(1)
             occurrences = s_NFS.transpose(0, 1)[valid]  # (f, n) order, n < N_f
         g = grad.new_zeros(plan.ids.numel(), s_NFS.shape[-1]).index_add_(0, plan.inverse, occurrences)
         s_NFS.zero_()
@@ -246,8 +269,16 @@ class SPlan:
     gk: float
 
 
-def plan_step(weights: list[Tensor], feature_table: list[int], values: Tensor, lengths: list[int],
-              s_cols: slice, width: int, storage_view: Tensor, gk: float) -> SPlan:
+def plan_step(
+    weights: list[Tensor],
+    feature_table: list[int],
+    values: Tensor,
+    lengths: list[int],
+    s_cols: slice,
+    width: int,
+    storage_view: Tensor,
+    gk: float,
+) -> SPlan:
     """Map this batch's ids (feature-major, local to each feature's table) to rows of the group's
     storage: every table of a TBE group lies in one storage with the same stored width W, so the
     global row is the local id plus the table's row offset there."""
@@ -257,7 +288,9 @@ def plan_step(weights: list[Tensor], feature_table: list[int], values: Tensor, l
     num_features = len(lengths)
     if num_features and all(n == lengths[0] for n in lengths):
         # One view of the ids in the gathered rows' (n, f) order: backward reads the gradient as is.
-        rows = (values.long().view(num_features, -1) + row_base[table_F].to(device).unsqueeze(1)).t().reshape(-1)
+        rows = (
+            (values.long().view(num_features, -1) + row_base[table_F].to(device).unsqueeze(1)).t().reshape(-1)
+        )
         lengths_F = None
     else:
         lengths_F = torch.tensor(lengths, dtype=torch.int64)

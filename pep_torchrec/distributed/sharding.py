@@ -50,11 +50,14 @@ class EBCSharder(EmbeddingBagCollectionSharder):
 def fused_params(cfg: EmbeddingOptimizerConfig, device_type: str) -> dict:
     """The fused TBE optimizer's parameters for `cfg`; refuses GPU-only optimizers on CPU."""
     if cfg.name not in _FUSED_OPTIMIZERS:
-        raise ConfigError(f"optim.embedding.name: unknown fused optimizer {cfg.name!r}; "
-                         f"choose from {sorted(_FUSED_OPTIMIZERS)}")
+        raise ConfigError(
+            f"optim.embedding.name: unknown fused optimizer {cfg.name!r}; "
+            f"choose from {sorted(_FUSED_OPTIMIZERS)}"
+        )
     if cfg.name in _GPU_ONLY_OPTIMIZERS and device_type != "cuda":
-        raise ConfigError(f"optim.embedding.name: {cfg.name!r} has no CPU kernel in fbgemm "
-                         "(use adagrad or sgd on CPU)")
+        raise ConfigError(
+            f"optim.embedding.name: {cfg.name!r} has no CPU kernel in fbgemm (use adagrad or sgd on CPU)"
+        )
     params = {"optimizer": _FUSED_OPTIMIZERS[cfg.name], "learning_rate": cfg.lr, "eps": cfg.eps}
     if cfg.weight_decay:
         params["weight_decay"] = cfg.weight_decay
@@ -69,9 +72,13 @@ def make_constraints(table_names: list[str], cfg: ShardingConfig) -> dict[str, P
     """Per-table planner constraints: the allowed sharding types and the compute kernel."""
     bad = [t for t in cfg.types if t not in SHARDING_TYPES]
     if bad:
-        raise ConfigError(f"sharding.types: unknown sharding type {bad[0]!r}; choose from {sorted(SHARDING_TYPES)}")
+        raise ConfigError(
+            f"sharding.types: unknown sharding type {bad[0]!r}; choose from {sorted(SHARDING_TYPES)}"
+        )
     if cfg.compute_kernel not in COMPUTE_KERNELS:
-        raise ConfigError(f"sharding.compute_kernel: {cfg.compute_kernel!r} is not one of {sorted(COMPUTE_KERNELS)}")
+        raise ConfigError(
+            f"sharding.compute_kernel: {cfg.compute_kernel!r} is not one of {sorted(COMPUTE_KERNELS)}"
+        )
     kernels = [cfg.compute_kernel]
     if ShardingType.DATA_PARALLEL.value in cfg.types:
         # Replicated tables are ordinary DDP parameters: dense kernel, stepped by the dense optimizer.
@@ -112,27 +119,37 @@ class PlanReport:
         rows = []
         for option in self.options:
             ranks = sorted({s.rank for s in option.shards if s.rank is not None})
-            rows.append({
-                "table": option.name,
-                "sharding_type": option.sharding_type,
-                "compute_kernel": option.compute_kernel,
-                "shards": len(option.shards),
-                "ranks": ranks,
-                "rows": option.tensor.shape[0],
-                "dim": option.tensor.shape[1],
-            })
+            rows.append(
+                {
+                    "table": option.name,
+                    "sharding_type": option.sharding_type,
+                    "compute_kernel": option.compute_kernel,
+                    "shards": len(option.shards),
+                    "ranks": ranks,
+                    "rows": option.tensor.shape[0],
+                    "dim": option.tensor.shape[1],
+                }
+            )
         return rows
 
     def format(self) -> str:
         mib = 1024**2
-        lines = [f"sharding plan for world_size={self.world_size}",
-                 f"{'table':<28} {'sharding':<16} {'kernel':<8} {'rows':>12} {'dim':>5}  ranks"]
+        lines = [
+            f"sharding plan for world_size={self.world_size}",
+            f"{'table':<28} {'sharding':<16} {'kernel':<8} {'rows':>12} {'dim':>5}  ranks",
+        ]
         for row in self.tables():
-            ranks = ",".join(map(str, row["ranks"])) if len(row["ranks"]) <= 8 else f"{len(row['ranks'])} ranks"
-            lines.append(f"{row['table']:<28} {row['sharding_type']:<16} {row['compute_kernel']:<8} "
-                         f"{row['rows']:>12,} {row['dim']:>5}  {ranks}")
+            ranks = (
+                ",".join(map(str, row["ranks"])) if len(row["ranks"]) <= 8 else f"{len(row['ranks'])} ranks"
+            )
+            lines.append(
+                f"{row['table']:<28} {row['sharding_type']:<16} {row['compute_kernel']:<8} "
+                f"{row['rows']:>12,} {row['dim']:>5}  {ranks}"
+            )
         lines.append("")
-        lines.append(f"{'rank':>4} {'hbm MiB':>10} {'ddr MiB':>10}   (planner estimate: weights + optimizer + buffers)")
+        lines.append(
+            f"{'rank':>4} {'hbm MiB':>10} {'ddr MiB':>10}   (planner estimate: weights + optimizer + buffers)"
+        )
         for rank, mem in self.per_rank_bytes().items():
             lines.append(f"{rank:>4} {mem['hbm'] / mib:>10.2f} {mem['ddr'] / mib:>10.2f}")
         return "\n".join(lines)
@@ -158,10 +175,15 @@ def plan_sharding(
         captured.append(best)
         return best
 
-    topology = Topology(world_size=world_size, local_world_size=local_world_size,
-                        compute_device=compute_device, hbm_cap=hbm_cap)
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints,
-                                       callbacks=[capture], debug=False)
+    topology = Topology(
+        world_size=world_size,
+        local_world_size=local_world_size,
+        compute_device=compute_device,
+        hbm_cap=hbm_cap,
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=constraints, callbacks=[capture], debug=False
+    )
     if pg is not None:
         plan = planner.collective_plan(module, sharders, pg)
     else:
@@ -179,8 +201,9 @@ def shard_model(
 ) -> DistributedModelParallel:
     """Wrap `module` in DMP with `plan`; embedding tables are materialised (and initialised by their
     `init_fn`) on the shards that own them."""
-    return DistributedModelParallel(module, env=None if pg is None else _env(pg), device=device, plan=plan,
-                                    sharders=sharders)
+    return DistributedModelParallel(
+        module, env=None if pg is None else _env(pg), device=device, plan=plan, sharders=sharders
+    )
 
 
 def _env(pg: dist.ProcessGroup):

@@ -30,8 +30,9 @@ def copy_full_into_sharded(state_dict: Mapping[str, object], full: Mapping[str, 
         target = state_dict[key]
         if isinstance(target, ShardedTensor):
             for shard in target.local_shards():
-                index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
-                                                              shard.metadata.shard_sizes))
+                index = tuple(
+                    slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes)
+                )
                 shard.tensor.copy_(source[index])
         elif isinstance(target, DTensor):
             raise NotImplementedError(f"{key}: DTensor state dicts are not supported yet")
@@ -47,8 +48,13 @@ def copy_full_into_sharded(state_dict: Mapping[str, object], full: Mapping[str, 
 def local_pieces(value: object) -> list[tuple[tuple[slice, ...], torch.Tensor]]:
     """This rank's pieces of a state-dict value as (index into the full tensor, tensor) pairs."""
     if isinstance(value, ShardedTensor):
-        return [(tuple(slice(o, o + s) for o, s in zip(sh.metadata.shard_offsets, sh.metadata.shard_sizes)),
-                 sh.tensor) for sh in value.local_shards()]
+        return [
+            (
+                tuple(slice(o, o + s) for o, s in zip(sh.metadata.shard_offsets, sh.metadata.shard_sizes)),
+                sh.tensor,
+            )
+            for sh in value.local_shards()
+        ]
     if isinstance(value, torch.Tensor):
         return [(tuple(slice(0, n) for n in value.shape), value)]
     raise TypeError(f"unexpected state-dict value {type(value).__name__}")

@@ -268,7 +268,9 @@ def _fused_backward_grads(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mea
     needs = (nr, nc and coarse_s is not None, nw and psw is not None)
     kernel_dtype = kernel_available(rows.device) and _kernel_dtype(rows, dim, mode)
     if not kernel_dtype:
-        return _reference_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, needs)
+        return _reference_backward(
+            grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, needs
+        )
     rows_k, offsets_k, coarse_k, psw_k = _prepare(rows, offsets, coarse_s, psw, kernel_dtype)
     grads = _kernels_for(rows.device.type).backward(
         grad.to(_acc_dtype(rows.dtype)).contiguous(), rows_k, offsets_k, coarse_k, psw_k, dim, mode, gk, mean,
@@ -278,7 +280,9 @@ def _fused_backward_grads(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mea
 
 
 def _fused_backward(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw):
-    grads = _fused_backward_grads(grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw)
+    grads = _fused_backward_grads(
+        grad, rows, offsets, coarse_s, psw, dim, mode, gk, mean, s_decay, s_push, nr, nc, nw
+    )
     return _empty_if_none(grads, rows)
 
 
@@ -306,7 +310,9 @@ def _needs(ctx, coarse_s: Tensor | None, psw: Tensor | None) -> tuple[bool, bool
     return need_rows, need_coarse and coarse_s is not None, need_weights and psw is not None
 
 
-def _grads_for_inputs(grads: tuple[Tensor | None, ...], needs: tuple[bool, bool, bool]) -> tuple[Tensor | None, ...]:
+def _grads_for_inputs(
+    grads: tuple[Tensor | None, ...], needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, ...]:
     """The (grad rows, grad coarse_s, grad weights) of the kernels ([0] or None where not wanted) as
     autograd wants them: one entry per input of `threshold_pool_op`, None where no gradient flows."""
     grad_rows, grad_coarse, grad_psw = (g if need else None for g, need in zip(grads, needs))
@@ -316,7 +322,9 @@ def _grads_for_inputs(grads: tuple[Tensor | None, ...], needs: tuple[bool, bool,
 def _backward(ctx, grad_pooled):
     rows, offsets, coarse_s, psw = ctx.saved_tensors
     needs = _needs(ctx, coarse_s, psw)
-    grads = torch.ops.pep_torchrec.threshold_pool_backward(grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *needs)
+    grads = torch.ops.pep_torchrec.threshold_pool_backward(
+        grad_pooled, rows, offsets, coarse_s, psw, *ctx.args, *needs
+    )
     return _grads_for_inputs(grads, needs)
 
 
@@ -374,7 +382,11 @@ def group_kernel_available(device: torch.device, dtype: torch.dtype, dim: int, m
         return dtype in (torch.float32, torch.float64) and threshold_pool_cpu.available()
     if device.type == "cuda":
         kernels = triton_kernels()
-        return dtype in (torch.float32, torch.bfloat16, torch.float16) and kernels is not None and kernels.supports(dim, mode)
+        return (
+            dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and kernels is not None
+            and kernels.supports(dim, mode)
+        )
     return False
 
 
@@ -419,7 +431,9 @@ class GroupedThresholdPool(torch.autograd.Function):
         s_decay, s_push = ctx.pressure
         grad_out = grad_out.to(_acc_dtype(rows_all.dtype)).contiguous()
         if rows_all.device.type == "cpu":
-            grad_rows = threshold_pool_cpu.group_backward(grad_out, rows_all, offsets, psw, *ctx.args, s_decay, s_push)
+            grad_rows = threshold_pool_cpu.group_backward(
+                grad_out, rows_all, offsets, psw, *ctx.args, s_decay, s_push
+            )
         else:
             grad_rows, _, _ = triton_kernels().backward(
                 grad_out, rows_all, offsets, None, psw, dim, mode, gk, mean, s_decay, s_push,

@@ -257,10 +257,14 @@ def _validate(
     offsets = offsets.to(torch.int64)
     # Checked on CPU in eager mode only: on an accelerator the check would force a device sync, and
     # traced (torch.compile, fake tensors) it is a data-dependent branch.
-    if offsets.device.type == "cpu" and not is_traced(offsets) and (
-        int(offsets[0]) != 0
-        or int(offsets[-1]) != num_rows
-        or (num_bags > 0 and bool((offsets[1:] < offsets[:-1]).any()))
+    if (
+        offsets.device.type == "cpu"
+        and not is_traced(offsets)
+        and (
+            int(offsets[0]) != 0
+            or int(offsets[-1]) != num_rows
+            or (num_bags > 0 and bool((offsets[1:] < offsets[:-1]).any()))
+        )
     ):
         raise ValueError(f"offsets must be non-decreasing from 0 to N = {num_rows}, got {offsets.tolist()}")
     if per_sample_weights is not None and tuple(per_sample_weights.shape) != (num_rows,):

@@ -102,9 +102,15 @@ def _configure(lib: ctypes.CDLL) -> None:
         getattr(lib, f"pep_s_gather_{suffix}").argtypes = _S_GATHER_ARGS
 
 
-_NATIVE = NativeLibrary(SOURCE, _FLAGS, abi_symbol="pep_abi_version", abi_version=_ABI_VERSION,
-                        configure=_configure, what="fused CPU threshold_pool kernel",
-                        fallback="the (slower) pure-PyTorch reference")
+_NATIVE = NativeLibrary(
+    SOURCE,
+    _FLAGS,
+    abi_symbol="pep_abi_version",
+    abi_version=_ABI_VERSION,
+    configure=_configure,
+    what="fused CPU threshold_pool kernel",
+    fallback="the (slower) pure-PyTorch reference",
+)
 
 
 def load() -> ctypes.CDLL | None:
@@ -229,8 +235,16 @@ def group_backward(grad_out: Tensor, rows_all: Tensor, offsets: Tensor, psw: Ten
     return grad_rows
 
 
-def s_gather(grad: Tensor, num_features: int, width: int, s_off: int, s_width: int, inverse: Tensor,
-             lengths: Tensor | None, num_unique: int) -> Tensor:
+def s_gather(
+    grad: Tensor,
+    num_features: int,
+    width: int,
+    s_off: int,
+    s_width: int,
+    inverse: Tensor,
+    lengths: Tensor | None,
+    num_unique: int,
+) -> Tensor:
     """g [num_unique, s_width]: the s columns of grad [N_max, F·W] (unit column stride) summed per
     unique row through `inverse` in occurrence order ((n, f), or (f, n < lengths[f])), exactly as
     index_add_ sums them; those columns of grad are zeroed in place."""
@@ -247,16 +261,27 @@ def s_gather(grad: Tensor, num_features: int, width: int, s_off: int, s_width: i
     return g
 
 
-def s_update(storage: Tensor, ids: Tensor, table_of_id: Tensor, grad: Tensor, s_off: int, scale: Tensor,
-             gk: float) -> None:
+def s_update(
+    storage: Tensor, ids: Tensor, table_of_id: Tensor, grad: Tensor, s_off: int, scale: Tensor, gk: float
+) -> None:
     """The own s optimizer's in-place step on CPU, rounded like its PyTorch path
     (`SOptimizerState.update`): storage [R, W] (unit column stride) rows `ids` (unique, int64),
     columns [s_off, s_off + S) -= grad / gk · scale[table_of_id]; grad [U, S] in storage's dtype,
     scale [tables] float64."""
     lib = load()
-    assert lib is not None and storage.dtype in _SUFFIX and storage.stride(1) == 1 and grad.dtype == storage.dtype
+    assert (
+        lib is not None
+        and storage.dtype in _SUFFIX
+        and storage.stride(1) == 1
+        and grad.dtype == storage.dtype
+    )
     assert scale.dtype == torch.float64
-    ids, table_of_id, grad, scale = ids.contiguous(), table_of_id.contiguous(), grad.contiguous(), scale.contiguous()
+    ids, table_of_id, grad, scale = (
+        ids.contiguous(),
+        table_of_id.contiguous(),
+        grad.contiguous(),
+        scale.contiguous(),
+    )
     getattr(lib, f"pep_s_update_{_SUFFIX[storage.dtype]}")(
         storage.data_ptr(), storage.stride(0), ids.data_ptr(), table_of_id.data_ptr(), ids.numel(),
         grad.data_ptr(), grad.shape[1], s_off, scale.data_ptr(), gk,

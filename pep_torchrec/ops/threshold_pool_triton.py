@@ -74,7 +74,16 @@ MAX_ROW_DIM = 1024
 # 0/1 flags. One binary serves them all; what is left to specialize (strides, widths, D: their
 # divisibility by 16 decides vector widths) is what tests/test_threshold_pool_compile.py enumerates.
 _FWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean"]
-_BWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean", "need_rows", "need_coarse", "need_psw"]
+_BWD_RUNTIME = [
+    "num_bags",
+    "num_features",
+    "num_rows",
+    "has_psw",
+    "mean",
+    "need_rows",
+    "need_coarse",
+    "need_psw",
+]
 
 
 @triton.jit
@@ -217,7 +226,9 @@ def _row_grads(grad_rows_ptr, grad_psw_ptr, r, ok, pos, f, width, ldg, dim, d, v
         g_s = tl.where(kept, tl.where(v < 0.0, g_e, -g_e) * gk * sig * (1.0 - sig), 0.0)
         if MODE == ROW_DIM:
             if need_rows:  # + the sparsity pressure s_decay·s − s_push, once per row occurrence
-                tl.store(grad_base + dim + d[None, :], (g_s + s_decay * aux - s_push).to(out_ty), mask=tile_ok)
+                tl.store(
+                    grad_base + dim + d[None, :], (g_s + s_decay * aux - s_push).to(out_ty), mask=tile_ok
+                )
         elif MODE == ROW:
             if need_rows:
                 # s is broadcast over D (this block is the whole row): its gradient is the row sum,
@@ -457,7 +468,9 @@ def backward(
     # The kernel writes every column of every row (padding rows included) when B > 0.
     grad_rows = None
     if need_rows:
-        grad_rows = (torch.empty if num_bags else torch.zeros)(num_rows, width, dtype=rows.dtype, device=device)
+        grad_rows = (torch.empty if num_bags else torch.zeros)(
+            num_rows, width, dtype=rows.dtype, device=device
+        )
     grad_coarse = torch.zeros(dim, dtype=torch.float32, device=device) if need_coarse else None
     grad_psw = torch.zeros(num_rows, dtype=torch.float32, device=device) if need_weights else None
     if num_bags == 0 or not (need_rows or need_coarse or need_weights):
