@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     _stage("3/8 PEP search: 2 ranks under torchx dist.ddp")
     _torchx_train(
         ["--config", "configs/criteo_fm_search.yaml", "--data", str(data), "--run-dir", str(runs / "search")],
-        [*model, f"pep.budgets={BUDGETS}", "pep.target_epochs=3", "train.eval_every=10"],
+        [*model, f"pep.budgets={BUDGETS}", "train.eval_every=4"],
     )
 
     _stage("4/8 retrain: lottery ticket at 10 %")
