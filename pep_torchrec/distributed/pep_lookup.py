@@ -178,7 +178,7 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
     The TBE is asked for one id per bag (pooled path, offsets = per-feature aranges): its output row
     n of feature f is exactly the stored row of the n-th id, and its fused backward applies the
     optimizer to exactly those rows (v and s columns alike). fbgemm's unpooled
-    (PoolingMode.NONE) path would do the same but its CPU backward is ~12x slower (DESIGN.md).
+    (PoolingMode.NONE) path would do the same but its CPU backward is ~12x slower (docs/architecture.md, F2).
     """
 
     def __init__(

@@ -2,8 +2,8 @@
 our config tree.
 
 On CPU TorchRec's default EBC sharder refuses row-wise and table-row-wise sharding by policy (its
-`sharding_types` lists them for CUDA only); the fused CPU kernel handles them exactly (verified in
-DESIGN.md), so `EBCSharder` lifts that policy instead of patching TorchRec.
+`sharding_types` lists them for CUDA only); the fused CPU kernel handles them exactly (docs/architecture.md,
+F1), so `EBCSharder` lifts that policy instead of patching TorchRec.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ embedding element v by v̂ = sign(v)·relu(|v| − gk·sigmoid(s)) with learnabl
 elements whose threshold overtakes them are pruned. This is the *unsharded* module: it defines the
 semantics that the sharded module (`pep_torchrec.distributed`) must reproduce.
 
-Where s lives (DESIGN.md decision 1):
+Where s lives (docs/architecture.md, decision 1):
   * row granularities (`feature`, `feature_dim`) store s inside the table row: the stock TorchRec
     `EmbeddingBagCollection` at `self._embedding_bag_collection` holds [v | s] rows (width 2D, or
     D + 4 with s in column D), so the planner, DMP, fused optimizers, state_dict and DCP see an
@@ -423,7 +423,7 @@ class PEPEmbeddingBagCollection(nn.Module):
 
     @torch.no_grad()
     def load_lottery_ticket(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> None:
-        """Retrain only: set every stored table to [w · m | m] (DESIGN.md decision 6).
+        """Retrain only: set every stored table to [w · m | m] (docs/architecture.md, decision 6).
 
         Args:
             weights: {table: [R, D]} the rewound (e.g. step-0) embedding.

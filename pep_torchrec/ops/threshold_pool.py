@@ -34,7 +34,7 @@ columns [0, D) get the v-gradient, the s columns the s-gradient, pad columns (RO
 (relu's subgradient at the kink |v| = t is 0, so an element exactly at its threshold is pruned and
 gets no gradient.)
 
-Sparsity pressure (DESIGN.md decision 4): the authors' L2 weight decay on `s` moves every `s` every
+Sparsity pressure (docs/architecture.md, decision 4): the authors' L2 weight decay on `s` moves every `s` every
 step, but TorchRec's fused optimizers only update looked-up rows. So the op itself adds
 `s_decay · s − s_push` to the gradient of `s`: once per gathered row occurrence in the row modes
 (a row looked up k times gets it k times, because TBE sums duplicate-id gradients), once per call
