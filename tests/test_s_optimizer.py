@@ -107,16 +107,19 @@ def test_cpu_kernel_takes_the_torch_paths_step(monkeypatch, dtype, s_cols):
 
 
 @pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ CPU kernels could not be built here")
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("ragged", [False, True], ids=["n_max_ids_each", "ragged"])
-def test_cpu_backward_is_the_torch_backward(monkeypatch, ragged):
+def test_cpu_backward_is_the_torch_backward(monkeypatch, ragged, threads):
     """OwnSStep's backward with the C++ gather (`pep_s_gather`) == its PyTorch ops, bit for bit: the
     gradient handed to the TBE (s columns zeroed, v columns untouched) and the updated s, with
-    repeated ids (sums in occurrence order) and features of different id counts."""
+    repeated ids (sums in occurrence order) and features of different id counts, on one thread and
+    on two (past the kernels' threading threshold: ~5,000 unique rows x 16)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the launchers pass on
     gen = torch.Generator().manual_seed(1)
-    num_f, rows, dim, width = 3, 50, 4, 8  # feature_dim: [v | s], s in columns [4, 8)
+    num_f, rows, dim, width = 3, 2500, 16, 32  # feature_dim: [v | s], s in columns [16, 32)
     storage = torch.randn(num_f * rows, width, generator=gen)
-    lengths = [7, 3, 5] if ragged else [6, 6, 6]
-    values = torch.cat([torch.randint(0, 4, (n,), generator=gen) for n in lengths])  # many repeats
+    lengths = [4000, 2000, 3000] if ragged else [3000, 3000, 3000]
+    values = torch.cat([torch.randint(0, rows, (n,), generator=gen) for n in lengths])  # many repeats
     n_max = max(lengths)
     grad_out = torch.randn(n_max, num_f * width, generator=gen)
     for f, n in enumerate(lengths):

@@ -32,7 +32,7 @@ from torch import Tensor
 from pep_torchrec.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("csrc") / "threshold_pool_cpu.cpp"
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -87,8 +87,8 @@ _GROUP_BWD_ARGS = [
     _i64,
     _int,
 ]
-_S_GATHER_ARGS = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64]
-_S_UPDATE_ARGS = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr, _dbl]
+_S_GATHER_ARGS = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _int]
+_S_UPDATE_ARGS = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr, _dbl, _int]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -256,7 +256,7 @@ def s_gather(
     g = torch.empty(num_unique, s_width, dtype=grad.dtype)
     getattr(lib, f"pep_s_gather_{_SUFFIX[grad.dtype]}")(
         grad.data_ptr(), grad.stride(0), grad.shape[0], num_features, width, s_off, s_width,
-        inverse.data_ptr(), _p(lengths), g.data_ptr(), num_unique,
+        inverse.data_ptr(), _p(lengths), g.data_ptr(), num_unique, torch.get_num_threads(),
     )  # fmt: skip
     return g
 
@@ -284,5 +284,5 @@ def s_update(
     )
     getattr(lib, f"pep_s_update_{_SUFFIX[storage.dtype]}")(
         storage.data_ptr(), storage.stride(0), ids.data_ptr(), table_of_id.data_ptr(), ids.numel(),
-        grad.data_ptr(), grad.shape[1], s_off, scale.data_ptr(), gk,
+        grad.data_ptr(), grad.shape[1], s_off, scale.data_ptr(), gk, torch.get_num_threads(),
     )  # fmt: skip
