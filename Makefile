@@ -20,7 +20,7 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: install
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 demo: install
@@ -44,8 +44,10 @@ bench: install
 gpu-check:
 	PEP_GIT_COMMIT=$$(git rev-parse --short HEAD 2>/dev/null) bash benchmarks/gpu_check.sh
 
+# `make test` runs it first: lint errors and unformatted files fail CI.
 lint: install
 	$(BIN)/ruff check pep_torchrec pipelines tests benchmarks
+	$(BIN)/ruff format --check pep_torchrec pipelines tests benchmarks
 
 format: install
 	$(BIN)/ruff format pep_torchrec pipelines tests benchmarks

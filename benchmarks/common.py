@@ -28,8 +28,9 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
     except OSError:
         commit = ""
     versions = {"python": platform.python_version(), "torch": torch.__version__}
@@ -52,8 +53,9 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str, *,
-                  directory: Path | None = None) -> tuple[Path, Path]:
+def write_results(
+    name: str, payload: dict[str, Any], markdown: str, *, directory: Path | None = None
+) -> tuple[Path, Path]:
     """Write DIR/name.json and DIR/name.md atomically (DIR = `directory`, default RESULTS)."""
     directory = RESULTS if directory is None else Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

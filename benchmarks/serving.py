@@ -40,9 +40,14 @@ def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> l
     from pep_torchrec.export.converter import ArtifactConverter
     from pep_torchrec.pruning import read_meta
 
-    sources = [(f"search {mask.name}", float(mask.name.removeprefix("budget_")),
-                ArtifactConverter(run_dir, budget=float(mask.name.removeprefix("budget_"))))
-               for mask in sorted((run_dir / "masks").glob("budget_*"))]
+    sources = [
+        (
+            f"search {mask.name}",
+            float(mask.name.removeprefix("budget_")),
+            ArtifactConverter(run_dir, budget=float(mask.name.removeprefix("budget_"))),
+        )
+        for mask in sorted((run_dir / "masks").glob("budget_*"))
+    ]
     for run in retrain_runs:
         converter = ArtifactConverter(run)
         sources.append((f"retrain {run.name}", float(read_meta(converter.cfg.pep.mask)["budget"]), converter))
@@ -50,16 +55,26 @@ def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> l
     for i, (source, budget, converter) in enumerate(sources):
         for dtype in ("fp32", "fp16", "int8"):
             m = converter.convert(out / f"sizes_{i}_{dtype}", dtype=dtype)
-            rows.append({"source": source, "budget": budget, "dtype": dtype, "kept_params": m["kept_params"],
-                         "kept_pct": 100 * m["kept_share"],
-                         "total_bytes": m["total_bytes"], "dense_fp32_bytes": m["dense_fp32_bytes"],
-                         "ratio_pct": 100 * m["total_bytes"] / m["dense_fp32_bytes"],
-                         "artifact_bytes": m["artifact_bytes"], "checkpoint_step": m["source"]["step"]})
+            rows.append(
+                {
+                    "source": source,
+                    "budget": budget,
+                    "dtype": dtype,
+                    "kept_params": m["kept_params"],
+                    "kept_pct": 100 * m["kept_share"],
+                    "total_bytes": m["total_bytes"],
+                    "dense_fp32_bytes": m["dense_fp32_bytes"],
+                    "ratio_pct": 100 * m["total_bytes"] / m["dense_fp32_bytes"],
+                    "artifact_bytes": m["artifact_bytes"],
+                    "checkpoint_step": m["source"]["step"],
+                }
+            )
     return rows
 
 
-def lookup_throughput(num_rows: int, dims: list[int], keep: float, bags: int, ids_per_bag: int,
-                      repeats: int) -> list[dict]:
+def lookup_throughput(
+    num_rows: int, dims: list[int], keep: float, bags: int, ids_per_bag: int, repeats: int
+) -> list[dict]:
     """Per D: dense nn.EmbeddingBag vs CompactEmbeddingBag (fused kernel, and its torch path) on the
     same ids, timed interleaved (dense, fused, torch, dense, ...) so machine noise hits all alike.
     `hot`: one id batch repeated (its rows stay cached); `fresh`: a new random batch every repeat.
@@ -94,8 +109,14 @@ def lookup_throughput(num_rows: int, dims: list[int], keep: float, bags: int, id
                         start = time.perf_counter()
                         fn(ids, offsets)
                         times[name].append(time.perf_counter() - start)
-                result = {"dim": dim, "rows": num_rows, "keep": keep, "ids": n, "ids_mode": mode,
-                          "fused_kernel": fused_available}
+                result = {
+                    "dim": dim,
+                    "rows": num_rows,
+                    "keep": keep,
+                    "ids": n,
+                    "ids_mode": mode,
+                    "fused_kernel": fused_available,
+                }
                 for name, t in times.items():
                     result[f"{name}_ms_min"] = 1e3 * float(np.min(t))
                     result[f"{name}_ms"] = 1e3 * float(np.median(t))
@@ -134,9 +155,24 @@ def service_load(artifact: Path, instance: dict, *, clients: int, seconds: float
 
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "pep_torchrec.cli", "serve", "--artifact", str(artifact),
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                            cwd=REPO, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pep_torchrec.cli",
+            "serve",
+            "--artifact",
+            str(artifact),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, timeout_s=60, alive=lambda: proc.poll() is None)
@@ -171,16 +207,28 @@ def service_load(artifact: Path, instance: dict, *, clients: int, seconds: float
         proc.terminate()
         proc.wait(timeout=10)
     lat = np.array(latencies) * 1e3
-    return {"requests": len(lat), "errors": errors[0], "qps": len(lat) / elapsed,
-            "instances_per_s": len(lat) * batch / elapsed, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "clients": clients, "batch": batch}
+    return {
+        "requests": len(lat),
+        "errors": errors[0],
+        "qps": len(lat) / elapsed,
+        "instances_per_s": len(lat) * batch / elapsed,
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "clients": clients,
+        "batch": batch,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--run-dir", required=True, help="a finished search run with masks/budget_*")
-    parser.add_argument("--retrain-runs", default="",
-                        help="comma-separated retrain runs whose artifacts' sizes are measured too (exactly their mask kept)")
+    parser.add_argument(
+        "--retrain-runs",
+        default="",
+        help="comma-separated retrain runs whose artifacts' sizes are measured too (exactly their mask kept)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
@@ -188,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         sizes = artifact_sizes(run_dir, out, [Path(r) for r in args.retrain_runs.split(",") if r])
-        lookups = lookup_throughput(200_000 if quick else 1_000_000, [16, 32, 64], 0.05, 2048, 8,
-                                    5 if quick else 41)
+        lookups = lookup_throughput(
+            200_000 if quick else 1_000_000, [16, 32, 64], 0.05, 2048, 8, 5 if quick else 41
+        )
         from pep_torchrec.export.converter import ArtifactConverter
         from pep_torchrec.serving.predictor import Predictor
 
@@ -198,43 +247,104 @@ def main(argv: list[str] | None = None) -> int:
         converter.convert(out / "compact")
         converter.convert(out / "dense", layout="dense")
         instance = Predictor.from_path(out / "compact").example_instance()
-        cost = {layout: predictor_cost(out / layout, instance, 50 if quick else 200) for layout in ("compact", "dense")}
+        cost = {
+            layout: predictor_cost(out / layout, instance, 50 if quick else 200)
+            for layout in ("compact", "dense")
+        }
         service = []
         # ABBA order per batch size: a drift in machine load (2 shared cores) hits both layouts alike.
         for batch in (1, 64):
             for round_, layout in enumerate(("compact", "dense", "dense", "compact")):
                 row = service_load(out / layout, instance, clients=4, seconds=3 if quick else 8, batch=batch)
                 service.append({"layout": layout, "budget": budget, "round": round_, **row})
-    payload = {"machine": machine_info(), "run_dir": str(run_dir.resolve()), "sizes": sizes, "lookup": lookups,
-               "predictor_cost": cost, "service": service}
-    md = ["# Serving benchmarks", "", f"Run: `{run_dir}`; machine: {payload['machine']['host_cpu']}, "
-          f"{payload['machine']['cpu_count']} cores; {payload['machine']['date']}", "",
-          "## Artifact size (embedding tables vs the same tables dense fp32)", "",
-          "A search snapshot is exported thresholded (at most the budget stays: floor elements below their",
-          "threshold are zero); a retrain run keeps exactly its mask.", "",
-          markdown_table(sizes, [("source", "source", ""), ("budget", "budget", "g"), ("dtype", "dtype", ""),
-                                 ("kept_params", "kept", ","), ("kept_pct", "kept % of params", ".2f"),
-                                 ("total_bytes", "tables B", ","), ("dense_fp32_bytes", "dense fp32 B", ","),
-                                 ("ratio_pct", "% of dense", ".2f"), ("artifact_bytes", "all files B", ",")]),
-          "", "## Pooled lookup, 1 thread, 5% kept (uniform), bags of 8 ids", "",
-          "Interleaved repeats; `hot` = one id batch repeated, `fresh` = a new batch each repeat. "
-          "Speed-up = dense / fused (min over repeats, and median); `torch ms` = the fused kernel's "
-          f"pure-PyTorch reference path. Fused kernel loaded: {lookups[0]['fused_kernel']}.", "",
-          markdown_table(lookups, [("dim", "D", ""), ("ids_mode", "ids", ""), ("ids", "ids/batch", ","),
-                                   ("dense_ms_min", "dense ms (min)", ".3f"), ("fused_ms_min", "fused ms (min)", ".3f"),
-                                   ("speedup_min", "speed-up (min)", ".2f"), ("dense_ms", "dense ms (med)", ".3f"),
-                                   ("fused_ms", "fused ms (med)", ".3f"), ("speedup", "speed-up (med)", ".2f"),
-                                   ("torch_ms", "torch ms (med)", ".3f"), ("dense_mb", "dense MB", ".1f"),
-                                   ("compact_mb", "compact MB", ".1f")]),
-          "", "## Predictor in-process, 1 thread (median µs per call)", "",
-          markdown_table([{"layout": k, **v} for k, v in cost.items()],
-                         [("layout", "layout", ""), ("features_us_b1", "features, 1 inst", ".0f"),
-                          ("predict_us_b1", "predict, 1 inst", ".0f"), ("features_us_b64", "features, 64 inst", ".0f"),
-                          ("predict_us_b64", "predict, 64 inst", ".0f")]),
-          "", "## Service over loopback (4 closed-loop clients)", "",
-          markdown_table(service, [("layout", "layout", ""), ("batch", "instances/request", ""), ("round", "round", ""),
-                                   ("requests", "requests", ","), ("errors", "errors", ""), ("qps", "QPS", ".0f"),
-                                   ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f")]), ""]
+    payload = {
+        "machine": machine_info(),
+        "run_dir": str(run_dir.resolve()),
+        "sizes": sizes,
+        "lookup": lookups,
+        "predictor_cost": cost,
+        "service": service,
+    }
+    md = [
+        "# Serving benchmarks",
+        "",
+        f"Run: `{run_dir}`; machine: {payload['machine']['host_cpu']}, "
+        f"{payload['machine']['cpu_count']} cores; {payload['machine']['date']}",
+        "",
+        "## Artifact size (embedding tables vs the same tables dense fp32)",
+        "",
+        "A search snapshot is exported thresholded (at most the budget stays: floor elements below their",
+        "threshold are zero); a retrain run keeps exactly its mask.",
+        "",
+        markdown_table(
+            sizes,
+            [
+                ("source", "source", ""),
+                ("budget", "budget", "g"),
+                ("dtype", "dtype", ""),
+                ("kept_params", "kept", ","),
+                ("kept_pct", "kept % of params", ".2f"),
+                ("total_bytes", "tables B", ","),
+                ("dense_fp32_bytes", "dense fp32 B", ","),
+                ("ratio_pct", "% of dense", ".2f"),
+                ("artifact_bytes", "all files B", ","),
+            ],
+        ),
+        "",
+        "## Pooled lookup, 1 thread, 5% kept (uniform), bags of 8 ids",
+        "",
+        "Interleaved repeats; `hot` = one id batch repeated, `fresh` = a new batch each repeat. "
+        "Speed-up = dense / fused (min over repeats, and median); `torch ms` = the fused kernel's "
+        f"pure-PyTorch reference path. Fused kernel loaded: {lookups[0]['fused_kernel']}.",
+        "",
+        markdown_table(
+            lookups,
+            [
+                ("dim", "D", ""),
+                ("ids_mode", "ids", ""),
+                ("ids", "ids/batch", ","),
+                ("dense_ms_min", "dense ms (min)", ".3f"),
+                ("fused_ms_min", "fused ms (min)", ".3f"),
+                ("speedup_min", "speed-up (min)", ".2f"),
+                ("dense_ms", "dense ms (med)", ".3f"),
+                ("fused_ms", "fused ms (med)", ".3f"),
+                ("speedup", "speed-up (med)", ".2f"),
+                ("torch_ms", "torch ms (med)", ".3f"),
+                ("dense_mb", "dense MB", ".1f"),
+                ("compact_mb", "compact MB", ".1f"),
+            ],
+        ),
+        "",
+        "## Predictor in-process, 1 thread (median µs per call)",
+        "",
+        markdown_table(
+            [{"layout": k, **v} for k, v in cost.items()],
+            [
+                ("layout", "layout", ""),
+                ("features_us_b1", "features, 1 inst", ".0f"),
+                ("predict_us_b1", "predict, 1 inst", ".0f"),
+                ("features_us_b64", "features, 64 inst", ".0f"),
+                ("predict_us_b64", "predict, 64 inst", ".0f"),
+            ],
+        ),
+        "",
+        "## Service over loopback (4 closed-loop clients)",
+        "",
+        markdown_table(
+            service,
+            [
+                ("layout", "layout", ""),
+                ("batch", "instances/request", ""),
+                ("round", "round", ""),
+                ("requests", "requests", ","),
+                ("errors", "errors", ""),
+                ("qps", "QPS", ".0f"),
+                ("p50_ms", "p50 ms", ".2f"),
+                ("p99_ms", "p99 ms", ".2f"),
+            ],
+        ),
+        "",
+    ]
     json_path, md_path = write_results("serving", payload, "\n".join(md))
     print("\n".join(md))
     print(f"wrote {json_path} and {md_path}")

@@ -9,8 +9,9 @@ from types import ModuleType
 
 def _mount(sub: argparse._SubParsersAction, name: str, module: ModuleType, help: str) -> None:
     """Each stage module exposes `add_arguments(parser)` and `run(args) -> int`."""
-    parser = sub.add_parser(name, help=help, description=module.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        name, help=help, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     module.add_arguments(parser)
     parser.set_defaults(handler=module.run)
 
@@ -21,11 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     from pep_torchrec.export import converter
     from pep_torchrec.serving import app as serving_app
 
-    parser = argparse.ArgumentParser(prog="pep-torchrec", description="Learnable embedding sizes for TorchRec models.")
+    parser = argparse.ArgumentParser(
+        prog="pep-torchrec", description="Learnable embedding sizes for TorchRec models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     data = sub.add_parser("data", help="dataset preparation")
-    _mount(data.add_subparsers(dest="data_command", required=True), "prepare", prepare,
-           "raw files → Parquet splits + schema.json")
+    _mount(
+        data.add_subparsers(dest="data_command", required=True),
+        "prepare",
+        prepare,
+        "raw files → Parquet splits + schema.json",
+    )
     _mount(sub, "train", train, "train a model (baseline, search or retrain stage)")
     _mount(sub, "prune", prune, "magnitude-prune a trained run into masks (the baseline PEP must beat)")
     _mount(sub, "report", report, "plots and a Markdown summary of a run")

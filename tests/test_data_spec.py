@@ -97,7 +97,12 @@ def test_libsvm_fields_by_position_and_map_label(tmp_path):
     assert table["label"].to_pylist() == [1, 0, 1, 0]
     users, items = vocab(out, "user"), vocab(out, "item")
     assert table["user"].to_pylist() == [users["3"], users["4"], users["3"], users["3"]]
-    assert table["item"].to_pylist() == [items["10"], items["10"], items["11"], items[""]]  # missing field: ""
+    assert table["item"].to_pylist() == [
+        items["10"],
+        items["10"],
+        items["11"],
+        items[""],
+    ]  # missing field: ""
 
 
 def test_libffm_field_index_value_and_bags(tmp_path):
@@ -225,7 +230,9 @@ def test_train_statistics_come_from_train_rows_only(tmp_path):
 
 def test_derived_hour_weekday_regex_and_cross(tmp_path):
     t1 = int(datetime(2024, 3, 4, 23, 30, tzinfo=ZoneInfo("UTC")).timestamp())  # Monday 23:30 UTC
-    raw = write(tmp_path / "d.csv", f"1,{t1},Heat (1995),24030423\n0,{t1 + 3600},Up,24030500\n1,soon,X (2001),x\n")
+    raw = write(
+        tmp_path / "d.csv", f"1,{t1},Heat (1995),24030423\n0,{t1 + 3600},Up,24030500\n1,soon,X (2001),x\n"
+    )
     spec = {"format": {"columns": ["y", "ts", "title", "local"]}, "label": {"column": "y", "positive": [1]},
             "fields": [{"name": "hour", "type": "hour", "column": "ts", "timezone": "Asia/Tokyo"},
                        {"name": "wd", "type": "weekday", "column": "ts", "timezone": "UTC"},
@@ -237,7 +244,10 @@ def test_derived_hour_weekday_regex_and_cross(tmp_path):
     report, out = prepare(tmp_path, spec, [raw])
     assert report["rows_rejected"] == {"bad_timestamp": 1}
     table = rows(out)
-    inv = {name: {i: v for v, i in vocab(out, name).items()} for name in ("hour", "wd", "year", "lwd", "hour_x_year")}
+    inv = {
+        name: {i: v for v, i in vocab(out, name).items()}
+        for name in ("hour", "wd", "year", "lwd", "hour_x_year")
+    }
     assert [inv["hour"][i] for i in table["hour"].to_pylist()] == ["08", "09"]  # Tokyo = UTC+9
     assert [inv["wd"][i] for i in table["wd"].to_pylist()] == ["0", "1"]  # Monday, then Tuesday 00:30
     assert [inv["year"][i] for i in table["year"].to_pylist()] == ["1995", "none"]
@@ -274,7 +284,9 @@ def test_given_split_files(tmp_path):
         write(tmp_path / name, "".join(f"{i % 2},{name[:2]}{i}\n" for i in range(n)))
     spec = {"format": {"columns": ["y", "k"]}, "label": {"column": "y", "positive": [1]}, "fields": [{"name": "k"}],
             "split": {"method": "files", "train": ["train*"], "valid": ["valid*"], "test": ["test*"]}}  # fmt: skip
-    report, _ = prepare(tmp_path, spec, [tmp_path / "train.csv", tmp_path / "valid.csv", tmp_path / "test.csv"])
+    report, _ = prepare(
+        tmp_path, spec, [tmp_path / "train.csv", tmp_path / "valid.csv", tmp_path / "test.csv"]
+    )
     assert report["rows_per_split"] == {"train": 6, "valid": 2, "test": 3}
     with pytest.raises(PrepareError, match="matches none of split.train/valid/test"):
         prepare(tmp_path, spec, [tmp_path / "train.csv", write(tmp_path / "extra.csv", "1,a\n")], out="o2")
@@ -285,7 +297,10 @@ def test_given_split_files(tmp_path):
 
 
 def test_bad_rows_per_reason_first_file_line_and_strict(tmp_path):
-    raw = write(tmp_path / "b.csv", '1,a,"q"\n1,b\n0,"open,3\nx,c,1\n1,d,2.5\n\n0,e,7\n1,f,2\xff\n'.replace("\xff", ""))
+    raw = write(
+        tmp_path / "b.csv",
+        '1,a,"q"\n1,b\n0,"open,3\nx,c,1\n1,d,2.5\n\n0,e,7\n1,f,2\xff\n'.replace("\xff", ""),
+    )
     raw.write_bytes(raw.read_bytes() + b"1,g,\xff\xfe\n")
     spec = {"format": {"columns": ["y", "k", "n"], "quote": '"'}, "label": {"column": "y", "positive": [1]},
             "fields": [{"name": "k"}, {"name": "n", "type": "numeric", "integer": True, "dense": "none"}],
@@ -318,7 +333,9 @@ def test_unknown_spec_key_names_file_and_key(tmp_path, capsys):
     raw = write(tmp_path / "r.csv", "1,a\n")
     with pytest.raises(PrepareError, match=rf"^{spec}: unknown key fields\[0\].min_cont "):
         prepare_from_spec(spec, [raw], tmp_path / "out")
-    code = cli.main(["data", "prepare", "--spec", str(spec), "--raw", str(raw), "--out", str(tmp_path / "out")])
+    code = cli.main(
+        ["data", "prepare", "--spec", str(spec), "--raw", str(raw), "--out", str(tmp_path / "out")]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key fields[0].min_cont" in err[0] and str(spec) in err[0]
@@ -331,12 +348,19 @@ def test_unknown_spec_key_names_file_and_key(tmp_path, capsys):
         ({"label": {"column": "y"}}, r"label: give exactly one of threshold, positive, map"),
         ({"label": {"column": "y", "threshold": "about 3"}}, r"label.threshold: 'about 3' is not like"),
         ({"fields": [{"name": "k", "type": "hour"}]}, r"fields\[0\] \(k\).timezone: required"),
-        ({"fields": [{"name": "k", "type": "cross", "fields": ["k", "z"]}]}, r"fields\[0\] \(k\).fields: 'k' is not an earlier"),
+        (
+            {"fields": [{"name": "k", "type": "cross", "fields": ["k", "z"]}]},
+            r"fields\[0\] \(k\).fields: 'k' is not an earlier",
+        ),
         ({"split": {"method": "shuffle"}}, r"split.method: 'shuffle' is not one of"),
     ],
 )
 def test_bad_spec_values_name_the_key(tmp_path, change, message):
-    base = {"format": {"columns": ["y", "k"]}, "label": {"column": "y", "positive": [1]}, "fields": [{"name": "k"}]}
+    base = {
+        "format": {"columns": ["y", "k"]},
+        "label": {"column": "y", "positive": [1]},
+        "fields": [{"name": "k"}],
+    }
     spec = write_spec(tmp_path, {**base, **change})
     with pytest.raises(PrepareError, match=rf"^{spec}: {message}"):
         prepare_from_spec(spec, [write(tmp_path / "r.csv", "1,a\n")], tmp_path / "out")
@@ -361,7 +385,12 @@ ML100K = SHARED_DATA / "ml-100k"
 @pytest.mark.skipif(not CRITEO.is_file(), reason=f"real Criteo sample not found at {CRITEO}")
 def test_criteo_spec_equals_builtin_reader(tmp_path):
     prepare_dataset("criteo", CRITEO, tmp_path / "builtin")
-    assert cli.main(["data", "prepare", "--spec", "criteo", "--raw", str(CRITEO), "--out", str(tmp_path / "spec")]) == 0
+    assert (
+        cli.main(
+            ["data", "prepare", "--spec", "criteo", "--raw", str(CRITEO), "--out", str(tmp_path / "spec")]
+        )
+        == 0
+    )
     assert_same_prepared(tmp_path / "spec", tmp_path / "builtin")
 
 
@@ -391,7 +420,9 @@ def test_spec_to_served_predictions_with_the_tabular_configs(tmp_path):
     n = 6000
     users, items = rng.integers(0, 50, n), rng.integers(0, 40, n)
     label = ((users + items) % 3 == 0).astype(int)
-    lines = [f"{u},{i},g{i % 4}|g{i % 7},{rng.random() * 100:.2f},{y}\n" for u, i, y in zip(users, items, label)]
+    lines = [
+        f"{u},{i},g{i % 4}|g{i % 7},{rng.random() * 100:.2f},{y}\n" for u, i, y in zip(users, items, label)
+    ]
     raw = write(tmp_path / "log.csv", "user,item,tags,price,clicked\n" + "".join(lines))
     spec = {"name": "toy", "format": {"header": True}, "label": {"column": "clicked", "positive": [1]},
             "fields": [{"name": "user"}, {"name": "item"}, {"name": "tags", "separator": "|"},
@@ -408,13 +439,18 @@ def test_spec_to_served_predictions_with_the_tabular_configs(tmp_path):
     base = train("tabular_deepfm.yaml", "base")
     assert base["dataset"] == "toy" and base["steps"] >= 4 and base["model"] == "deepfm"
     train("tabular_fm_search.yaml", "search", "--set", "train.eval_every=5", "--set", "pep.gk_growth=3.0")
-    retrain = train("tabular_fm_retrain.yaml", "retrain", "--mask", str(runs / "search" / "masks" / "budget_0.1"))
+    retrain = train(
+        "tabular_fm_retrain.yaml", "retrain", "--mask", str(runs / "search" / "masks" / "budget_0.1")
+    )
     assert retrain["embedding_params_kept"] <= 0.1 * retrain["embedding_params_total"] + 1
     assert retrain["valid_auc"] > 0.7  # the label is a function of (user, item): learnable from 10 %
     assert cli.main(["export", "--run-dir", str(runs / "retrain"), "--out", str(tmp_path / "artifact")]) == 0
     predictor = Predictor.from_path(tmp_path / "artifact")
     # The test split as a client would send it: raw values back from the vocabulary, price as prepared.
-    test, names = pq.read_table(data / "test"), {k: list(v.values.to_pylist()) for k, v in load_vocab(data).items()}
+    test, names = (
+        pq.read_table(data / "test"),
+        {k: list(v.values.to_pylist()) for k, v in load_vocab(data).items()},
+    )
     instances = [{"user": names["user"][r["user"] - 1], "item": names["item"][r["item"] - 1],
                   "tags": [names["tags"][t - 1] for t in r["tags"]], "price": r["price"]}
                  for r in test.to_pylist()]  # fmt: skip
@@ -434,8 +470,10 @@ def test_export_refuses_hashed_and_quantile_spec_fields(tmp_path):
         input_spec(Schema.load(out))
 
 
-AVAZU_HEADER = ("id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
-                "device_id,device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21")
+AVAZU_HEADER = (
+    "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
+    "device_id,device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21"
+)
 
 
 def test_avazu_spec_equals_builtin_reader(tmp_path):
@@ -486,7 +524,9 @@ def test_output_is_independent_of_block_size_and_counts_break_and_order_key(tmp_
         assert pq.read_table(out_big / split).equals(pq.read_table(out_small / split)), split
     assert big["rows_rejected"] == small["rows_rejected"]
     assert big["rows_rejected"]["bad_order_key"] == 2 and big["rows_rejected"]["broken_gzip"] == 1
-    assert big["rejected_examples"]["bad_order_key"].endswith("a.csv:1202: split column ts = 'soon' is not a number")
+    assert big["rejected_examples"]["bad_order_key"].endswith(
+        "a.csv:1202: split column ts = 'soon' is not a number"
+    )
     assert 3000 < big["rows_read"] < 6000
 
 
@@ -499,7 +539,9 @@ def test_libsvm_with_a_feature_index_map(tmp_path):
             "fields": [{"name": "user"}, {"name": "item"}, {"name": "tag", "separator": " "}], "split": ALL_TRAIN}  # fmt: skip
     report, out = prepare(tmp_path, spec, [raw])
     assert report["rows_rejected"] == {"bad_pair": 1}
-    assert report["rejected_examples"]["bad_pair"].endswith("d.libfm:3: item '9:1' is not idx:val with idx in fields.txt")
+    assert report["rejected_examples"]["bad_pair"].endswith(
+        "d.libfm:3: item '9:1' is not idx:val with idx in fields.txt"
+    )
     table, users, items, tags = rows(out), vocab(out, "user"), vocab(out, "item"), vocab(out, "tag")
     assert table["user"].to_pylist() == [users["0"], users["1"]]
     assert table["item"].to_pylist() == [items["2"], items["3"]]

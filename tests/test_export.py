@@ -30,18 +30,39 @@ from pep_torchrec.modules.pep_embedding_modules import GRANULARITIES
 from pep_torchrec.ops import margins
 from pep_torchrec.pruning import select_mask, write_arrays
 
-SHARED_ML100K = Path(os.environ.get("PEP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "ml-100k"
+SHARED_ML100K = (
+    Path(os.environ.get("PEP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    / "ml-100k"
+)
 
 
-def make_run(root: Path, data: Path, *, stage: str, granularity: str = "feature_dim", model: str = "deepfm",
-             dim: int = 8, keep: float = 0.3, seed: int = 0, step: int = 10) -> Path:
+def make_run(
+    root: Path,
+    data: Path,
+    *,
+    stage: str,
+    granularity: str = "feature_dim",
+    model: str = "deepfm",
+    dim: int = 8,
+    keep: float = 0.3,
+    seed: int = 0,
+    step: int = 10,
+) -> Path:
     """A finished-looking run directory with random weights, thresholds and a mask."""
     from pep_torchrec.trainer import build_train_model
 
     torch.manual_seed(seed)
     options = {"mlp_dims": [16], "dropout": 0.0} if model == "deepfm" else {}
-    cfg = load_config(overrides=[f"data.path={data}", f"model.name={model}", f"model.embedding_dim={dim}",
-                                 f"train.stage={stage}", f"pep.granularity={granularity}", "pep.gk=0.05"])
+    cfg = load_config(
+        overrides=[
+            f"data.path={data}",
+            f"model.name={model}",
+            f"model.embedding_dim={dim}",
+            f"train.stage={stage}",
+            f"pep.granularity={granularity}",
+            "pep.gk=0.05",
+        ]
+    )
     cfg.model.options = options
     run = root / f"run_{stage}_{granularity}_{model}_{seed}"
     (run / "checkpoints").mkdir(parents=True)
@@ -49,8 +70,9 @@ def make_run(root: Path, data: Path, *, stage: str, granularity: str = "feature_
     from pep_torchrec.data.schema import Schema
 
     schema = Schema.load(data)
-    train_model = build_train_model(cfg, schema, embedding_device=torch.device("cpu"),
-                                    dense_device=torch.device("cpu"))
+    train_model = build_train_model(
+        cfg, schema, embedding_device=torch.device("cpu"), dense_device=torch.device("cpu")
+    )
     rng = np.random.default_rng(seed)
     shapes = {c.name: (c.num_embeddings, dim) for c in train_model.model.ebc.embedding_bag_configs()}
     masks = {t: rng.random(s) < keep for t, s in shapes.items()}
@@ -68,14 +90,28 @@ def make_run(root: Path, data: Path, *, stage: str, granularity: str = "feature_
                 param.copy_(torch.randn_like(param) - 3)
     ckpt = run / "checkpoints" / f"step_{step:08d}"
     dcp.save({"model": train_model.state_dict()}, checkpoint_id=str(ckpt), no_dist=True)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"trainer": {"step": step, "gk": 0.05, "best_step": step}}))
+    (ckpt / "trainer_state.json").write_text(
+        json.dumps({"trainer": {"step": step, "gk": 0.05, "best_step": step}})
+    )
     (run / "summary.json").write_text(json.dumps({"stage": stage, "best_step": step, "gk": 0.05}))
     if stage != "baseline":
         mask_dir = run / "masks" / "budget_0.3"
         pieces = {t: [(0, 0, torch.from_numpy(m))] for t, m in masks.items()}
-        write_arrays(mask_dir, shapes, np.bool_, pieces,
-                     {"kind": "mask", "budget": 0.3, "kept": int(sum(m.sum() for m in masks.values())),
-                      "step": step, "dim": dim, "tables": {t: {"rows": s[0]} for t, s in shapes.items()}}, rank=0)
+        write_arrays(
+            mask_dir,
+            shapes,
+            np.bool_,
+            pieces,
+            {
+                "kind": "mask",
+                "budget": 0.3,
+                "kept": int(sum(m.sum() for m in masks.values())),
+                "step": step,
+                "dim": dim,
+                "tables": {t: {"rows": s[0]} for t, s in shapes.items()},
+            },
+            rank=0,
+        )
         if stage == "retrain":
             cfg.pep.mask = str(mask_dir)
             (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -111,10 +147,15 @@ def reference_scores(converter: ArtifactConverter, artifact, split: str = "test"
     with torch.no_grad():
         if source.mask_dir is not None:
             for c in converter.train_tables():
-                stored = ebc._embedding_bag_collection.embedding_bags[c.name].weight if hasattr(ebc, "mode") \
+                stored = (
+                    ebc._embedding_bag_collection.embedding_bags[c.name].weight
+                    if hasattr(ebc, "mode")
                     else ebc.embedding_bags[c.name].weight
+                )
                 mask = np.load(source.mask_dir / f"{c.name}.npy")
-                stored[:, : c.embedding_dim] *= converter.export_mask(ebc, source, c.name, mask, 0, stored).float()
+                stored[:, : c.embedding_dim] *= converter.export_mask(
+                    ebc, source, c.name, mask, 0, stored
+                ).float()
     loader = ParquetBatchLoader(converter.cfg.data.path, split, batch_size=1024, prefetch=0)
     ref, got, labels, real = [], [], [], []
     with torch.no_grad():
@@ -155,18 +196,32 @@ def test_search_export_of_an_aligned_mask_keeps_each_rows_best_elements(tmp_path
     run = make_run(tmp_path, synthetic_data, stage="search", granularity="feature_dim")
     model, _ = ArtifactConverter(run, budget=0.3).load_model()
     ebc, dim = model.model.ebc, 8
-    scores = {name: [(0, 0, margins(bag.weight.detach(), dim=dim, mode=ebc.mode, gk=ebc.gk))]
-              for name, bag in ebc._embedding_bag_collection.embedding_bags.items()}
+    scores = {
+        name: [(0, 0, margins(bag.weight.detach(), dim=dim, mode=ebc.mode, gk=ebc.gk))]
+        for name, bag in ebc._embedding_bag_collection.embedding_bags.items()
+    }
     order = list(scores)
-    k = sum(s.numel() for (_, _, s), in scores.values()) // 5
+    k = sum(s.numel() for ((_, _, s),) in scores.values()) // 5
     shapes = {t: tuple(s.shape) for t, ((_, _, s),) in scores.items()}
     tables = {}
     for layout in ("elementwise", "aligned"):
         keep = select_mask(scores, k, order, dim=dim, min_row=1, layout=layout)
         mask_dir = tmp_path / layout
-        write_arrays(mask_dir, shapes, np.bool_, keep, {"kind": "mask", "layout": layout, "kept": k, "step": 10,
-                                                        "dim": dim, "tables": {t: {"rows": s[0]} for t, s in shapes.items()}},
-                     rank=0)
+        write_arrays(
+            mask_dir,
+            shapes,
+            np.bool_,
+            keep,
+            {
+                "kind": "mask",
+                "layout": layout,
+                "kept": k,
+                "step": 10,
+                "dim": dim,
+                "tables": {t: {"rows": s[0]} for t, s in shapes.items()},
+            },
+            rank=0,
+        )
         tables[layout], _, _ = ArtifactConverter(run, mask=mask_dir).pruned_tables()
     for name in order:
         assert torch.equal(tables["aligned"][name], tables["elementwise"][name]), name
@@ -214,8 +269,13 @@ def test_prefix_columns_store_aligned_rows_without_column_indices(dim):
     compact = compress_table(table, "fp32")
     tensors, encoding = encode_table("t", compact)
     assert encoding["cols"] == "prefix" and "t.cols" not in tensors
-    spec = {"num_embeddings": 500, "embedding_dim": dim, "kept_rows": compact.kept_rows,
-            "kept_params": compact.kept_params, "encoding": encoding}
+    spec = {
+        "num_embeddings": 500,
+        "embedding_dim": dim,
+        "kept_rows": compact.kept_rows,
+        "kept_params": compact.kept_params,
+        "encoding": encoding,
+    }
     decoded = decode_table("t", tensors, spec, "fp32", "test")
     assert torch.equal(decoded.to_dense(), table) and torch.equal(decoded.cols, compact.cols)
     # One row off the common order: back to per-element columns.
@@ -237,8 +297,13 @@ def test_compact_lookup_matches_dense(dtype, dim):
     table[5] = 0  # a pruned row
     compact = compress_table(table, dtype)
     tensors, encoding = encode_table("t", compact)
-    spec = {"num_embeddings": 57, "embedding_dim": dim, "kept_rows": compact.kept_rows,
-            "kept_params": compact.kept_params, "encoding": encoding}
+    spec = {
+        "num_embeddings": 57,
+        "embedding_dim": dim,
+        "kept_rows": compact.kept_rows,
+        "kept_params": compact.kept_params,
+        "encoding": encoding,
+    }
     decoded = decode_table("t", tensors, spec, dtype, "test")
     dense = decoded.to_dense()
     if dtype == "fp32":
@@ -258,12 +323,21 @@ def _corrupt_cases(art: Path):
         (art / name).write_bytes(bytes(data))
 
     yield "flipped byte", lambda: flip("embeddings.safetensors"), "sha256"
-    yield "truncated", lambda: (art / "dense.safetensors").write_bytes((art / "dense.safetensors").read_bytes()[:100]), "bytes"
+    yield (
+        "truncated",
+        lambda: (art / "dense.safetensors").write_bytes((art / "dense.safetensors").read_bytes()[:100]),
+        "bytes",
+    )
     yield "missing file", lambda: (art / "vocab.parquet").unlink(), "missing"
     yield "missing manifest", lambda: (art / "manifest.json").unlink(), "manifest.json"
     yield "broken manifest", lambda: (art / "manifest.json").write_text('{"format": '), "invalid JSON"
-    yield "future version", lambda: (art / "manifest.json").write_text(
-        (art / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 99')), "format_version"
+    yield (
+        "future version",
+        lambda: (art / "manifest.json").write_text(
+            (art / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 99')
+        ),
+        "format_version",
+    )
 
 
 @pytest.mark.parametrize("case", range(6))
@@ -295,7 +369,10 @@ def test_inconsistent_tensors_are_refused(tmp_path, synthetic_data):
     data = save_tensors(emb)
     (art / "embeddings.safetensors").write_bytes(data)
     manifest = json.loads((art / "manifest.json").read_text())
-    manifest["files"]["embeddings.safetensors"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"]["embeddings.safetensors"] = {
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     (art / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="values"):
         load_artifact(art)

@@ -23,9 +23,19 @@ def _table(dtype: str, dim: int, *, rows: int = 300, keep: float = 0.1, seed: in
     return compress_table(table, dtype)
 
 
-def _bag(dtype: str, dim: int, *, rows: int = 300, keep: float = 0.1, pooling: str = "sum", seed: int = 0,
-         layout: str = "auto"):
-    return CompactEmbeddingBag(_table(dtype, dim, rows=rows, keep=keep, seed=seed), pooling=pooling, layout=layout)
+def _bag(
+    dtype: str,
+    dim: int,
+    *,
+    rows: int = 300,
+    keep: float = 0.1,
+    pooling: str = "sum",
+    seed: int = 0,
+    layout: str = "auto",
+):
+    return CompactEmbeddingBag(
+        _table(dtype, dim, rows=rows, keep=keep, seed=seed), pooling=pooling, layout=layout
+    )
 
 
 def _batch(rows: int, seed: int):
@@ -104,9 +114,19 @@ def test_both_layouts_pool_the_same_table_alike(dtype):
 
 def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
     fresh = compact._NATIVE
-    monkeypatch.setattr(compact, "_NATIVE", type(fresh)(
-        fresh.source, fresh.flags, abi_symbol=fresh.abi_symbol, abi_version=fresh.abi_version,
-        configure=fresh.configure, what=fresh.what, fallback=fresh.fallback))
+    monkeypatch.setattr(
+        compact,
+        "_NATIVE",
+        type(fresh)(
+            fresh.source,
+            fresh.flags,
+            abi_symbol=fresh.abi_symbol,
+            abi_version=fresh.abi_version,
+            configure=fresh.configure,
+            what=fresh.what,
+            fallback=fresh.fallback,
+        ),
+    )
     monkeypatch.setattr("pep_torchrec.native.shutil.which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.delenv("PEP_TORCHREC_DISABLE_CPU_KERNEL", raising=False)
@@ -117,6 +137,7 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
     # Without the kernel the bag runs its pure-PyTorch path: compare it with an independent lookup
     # (F.embedding_bag over the decoded dense table), not with itself.
     dense = _table("int8", 8).to_dense().float()
-    want = torch.nn.functional.embedding_bag(ids, dense, offsets, mode="sum", per_sample_weights=weights,
-                                             include_last_offset=True)
+    want = torch.nn.functional.embedding_bag(
+        ids, dense, offsets, mode="sum", per_sample_weights=weights, include_last_offset=True
+    )
     torch.testing.assert_close(bag(ids, offsets, weights), want, rtol=1e-5, atol=1e-5)

@@ -27,8 +27,12 @@ from pep_torchrec.metrics import roc_auc
 from pep_torchrec.prune import load_full_tables
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
-           PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+ENV = dict(
+    os.environ,
+    OMP_NUM_THREADS="1",
+    PYTHONPATH=str(REPO),
+    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+)
 TORCHX = Path(sys.executable).parent / "torchx"
 
 
@@ -38,21 +42,39 @@ def _run(cmd: list[str], timeout: int = 400) -> None:
 
 
 def _train(config: str, run: Path, data: Path, *overrides: str) -> None:
-    _run([sys.executable, "-m", "pep_torchrec.train", "--config", str(REPO / "configs" / config),
-          "--run-dir", str(run), "--set", f"data.path={data}", "train.progress=false", *overrides])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pep_torchrec.train",
+            "--config",
+            str(REPO / "configs" / config),
+            "--run-dir",
+            str(run),
+            "--set",
+            f"data.path={data}",
+            "train.progress=false",
+            *overrides,
+        ]
+    )
 
 
 def _decoded_tables(art: Path) -> dict[str, torch.Tensor]:
     manifest = json.loads((art / "manifest.json").read_text())
     emb = load_tensors((art / "embeddings.safetensors").read_bytes(), "emb")
-    return {spec["name"]: decode_table(spec["name"], emb, spec, manifest["dtype"], str(art)).to_dense()
-            for spec in manifest["tables"]}
+    return {
+        spec["name"]: decode_table(spec["name"], emb, spec, manifest["dtype"], str(art)).to_dense()
+        for spec in manifest["tables"]
+    }
 
 
 def _tensor_digests(art: Path) -> dict[str, str]:
     """sha256 of every artifact file but the manifest (which names its source run)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(art.iterdir())
-            if p.name != "manifest.json"}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(art.iterdir())
+        if p.name != "manifest.json"
+    }
 
 
 @pytest.mark.slow
@@ -105,10 +127,32 @@ def _reshard_to_one_rank(run: Path, step: int, out: Path) -> None:
 @pytest.mark.skipif(not TORCHX.exists(), reason="torchx not installed in this environment")
 def test_two_rank_export_equals_checkpoint_and_not_world_size(tmp_path):
     run, data = tmp_path / "run2", tmp_path / "data"
-    _run([str(TORCHX), "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--env", "OMP_NUM_THREADS=1",
-          "--script", "pep_torchrec/train.py", "--", "--config", str(REPO / "configs" / "debug_cpu.yaml"),
-          "--run-dir", str(run), "--set", f"data.path={data}", "train.progress=false", "train.max_steps=20",
-          "train.checkpoint_every=20", "data.synthetic.rows=6000"])
+    _run(
+        [
+            str(TORCHX),
+            "run",
+            "-s",
+            "local_cwd",
+            "dist.ddp",
+            "-j",
+            "1x2",
+            "--env",
+            "OMP_NUM_THREADS=1",
+            "--script",
+            "pep_torchrec/train.py",
+            "--",
+            "--config",
+            str(REPO / "configs" / "debug_cpu.yaml"),
+            "--run-dir",
+            str(run),
+            "--set",
+            f"data.path={data}",
+            "train.progress=false",
+            "train.max_steps=20",
+            "train.checkpoint_every=20",
+            "data.synthetic.rows=6000",
+        ]
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
     converter = ArtifactConverter(run)
@@ -127,10 +171,13 @@ def test_two_rank_export_equals_checkpoint_and_not_world_size(tmp_path):
     assert _tensor_digests(tmp_path / "art1") == digests
     m1 = json.loads((tmp_path / "art1" / "manifest.json").read_text())
     ignored = ("source", "model_version")  # where it came from, and a version derived from that
-    assert {k: v for k, v in m1.items() if k not in ignored} == {k: v for k, v in manifest.items() if k not in ignored}
+    assert {k: v for k, v in m1.items() if k not in ignored} == {
+        k: v for k, v in manifest.items() if k not in ignored
+    }
     np.testing.assert_array_equal(
         load_artifact(tmp_path / "art1").logits(*_example(converter)).numpy(),
-        load_artifact(tmp_path / "art2").logits(*_example(converter)).numpy())
+        load_artifact(tmp_path / "art2").logits(*_example(converter)).numpy(),
+    )
 
 
 def _example(converter: ArtifactConverter):

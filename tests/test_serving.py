@@ -25,8 +25,15 @@ from pep_torchrec.serving.app import Settings, create_app
 from pep_torchrec.serving.local import free_port, wait_ready
 from pep_torchrec.serving.predictor import Predictor, RequestError
 
-EXAMPLE = {"user_id": 196, "item_id": 242, "age": 49, "gender": "M", "occupation": "writer", "zip": "55105",
-           "genres": ["Comedy"]}
+EXAMPLE = {
+    "user_id": 196,
+    "item_id": 242,
+    "age": 49,
+    "gender": "M",
+    "occupation": "writer",
+    "zip": "55105",
+    "genres": ["Comedy"],
+}
 
 
 TOKEN = "s3cret-admin-token"
@@ -53,9 +60,13 @@ def test_raw_values_map_like_the_pipeline(artifacts, ml100k_data):  # noqa: F811
     for i in range(64):
         inst = {}
         for name, jt in features.items():
-            ids = jt.values()[jt.offsets()[i]:jt.offsets()[i + 1]].tolist()
+            ids = jt.values()[jt.offsets()[i] : jt.offsets()[i + 1]].tolist()
             raw = [vocab[name].values[j - 1].as_py() for j in ids]
-            inst[name] = raw if name == "genres" else (int(raw[0]) if name in ("user_id", "item_id", "age") else raw[0])
+            inst[name] = (
+                raw
+                if name == "genres"
+                else (int(raw[0]) if name in ("user_id", "item_id", "age") else raw[0])
+            )
         instances.append(inst)
     scores = predictor.predict(instances)
     want = torch.sigmoid(predictor.artifact.logits(batch.dense_features, batch.sparse_features))
@@ -75,8 +86,17 @@ def test_avazu_raw_hour_is_derived_like_the_pipeline(tmp_path):
     from pep_torchrec.serving.predictor import RequestError
 
     raw = tmp_path / "train.csv"
-    raw.write_text("\n".join([AVAZU_HEADER, avazu_line(1, "1", "14102100"), avazu_line(2, "0", "14102623", site="s2"),
-                              avazu_line(3, "1", "14102712")]) + "\n")
+    raw.write_text(
+        "\n".join(
+            [
+                AVAZU_HEADER,
+                avazu_line(1, "1", "14102100"),
+                avazu_line(2, "0", "14102623", site="s2"),
+                avazu_line(3, "1", "14102712"),
+            ]
+        )
+        + "\n"
+    )
     data = tmp_path / "avazu"
     prepare_dataset("avazu", raw, data, min_count=1, split_fractions="1,0,0")
     run = make_run(tmp_path, data, stage="retrain", model="fm", dim=8)
@@ -84,12 +104,18 @@ def test_avazu_raw_hour_is_derived_like_the_pipeline(tmp_path):
     predictor = Predictor.from_path(tmp_path / "art")
     assert "hour" in predictor.fields and "hour_of_day" not in predictor.fields
     columns = AVAZU_HEADER.split(",")
-    instance = {k: v for k, v in zip(columns, avazu_line(2, "0", "14102623", site="s2").split(","))
-                if k not in ("id", "click")}
+    instance = {
+        k: v
+        for k, v in zip(columns, avazu_line(2, "0", "14102623", site="s2").split(","))
+        if k not in ("id", "click")
+    }
     instance["hour"] = int(instance["hour"])
     _, kjt = predictor.features([instance])
     vocab = load_vocab(data)
-    ids = {name: vocab[name].values.to_pylist().index(key) + 1 for name, key in (("hour_of_day", "23"), ("weekday", "6"))}
+    ids = {
+        name: vocab[name].values.to_pylist().index(key) + 1
+        for name, key in (("hour_of_day", "23"), ("weekday", "6"))
+    }
     assert kjt["hour_of_day"].values().tolist() == [ids["hour_of_day"]]  # 2014-10-26 was a Sunday
     assert kjt["weekday"].values().tolist() == [ids["weekday"]]
     assert 0 < predictor.predict([instance, predictor.example_instance()])[0] < 1
@@ -119,7 +145,11 @@ def test_endpoints(artifacts):
             r = client.post("/v1/predict", json=body)
             assert r.status_code == 422, (body, r.text)
             assert any(field in [str(p) for p in d["loc"]] for d in r.json()["detail"]), r.json()
-        r = client.post("/v1/predict", content=b"{" + b" " * (2 << 20) + b"}", headers={"content-type": "application/json"})
+        r = client.post(
+            "/v1/predict",
+            content=b"{" + b" " * (2 << 20) + b"}",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 413
         metrics = client.get("/metrics").text
         assert 'pep_requests_total{path="/v1/predict",method="POST",status="200"} 1' in metrics
@@ -136,7 +166,9 @@ def test_bad_artifact_refused_at_start_and_reload(artifacts, tmp_path):
         with TestClient(create_app(Settings(artifact=str(bad)))):
             pass
     root = os.path.commonpath([bad, artifacts[0]])
-    with TestClient(create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=root))) as client:
+    with TestClient(
+        create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=root))
+    ) as client:
         version = client.get("/readyz").json()["model_version"]
         r = client.post("/admin/reload", json={"artifact": str(bad)}, headers=ADMIN)
         assert r.status_code == 409 and "manifest" in r.json()["detail"][0]["msg"]
@@ -145,30 +177,54 @@ def test_bad_artifact_refused_at_start_and_reload(artifacts, tmp_path):
         assert r.status_code == 200 and r.json()["model_version"] == version
 
 
-_json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=12)
-_json = st.recursive(_json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                     max_leaves=8)
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=12)
+)
+_json = st.recursive(
+    _json_scalars,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=8,
+)
 _field_values = {
-    "user_id": st.integers(-5, 2000) | _json, "item_id": st.integers(-5, 2000) | _json, "age": st.integers(0, 100) | _json,
-    "gender": st.sampled_from(["M", "F", ""]) | _json, "occupation": st.text(max_size=10) | _json,
-    "zip": st.text(max_size=8) | _json, "genres": st.lists(st.sampled_from(["Comedy", "Drama", "x"]), max_size=5) | _json,
+    "user_id": st.integers(-5, 2000) | _json,
+    "item_id": st.integers(-5, 2000) | _json,
+    "age": st.integers(0, 100) | _json,
+    "gender": st.sampled_from(["M", "F", ""]) | _json,
+    "occupation": st.text(max_size=10) | _json,
+    "zip": st.text(max_size=8) | _json,
+    "genres": st.lists(st.sampled_from(["Comedy", "Drama", "x"]), max_size=5) | _json,
 }
-_instance = st.fixed_dictionaries({}, optional={k: v for k, v in _field_values.items()}) | \
-    st.fixed_dictionaries({k: v for k, v in _field_values.items()}) | _json
+_instance = (
+    st.fixed_dictionaries({}, optional={k: v for k, v in _field_values.items()})
+    | st.fixed_dictionaries({k: v for k, v in _field_values.items()})
+    | _json
+)
 _body = st.fixed_dictionaries({"instances": st.lists(_instance, max_size=5)}) | _json
 
 
 def test_fuzz_predict_never_5xx(artifacts):
     """≥ 1,000 generated bodies (valid, half-valid and garbage): every answer is 200, 413 or 422."""
     statuses: list[int] = []
-    with TestClient(create_app(Settings(artifact=str(artifacts[0]), max_instances=4)), raise_server_exceptions=False) as client:
+    with TestClient(
+        create_app(Settings(artifact=str(artifacts[0]), max_instances=4)), raise_server_exceptions=False
+    ) as client:
 
-        @settings(max_examples=1100, deadline=None, derandomize=True,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        @settings(
+            max_examples=1100,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
         @given(body=_body)
         def check(body):
             # json.dumps writes NaN/Infinity (as Python's parser, and so the server, accepts them).
-            r = client.post("/v1/predict", content=json.dumps(body), headers={"content-type": "application/json"})
+            r = client.post(
+                "/v1/predict", content=json.dumps(body), headers={"content-type": "application/json"}
+            )
             statuses.append(r.status_code)
             assert r.status_code in (200, 413, 422), (body, r.status_code, r.text[:300])
             if r.status_code == 200:
@@ -271,15 +327,24 @@ def test_admin_reload_is_locked_down(artifacts, synthetic_data, tmp_path_factory
     other = other_root / "synthetic_artifact"
     ArtifactConverter(make_run(other_root, synthetic_data, stage="retrain", model="fm", dim=8)).convert(other)
     root = os.path.commonpath([other, artifacts[0]])
-    with TestClient(create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=str(artifacts[0].parent)))) as client:
+    with TestClient(
+        create_app(
+            Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=str(artifacts[0].parent))
+        )
+    ) as client:
         assert client.post("/admin/reload").status_code == 401
         assert client.post("/admin/reload", headers={"authorization": "Bearer wrong"}).status_code == 401
         r = client.post("/admin/reload", json={"artifact": str(other)}, headers=ADMIN)
         assert r.status_code == 403 and str(other) not in r.text
-        assert client.post("/admin/reload", json={"artifact": str(artifacts[1])}, headers=ADMIN).status_code == 200
+        assert (
+            client.post("/admin/reload", json={"artifact": str(artifacts[1])}, headers=ADMIN).status_code
+            == 200
+        )
         metrics = client.get("/metrics").text
         assert 'status="401"' in metrics and 'status="403"' in metrics
-    with TestClient(create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=root))) as client:
+    with TestClient(
+        create_app(Settings(artifact=str(artifacts[0]), admin_token=TOKEN, artifact_root=root))
+    ) as client:
         version = client.get("/readyz").json()["model_version"]
         r = client.post("/admin/reload", json={"artifact": str(other)}, headers=ADMIN)
         detail = r.json()["detail"][0]

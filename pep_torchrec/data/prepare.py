@@ -655,8 +655,10 @@ def format_summary(report: dict[str, Any]) -> str:
     ]
     broken = report["rows_rejected"].get("broken_gzip", 0)
     if broken:  # rows_rejected_total cannot count what was never read: say it in words
-        lines.append(f"  DATA LOST: {broken} gzip stream(s) break before their end; the rows after each break "
-                     f"were not read (first: {report['rejected_examples']['broken_gzip']}); --strict refuses this")
+        lines.append(
+            f"  DATA LOST: {broken} gzip stream(s) break before their end; the rows after each break "
+            f"were not read (first: {report['rejected_examples']['broken_gzip']}); --strict refuses this"
+        )
     if report["rows_rejected"]:
         lines.append("  rejected: " + ", ".join(f"{k} {v:,}" for k, v in report["rows_rejected"].items()))
         for reason, example in report["rejected_examples"].items():
@@ -722,7 +724,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="train,valid,test fractions (default 0.8,0.1,0.1)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="split seed (and generator seed for synthetic; default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="split seed (and generator seed for synthetic; default 0)"
+    )
     parser.add_argument(
         "--strict", action="store_true", help="stop at the first malformed row (file:line: reason)"
     )
@@ -809,7 +813,9 @@ def run(args: argparse.Namespace) -> int:
             return USER_ERROR_EXIT
         return spec_prepare.run(args)
     if args.raw is not None and len(args.raw) > 1:
-        print(f"error: --dataset {args.dataset} takes one --raw path (several are for --spec)", file=sys.stderr)
+        print(
+            f"error: --dataset {args.dataset} takes one --raw path (several are for --spec)", file=sys.stderr
+        )
         return USER_ERROR_EXIT
     try:
         report = prepare_dataset(

@@ -399,7 +399,9 @@ class DelimitedFile:
         starts = np.concatenate([[0], ends[:-1] + 1])
         too_long = (ends - starts) > MAX_LINE_BYTES  # whole in this chunk, but over the line limit
         if too_long.any():
-            rejects.append(Reject("line_too_long", lines[too_long], f"line longer than {MAX_LINE_BYTES:,} bytes"))
+            rejects.append(
+                Reject("line_too_long", lines[too_long], f"line longer than {MAX_LINE_BYTES:,} bytes")
+            )
             ok &= ~too_long
         if not ok.all() and (~ok & ~too_long).any():
             i = int(np.flatnonzero(~ok & ~too_long)[0])

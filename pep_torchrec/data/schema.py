@@ -120,7 +120,9 @@ class Schema:
         try:
             version = obj.get("format_version", FORMAT_VERSION)
             if version != FORMAT_VERSION:
-                raise SchemaError(f"{where}: format_version {version} is not supported (want {FORMAT_VERSION})")
+                raise SchemaError(
+                    f"{where}: format_version {version} is not supported (want {FORMAT_VERSION})"
+                )
             sparse = [SparseFeature(**f) for f in obj["sparse_features"]]
             splits = {k: SplitInfo(**v) for k, v in obj["splits"].items()}
             rest = {k: v for k, v in obj.items() if k not in ("sparse_features", "splits")}
@@ -156,7 +158,9 @@ class Schema:
     def load(cls, directory: str | os.PathLike) -> Schema:
         path = Path(directory) / "schema.json"
         if not path.is_file():
-            raise SchemaError(f"{path}: not found (is {directory} a prepared dataset? run `pep-torchrec data prepare`)")
+            raise SchemaError(
+                f"{path}: not found (is {directory} a prepared dataset? run `pep-torchrec data prepare`)"
+            )
         try:
             obj = json.loads(path.read_text())
         except json.JSONDecodeError as e:

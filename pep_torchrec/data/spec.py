@@ -251,12 +251,19 @@ def check_format(fmt: FormatSpec, key: str) -> None:
     fmt.delimiter = unescape(fmt.delimiter)
     fmt.quote = unescape(fmt.quote)
     if fmt.type == "delimited":
-        if not fmt.delimiter or not fmt.delimiter.isascii() or "\n" in fmt.delimiter or "\x1f" in fmt.delimiter:
+        if (
+            not fmt.delimiter
+            or not fmt.delimiter.isascii()
+            or "\n" in fmt.delimiter
+            or "\x1f" in fmt.delimiter
+        ):
             raise ValueError(f"{key}.delimiter: {fmt.delimiter!r} is not one or more ASCII characters")
         if fmt.quote and len(fmt.delimiter) > 1:
             raise ValueError(f"{key}.quote: quoting needs a one-character delimiter, not {fmt.delimiter!r}")
         if fmt.quote and (len(fmt.quote) != 1 or fmt.quote == fmt.delimiter or len(fmt.quote.encode()) != 1):
-            raise ValueError(f"{key}.quote: {fmt.quote!r} is not one ASCII character other than the delimiter")
+            raise ValueError(
+                f"{key}.quote: {fmt.quote!r} is not one ASCII character other than the delimiter"
+            )
         if not fmt.header and not fmt.columns:
             raise ValueError(f"{key}.columns: required when {key}.header is false")
         if len(set(fmt.columns)) != len(fmt.columns):
@@ -371,7 +378,9 @@ def check_spec(spec: DatasetSpec) -> None:
                     raise ValueError(f"{key}.timezone: required with unix times (an IANA name, e.g. UTC)")
                 _check_zone(f.timezone, key)
             elif "%" not in f.time_format:
-                raise ValueError(f"{key}.time_format: {f.time_format!r} is neither unix, unix_ms nor a strptime format")
+                raise ValueError(
+                    f"{key}.time_format: {f.time_format!r} is neither unix, unix_ms nor a strptime format"
+                )
             elif f.timezone not in ("", "local"):
                 raise ValueError(f"{key}.timezone: a strptime time is local already; give 'local' or nothing")
         if f.type == "regex":
@@ -408,7 +417,9 @@ def check_spec(spec: DatasetSpec) -> None:
     if split.method not in SPLIT_METHODS:
         raise ValueError(f"split.method: {split.method!r} is not one of {list(SPLIT_METHODS)}")
     if len(split.fractions) != 3 or min(split.fractions) < 0 or abs(sum(split.fractions) - 1) > 1e-6:
-        raise ValueError(f"split.fractions: {split.fractions} are not three non-negative numbers summing to 1")
+        raise ValueError(
+            f"split.fractions: {split.fractions} are not three non-negative numbers summing to 1"
+        )
     if split.method == "files":
         if not split.train:
             raise ValueError("split.train: required with method files (glob patterns of file names)")

@@ -83,7 +83,9 @@ class SpecReader:
         block_size: decompressed bytes per block.
     """
 
-    def __init__(self, spec: DatasetSpec, raws: Sequence[str | os.PathLike], block_size: int = DEFAULT_BLOCK_SIZE):
+    def __init__(
+        self, spec: DatasetSpec, raws: Sequence[str | os.PathLike], block_size: int = DEFAULT_BLOCK_SIZE
+    ):
         self.spec = spec
         self.raws = [str(r) for r in raws]
         self.block_size = block_size
@@ -93,12 +95,17 @@ class SpecReader:
         if spec.format.field_map:
             path = side_table_path(self.raws, spec.format.field_map, "format.field_map")
             self.field_map = FieldMap.load(path, spec.format.fields)
-        self.split_codes = [split_of_file(p, spec) for p in self.files] if spec.split.method == "files" else None
+        self.split_codes = (
+            [split_of_file(p, spec) for p in self.files] if spec.split.method == "files" else None
+        )
         self.sources: list[SourceFile] = []
         self.rows_read = 0
 
     def blocks(self, *, hash_files: bool = False) -> Iterator[SpecBlock]:
-        sides = [SideTable.load(j, p, self.block_size, hash_files) for j, p in zip(self.spec.joins, self.side_paths)]
+        sides = [
+            SideTable.load(j, p, self.block_size, hash_files)
+            for j, p in zip(self.spec.joins, self.side_paths)
+        ]
         rows = SpecRows(self.spec, sides)
         sources = []
         for side in sides:
@@ -134,11 +141,14 @@ class SpecReader:
         joined = {s.spec.prefix + c for s in rows.side_tables for c in s.columns}
         clash = sorted(joined & set(columns))
         if clash:
-            raise PrepareError(f"{path}: joined columns {clash} are also input columns; set the join's prefix")
+            raise PrepareError(
+                f"{path}: joined columns {clash} are also input columns; set the join's prefix"
+            )
         missing = sorted(rows.required_columns() - set(columns) - joined)
         if missing:
-            raise PrepareError(f"{path}: columns {missing} that the spec reads are neither in the input "
-                               f"{columns} nor joined")
+            raise PrepareError(
+                f"{path}: columns {missing} that the spec reads are neither in the input {columns} nor joined"
+            )
 
     def check_unchanged(self) -> None:
         for s in self.sources:
@@ -180,7 +190,9 @@ class _TrainStats:
             values, missing = block.numbers[f.name]
             sel = train & ~missing
             # Priority = a hash of the record: the sample does not depend on block sizes or order.
-            prio = hash_uniform(mix_key(self.seed, f"quantile:{f.name}"), block.records[sel].astype(np.uint64))
+            prio = hash_uniform(
+                mix_key(self.seed, f"quantile:{f.name}"), block.records[sel].astype(np.uint64)
+            )
             old_p, old_v = self.samples[f.name]
             p, v = np.concatenate([old_p, prio]), np.concatenate([old_v, values[sel]])
             if len(p) > QUANTILE_SAMPLE:
@@ -268,7 +280,9 @@ def prepare_from_spec(
         spec.min_count = min_count
     if split is not None:
         if split not in ("random", "temporal"):
-            raise PrepareError(f"--split {split!r}: random or temporal (given-files splits are set in the spec)")
+            raise PrepareError(
+                f"--split {split!r}: random or temporal (given-files splits are set in the spec)"
+            )
         spec.split.method = split
     if split_fractions is not None:
         spec.split.fractions = list(parse_fractions(split_fractions))
@@ -282,9 +296,15 @@ def prepare_from_spec(
     if not raws:
         raise PrepareError("--raw is required with --spec")
     reader = SpecReader(spec, raws, block_size)
-    writer_options = {"row_group_size": row_group_size, "rows_per_file": rows_per_file, "compression": compression}
+    writer_options = {
+        "row_group_size": row_group_size,
+        "rows_per_file": rows_per_file,
+        "compression": compression,
+    }
     with atomic_output_dir(out, overwrite) as tmp:
-        report = _prepare(spec, reader, tmp, fractions=fractions, strict=strict, writer_options=writer_options)
+        report = _prepare(
+            spec, reader, tmp, fractions=fractions, strict=strict, writer_options=writer_options
+        )
         report = {
             "dataset": spec.name,
             "spec": str(spec_file.resolve()),

@@ -88,7 +88,9 @@ def resolve_inputs(raws: list[str | os.PathLike], patterns: list[str]) -> list[P
             found = [path]
         elif path.is_dir():
             candidates = {p for pat in (patterns or ["*"]) for p in path.glob(pat)}
-            found = sorted((p for p in candidates if p.is_file() and not p.name.startswith(".")), key=natural_key)
+            found = sorted(
+                (p for p in candidates if p.is_file() and not p.name.startswith(".")), key=natural_key
+            )
             if not found:
                 raise PrepareError(f"{path}: no input file matching {patterns or ['*']}")
         elif _has_magic(text):
@@ -166,7 +168,9 @@ class SpecTextFile(DelimitedFile):
             if self.column_names is None:
                 self.column_names = fields
             elif fields != self.column_names:
-                raise PrepareError(f"{self.path}:1: header {fields} differs from the expected columns {self.column_names}")
+                raise PrepareError(
+                    f"{self.path}:1: header {fields} differs from the expected columns {self.column_names}"
+                )
             self.header_fields = fields
             return
         super()._set_header(line)
@@ -216,14 +220,18 @@ class SpecTextFile(DelimitedFile):
             ok &= ~bad
         bad_enc = self._bad_encoding(data, arr, ends) & ok
         if bad_enc.any():
-            rejects.append(Reject("bad_encoding", lines[bad_enc], "not valid UTF-8 text, or a stray carriage return"))
+            rejects.append(
+                Reject("bad_encoding", lines[bad_enc], "not valid UTF-8 text, or a stray carriage return")
+            )
             ok &= ~bad_enc
         if not ok.all():
             data = arr[np.repeat(ok, ends - starts + 1)].tobytes()
             lines = lines[ok]
         table = self._read_csv(data) if len(lines) else self._empty_table()
         if table.num_rows != len(lines):
-            raise AssertionError(f"{where}:{first_line}: parsed {table.num_rows} rows from {len(lines)} lines")
+            raise AssertionError(
+                f"{where}:{first_line}: parsed {table.num_rows} rows from {len(lines)} lines"
+            )
         return RawBlock(table, lines, rejects)
 
     def _read_csv(self, data: bytes) -> pa.Table:
@@ -296,8 +304,14 @@ def _libsvm_columns(raw: RawBlock, fmt: FormatSpec, field_map: FieldMap | None =
     checks = RowChecks(raw.lines)
     if field_map is not None:  # libsvm with an index → field map: the item's index names its field
         idx_text = pc.list_element(pc.if_else(pa.array(item_ok), parts, pa.scalar(["", ""], parts.type)), 0)
-        pos = pc.fill_null(pc.index_in(idx_text, value_set=field_map.indices), -1).to_numpy(zero_copy_only=False)
-        field_of = np.where(pos >= 0, field_map.fields[np.maximum(pos, 0)], -1) if len(pos) else np.empty(0, np.int64)
+        pos = pc.fill_null(pc.index_in(idx_text, value_set=field_map.indices), -1).to_numpy(
+            zero_copy_only=False
+        )
+        field_of = (
+            np.where(pos >= 0, field_map.fields[np.maximum(pos, 0)], -1)
+            if len(pos)
+            else np.empty(0, np.int64)
+        )
         item_ok &= field_of >= 0
     elif fmt.type == "libsvm":
         checks.check("wrong_field_count", counts <= len(names),
@@ -305,7 +319,9 @@ def _libsvm_columns(raw: RawBlock, fmt: FormatSpec, field_map: FieldMap | None =
         first = np.concatenate([[0], np.cumsum(counts)[:-1]])
         field_of = np.arange(len(parent)) - first[parent] if len(parent) else np.empty(0, np.int64)
     else:
-        field_text = pc.list_element(pc.if_else(pa.array(item_ok), parts, pa.scalar(["0", "", ""], parts.type)), 0)
+        field_text = pc.list_element(
+            pc.if_else(pa.array(item_ok), parts, pa.scalar(["0", "", ""], parts.type)), 0
+        )
         numeric = matches(field_text, r"^[0-9]{1,9}$")
         field_of = np.where(numeric, to_int64(field_text, numeric), -1)
         item_ok &= (field_of >= 0) & (field_of < len(names))
@@ -370,7 +386,11 @@ class InputFile:
             if fmt.type == "delimited":
                 self.columns = text.column_names
             elif raw.table.num_rows or "line" in raw.table.column_names:
-                raw = _libsvm_columns(raw, fmt, self.field_map) if raw.table.num_rows else RawBlock(self._empty(), raw.lines, raw.rejects)
+                raw = (
+                    _libsvm_columns(raw, fmt, self.field_map)
+                    if raw.table.num_rows
+                    else RawBlock(self._empty(), raw.lines, raw.rejects)
+                )
             yield raw
         self.data_lines = text.data_lines
 
@@ -391,18 +411,24 @@ class InputFile:
             for name in batch.schema.names:
                 col = batch.column(name)
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                    columns[name] = _clean_bags(pc.cast(col, pa.list_(pa.string())))  # a multi-valued field's bag
+                    columns[name] = _clean_bags(
+                        pc.cast(col, pa.list_(pa.string()))
+                    )  # a multi-valued field's bag
                 else:
                     try:
                         columns[name] = pc.fill_null(pc.cast(col, pa.string()), "")
                     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                        raise PrepareError(f"{self.path}: column {name!r} of type {col.type} cannot be read as text") from None
+                        raise PrepareError(
+                            f"{self.path}: column {name!r} of type {col.type} cannot be read as text"
+                        ) from None
             lines = np.arange(row, row + batch.num_rows, dtype=np.int64)
             row += batch.num_rows
             yield RawBlock(pa.table(columns) if columns else self._empty(), lines, [])
         self.data_lines = row - 1
         if self.data_lines == 0:
-            yield RawBlock(self._empty(), np.empty(0, np.int64), [Reject("empty_file", np.array([1]), "no data row")])
+            yield RawBlock(
+                self._empty(), np.empty(0, np.int64), [Reject("empty_file", np.array([1]), "no data row")]
+            )
 
 
 def _hash_file(path: Path, source: SourceFile) -> None:
@@ -411,7 +437,12 @@ def _hash_file(path: Path, source: SourceFile) -> None:
         st = os.fstat(f.fileno())
         for piece in iter(lambda: f.read(1 << 20), b""):
             h.update(piece)
-    source.bytes, source.mtime_ns, source.sha256, source.compressed = st.st_size, st.st_mtime_ns, h.hexdigest(), False
+    source.bytes, source.mtime_ns, source.sha256, source.compressed = (
+        st.st_size,
+        st.st_mtime_ns,
+        h.hexdigest(),
+        False,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -436,7 +467,11 @@ class SideTable:
         tables, rejects = [], []
         for raw in reader.blocks():
             for r in raw.rejects:  # its lines are not rows of the main input: counted apart
-                rejects.append(r if r.reason in FILE_REASONS else Reject("bad_side_row", r.lines, f"{r.reason}: {r.detail}"))
+                rejects.append(
+                    r
+                    if r.reason in FILE_REASONS
+                    else Reject("bad_side_row", r.lines, f"{r.reason}: {r.detail}")
+                )
             if raw.table.num_rows:
                 tables.append((raw.table, raw.lines))
         names = reader.columns or []
@@ -558,7 +593,9 @@ class _LabelRule:
         """([N] int8 label, [N] bool ok, [N] bool dropped, row → what is wrong with its label)."""
         if self.numeric:
             number = matches(column, FLOAT_PATTERN)
-            values = pc.cast(pc.if_else(pa.array(number), column, "0"), pa.float64()).to_numpy(zero_copy_only=False)
+            values = pc.cast(pc.if_else(pa.array(number), column, "0"), pa.float64()).to_numpy(
+                zero_copy_only=False
+            )
         else:
             values = np.asarray(column.to_numpy(zero_copy_only=False), dtype=object)
             number = np.ones(len(values), dtype=bool)
@@ -683,7 +720,9 @@ class SpecRows:
                     joined = pa.nulls(n, values.type)
                 else:
                     joined = values.take(take)
-                cols[side.spec.prefix + c] = joined if pa.types.is_list(joined.type) else pc.fill_null(joined, "")
+                cols[side.spec.prefix + c] = (
+                    joined if pa.types.is_list(joined.type) else pc.fill_null(joined, "")
+                )
         numbers: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         times: dict[str, pa.Array] = {}
         for f in spec.fields:
@@ -754,7 +793,9 @@ class SpecRows:
                 if f.type == "hour":
                     keys[f.name] = pc.utf8_lpad(pc.cast(pc.hour(stamps), pa.string()), 2, "0")
                 else:
-                    keys[f.name] = pc.cast(pc.day_of_week(stamps, count_from_zero=True, week_start=1), pa.string())
+                    keys[f.name] = pc.cast(
+                        pc.day_of_week(stamps, count_from_zero=True, week_start=1), pa.string()
+                    )
             elif f.type == "regex":
                 keys[f.name] = _regex_values(cols[f.column], self.patterns[f.name], f.default)
             elif f.type == "cross":
@@ -772,5 +813,7 @@ def split_of_file(path: Path, spec: DatasetSpec) -> int:
             if any(fnmatch.fnmatch(path.name, p) for p in patterns)]  # fmt: skip
     if len(hits) != 1:
         what = "none" if not hits else "several"
-        raise PrepareError(f"{path}: matches {what} of split.train/valid/test; each input file must match one")
+        raise PrepareError(
+            f"{path}: matches {what} of split.train/valid/test; each input file must match one"
+        )
     return hits[0]

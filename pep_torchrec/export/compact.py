@@ -82,9 +82,15 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.pep_compact_pool_slots.restype = i64
 
 
-_NATIVE = NativeLibrary(_KERNEL_SOURCE, _KERNEL_FLAGS, abi_symbol="pep_compact_abi_version", abi_version=_KERNEL_ABI,
-                        configure=_configure, what="fused compact lookup kernel",
-                        fallback="the (slower) pure-PyTorch path")
+_NATIVE = NativeLibrary(
+    _KERNEL_SOURCE,
+    _KERNEL_FLAGS,
+    abi_symbol="pep_compact_abi_version",
+    abi_version=_KERNEL_ABI,
+    configure=_configure,
+    what="fused compact lookup kernel",
+    fallback="the (slower) pure-PyTorch path",
+)
 
 
 def load_kernel() -> ctypes.CDLL | None:
@@ -102,8 +108,9 @@ def slot_capacity(slot_bytes: int, value_bytes: int) -> tuple[int, int]:
     return best
 
 
-def _element_positions(lengths_Rk: Tensor, value_start_Rk: Tensor, col_start_Rk: Tensor, value_bytes: int,
-                       col_bytes: int) -> tuple[Tensor, Tensor]:
+def _element_positions(
+    lengths_Rk: Tensor, value_start_Rk: Tensor, col_start_Rk: Tensor, value_bytes: int, col_bytes: int
+) -> tuple[Tensor, Tensor]:
     """Byte positions of every element's value [K, value bytes] and column [K, col bytes], given each
     kept row's length and the byte positions of its first value and first column."""
     num_elems = int(lengths_Rk.sum())
@@ -116,7 +123,9 @@ def _element_positions(lengths_Rk: Tensor, value_start_Rk: Tensor, col_start_Rk:
 
 def _check_offsets(offsets_B1: Tensor, num_ids: int) -> None:
     if offsets_B1.dim() != 1 or offsets_B1.numel() < 1 or int(offsets_B1[-1]) != num_ids:
-        raise ValueError(f"offsets must be [B + 1] ending at N = {num_ids}, got shape {tuple(offsets_B1.shape)}")
+        raise ValueError(
+            f"offsets must be [B + 1] ending at N = {num_ids}, got shape {tuple(offsets_B1.shape)}"
+        )
 
 
 def _bag_lengths(offsets_B1: Tensor, num_ids: int) -> Tensor:
@@ -154,7 +163,9 @@ class CompactEmbeddingBag(nn.Module):
         self._col_bytes = 1 if table.embedding_dim <= 256 else 8  # uint8 columns: 1/8 of int64's traffic
         self.slot_bytes, self._slot_capacity, self._value_offset = self._pick_slot(table.lengths, layout)
         self.layout = "slots" if self.slot_bytes else "records"
-        exponents = table.exponents.long() + _EXPONENT_BIAS if self.quantized else torch.zeros_like(table.lengths)
+        exponents = (
+            table.exponents.long() + _EXPONENT_BIAS if self.quantized else torch.zeros_like(table.lengths)
+        )
         if self.layout == "slots":
             data, packed = self._build_slots(table, exponents), torch.zeros(0, dtype=torch.int64)
         else:
@@ -193,13 +204,18 @@ class CompactEmbeddingBag(nn.Module):
                 return width, capacity, value_offset
         return 0, 0, 0
 
-    def _write_elements(self, data: Tensor, table: CompactTable, lengths: Tensor, value_start: Tensor,
-                        col_start: Tensor) -> None:
+    def _write_elements(
+        self, data: Tensor, table: CompactTable, lengths: Tensor, value_start: Tensor, col_start: Tensor
+    ) -> None:
         if not table.values.numel():
             return
-        value_pos, col_pos = _element_positions(lengths, value_start, col_start, self._value_bytes, self._col_bytes)
+        value_pos, col_pos = _element_positions(
+            lengths, value_start, col_start, self._value_bytes, self._col_bytes
+        )
         data[value_pos] = table.values.contiguous().view(torch.uint8).view(-1, self._value_bytes)
-        data[col_pos] = table.cols.to(self._col_dtype).contiguous().view(torch.uint8).view(-1, self._col_bytes)
+        data[col_pos] = (
+            table.cols.to(self._col_dtype).contiguous().view(torch.uint8).view(-1, self._col_bytes)
+        )
 
     def _build_records(self, table: CompactTable, exponents_Rk: Tensor) -> tuple[Tensor, Tensor]:
         lengths = table.lengths
@@ -226,9 +242,14 @@ class CompactEmbeddingBag(nn.Module):
         self._write_elements(data, table, lengths, value_start, col_start)
         long_rows = torch.nonzero(~inline).squeeze(1)
         if long_rows.numel():
-            pointer = (record_start[long_rows] << _START_SHIFT) | (exponents_Rk[long_rows] << _LENGTH_BITS) \
+            pointer = (
+                (record_start[long_rows] << _START_SHIFT)
+                | (exponents_Rk[long_rows] << _LENGTH_BITS)
                 | lengths[long_rows]
-            data[(slot_start[long_rows] + 8).unsqueeze(1) + torch.arange(8)] = pointer.view(torch.uint8).view(-1, 8)
+            )
+            data[(slot_start[long_rows] + 8).unsqueeze(1) + torch.arange(8)] = pointer.view(torch.uint8).view(
+                -1, 8
+            )
         return data
 
     def _row_layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -238,7 +259,13 @@ class CompactEmbeddingBag(nn.Module):
             row_ids = torch.nonzero(self.packed_R & _LENGTH_MASK).squeeze(1)
             packed = self.packed_R.index_select(0, row_ids)
             lengths, start = packed & _LENGTH_MASK, packed >> _START_SHIFT
-            return row_ids, lengths, (packed >> _LENGTH_BITS) & 0xFF, start, start + lengths * self._value_bytes
+            return (
+                row_ids,
+                lengths,
+                (packed >> _LENGTH_BITS) & 0xFF,
+                start,
+                start + lengths * self._value_bytes,
+            )
         width = self.slot_bytes
         slots = self.data[: self.num_embeddings * width].view(self.num_embeddings, width)
         count = slots[:, 0].long()
@@ -258,8 +285,9 @@ class CompactEmbeddingBag(nn.Module):
         element-array view of the layout, unpacked once on first use."""
         if self._elements is None:
             row_ids, lengths, exponent, value_start, col_start = self._row_layout()
-            value_pos, col_pos = _element_positions(lengths, value_start, col_start, self._value_bytes,
-                                                    self._col_bytes)
+            value_pos, col_pos = _element_positions(
+                lengths, value_start, col_start, self._value_bytes, self._col_bytes
+            )
             values = self.data[value_pos].contiguous().view(self.value_dtype).view(-1)
             cols = self.data[col_pos].contiguous().view(self._col_dtype).view(-1).long()
             elem_start = torch.cumsum(lengths, 0) - lengths
@@ -270,14 +298,21 @@ class CompactEmbeddingBag(nn.Module):
 
     def extra_repr(self) -> str:
         slots = f", slot_bytes={self.slot_bytes}" if self.slot_bytes else ""
-        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
-                f"kept_rows={self.kept_rows}, kept_params={self.kept_params}, values={self.value_dtype}, "
-                f"layout={self.layout}{slots}")
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+            f"kept_rows={self.kept_rows}, kept_params={self.kept_params}, values={self.value_dtype}, "
+            f"layout={self.layout}{slots}"
+        )
 
     def forward(self, ids_N: Tensor, offsets_B1: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
         lib = load_kernel() if self.use_kernel else None
-        if lib is None or ids_N.device.type != "cpu" or ids_N.dim() != 1 or offsets_B1.dim() != 1 \
-                or offsets_B1.numel() < 1:
+        if (
+            lib is None
+            or ids_N.device.type != "cpu"
+            or ids_N.dim() != 1
+            or offsets_B1.dim() != 1
+            or offsets_B1.numel() < 1
+        ):
             return self.forward_reference(ids_N, offsets_B1, per_sample_weights)
         if ids_N.dtype != torch.int64 or not ids_N.is_contiguous():
             ids_N = ids_N.to(torch.int64).contiguous()
@@ -285,8 +320,10 @@ class CompactEmbeddingBag(nn.Module):
             offsets_B1 = offsets_B1.to(torch.int64).contiguous()
         if per_sample_weights is not None:
             if per_sample_weights.shape != ids_N.shape:
-                raise ValueError(f"per_sample_weights: shape {tuple(per_sample_weights.shape)}, "
-                                 f"expected {tuple(ids_N.shape)}")
+                raise ValueError(
+                    f"per_sample_weights: shape {tuple(per_sample_weights.shape)}, "
+                    f"expected {tuple(ids_N.shape)}"
+                )
             per_sample_weights = per_sample_weights.to(torch.float32).contiguous()
         num_bags = offsets_B1.numel() - 1
         out_BD = torch.empty(num_bags, self.embedding_dim)
@@ -306,14 +343,17 @@ class CompactEmbeddingBag(nn.Module):
                 torch.get_num_threads(),
             )  # fmt: skip
         if status == -2:
-            raise ValueError(f"offsets must be [B + 1] non-decreasing from 0 to N = {ids_N.numel()}, "
-                             f"got shape {tuple(offsets_B1.shape)}")
+            raise ValueError(
+                f"offsets must be [B + 1] non-decreasing from 0 to N = {ids_N.numel()}, "
+                f"got shape {tuple(offsets_B1.shape)}"
+            )
         if status >= 0:
             raise IndexError(f"ids outside [0, {self.num_embeddings})")
         return out_BD
 
-    def forward_reference(self, ids_N: Tensor, offsets_B1: Tensor,
-                          per_sample_weights: Tensor | None = None) -> Tensor:
+    def forward_reference(
+        self, ids_N: Tensor, offsets_B1: Tensor, per_sample_weights: Tensor | None = None
+    ) -> Tensor:
         """The pure-PyTorch path: the spec of the fused kernel, and its fallback."""
         packed_R, values_K, cols_K = self.elements()
         ids_N = ids_N.long()
@@ -366,13 +406,24 @@ class DenseEmbeddingBag(nn.Module):
     def forward(self, ids_N: Tensor, offsets_B1: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
         if self.pooling == "mean" and per_sample_weights is not None:
             lengths_B = _bag_lengths(offsets_B1, ids_N.numel())
-            pooled = nn.functional.embedding_bag(ids_N.long(), self.weight, offsets_B1.long(), mode="sum",
-                                                 per_sample_weights=per_sample_weights.float(),
-                                                 include_last_offset=True)
+            pooled = nn.functional.embedding_bag(
+                ids_N.long(),
+                self.weight,
+                offsets_B1.long(),
+                mode="sum",
+                per_sample_weights=per_sample_weights.float(),
+                include_last_offset=True,
+            )
             return pooled / lengths_B.clamp(min=1).unsqueeze(1)
         _check_offsets(offsets_B1, ids_N.numel())
-        return nn.functional.embedding_bag(ids_N.long(), self.weight, offsets_B1.long(), mode=self.pooling,
-                                           per_sample_weights=per_sample_weights, include_last_offset=True)
+        return nn.functional.embedding_bag(
+            ids_N.long(),
+            self.weight,
+            offsets_B1.long(),
+            mode=self.pooling,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=True,
+        )
 
 
 class CompactEmbeddingBagCollection(nn.Module):
@@ -410,8 +461,11 @@ class CompactEmbeddingBagCollection(nn.Module):
             for name in config.feature_names:
                 jt = feature_dict[name]
                 pooled.append(bag(jt.values(), jt.offsets(), jt.weights_or_none()))
-        return KeyedTensor(keys=self._feature_names, length_per_key=self._dims,
-                           values=torch.cat(pooled, dim=1) if pooled else torch.zeros(0, 0))
+        return KeyedTensor(
+            keys=self._feature_names,
+            length_per_key=self._dims,
+            values=torch.cat(pooled, dim=1) if pooled else torch.zeros(0, 0),
+        )
 
 
 class LinearWeights(nn.Module):
@@ -424,16 +478,26 @@ class LinearWeights(nn.Module):
         for c in tables:
             if tuple(weights[c.name].shape) != (c.num_embeddings,):
                 raise ValueError(f"linear weights of {c.name!r}: shape {tuple(weights[c.name].shape)}")
-        self.bags = nn.ModuleDict({
-            c.name: DenseEmbeddingBag(weights[c.name].float().unsqueeze(1),
-                                      pooling="mean" if c.pooling == PoolingType.MEAN else "sum")
-            for c in tables
-        })
+        self.bags = nn.ModuleDict(
+            {
+                c.name: DenseEmbeddingBag(
+                    weights[c.name].float().unsqueeze(1),
+                    pooling="mean" if c.pooling == PoolingType.MEAN else "sum",
+                )
+                for c in tables
+            }
+        )
         self._feature_names = [name for c in tables for name in c.feature_names]
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         feature_dict = features.to_dict()
-        pooled = [self.bags[c.name](feature_dict[n].values(), feature_dict[n].offsets(),
-                                    feature_dict[n].weights_or_none())
-                  for c in self._configs for n in c.feature_names]
-        return KeyedTensor(keys=self._feature_names, length_per_key=[1] * len(pooled), values=torch.cat(pooled, 1))
+        pooled = [
+            self.bags[c.name](
+                feature_dict[n].values(), feature_dict[n].offsets(), feature_dict[n].weights_or_none()
+            )
+            for c in self._configs
+            for n in c.feature_names
+        ]
+        return KeyedTensor(
+            keys=self._feature_names, length_per_key=[1] * len(pooled), values=torch.cat(pooled, 1)
+        )

@@ -89,19 +89,33 @@ def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
     facts = schema.extra.get("fields", {}) if "spec" in schema.extra else {}
     unservable = [name for name, f in facts.items() if f.get("ids") in ("hash", "quantile")]
     if unservable:
-        raise ArtifactError(f"fields {unservable} of the spec'd dataset {schema.dataset!r} are hashed or "
-                            "quantile-bucketized; serving cannot compute their ids yet (use a vocabulary field)")
+        raise ArtifactError(
+            f"fields {unservable} of the spec'd dataset {schema.dataset!r} are hashed or "
+            "quantile-bucketized; serving cannot compute their ids yet (use a vocabulary field)"
+        )
     sparse, dense, fields = [], [], []
     if schema.dataset == "criteo":
         source = schema.extra.get("dense_source", {})
         for f in schema.sparse_features:
             is_int = f.transform == "criteo_log_bucket"
             fields.append({"name": f.name, "type": "int" if is_int else "string", "nullable": True})
-            sparse.append({"name": f.name, "source": f.name, "transform": f.transform, "multi_hot": False,
-                           "vocab": True})
+            sparse.append(
+                {
+                    "name": f.name,
+                    "source": f.name,
+                    "transform": f.transform,
+                    "multi_hot": False,
+                    "vocab": True,
+                }
+            )
         for name in schema.dense_features:
-            dense.append({"name": name, "source": source.get(name, name.removesuffix("_log")),
-                          "transform": "log1p_relu"})
+            dense.append(
+                {
+                    "name": name,
+                    "source": source.get(name, name.removesuffix("_log")),
+                    "transform": "log1p_relu",
+                }
+            )
         return {"fields": fields, "sparse": sparse, "dense": dense}
     int_fields = {"movielens": {"user_id", "item_id", "age"}}.get(schema.dataset, set())
     for f in schema.sparse_features:
@@ -109,8 +123,15 @@ def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
             # Derived from the raw `hour` (YYMMDDHH) as the pipeline does; the client sends `hour`.
             if not any(field["name"] == "hour" for field in fields):
                 fields.append({"name": "hour", "type": "int", "nullable": False})
-            sparse.append({"name": f.name, "source": "hour", "transform": _AVAZU_FROM_HOUR[f.name],
-                           "multi_hot": False, "vocab": True})
+            sparse.append(
+                {
+                    "name": f.name,
+                    "source": "hour",
+                    "transform": _AVAZU_FROM_HOUR[f.name],
+                    "multi_hot": False,
+                    "vocab": True,
+                }
+            )
             continue
         if schema.dataset == "synthetic" or not has_vocab:
             ftype, vocab = "int", False
@@ -118,10 +139,18 @@ def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
             ftype, vocab = "string_list", True
         else:
             ftype, vocab = ("int" if f.name in int_fields else "string"), True
-        fields.append({"name": f.name, "type": "int_list" if (f.multi_hot and not vocab) else ftype,
-                       "nullable": False})
-        sparse.append({"name": f.name, "source": f.name, "transform": f.transform, "multi_hot": f.multi_hot,
-                       "vocab": vocab})
+        fields.append(
+            {"name": f.name, "type": "int_list" if (f.multi_hot and not vocab) else ftype, "nullable": False}
+        )
+        sparse.append(
+            {
+                "name": f.name,
+                "source": f.name,
+                "transform": f.transform,
+                "multi_hot": f.multi_hot,
+                "vocab": vocab,
+            }
+        )
     for name in schema.dense_features:
         fields.append({"name": name, "type": "number", "nullable": False})
         dense.append({"name": name, "source": name, "transform": "identity"})
@@ -187,8 +216,15 @@ class ArtifactConverter:
         data_path: the prepared dataset, when it moved since training (default: the run's).
     """
 
-    def __init__(self, run_dir: str | Path, *, budget: float | None = None, mask: str | Path | None = None,
-                 step: int | None = None, data_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        budget: float | None = None,
+        mask: str | Path | None = None,
+        step: int | None = None,
+        data_path: str | Path | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         if budget is not None and mask is not None:
             raise ConfigError("give --budget or --mask, not both")
@@ -209,12 +245,17 @@ class ArtifactConverter:
             return Path(self.mask)
         if self.budget is not None:
             if self.stage != "search":
-                raise ConfigError(f"--budget needs a search run ({self.run_dir} is a {self.stage} run); "
-                                  "use --mask for another run's mask")
+                raise ConfigError(
+                    f"--budget needs a search run ({self.run_dir} is a {self.stage} run); "
+                    "use --mask for another run's mask"
+                )
             path = self.run_dir / "masks" / budget_tag(self.budget)
             if not path.is_dir():
-                have = sorted(p.name for p in (self.run_dir / "masks").glob("budget_*")) if \
-                    (self.run_dir / "masks").is_dir() else []
+                have = (
+                    sorted(p.name for p in (self.run_dir / "masks").glob("budget_*"))
+                    if (self.run_dir / "masks").is_dir()
+                    else []
+                )
                 raise ConfigError(f"{path}: no mask for budget {self.budget:g} (have {have})")
             return path
         if self.stage == "retrain":
@@ -236,8 +277,9 @@ class ArtifactConverter:
             later = [s for s in steps if s >= int(mask_meta["step"])]
             chosen = later[0] if later else self._best_step(steps)
             if chosen != int(mask_meta["step"]):
-                logger.warning("checkpoint of the mask's step %s is gone; exporting step %d",
-                               mask_meta["step"], chosen)
+                logger.warning(
+                    "checkpoint of the mask's step %s is gone; exporting step %d", mask_meta["step"], chosen
+                )
         else:
             chosen = self._best_step(steps)
         if chosen not in steps:
@@ -280,16 +322,25 @@ class ArtifactConverter:
                 encoding = {"layout": "dense"}
             emb_tensors.update(tensors)
             dense_fp32 += config.num_embeddings * config.embedding_dim * 4
-            manifest_tables.append({
-                "name": name, "feature_names": list(config.feature_names),
-                "num_embeddings": config.num_embeddings, "embedding_dim": config.embedding_dim,
-                "pooling": "mean" if config.pooling.name == "MEAN" else "sum",
-                "kept_rows": compact.kept_rows, "kept_params": compact.kept_params,
-                "bytes": tensors_bytes(tensors, f"{name}."), "encoding": encoding,
-            })
+            manifest_tables.append(
+                {
+                    "name": name,
+                    "feature_names": list(config.feature_names),
+                    "num_embeddings": config.num_embeddings,
+                    "embedding_dim": config.embedding_dim,
+                    "pooling": "mean" if config.pooling.name == "MEAN" else "sum",
+                    "kept_rows": compact.kept_rows,
+                    "kept_params": compact.kept_params,
+                    "bytes": tensors_bytes(tensors, f"{name}."),
+                    "encoding": encoding,
+                }
+            )
 
         dense_tensors, linear_names = self._dense_tensors(model_state)
-        files: dict[str, Any] = {EMBEDDINGS_FILE: save_tensors(emb_tensors), DENSE_FILE: save_tensors(dense_tensors)}
+        files: dict[str, Any] = {
+            EMBEDDINGS_FILE: save_tensors(emb_tensors),
+            DENSE_FILE: save_tensors(dense_tensors),
+        }
         inputs = input_spec(self.schema, has_vocab=(Path(self.cfg.data.path) / DATASET_VOCAB_FILE).is_file())
         vocab_features = [s["name"] for s in inputs["sparse"] if s["vocab"]]
         if vocab_features:
@@ -298,26 +349,44 @@ class ArtifactConverter:
         kept = sum(t["kept_params"] for t in manifest_tables)
         params = sum(t["num_embeddings"] * t["embedding_dim"] for t in manifest_tables)
         manifest = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-            "dtype": dtype, "layout": layout,
-            "model": {"name": self.cfg.model.name, "options": dict(self.cfg.model.options),
-                      "embedding_dim": self.cfg.model.embedding_dim, "num_dense": len(self.schema.dense_features),
-                      "linear_tables": linear_names},
-            "dataset": {"name": self.schema.dataset, "path": str(Path(self.cfg.data.path).resolve()),
-                        "sparse_features": [f.name for f in self.schema.sparse_features],
-                        "dense_features": list(self.schema.dense_features),
-                        "cardinalities": self.schema.cardinalities, "min_count": self.schema.min_count,
-                        "vocab": VOCAB_FILE if vocab_features else None},
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype,
+            "layout": layout,
+            "model": {
+                "name": self.cfg.model.name,
+                "options": dict(self.cfg.model.options),
+                "embedding_dim": self.cfg.model.embedding_dim,
+                "num_dense": len(self.schema.dense_features),
+                "linear_tables": linear_names,
+            },
+            "dataset": {
+                "name": self.schema.dataset,
+                "path": str(Path(self.cfg.data.path).resolve()),
+                "sparse_features": [f.name for f in self.schema.sparse_features],
+                "dense_features": list(self.schema.dense_features),
+                "cardinalities": self.schema.cardinalities,
+                "min_count": self.schema.min_count,
+                "vocab": VOCAB_FILE if vocab_features else None,
+            },
             "inputs": inputs,
             "tables": manifest_tables,
-            "embedding_params": params, "kept_params": kept, "kept_share": kept / params if params else 0.0,
-            "total_bytes": total, "dense_fp32_bytes": dense_fp32,
-            "source": {"run_dir": str(source.run_dir.resolve()), "stage": source.stage,
-                       "checkpoint": str(source.checkpoint.resolve()), "step": source.step, "gk": source.gk,
-                       "granularity": self.cfg.pep.granularity if self.stage != "baseline" else None,
-                       "mask": str(source.mask_dir.resolve()) if source.mask_dir else None,
-                       "mask_budget": (source.mask_meta or {}).get("budget"),
-                       "mask_kept": (source.mask_meta or {}).get("kept")},
+            "embedding_params": params,
+            "kept_params": kept,
+            "kept_share": kept / params if params else 0.0,
+            "total_bytes": total,
+            "dense_fp32_bytes": dense_fp32,
+            "source": {
+                "run_dir": str(source.run_dir.resolve()),
+                "stage": source.stage,
+                "checkpoint": str(source.checkpoint.resolve()),
+                "step": source.step,
+                "gk": source.gk,
+                "granularity": self.cfg.pep.granularity if self.stage != "baseline" else None,
+                "mask": str(source.mask_dir.resolve()) if source.mask_dir else None,
+                "mask_budget": (source.mask_meta or {}).get("budget"),
+                "mask_kept": (source.mask_meta or {}).get("kept"),
+            },
         }
         write_artifact(out, manifest, files)
         return json.loads((Path(out) / "manifest.json").read_text())
@@ -327,8 +396,9 @@ class ArtifactConverter:
     def train_tables(self):
         from pep_torchrec.models import embedding_tables
 
-        return embedding_tables(self.schema.sparse_features, self.cfg.model.embedding_dim,
-                                init_std=self.cfg.model.init_std)
+        return embedding_tables(
+            self.schema.sparse_features, self.cfg.model.embedding_dim, init_std=self.cfg.model.init_std
+        )
 
     def load_model(self) -> tuple[torch.nn.Module, ExportSource]:
         """The unsharded TrainModel with the chosen checkpoint loaded (gk set), and what was read."""
@@ -369,30 +439,38 @@ class ArtifactConverter:
                 stored = ebc.embedding_bags[name].weight
             table = torch.empty(config.num_embeddings, dim)
             for start in range(0, config.num_embeddings, _CHUNK_ROWS):
-                rows = stored[start:start + _CHUNK_ROWS]
+                rows = stored[start : start + _CHUNK_ROWS]
                 if hasattr(ebc, "mode"):
                     chunk = threshold(rows, dim=dim, mode=ebc.mode, gk=ebc.gk, coarse_s=ebc.coarse_s(name))
                 else:
                     chunk = rows.float()
                 if mask is not None:
                     chunk = chunk * self.export_mask(ebc, source, name, mask, start, rows).to(chunk.dtype)
-                table[start:start + _CHUNK_ROWS] = chunk
+                table[start : start + _CHUNK_ROWS] = chunk
             out[name] = table
         return out, source, model.state_dict()
 
     @staticmethod
-    def export_mask(ebc: torch.nn.Module, source: ExportSource, name: str, mask: np.ndarray, start: int,
-                    rows: torch.Tensor) -> torch.Tensor:
+    def export_mask(
+        ebc: torch.nn.Module,
+        source: ExportSource,
+        name: str,
+        mask: np.ndarray,
+        start: int,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
         """bool [N, D]: which elements of stored rows [start, start + N) of `name` the artifact keeps.
         The mask's own, except for a search snapshot with an aligned mask (moved to shared columns
         for retraining): there each row keeps its same count at its largest margins."""
-        keep = torch.from_numpy(np.array(mask[start:start + rows.shape[0]]))
+        keep = torch.from_numpy(np.array(mask[start : start + rows.shape[0]]))
         if source.stage == "search" and (source.mask_meta or {}).get("layout") == "aligned":
             score = margins(rows, dim=keep.shape[1], mode=ebc.mode, gk=ebc.gk, coarse_s=ebc.coarse_s(name))
             keep = top_per_row(score, keep.sum(1))
         return keep
 
-    def _dense_tensors(self, model_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    def _dense_tensors(
+        self, model_state: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Every non-embedding tensor of the CTR model (keys relative to it), fp32; FM's first-order
         tables as `linear.<table>` [R] (column 0, the only one the model reads)."""
         out, linear = {}, []
@@ -407,7 +485,9 @@ class ArtifactConverter:
             if not key.startswith(_MODEL_PREFIX):
                 raise ConfigError(f"unexpected model state key {key!r}")
             value = value.detach().clone()
-            out["model." + key.removeprefix(_MODEL_PREFIX)] = value.float() if value.is_floating_point() else value
+            out["model." + key.removeprefix(_MODEL_PREFIX)] = (
+                value.float() if value.is_floating_point() else value
+            )
         return out, linear
 
     def _vocab_bytes(self, features: list[str]) -> bytes:
@@ -415,7 +495,9 @@ class ArtifactConverter:
         if not path.is_file():
             raise ConfigError(f"{path}: missing: the artifact needs the dataset's vocabulary")
         table = pq.read_table(path)
-        table = table.filter(pc.is_in(table["feature"], pa.array(features))).select(["feature", "value", "id"])
+        table = table.filter(pc.is_in(table["feature"], pa.array(features))).select(
+            ["feature", "value", "id"]
+        )
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         return sink.getvalue().to_pybytes()
@@ -431,9 +513,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--budget", type=float, help="search run: export the mask of this budget (e.g. 0.05)")
     which.add_argument("--mask", help="an explicit mask directory (default for a retrain run: its own)")
     parser.add_argument("--out", required=True, help="artifact directory (written atomically)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="embedding values (int8: per-row scales)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="compact",
-                        help="compact (CSR, default) or dense [R, D] tables (for comparisons)")
+    parser.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="embedding values (int8: per-row scales)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="compact",
+        help="compact (CSR, default) or dense [R, D] tables (for comparisons)",
+    )
     parser.add_argument("--step", type=int, help="export this checkpoint step (default: see the docs)")
     parser.add_argument("--data", help="the prepared dataset, if it moved since training")
 
@@ -442,14 +530,17 @@ def run(args: argparse.Namespace) -> int:
     from pep_torchrec.export.format import ArtifactError
 
     try:
-        converter = ArtifactConverter(args.run_dir, budget=args.budget, mask=args.mask, step=args.step,
-                                      data_path=args.data)
+        converter = ArtifactConverter(
+            args.run_dir, budget=args.budget, mask=args.mask, step=args.step, data_path=args.data
+        )
         manifest = converter.convert(args.out, dtype=args.dtype, layout=args.layout)
     except (ArtifactError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from e
     ratio = manifest["total_bytes"] / manifest["dense_fp32_bytes"]
-    print(f"{args.out}: {manifest['kept_params']:,}/{manifest['embedding_params']:,} embedding params kept, "
-          f"tables {manifest['total_bytes']:,} B = {100 * ratio:.2f}% of dense fp32 "
-          f"({manifest['dense_fp32_bytes']:,} B); artifact {manifest['artifact_bytes']:,} B; "
-          f"version {manifest['model_version']}")
+    print(
+        f"{args.out}: {manifest['kept_params']:,}/{manifest['embedding_params']:,} embedding params kept, "
+        f"tables {manifest['total_bytes']:,} B = {100 * ratio:.2f}% of dense fp32 "
+        f"({manifest['dense_fp32_bytes']:,} B); artifact {manifest['artifact_bytes']:,} B; "
+        f"version {manifest['model_version']}"
+    )
     return 0

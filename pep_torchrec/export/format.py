@@ -170,7 +170,9 @@ def _prefix_order(table: CompactTable) -> torch.Tensor | None:
     index), or None. A row of k distinct columns all ranked < k keeps exactly the first k."""
     if table.kept_params == 0:
         return None
-    order = torch.sort(torch.bincount(table.cols, minlength=table.embedding_dim), descending=True, stable=True).indices
+    order = torch.sort(
+        torch.bincount(table.cols, minlength=table.embedding_dim), descending=True, stable=True
+    ).indices
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())
     owner_length = torch.repeat_interleave(table.lengths, table.lengths)
@@ -181,8 +183,10 @@ def _prefix_cols(order: torch.Tensor, lengths: torch.Tensor, chunk_rows: int = 1
     """Columns (ascending per row) of rows keeping the first `lengths[r]` columns of `order`."""
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.numel())
-    parts = [torch.nonzero(rank.unsqueeze(0) < lengths[i:i + chunk_rows].unsqueeze(1))[:, 1]
-             for i in range(0, lengths.numel(), chunk_rows)]
+    parts = [
+        torch.nonzero(rank.unsqueeze(0) < lengths[i : i + chunk_rows].unsqueeze(1))[:, 1]
+        for i in range(0, lengths.numel(), chunk_rows)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
@@ -236,8 +240,9 @@ def _check(cond: bool, where: str, message: str) -> None:
         raise ArtifactError(f"{where}: {message}")
 
 
-def decode_table(name: str, tensors: dict[str, torch.Tensor], spec: dict[str, Any], dtype: str,
-                 where: str) -> CompactTable:
+def decode_table(
+    name: str, tensors: dict[str, torch.Tensor], spec: dict[str, Any], dtype: str, where: str
+) -> CompactTable:
     """Rebuild and validate the `CompactTable` of `name` from its stored tensors and manifest entry."""
     where = f"{where}: table {name!r}"
     num_rows, dim = int(spec["num_embeddings"]), int(spec["embedding_dim"])
@@ -245,66 +250,115 @@ def decode_table(name: str, tensors: dict[str, torch.Tensor], spec: dict[str, An
     encoding = spec["encoding"]
     rows = _need(tensors, f"{name}.rows", where)
     if encoding["rows"] == "bitmap":
-        _check(rows.dtype == torch.uint8 and tuple(rows.shape) == ((num_rows + 7) // 8,), where,
-               f"rows bitmap has dtype {rows.dtype} shape {tuple(rows.shape)}")
+        _check(
+            rows.dtype == torch.uint8 and tuple(rows.shape) == ((num_rows + 7) // 8,),
+            where,
+            f"rows bitmap has dtype {rows.dtype} shape {tuple(rows.shape)}",
+        )
         bits = np.unpackbits(rows.numpy(), bitorder="little")
         _check(not bits[num_rows:].any(), where, "rows bitmap has bits past num_embeddings")
         row_ids = torch.from_numpy(np.nonzero(bits[:num_rows])[0].astype(np.int64))
     elif encoding["rows"] == "ids":
         _check(rows.dtype == torch.int32 and rows.dim() == 1, where, f"row ids have dtype {rows.dtype}")
         row_ids = rows.long()
-        _check(bool((row_ids[1:] > row_ids[:-1]).all()) if row_ids.numel() > 1 else True, where,
-               "row ids are not strictly ascending")
-        _check(row_ids.numel() == 0 or (int(row_ids[0]) >= 0 and int(row_ids[-1]) < num_rows), where,
-               f"row ids outside [0, {num_rows})")
+        _check(
+            bool((row_ids[1:] > row_ids[:-1]).all()) if row_ids.numel() > 1 else True,
+            where,
+            "row ids are not strictly ascending",
+        )
+        _check(
+            row_ids.numel() == 0 or (int(row_ids[0]) >= 0 and int(row_ids[-1]) < num_rows),
+            where,
+            f"row ids outside [0, {num_rows})",
+        )
     else:
         raise ArtifactError(f"{where}: unknown rows encoding {encoding['rows']!r}")
-    _check(row_ids.numel() == kept_rows, where, f"{row_ids.numel()} kept rows stored, manifest says {kept_rows}")
+    _check(
+        row_ids.numel() == kept_rows, where, f"{row_ids.numel()} kept rows stored, manifest says {kept_rows}"
+    )
 
     if encoding["cols"] == "index":
         lengths = _need(tensors, f"{name}.lengths", where).long()
         cols = _need(tensors, f"{name}.cols", where).long()
-        _check(tuple(lengths.shape) == (kept_rows,), where, f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)")
-        _check(tuple(cols.shape) == (kept_params,), where, f"cols shape {tuple(cols.shape)} != ({kept_params},)")
-        _check(kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()), where, "row lengths outside [1, D]")
+        _check(
+            tuple(lengths.shape) == (kept_rows,),
+            where,
+            f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)",
+        )
+        _check(
+            tuple(cols.shape) == (kept_params,), where, f"cols shape {tuple(cols.shape)} != ({kept_params},)"
+        )
+        _check(
+            kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()),
+            where,
+            "row lengths outside [1, D]",
+        )
         _check(int(lengths.sum()) == kept_params, where, "row lengths do not sum to kept_params")
-        _check(kept_params == 0 or bool(((cols >= 0) & (cols < dim)).all()), where, f"column index outside [0, {dim})")
+        _check(
+            kept_params == 0 or bool(((cols >= 0) & (cols < dim)).all()),
+            where,
+            f"column index outside [0, {dim})",
+        )
         if kept_params > 1:
             # Within a row, columns must ascend: a step down is allowed only at a row start.
             starts = torch.zeros(kept_params, dtype=torch.bool)
             starts[torch.cumsum(lengths, 0)[:-1]] = True
-            _check(bool(((cols[1:] > cols[:-1]) | starts[1:]).all()), where, "columns not ascending within a row")
+            _check(
+                bool(((cols[1:] > cols[:-1]) | starts[1:]).all()), where, "columns not ascending within a row"
+            )
     elif encoding["cols"] == "prefix":
         lengths = _need(tensors, f"{name}.lengths", where).long()
         order = _need(tensors, f"{name}.colorder", where).long()
-        _check(tuple(lengths.shape) == (kept_rows,), where, f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)")
-        _check(tuple(order.shape) == (dim,) and torch.equal(torch.sort(order).values, torch.arange(dim)), where,
-               f"colorder is not a permutation of the {dim} columns")
-        _check(kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()), where, "row lengths outside [1, D]")
+        _check(
+            tuple(lengths.shape) == (kept_rows,),
+            where,
+            f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)",
+        )
+        _check(
+            tuple(order.shape) == (dim,) and torch.equal(torch.sort(order).values, torch.arange(dim)),
+            where,
+            f"colorder is not a permutation of the {dim} columns",
+        )
+        _check(
+            kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()),
+            where,
+            "row lengths outside [1, D]",
+        )
         _check(int(lengths.sum()) == kept_params, where, "row lengths do not sum to kept_params")
         cols = _prefix_cols(order, lengths)
     elif encoding["cols"] == "bitmap":
         colmask = _need(tensors, f"{name}.colmask", where)
-        _check(colmask.dtype == torch.uint8 and tuple(colmask.shape) == (kept_rows, (dim + 7) // 8), where,
-               f"colmask has dtype {colmask.dtype} shape {tuple(colmask.shape)}")
+        _check(
+            colmask.dtype == torch.uint8 and tuple(colmask.shape) == (kept_rows, (dim + 7) // 8),
+            where,
+            f"colmask has dtype {colmask.dtype} shape {tuple(colmask.shape)}",
+        )
         bits = np.unpackbits(colmask.numpy(), axis=1, bitorder="little")
         _check(not bits[:, dim:].any(), where, "colmask has bits past embedding_dim")
         bits = bits[:, :dim]
         lengths = torch.from_numpy(bits.sum(axis=1).astype(np.int64))
         cols = torch.from_numpy(np.nonzero(bits)[1].astype(np.int64))
         _check(kept_rows == 0 or bool((lengths >= 1).all()), where, "a kept row has no kept column")
-        _check(cols.numel() == kept_params, where, f"{cols.numel()} kept elements, manifest says {kept_params}")
+        _check(
+            cols.numel() == kept_params, where, f"{cols.numel()} kept elements, manifest says {kept_params}"
+        )
     else:
         raise ArtifactError(f"{where}: unknown cols encoding {encoding['cols']!r}")
 
     values = _need(tensors, f"{name}.values", where)
-    _check(values.dtype == _VALUE_DTYPES[dtype] and tuple(values.shape) == (kept_params,), where,
-           f"values have dtype {values.dtype} shape {tuple(values.shape)}, want {_VALUE_DTYPES[dtype]} ({kept_params},)")
+    _check(
+        values.dtype == _VALUE_DTYPES[dtype] and tuple(values.shape) == (kept_params,),
+        where,
+        f"values have dtype {values.dtype} shape {tuple(values.shape)}, want {_VALUE_DTYPES[dtype]} ({kept_params},)",
+    )
     exponents = None
     if dtype == "int8":
         exponents = _need(tensors, f"{name}.exponents", where)
-        _check(exponents.dtype == torch.int8 and tuple(exponents.shape) == (kept_rows,), where,
-               f"exponents have dtype {exponents.dtype} shape {tuple(exponents.shape)}")
+        _check(
+            exponents.dtype == torch.int8 and tuple(exponents.shape) == (kept_rows,),
+            where,
+            f"exponents have dtype {exponents.dtype} shape {tuple(exponents.shape)}",
+        )
     else:
         _check(bool(torch.isfinite(values).all()), where, "non-finite values")
     return CompactTable(num_rows, dim, row_ids, lengths, cols, values, exponents)
@@ -345,8 +399,9 @@ def write_artifact(out: str | os.PathLike, manifest: dict[str, Any], files: dict
             entries[name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
         manifest = dict(manifest)
         manifest["files"] = entries
-        manifest["model_version"] = hashlib.sha256(
-            json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
+        manifest["model_version"] = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[
+            :16
+        ]
         text = json.dumps(manifest, indent=2) + "\n"
         # The manifest counts itself: fix the point (its size changes by at most a digit or two).
         for _ in range(3):
@@ -376,8 +431,10 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{path}: not a {FORMAT_NAME} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format_version {manifest.get('format_version')!r} is not supported "
-                            f"(this build reads {FORMAT_VERSION})")
+        raise ArtifactError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(this build reads {FORMAT_VERSION})"
+        )
     for key in ("files", "tables", "model", "inputs", "dtype", "layout"):
         if key not in manifest:
             raise ArtifactError(f"{path}: key {key!r} missing")
@@ -394,11 +451,15 @@ def verify_files(directory: str | os.PathLike, manifest: dict[str, Any]) -> dict
             raise ArtifactError(f"{path}: missing (the artifact is incomplete)")
         data = path.read_bytes()
         if len(data) != entry["bytes"]:
-            raise ArtifactError(f"{path}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced)")
+            raise ArtifactError(
+                f"{path}: {len(data)} bytes, manifest says {entry['bytes']} (truncated or replaced)"
+            )
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry["sha256"]:
-            raise ArtifactError(f"{path}: sha256 {digest[:12]}… does not match the manifest's "
-                                f"{entry['sha256'][:12]}… (corrupted)")
+            raise ArtifactError(
+                f"{path}: sha256 {digest[:12]}… does not match the manifest's "
+                f"{entry['sha256'][:12]}… (corrupted)"
+            )
         contents[name] = data
     return contents
 

@@ -65,9 +65,13 @@ class LoadedArtifact:
 
 def _table_configs(manifest: dict[str, Any]) -> list[EmbeddingBagConfig]:
     return [
-        EmbeddingBagConfig(name=t["name"], embedding_dim=int(t["embedding_dim"]),
-                           num_embeddings=int(t["num_embeddings"]), feature_names=list(t["feature_names"]),
-                           pooling=PoolingType.MEAN if t["pooling"] == "mean" else PoolingType.SUM)
+        EmbeddingBagConfig(
+            name=t["name"],
+            embedding_dim=int(t["embedding_dim"]),
+            num_embeddings=int(t["num_embeddings"]),
+            feature_names=list(t["feature_names"]),
+            pooling=PoolingType.MEAN if t["pooling"] == "mean" else PoolingType.SUM,
+        )
         for t in manifest["tables"]
     ]
 
@@ -111,20 +115,25 @@ def load_artifact(path: str | Path) -> LoadedArtifact:
         # FM builds a full-size first-order EBC on `ebc.device`: meta, so nothing is allocated for it;
         # it is replaced by the artifact's [R] weights right after.
         ebc.device = torch.device("meta")
-        model = build_model(model_cfg["name"], ebc=ebc, num_dense=int(model_cfg["num_dense"]),
-                            **model_cfg["options"])
+        model = build_model(
+            model_cfg["name"], ebc=ebc, num_dense=int(model_cfg["num_dense"]), **model_cfg["options"]
+        )
         ebc.device = torch.device("cpu")
         linear_names = model_cfg.get("linear_tables") or []
         if getattr(model, "linear_ebc", None) is not None:
             missing = [c.name for c in configs if f"linear.{c.name}" not in dense_state]
             if missing or sorted(linear_names) != sorted(c.name for c in configs):
                 raise ArtifactError(f"{path / DENSE_FILE}: first-order weights missing for tables {missing}")
-            model.linear_ebc = LinearWeights(configs, {c.name: dense_state[f"linear.{c.name}"] for c in configs})
+            model.linear_ebc = LinearWeights(
+                configs, {c.name: dense_state[f"linear.{c.name}"] for c in configs}
+            )
         state = {k.removeprefix("model."): v for k, v in dense_state.items() if k.startswith("model.")}
         expected = {k for k in model.state_dict() if not k.startswith(("ebc.", "linear_ebc."))}
         if set(state) != expected:
-            raise ArtifactError(f"{path / DENSE_FILE}: parameters do not match model {model_cfg['name']!r}: "
-                                f"missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+            raise ArtifactError(
+                f"{path / DENSE_FILE}: parameters do not match model {model_cfg['name']!r}: "
+                f"missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
+            )
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
             raise ArtifactError(f"{path / DENSE_FILE}: unexpected parameters {result.unexpected_keys[:5]}")

@@ -142,7 +142,9 @@ class ModelHolder:
         self.metrics = metrics
         self.current: Predictor | None = None
         self.artifact_path = Path(settings.artifact)
-        self.artifact_root = Path(settings.artifact_root or Path(settings.artifact).resolve().parent).resolve()
+        self.artifact_root = Path(
+            settings.artifact_root or Path(settings.artifact).resolve().parent
+        ).resolve()
         self._load_lock = threading.Lock()
 
     def under_root(self, path: str) -> Path | None:
@@ -152,7 +154,10 @@ class ModelHolder:
 
     def redact(self, message: str) -> str:
         """An error for a client: the artifact root and the served path replaced by placeholders."""
-        for path, label in ((self.artifact_root, "<artifact root>"), (self.artifact_path.resolve(), "<artifact>")):
+        for path, label in (
+            (self.artifact_root, "<artifact root>"),
+            (self.artifact_path.resolve(), "<artifact>"),
+        ):
             message = message.replace(str(path), label)
         return message.replace(str(self.artifact_path), "<artifact>")
 
@@ -201,8 +206,10 @@ class PredictResponse(BaseModel):
 
 class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    artifact: str | None = Field(default=None, description="another artifact directory under the artifact root "
-                                                           "(default: the current one)")
+    artifact: str | None = Field(
+        default=None,
+        description="another artifact directory under the artifact root (default: the current one)",
+    )
     force: bool = Field(default=False, description="switch even if the input fields change")
 
 
@@ -272,8 +279,12 @@ def create_app(settings: Settings) -> FastAPI:
         except ArtifactError as e:
             logger.error("reload refused, still serving the previous model: %s", e)
 
-    app = FastAPI(title="pep-torchrec inference", version="1", lifespan=lifespan,
-                  description="CTR scores from a PEP-pruned model artifact (raw feature values in).")
+    app = FastAPI(
+        title="pep-torchrec inference",
+        version="1",
+        lifespan=lifespan,
+        description="CTR scores from a PEP-pruned model artifact (raw feature values in).",
+    )
     app.state.holder, app.state.metrics, app.state.settings = holder, metrics, settings
     # Added first, so it runs inside `record`: its 413s are counted like every other status.
     app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
@@ -298,12 +309,17 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
         # FastAPI's own shape, minus the echoed input (which may be large).
-        detail = [{"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
-                  for err in e.errors()]
+        detail = [
+            {"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", "")}
+            for err in e.errors()
+        ]
         return JSONResponse(status_code=422, content={"detail": detail})
 
-    @app.post("/v1/predict", response_model=PredictResponse,
-              responses={422: {"description": "bad request"}, 503: {"description": "no model loaded yet"}})
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses={422: {"description": "bad request"}, 503: {"description": "no model loaded yet"}},
+    )
     def predict(request: PredictRequest) -> PredictResponse | JSONResponse:
         predictor = holder.current  # this request's model, even if a reload swaps meanwhile
         if predictor is None:
@@ -326,30 +342,41 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
         predictor = holder.current
-        return PlainTextResponse(metrics.render(predictor.version if predictor else None),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(
+            metrics.render(predictor.version if predictor else None), media_type="text/plain; version=0.0.4"
+        )
 
     if settings.admin_token:
         token = settings.admin_token.encode()
 
         @app.post("/admin/reload")
-        def reload(request: ReloadRequest | None = None, authorization: str | None = Header(default=None)) -> JSONResponse:
+        def reload(
+            request: ReloadRequest | None = None, authorization: str | None = Header(default=None)
+        ) -> JSONResponse:
             given = (authorization or "").removeprefix("Bearer ").encode()
             if not hmac.compare_digest(given, token):
-                return _error(401, ["header", "authorization"], "admin token missing or wrong", "unauthorized")
+                return _error(
+                    401, ["header", "authorization"], "admin token missing or wrong", "unauthorized"
+                )
             request = request or ReloadRequest()
             target = None
             if request.artifact is not None:
                 target = holder.under_root(request.artifact)
                 if target is None:
-                    return _error(403, ["body", "artifact"], "not under the service's artifact root", "forbidden")
+                    return _error(
+                        403, ["body", "artifact"], "not under the service's artifact root", "forbidden"
+                    )
             try:
                 predictor = holder.load(target, force=request.force)
             except ArtifactError as e:
                 logger.error("reload refused, still serving the previous model: %s", e)
                 kind = "schema_change" if isinstance(e, SchemaChange) else "artifact_error"
-                return _error(409, ["body", "artifact"],
-                              f"reload refused, still serving the previous model: {holder.redact(str(e))}", kind)
+                return _error(
+                    409,
+                    ["body", "artifact"],
+                    f"reload refused, still serving the previous model: {holder.redact(str(e))}",
+                    kind,
+                )
             return JSONResponse(content={"status": "reloaded", "model_version": predictor.version})
 
     return app
@@ -360,15 +387,20 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--artifact", help="artifact directory (`pep-torchrec export --out`); env PEP_SERVE_ARTIFACT")
+    parser.add_argument(
+        "--artifact", help="artifact directory (`pep-torchrec export --out`); env PEP_SERVE_ARTIFACT"
+    )
     parser.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
     parser.add_argument("--port", type=int, help="TCP port (default 8080)")
     parser.add_argument("--max-instances", type=int, help="most instances per request (default 1024)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 1 MiB)")
     parser.add_argument("--num-threads", type=int, help="torch intra-op threads (default 1)")
-    parser.add_argument("--artifact-root", help="POST /admin/reload may load artifacts under this directory only "
-                                                "(default: the parent of --artifact); the route itself needs "
-                                                "PEP_SERVE_ADMIN_TOKEN")
+    parser.add_argument(
+        "--artifact-root",
+        help="POST /admin/reload may load artifacts under this directory only "
+        "(default: the parent of --artifact); the route itself needs "
+        "PEP_SERVE_ADMIN_TOKEN",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
@@ -378,9 +410,15 @@ def run(args: argparse.Namespace) -> int:
     from pep_torchrec.config import ConfigError
 
     try:
-        settings = Settings.from_env(artifact=args.artifact, host=args.host, port=args.port,
-                                     max_instances=args.max_instances, max_body_bytes=args.max_body_bytes,
-                                     num_threads=args.num_threads, artifact_root=args.artifact_root)
+        settings = Settings.from_env(
+            artifact=args.artifact,
+            host=args.host,
+            port=args.port,
+            max_instances=args.max_instances,
+            max_body_bytes=args.max_body_bytes,
+            num_threads=args.num_threads,
+            artifact_root=args.artifact_root,
+        )
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     app = create_app(settings)
@@ -389,6 +427,7 @@ def run(args: argparse.Namespace) -> int:
         app.state.holder.load()
     except ArtifactError as e:
         raise ConfigError(f"cannot serve: {e}") from e
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10
+    )
     return 0

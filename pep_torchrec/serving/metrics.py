@@ -16,8 +16,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 def _labels(labels: tuple[tuple[str, str], ...]) -> str:
     if not labels:
         return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in labels)
+    inner = ",".join(
+        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in labels
+    )
     return "{" + inner + "}"
 
 
@@ -63,20 +64,29 @@ class ServiceMetrics:
     def render(self, model_version: str | None) -> str:
         lines = []
         with self._lock:
-            lines += ["# HELP pep_requests_total HTTP requests by path, method and status.",
-                      "# TYPE pep_requests_total counter"]
+            lines += [
+                "# HELP pep_requests_total HTTP requests by path, method and status.",
+                "# TYPE pep_requests_total counter",
+            ]
             lines += [f"pep_requests_total{_labels(k)} {v}" for k, v in sorted(self._requests.items())]
-            lines += ["# HELP pep_request_latency_seconds Request latency.",
-                      "# TYPE pep_request_latency_seconds histogram"]
+            lines += [
+                "# HELP pep_request_latency_seconds Request latency.",
+                "# TYPE pep_request_latency_seconds histogram",
+            ]
             for key, h in sorted(self._latency.items()):
                 lines += self._histogram("pep_request_latency_seconds", key, h)
-            lines += ["# HELP pep_predict_batch_size Instances per predict request.",
-                      "# TYPE pep_predict_batch_size histogram"]
+            lines += [
+                "# HELP pep_predict_batch_size Instances per predict request.",
+                "# TYPE pep_predict_batch_size histogram",
+            ]
             lines += self._histogram("pep_predict_batch_size", (), self._batch)
             lines += ["# HELP pep_reloads_total Model reloads by result.", "# TYPE pep_reloads_total counter"]
             lines += [f"pep_reloads_total{_labels(k)} {v}" for k, v in sorted(self._reloads.items())]
-        lines += ["# HELP pep_model_info The model version being served.", "# TYPE pep_model_info gauge",
-                  f"pep_model_info{_labels((('version', model_version or ''),))} {1 if model_version else 0}"]
+        lines += [
+            "# HELP pep_model_info The model version being served.",
+            "# TYPE pep_model_info gauge",
+            f"pep_model_info{_labels((('version', model_version or ''),))} {1 if model_version else 0}",
+        ]
         return "\n".join(lines) + "\n"
 
     @staticmethod

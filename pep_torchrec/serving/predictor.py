@@ -98,8 +98,11 @@ class Predictor:
                 raise ValueError(f"{artifact.path}: field {f['name']!r} has unknown type {f['type']!r}")
         self.sparse = inputs["sparse"]
         self.dense = inputs["dense"]
-        self.cardinality = dict(zip(artifact.manifest["dataset"]["sparse_features"],
-                                    artifact.manifest["dataset"]["cardinalities"]))
+        self.cardinality = dict(
+            zip(
+                artifact.manifest["dataset"]["sparse_features"], artifact.manifest["dataset"]["cardinalities"]
+            )
+        )
         # Raw (transformed) value → id as a plain dict per feature: a request maps a handful of values,
         # for which a dict lookup (~0.1 µs) beats building a pyarrow array and searching it (~30 µs a
         # feature). Vocabularies above `_DICT_MAX_VALUES` (memory: ~100 B a value) keep the pyarrow path.
@@ -108,8 +111,9 @@ class Predictor:
             vocab = artifact.vocab.get(spec["name"]) if spec["vocab"] else None
             if vocab is not None and len(vocab.values) <= _DICT_MAX_VALUES:
                 table = vocab.to_table()
-                self._vocab_dicts[spec["name"]] = dict(zip(table.column("value").to_pylist(),
-                                                           table.column("id").to_pylist()))
+                self._vocab_dicts[spec["name"]] = dict(
+                    zip(table.column("value").to_pylist(), table.column("id").to_pylist())
+                )
             else:
                 self._vocab_dicts[spec["name"]] = None
 
@@ -130,15 +134,21 @@ class Predictor:
         if not instances:
             raise RequestError(["instances"], "at least one instance is needed", "too_short")
         if len(instances) > self.max_instances:
-            raise RequestError(["instances"], f"{len(instances)} instances, at most {self.max_instances} allowed",
-                               "too_long")
+            raise RequestError(
+                ["instances"], f"{len(instances)} instances, at most {self.max_instances} allowed", "too_long"
+            )
         for i, instance in enumerate(instances):
             if not isinstance(instance, Mapping):
-                raise RequestError(["instances", i], f"expected an object, got {type(instance).__name__}", "dict_type")
+                raise RequestError(
+                    ["instances", i], f"expected an object, got {type(instance).__name__}", "dict_type"
+                )
             for name in instance:
                 if name not in self.fields:
-                    raise RequestError(["instances", i, name], f"unknown feature {str(name)[:64]!r}; "
-                                       f"expected {sorted(self.fields)}", "extra_forbidden")
+                    raise RequestError(
+                        ["instances", i, name],
+                        f"unknown feature {str(name)[:64]!r}; expected {sorted(self.fields)}",
+                        "extra_forbidden",
+                    )
             for name, spec in self.fields.items():
                 if name not in instance:
                     raise RequestError(["instances", i, name], "field required", "missing")
@@ -150,7 +160,11 @@ class Predictor:
         for spec in self.sparse:
             name, raw_name = spec["name"], spec["source"]
             raws = [inst[raw_name] for inst in instances]
-            bags = [r if isinstance(r, list) else [r] for r in raws] if spec["multi_hot"] else [[r] for r in raws]
+            bags = (
+                [r if isinstance(r, list) else [r] for r in raws]
+                if spec["multi_hot"]
+                else [[r] for r in raws]
+            )
             flat = [item for bag in bags for item in bag]
             if spec["vocab"]:
                 # Raw → the pipeline's string key (missing = ""), then the transform, then the vocabulary.
@@ -160,14 +174,22 @@ class Predictor:
                     ids = np.fromiter((table.get(v, OOV_ID) for v in strings), np.int64, len(strings))
                 else:
                     vocab = self.artifact.vocab[name]
-                    ids = vocab.lookup(pa.array(strings, pa.large_string())) if strings else np.zeros(0, np.int64)
+                    ids = (
+                        vocab.lookup(pa.array(strings, pa.large_string()))
+                        if strings
+                        else np.zeros(0, np.int64)
+                    )
             else:  # the raw integer is the id (synthetic data); out of range → OOV
                 card = self.cardinality[name]
-                ids = np.array([v if v is not None and 0 <= v < card else OOV_ID for v in flat], dtype=np.int64)
+                ids = np.array(
+                    [v if v is not None and 0 <= v < card else OOV_ID for v in flat], dtype=np.int64
+                )
             keys.append(name)
             values.append(torch.from_numpy(np.asarray(ids, dtype=np.int64)))
             lengths.append(torch.tensor([len(b) for b in bags], dtype=torch.int32))
-        kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=keys, values=torch.cat(values), lengths=torch.cat(lengths)
+        )
         dense = np.zeros((len(instances), len(self.dense)), dtype=np.float32)
         for j, spec in enumerate(self.dense):
             for i, inst in enumerate(instances):
@@ -205,7 +227,9 @@ class Predictor:
         """A valid instance (OpenAPI example, warm-up): the first vocabulary value of each field."""
         out: dict[str, Any] = {}
         for name, spec in self.fields.items():
-            out[name] = {"int": 1, "string": "", "string_list": [], "int_list": [], "number": 0.0}[spec["type"]]
+            out[name] = {"int": 1, "string": "", "string_list": [], "int_list": [], "number": 0.0}[
+                spec["type"]
+            ]
         for spec in self.sparse:
             if spec["transform"].startswith("avazu_"):
                 out[spec["source"]] = _AVAZU_EXAMPLE_HOUR
