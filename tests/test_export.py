@@ -389,3 +389,55 @@ def test_export_replaces_only_artifacts(tmp_path, synthetic_data):
     second = ArtifactConverter(run).convert(tmp_path / "art", dtype="fp16")
     assert first["model_version"] != second["model_version"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art")]  # no temporary left
+
+
+@pytest.mark.parametrize("dtype,layout", [("fp32", "compact"), ("int8", "compact"), ("fp16", "dense")])
+def test_grouped_lookup_is_the_per_table_lookup(tmp_path, synthetic_data, dtype, layout):
+    """The serving model stacks its tables into one lookup (one call per request, not one per table):
+    every feature's pooled rows are bit for bit those of a module holding that table alone, the first-
+    order weights too, and an id outside its own table is refused, not read from the next one."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from pep_torchrec.export.compact import DenseEmbeddingBag, TableSlice
+    from pep_torchrec.export.format import load_tensors
+
+    run = make_run(tmp_path, synthetic_data, stage="retrain", model="fm")
+    manifest = ArtifactConverter(run).convert(tmp_path / "art", dtype=dtype, layout=layout)
+    model = load_artifact(tmp_path / "art").model
+    assert model.ebc._grouped is not None and model.linear_ebc._grouped is not None
+    emb = load_tensors((tmp_path / "art" / "embeddings.safetensors").read_bytes(), "emb")
+    batch = next(iter(ParquetBatchLoader(synthetic_data, "test", batch_size=64, prefetch=0)))
+    kjt = batch.sparse_features
+    assert kjt.keys() == model.feature_names  # so the grouped path is the one taken
+    pooled = model.ebc(kjt).to_dict()
+    linear = model.linear_ebc(kjt).to_dict()
+    features = kjt.to_dict()
+    for spec in manifest["tables"]:
+        bag = model.ebc.embedding_bags[spec["name"]]
+        assert isinstance(bag, TableSlice) and bag.num_embeddings == spec["num_embeddings"]
+        if layout == "compact":
+            alone = CompactEmbeddingBag(
+                decode_table(spec["name"], emb, spec, dtype, "test"), pooling=spec["pooling"]
+            )
+        else:
+            alone = DenseEmbeddingBag(emb[f"{spec['name']}.weight"], pooling=spec["pooling"])
+        for name in spec["feature_names"]:
+            jt = features[name]
+            assert torch.equal(pooled[name], alone(jt.values(), jt.offsets())), name
+            assert torch.equal(pooled[name], bag(jt.values(), jt.offsets())), name
+            weights = model.linear_ebc.bags[spec["name"]].group.weight
+            base = model.linear_ebc.bags[spec["name"]].row_base
+            own = DenseEmbeddingBag(
+                weights[base : base + spec["num_embeddings"]].clone(), pooling=spec["pooling"]
+            )
+            assert torch.equal(linear[name], own(jt.values(), jt.offsets())), name
+    first = manifest["tables"][0]
+    too_far = KeyedJaggedTensor.from_lengths_sync(
+        keys=kjt.keys(),
+        values=torch.full_like(kjt.values(), first["num_embeddings"]),  # one past the first table
+        lengths=kjt.lengths(),
+    )
+    with pytest.raises(IndexError, match=f"outside \\[0, {first['num_embeddings']}\\)"):
+        model.ebc(too_far)
+    with pytest.raises(IndexError):
+        model.linear_ebc(too_far)

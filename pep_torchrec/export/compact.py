@@ -40,7 +40,11 @@ kernel is built with -ffp-contract=off: no fused multiply-add). Throughput again
 
 `CompactEmbeddingBagCollection` puts one `CompactEmbeddingBag` (or `DenseEmbeddingBag`, the
 artifact's dense layout) per table behind TorchRec's EBC interface (KJT in, KeyedTensor out,
-`embedding_bag_configs()`), so the repo's models run on it unchanged.
+`embedding_bag_configs()`), so the repo's models run on it unchanged. Tables that share D, value
+dtype and pooling are stacked into one such module (`group_tables`, a `TableSlice` per table), and
+the collection pools all its features in one call with ids shifted to their table's rows: a request
+then pays one lookup call where it paid one per table, with the same bits (the demo's FM, 26 tables
+for its embeddings and 26 for its first-order weights: 740 -> 230 µs a forward at batch 1).
 """
 
 from __future__ import annotations
@@ -426,6 +430,102 @@ class DenseEmbeddingBag(nn.Module):
         )
 
 
+class TableSlice(nn.Module):
+    """One table of a grouped lookup: rows [row_base, row_base + R) of `group`, which owns the storage.
+
+    Tables that share D, value dtype and pooling are stacked row-wise into one lookup module (see
+    `group_tables`): a collection then pools every feature in one call instead of one call per table
+    (~10 µs each, the larger part of a small model's forward), and each table stays addressable here.
+
+    Shapes: forward(ids [N] in [0, R), offsets [B + 1], per_sample_weights [N] | None) → [B, D].
+    """
+
+    def __init__(self, group: nn.Module, row_base: int, num_embeddings: int, **info: int) -> None:
+        super().__init__()
+        self.group = group
+        self.row_base, self.num_embeddings, self.embedding_dim = row_base, num_embeddings, group.embedding_dim
+        for name, value in info.items():  # kept_rows / kept_params of a compact table
+            setattr(self, name, value)
+
+    def forward(self, ids_N: Tensor, offsets_B1: Tensor, per_sample_weights: Tensor | None = None) -> Tensor:
+        if ids_N.numel() and bool(((ids_N < 0) | (ids_N >= self.num_embeddings)).any()):
+            raise IndexError(f"ids outside [0, {self.num_embeddings})")
+        return self.group(ids_N + self.row_base, offsets_B1, per_sample_weights)
+
+
+def group_tables(
+    tables: dict[str, CompactTable | Tensor], poolings: dict[str, str]
+) -> dict[str, TableSlice] | None:
+    """`tables` (all compact, or all dense [R, D] weights) stacked row-wise into one lookup module, as a
+    `TableSlice` per table; None when they cannot share one (D, value dtype, int8 scales or pooling
+    differ). Pooled results are bit for bit the per-table modules': every bag reads the same rows in
+    the same order, only their ids are shifted."""
+    items = list(tables.items())
+    if not items or len({poolings[name] for name in tables}) != 1:
+        return None
+    pooling = poolings[items[0][0]]
+    bases, base = [], 0
+    for _, table in items:
+        bases.append(base)
+        base += table.num_embeddings if isinstance(table, CompactTable) else table.shape[0]
+    if all(isinstance(t, Tensor) for _, t in items):
+        if len({t.shape[1] for _, t in items}) != 1:
+            return None
+        group: nn.Module = DenseEmbeddingBag(torch.cat([t.float() for _, t in items]), pooling=pooling)
+        return {name: TableSlice(group, b, t.shape[0]) for (name, t), b in zip(items, bases)}
+    compact = [t for _, t in items if isinstance(t, CompactTable)]
+    if (
+        len(compact) != len(items)
+        or len({(t.embedding_dim, t.values.dtype, t.exponents is None) for t in compact}) != 1
+    ):
+        return None
+    first = compact[0]
+    stacked = CompactTable(
+        num_embeddings=base,
+        embedding_dim=first.embedding_dim,
+        row_ids=torch.cat([t.row_ids + b for t, b in zip(compact, bases)]),
+        lengths=torch.cat([t.lengths for t in compact]),
+        cols=torch.cat([t.cols for t in compact]),
+        values=torch.cat([t.values for t in compact]),
+        exponents=None if first.exponents is None else torch.cat([t.exponents for t in compact]),
+    )
+    group = CompactEmbeddingBag(stacked, pooling=pooling)
+    return {
+        name: TableSlice(group, b, t.num_embeddings, kept_rows=t.kept_rows, kept_params=t.kept_params)
+        for (name, t), b in zip(items, bases)
+    }
+
+
+class _Grouped:
+    """The one-call path of a collection whose features each read a `TableSlice` of one group."""
+
+    def __init__(self, feature_bags: list[nn.Module]) -> None:
+        self.group = feature_bags[0].group
+        self.row_base_F = torch.tensor([b.row_base for b in feature_bags], dtype=torch.int64)
+        self.rows_F = torch.tensor([b.num_embeddings for b in feature_bags], dtype=torch.int64)
+
+    @staticmethod
+    def of(feature_bags: list[nn.Module]) -> _Grouped | None:
+        if feature_bags and all(
+            isinstance(b, TableSlice) and b.group is feature_bags[0].group for b in feature_bags
+        ):
+            return _Grouped(feature_bags)
+        return None
+
+    def pool(self, features: KeyedJaggedTensor) -> Tensor:
+        """[F, B, D]: every feature's bags in one lookup (ids shifted to their table's rows)."""
+        ids_N = features.values()
+        counts_F = torch.tensor(features.length_per_key(), dtype=torch.int64)
+        num_ids = ids_N.numel()
+        rows_N = torch.repeat_interleave(self.rows_F, counts_F, output_size=num_ids)
+        if num_ids and bool(((ids_N < 0) | (ids_N >= rows_N)).any()):
+            bad = int(torch.nonzero((ids_N < 0) | (ids_N >= rows_N))[0, 0])
+            raise IndexError(f"ids outside [0, {int(rows_N[bad])})")
+        shift_N = torch.repeat_interleave(self.row_base_F, counts_F, output_size=num_ids)
+        pooled = self.group(ids_N + shift_N, features.offsets(), features.weights_or_none())
+        return pooled.view(self.row_base_F.numel(), features.stride(), -1)
+
+
 class CompactEmbeddingBagCollection(nn.Module):
     """A drop-in for TorchRec's EmbeddingBagCollection over pruned artifact tables (inference only).
 
@@ -446,6 +546,7 @@ class CompactEmbeddingBagCollection(nn.Module):
         self.embedding_bags = nn.ModuleDict({c.name: bags[c.name] for c in tables})
         self._feature_names = [name for c in tables for name in c.feature_names]
         self._dims = [c.embedding_dim for c in tables for _ in c.feature_names]
+        self._grouped = _Grouped.of([self.embedding_bags[c.name] for c in tables for _ in c.feature_names])
         # The models build their first-order EBC on `ebc.device`: meta until the artifact's linear
         # weights replace it, so no full-size throwaway table is allocated (see serving_model.py).
         self.device = torch.device("cpu")
@@ -454,6 +555,13 @@ class CompactEmbeddingBagCollection(nn.Module):
         return self._configs
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if self._grouped is not None and features.keys() == self._feature_names:
+            pooled_FBD = self._grouped.pool(features)
+            return KeyedTensor(
+                keys=self._feature_names,
+                length_per_key=self._dims,
+                values=pooled_FBD.transpose(0, 1).reshape(features.stride(), -1),
+            )
         feature_dict = features.to_dict()
         pooled = []
         for config in self._configs:
@@ -478,18 +586,23 @@ class LinearWeights(nn.Module):
         for c in tables:
             if tuple(weights[c.name].shape) != (c.num_embeddings,):
                 raise ValueError(f"linear weights of {c.name!r}: shape {tuple(weights[c.name].shape)}")
+        poolings = {c.name: "mean" if c.pooling == PoolingType.MEAN else "sum" for c in tables}
+        columns = {c.name: weights[c.name].float().unsqueeze(1) for c in tables}
+        grouped = group_tables(columns, poolings)
         self.bags = nn.ModuleDict(
-            {
-                c.name: DenseEmbeddingBag(
-                    weights[c.name].float().unsqueeze(1),
-                    pooling="mean" if c.pooling == PoolingType.MEAN else "sum",
-                )
-                for c in tables
-            }
+            grouped
+            if grouped is not None
+            else {c.name: DenseEmbeddingBag(columns[c.name], pooling=poolings[c.name]) for c in tables}
         )
         self._feature_names = [name for c in tables for name in c.feature_names]
+        self._grouped = _Grouped.of([self.bags[c.name] for c in tables for _ in c.feature_names])
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if self._grouped is not None and features.keys() == self._feature_names:
+            pooled_FB = self._grouped.pool(features).squeeze(2)
+            return KeyedTensor(
+                keys=self._feature_names, length_per_key=[1] * pooled_FB.shape[0], values=pooled_FB.t()
+            )
         feature_dict = features.to_dict()
         pooled = [
             self.bags[c.name](

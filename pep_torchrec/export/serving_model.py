@@ -27,11 +27,13 @@ from pep_torchrec.export.compact import (
     CompactEmbeddingBagCollection,
     DenseEmbeddingBag,
     LinearWeights,
+    group_tables,
 )
 from pep_torchrec.export.format import (
     DENSE_FILE,
     EMBEDDINGS_FILE,
     ArtifactError,
+    CompactTable,
     decode_table,
     load_tensors,
     read_manifest,
@@ -99,17 +101,26 @@ def load_artifact(path: str | Path) -> LoadedArtifact:
     where = str(path / EMBEDDINGS_FILE)
     try:
         configs = _table_configs(manifest)
-        bags: dict[str, nn.Module] = {}
+        tables: dict[str, CompactTable | torch.Tensor] = {}
+        poolings = {spec["name"]: spec["pooling"] for spec in manifest["tables"]}
         for spec, config in zip(manifest["tables"], configs):
-            pooling = spec["pooling"]
             if layout == "compact":
-                table = decode_table(config.name, emb, spec, dtype, where)
-                bags[config.name] = CompactEmbeddingBag(table, pooling=pooling)
+                tables[config.name] = decode_table(config.name, emb, spec, dtype, where)
             else:
                 weight = emb.get(f"{config.name}.weight")
                 if weight is None or tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
                     raise ArtifactError(f"{where}: dense table {config.name!r} missing or of the wrong shape")
-                bags[config.name] = DenseEmbeddingBag(weight, pooling=pooling)
+                tables[config.name] = weight
+        # One lookup over all tables when they can share one (same D, dtype, pooling: the usual case),
+        # so a request pays one lookup call, not one per table; either way the same numbers.
+        bags: dict[str, nn.Module] | None = group_tables(tables, poolings)
+        if bags is None:
+            bags = {
+                name: CompactEmbeddingBag(t, pooling=poolings[name])
+                if isinstance(t, CompactTable)
+                else DenseEmbeddingBag(t, pooling=poolings[name])
+                for name, t in tables.items()
+            }
         ebc = CompactEmbeddingBagCollection(configs, bags)
         model_cfg = manifest["model"]
         # FM builds a full-size first-order EBC on `ebc.device`: meta, so nothing is allocated for it;
