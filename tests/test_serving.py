@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from test_export import make_run, ml100k_data, synthetic_data  # noqa: F401  (fixtures)
 
 from pep_torchrec.data.loader import ParquetBatchLoader
+from pep_torchrec.data.schema import MAX_VALUE_CHARS
 from pep_torchrec.data.vocab import load_vocab
 from pep_torchrec.export.converter import ArtifactConverter
 from pep_torchrec.export.serving_model import load_artifact
@@ -374,3 +375,28 @@ def test_int_fields_take_the_whole_int64_range(artifacts):
     for outside in (-(2**63) - 1, 2**63):
         with pytest.raises(RequestError, match="int64 range"):
             predictor.predict([{**EXAMPLE, "user_id": outside}])
+
+
+_column_values = (
+    _json
+    | st.integers(-(2**64), 2**64)
+    | st.floats()
+    | st.sampled_from(["x" * MAX_VALUE_CHARS, "x" * (MAX_VALUE_CHARS + 1), [0] * 1025, ["a"] * 1024])
+    | st.lists(st.integers(-(2**64), 2**64) | st.text(max_size=3) | st.none() | st.booleans(), max_size=3)
+)
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(
+    ftype=st.sampled_from(["int", "string", "number", "string_list", "int_list"]),
+    nullable=st.booleans(),
+    column=st.lists(_column_values, max_size=5),
+)
+def test_column_checks_pass_only_what_the_value_checks_pass(ftype, nullable, column):
+    """The predictor's whole-column shortcut may send a valid column to the full checks, but never
+    lets through a value they would refuse (which would turn a 422 into a 200 or a 500)."""
+    from pep_torchrec.serving.predictor import _check_value, _column_valid
+
+    if _column_valid(ftype, nullable, column):
+        for value in column:
+            _check_value(ftype, nullable, value, ["instances", 0, "f"])  # raises if refused
