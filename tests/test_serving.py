@@ -377,6 +377,113 @@ def test_int_fields_take_the_whole_int64_range(artifacts):
             predictor.predict([{**EXAMPLE, "user_id": outside}])
 
 
+def _answer(response: httpx.Response) -> tuple[int, str | None, bytes]:
+    return response.status_code, response.headers.get("content-type"), response.content
+
+
+def _counters(metrics: str) -> list[str]:
+    """The /metrics lines that do not depend on timing: request counts, batch sizes, reloads."""
+    return [
+        line
+        for line in metrics.splitlines()
+        if not line.startswith(("pep_request_latency_seconds", 'pep_requests_total{path="/metrics"'))
+    ]
+
+
+@pytest.mark.parametrize("inline_max", [64, 0], ids=["inline", "thread_pool"])
+def test_fast_path_answers_exactly_like_the_regular_route(artifacts, monkeypatch, inline_max):
+    """POST /v1/predict through the fast path and through FastAPI's route: the same status, content
+    type and bytes for valid and malformed requests alike, the same counts in /metrics; and valid
+    requests really are answered by the fast path."""
+    from pep_torchrec.serving import app as app_module
+
+    monkeypatch.setattr(app_module._FastPredict, "inline_max", inline_max)
+    fast_calls: list[int] = []
+    original = app_module._FastPredict._predict
+
+    def spy(predictor, instances):
+        fast_calls.append(len(instances))
+        return original(predictor, instances)
+
+    monkeypatch.setattr(app_module._FastPredict, "_predict", staticmethod(spy))
+    json_type = {"content-type": "application/json"}
+    valid = [
+        {"instances": [EXAMPLE]},
+        {"instances": [EXAMPLE, dict(EXAMPLE, user_id=10**9, zip="nowhere", genres=[])]},
+        {"instances": [dict(EXAMPLE, user_id=-(2**63), genres=["Drama", "x", "Comedy"])] * 4},
+    ]
+    bodies = [json.dumps(b).encode() for b in valid] + [
+        json.dumps(b).encode()
+        for b in [
+            {"instances": [dict(EXAMPLE, bogus=1)]},
+            {"instances": [dict(EXAMPLE, age="49")]},
+            {"instances": [dict(EXAMPLE, age=True)]},
+            {"instances": [dict(EXAMPLE, user_id=2**63)]},
+            {"instances": [dict(EXAMPLE, user_id=1.5)]},
+            {"instances": [dict(EXAMPLE, gender=None)]},
+            {"instances": [dict(EXAMPLE, zip="9" * 100_000)]},
+            {"instances": [dict(EXAMPLE, genres="Comedy")]},
+            {"instances": [dict(EXAMPLE, genres=["Comedy", 3])]},
+            {"instances": [{k: v for k, v in EXAMPLE.items() if k != "zip"}]},
+            {"instances": [EXAMPLE, 5, "x"]},
+            {"instances": [EXAMPLE] * 5},
+            {"instances": []},
+            {"instances": EXAMPLE},
+            {"instances": [EXAMPLE], "extra": 1},
+            {"rows": [EXAMPLE]},
+            [EXAMPLE],
+            None,
+        ]
+    ]
+    bodies += [b"", b"{", b"\xff\xfe", b'{"instances": [' * 50, b'{"instances": [NaN]}', b" " * 5000]
+    requests = [(b, json_type) for b in bodies]
+    requests += [(bodies[0], {}), (bodies[0], {"content-type": "text/plain"})]
+    requests += [(bodies[0], {"content-type": "application/json; charset=utf-8"})]
+    settings_ = Settings(artifact=str(artifacts[0]), max_instances=4, max_body_bytes=4096)
+    with (
+        TestClient(create_app(settings_), raise_server_exceptions=False) as fast,
+        TestClient(create_app(settings_, fast_predict=False), raise_server_exceptions=False) as regular,
+    ):
+        for body, headers in requests:
+            got = _answer(fast.post("/v1/predict", content=body, headers=headers))
+            want = _answer(regular.post("/v1/predict", content=body, headers=headers))
+            assert got == want, (body[:200], headers)
+        assert sorted(fast_calls[: len(valid)]) == sorted(len(b["instances"]) for b in valid)
+        for client in (fast, regular):  # no model yet: 503 for a valid body, 422 for a bad one
+            client.app.state.holder.current = None
+        for body in (bodies[0], bodies[len(valid)]):
+            got = _answer(fast.post("/v1/predict", content=body, headers=json_type))
+            assert got == _answer(regular.post("/v1/predict", content=body, headers=json_type))
+        assert _counters(fast.get("/metrics").text) == _counters(regular.get("/metrics").text)
+    counts = [line for line in _counters(fast.get("/metrics").text) if line.startswith("pep_requests_total")]
+    assert any('status="200"} 4' in line for line in counts), counts  # the valid ones, and charset=
+    assert any('status="413"' in line for line in counts) and any('status="503"' in line for line in counts)
+
+
+def test_fast_path_fuzz_matches_the_regular_route(artifacts):
+    """Generated bodies (valid, half-valid, garbage): both paths give the same bytes."""
+    settings_ = Settings(artifact=str(artifacts[0]), max_instances=4)
+    with (
+        TestClient(create_app(settings_), raise_server_exceptions=False) as fast,
+        TestClient(create_app(settings_, fast_predict=False), raise_server_exceptions=False) as regular,
+    ):
+
+        @settings(
+            max_examples=300,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )
+        @given(body=_body)
+        def check(body):
+            content = json.dumps(body)
+            headers = {"content-type": "application/json"}
+            got = _answer(fast.post("/v1/predict", content=content, headers=headers))
+            assert got == _answer(regular.post("/v1/predict", content=content, headers=headers)), content
+
+        check()
+
+
 _column_values = (
     _json
     | st.integers(-(2**64), 2**64)
