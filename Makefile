@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python benchmarks/kernel.py
 	test -d out/demo/runs/search/masks || $(MAKE) demo  # the serving benchmark exports a search run
 	$(BIN)/python -m benchmarks.serving --run-dir out/demo/runs/search --retrain-runs out/demo/runs/retrain_10
+	$(BIN)/python -m benchmarks.serving_load --run-dir out/demo/runs/retrain_10
 
 # On a CUDA machine with torch + Triton (no TorchRec needed): correctness and speed of the Triton
 # kernels, writes benchmarks/results/gpu_check.{json,md}.
