@@ -677,18 +677,22 @@ class SpecRows:
     Args:
         spec: the checked spec.
         side_tables: loaded side tables, in the spec's join order.
+        serving: rows of a request: no label column (labels 0, nothing dropped), no split column.
     """
 
-    def __init__(self, spec: DatasetSpec, side_tables: list[SideTable]):
+    def __init__(self, spec: DatasetSpec, side_tables: list[SideTable], serving: bool = False):
         self.spec = spec
         self.side_tables = side_tables
+        self.serving = serving
         self.label = _LabelRule(spec)
         self.patterns = {f.name: re.compile(f.pattern) for f in spec.fields if f.type == "regex"}
-        self.order_column = spec.split.column if spec.split.method == "temporal" else ""
+        self.order_column = spec.split.column if spec.split.method == "temporal" and not serving else ""
 
     def required_columns(self) -> set[str]:
         """Columns of the main input (after joins) the spec reads."""
-        need = {self.spec.label.column, *(j.on for j in self.spec.joins)}
+        need = {*(j.on for j in self.spec.joins)}
+        if not self.serving:
+            need.add(self.spec.label.column)
         for f in self.spec.fields:
             if f.type == "flags":
                 need.update(f.columns)
@@ -705,9 +709,11 @@ class SpecRows:
         n = table.num_rows
         checks = RowChecks(raw.lines)
         cols: dict[str, pa.Array] = {name: table.column(name).combine_chunks() for name in table.column_names}
-        label_col = cols[spec.label.column]
-        labels, label_ok, dropped, label_detail = self.label.apply(label_col)
-        checks.check("bad_label", label_ok, label_detail)
+        if self.serving:
+            labels, dropped = np.zeros(n, np.int8), np.zeros(n, dtype=bool)
+        else:
+            labels, label_ok, dropped, label_detail = self.label.apply(cols[spec.label.column])
+            checks.check("bad_label", label_ok, label_detail)
         for side in self.side_tables:
             pos = side.positions(cols[side.spec.on])
             found = pos >= 0
