@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pep_torchrec.data.readers import RawBlock
-from pep_torchrec.data.spec import DatasetSpec, FieldSpec, JoinSpec, spec_from_dict
+from pep_torchrec.data.schema import Schema
+from pep_torchrec.data.spec import DatasetSpec, FieldSpec, JoinSpec, spec_from_dict, spec_to_dict
 from pep_torchrec.data.spec_reader import SideTable, SpecBlock, SpecRows, fnv1a64
 from pep_torchrec.data.vocab import Vocabulary
 
@@ -275,3 +276,60 @@ def _text(v: Any) -> str:
     """A raw JSON value as the text a file holds: null → "" (missing), numbers in their shortest form."""
     # str(3.0) is "3.0": an integer field refuses it, as it refuses that text in a file.
     return "" if v is None else str(v)
+
+
+def serving_inputs(schema: Schema, data_path: str | Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The artifact's `inputs` for a spec'd dataset, and the files it needs (the side tables).
+
+    A client sends the spec's raw input columns (`fields`, each "raw": a string, a number or null;
+    "raw_list": a list, for a Parquet list column); `spec`, `stats` (the train statistics), `multi` and
+    `joins` are what `SpecInputs` needs to compute the features from them as prepare did.
+
+    Raises:
+        ValueError: a dataset prepared before side tables were persisted (prepare it again).
+    """
+    spec = spec_from_dict(schema.extra["spec"], f"{data_path}/schema.json: extra.spec")
+    joins = schema.extra.get("joins")
+    if spec.joins and joins is None:
+        raise ValueError(
+            f"{data_path}: prepared without a copy of its side tables (an older version): "
+            "run `data prepare --spec` again to serve it"
+        )
+    files = {}
+    for entry in joins or []:
+        path = Path(data_path) / entry["file"]
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (the dataset's copy of side table {entry['name']!r})")
+        files[entry["file"]] = path.read_bytes()
+    multi = sorted(f.name for f in schema.sparse_features if f.multi_hot)
+    joined = {j.prefix + c for j, entry in zip(spec.joins, joins or []) for c in entry["columns"]}
+    list_columns = {
+        f.column for f in spec.fields if f.type == "categorical" and not f.separator and f.name in multi
+    }
+    fields = [
+        {"name": c, "type": "raw_list" if c in list_columns else "raw", "nullable": True}
+        for c in raw_columns(spec, joined)
+    ]
+    facts = schema.extra.get("fields", {})
+    stats = {
+        name: {k: v for k, v in f.items() if k in ("mean", "std", "edges")}
+        for name, f in facts.items()
+        if any(k in f for k in ("mean", "std", "edges"))
+    }
+    by_name = {f.name: f for f in sparse_fields(spec)}
+    sparse = [
+        {"name": sf.name, "source": None, "transform": "spec", "multi_hot": sf.multi_hot,
+         "vocab": sparse_kind(by_name[sf.name]) == "vocab"}
+        for sf in schema.sparse_features
+    ]  # fmt: skip
+    dense = [{"name": name, "source": None, "transform": "spec"} for name in schema.dense_features]
+    inputs = {
+        "fields": fields,
+        "sparse": sparse,
+        "dense": dense,
+        "spec": spec_to_dict(spec),
+        "stats": stats,
+        "multi": multi,
+        "joins": joins or [],
+    }
+    return inputs, files
