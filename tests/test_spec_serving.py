@@ -12,7 +12,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -126,7 +125,20 @@ def test_client_sends_the_raw_columns_only(dataset):
     inputs, files = serving_inputs(Schema.load(data), data)
     names = [f["name"] for f in inputs["fields"]]
     # Every column a field reads, the join key instead of the joined attributes; never the label.
-    assert names == ["user", "site", "tags", "price", "clicks", "ts", "day", "title", "f1", "f2", "model", "item"]
+    assert names == [
+        "user",
+        "site",
+        "tags",
+        "price",
+        "clicks",
+        "ts",
+        "day",
+        "title",
+        "f1",
+        "f2",
+        "model",
+        "item",
+    ]
     assert {f["type"] for f in inputs["fields"]} == {"raw"}
     side = pq.read_table(io.BytesIO(files["join_0.parquet"]))
     assert side.column_names == ["item", "genre", "brand"]  # the columns the fields read, not `unused`
@@ -166,7 +178,9 @@ def test_unknown_values_keys_and_bad_input(dataset):
     assert got["user"] == 0 and got["model"] == 0 and got["tags"] == [tags["t1"], 0]  # OOV, as prepare
     dense, columns = served.features([dict(base, price=None, clicks=None, tags=None, site=None)])
     got = {n: c.to_pylist()[0] for n, c in zip(names, columns)}
-    assert got["price"] == 0 and got["tags"] == [] and dense[0, schema.dense_features.index("price_dense")] == 0
+    assert (
+        got["price"] == 0 and got["tags"] == [] and dense[0, schema.dense_features.index("price_dense")] == 0
+    )
     cases = [
         (dict(base, item="999"), "item", "item '999' is not in items.csv"),  # prepare rejects it too
         (dict(base, price="cheap"), "price", "field price = 'cheap' is not a number"),
@@ -213,7 +227,9 @@ def test_export_serves_raw_values_with_the_training_models_scores(dataset, tmp_p
         flat = [v for w in want for v in (w if sf.multi_hot else [w])]
         lengths = [len(w) if sf.multi_hot else 1 for w in want]
         assert kjt[sf.name].values().tolist() == flat and kjt[sf.name].lengths().tolist() == lengths, sf.name
-    want_dense = torch.tensor([[row[n] for n in schema.dense_features] for row in expected], dtype=torch.float32)
+    want_dense = torch.tensor(
+        [[row[n] for n in schema.dense_features] for row in expected], dtype=torch.float32
+    )
     assert torch.equal(dense, want_dense)
     model, _ = ArtifactConverter(run).load_model()
     with torch.no_grad():
