@@ -12,6 +12,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -249,3 +250,35 @@ def test_export_serves_raw_values_with_the_training_models_scores(dataset, tmp_p
             assert any(column in [str(p) for p in d["loc"]] for d in r.json()["detail"]), r.json()
     json.dumps(predictor.example_instance())
     assert 0 < predictor.predict([predictor.example_instance()])[0] < 1
+
+
+def test_parquet_input_list_and_float_columns(tmp_path):
+    """A Parquet input: a list column is a bag (null and empty items dropped), numbers are read as Arrow
+    prints them (2.0 → "2"), so a client's JSON numbers give the prepared ids."""
+    table = pa.table({
+        "y": [1, 0, 1, 0, 1, 0],
+        "genres": [["a", "b"], ["b", "", None], None, ["c"], ["a"], []],
+        "code": [2.0, 2.5, 2.0, 3.0, None, 2.5],
+        "amount": [1.5, 2.0, None, 4.0, 8.0, 3.0],
+    })  # fmt: skip
+    raw = tmp_path / "in.parquet"
+    pq.write_table(table, raw)
+    spec = {"format": {"type": "parquet"}, "label": {"column": "y", "positive": [1]},
+            "fields": [{"name": "genres"}, {"name": "code"},
+                       {"name": "amount", "type": "numeric", "dense": "standardize", "bucketize": "quantile",
+                        "num_buckets": 3}],
+            "split": {"method": "random", "fractions": [1, 0, 0]}}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    prepare_from_spec(tmp_path / "spec.yaml", [raw], tmp_path / "out")
+    served = spec_inputs(tmp_path / "out")
+    inputs, _ = serving_inputs(Schema.load(tmp_path / "out"), tmp_path / "out")
+    assert {f["name"]: f["type"] for f in inputs["fields"]} == {
+        "genres": "raw_list",
+        "code": "raw",
+        "amount": "raw",
+    }
+    dense, columns = served.features(table.drop_columns(["y"]).to_pylist())
+    expected = pq.read_table(tmp_path / "out" / "train")
+    assert [c.to_pylist() for c in columns] == [expected[n].to_pylist() for n in ("genres", "code", "amount")]
+    assert np.array_equal(dense[:, 0], expected["amount_dense"].to_numpy())
+    assert columns[1].to_pylist()[0] == columns[1].to_pylist()[2] != 0  # 2.0 is the file's "2"

@@ -411,7 +411,7 @@ class InputFile:
             for name in batch.schema.names:
                 col = batch.column(name)
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                    columns[name] = _clean_bags(
+                    columns[name] = clean_bags(
                         pc.cast(col, pa.list_(pa.string()))
                     )  # a multi-valued field's bag
                 else:
@@ -634,10 +634,10 @@ def _is_number(v) -> bool:
 
 def _split_bags(column: pa.Array, separator: str) -> pa.Array:
     """[N] string → [N] list<string> split on `separator`, empty items dropped."""
-    return _clean_bags(pc.split_pattern(column, separator))
+    return clean_bags(pc.split_pattern(column, separator))
 
 
-def _clean_bags(bags: pa.Array) -> pa.Array:
+def clean_bags(bags: pa.Array) -> pa.Array:
     """[N] list<string> without null or empty items (a null bag is empty)."""
     flat = pc.list_flatten(bags)
     parent = pc.list_parent_indices(bags).to_numpy(zero_copy_only=False)

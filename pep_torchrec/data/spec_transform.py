@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from pep_torchrec.data.readers import RawBlock
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.data.spec import DatasetSpec, FieldSpec, JoinSpec, spec_from_dict, spec_to_dict
-from pep_torchrec.data.spec_reader import SideTable, SpecBlock, SpecRows, fnv1a64
+from pep_torchrec.data.spec_reader import SideTable, SpecBlock, SpecRows, clean_bags, fnv1a64
 from pep_torchrec.data.vocab import Vocabulary
 
 JOIN_FILE = "join_{}.parquet"
@@ -200,6 +200,8 @@ class SpecInputs:
         self.sides = sides
         self.rows = SpecRows(self.spec, sides, serving=True)
         self.transform = SpecTransform(self.spec, vocabs, inputs["stats"], set(inputs["multi"]))
+        # A Parquet input's numbers were read as Arrow prints them (3.0 → "3"), a text file's as written.
+        self.text = _arrow_text if self.spec.format.type == "parquet" else _text
         self.separators = {
             f.column: f.separator for f in self.spec.fields if f.type == "categorical" and f.separator
         }
@@ -210,9 +212,9 @@ class SpecInputs:
         for name in self.fields:
             raws = [inst[name] for inst in instances]
             if name in self.list_columns:  # a Parquet list column: a bag per row
-                bags = [[] if r is None else [_text(v) for v in r] if isinstance(r, list) else [_text(r)]
+                bags = [[] if r is None else [self.text(v) for v in r] if isinstance(r, list) else [self.text(r)]
                         for r in raws]  # fmt: skip
-                cols[name] = pa.array(bags, pa.list_(pa.string()))
+                cols[name] = clean_bags(pa.array(bags, pa.list_(pa.string())))  # as InputFile reads one
                 continue
             sep = self.separators.get(name)
             texts = []
@@ -220,11 +222,11 @@ class SpecInputs:
                 if isinstance(r, list):
                     if sep is None:
                         raise SpecInputError(i, name, "expected one value, got a list")
-                    if any(sep in _text(v) for v in r):
+                    if any(sep in self.text(v) for v in r):
                         raise SpecInputError(i, name, f"a list item holds the separator {sep!r}")
-                    texts.append(sep.join(_text(v) for v in r))
+                    texts.append(sep.join(self.text(v) for v in r))
                 else:
-                    texts.append(_text(r))
+                    texts.append(self.text(r))
             cols[name] = pa.array(texts, pa.string())
         return pa.table(cols) if cols else pa.table({"_": pa.array([""] * len(instances))})
 
@@ -270,6 +272,13 @@ class SpecInputs:
             if side.spec.on in out and len(side.keys):
                 out[side.spec.on] = side.keys[0].as_py()
         return out
+
+
+def _arrow_text(v: Any) -> str:
+    """A raw JSON value as `InputFile` reads a Parquet cell: Arrow's cast to text (3.0 → "3")."""
+    if isinstance(v, float):
+        return pc.cast(pa.array([v], pa.float64()), pa.string())[0].as_py()
+    return _text(v)
 
 
 def _text(v: Any) -> str:
