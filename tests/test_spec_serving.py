@@ -282,3 +282,14 @@ def test_parquet_input_list_and_float_columns(tmp_path):
     assert [c.to_pylist() for c in columns] == [expected[n].to_pylist() for n in ("genres", "code", "amount")]
     assert np.array_equal(dense[:, 0], expected["amount_dense"].to_numpy())
     assert columns[1].to_pylist()[0] == columns[1].to_pylist()[2] != 0  # 2.0 is the file's "2"
+
+
+def test_a_dataset_prepared_without_side_table_copies_is_refused_by_export(dataset):
+    from pep_torchrec.export.converter import input_spec
+    from pep_torchrec.export.format import ArtifactError
+
+    data, _ = dataset
+    schema = Schema.load(data)
+    del schema.extra["joins"]  # as an older `data prepare --spec` wrote it
+    with pytest.raises(ArtifactError, match=r"without a copy of its side tables.*data prepare --spec` again"):
+        input_spec(schema, data_path=data)
