@@ -239,12 +239,19 @@ def test_export_serves_raw_values_with_the_training_models_scores(dataset, tmp_p
     with pytest.raises(RequestError) as e:
         predictor.predict([instances[0], dict(instances[1], price="cheap")])
     assert e.value.loc == ["instances", 1, "price"]
+    # A separator field takes a list too: its items joined with the separator, as the file holds them.
+    as_lists = [
+        dict(inst, tags=(inst["tags"] or "").split("|") if inst["tags"] else []) for inst in instances[:20]
+    ]
+    predictor.validate(as_lists)
+    assert predictor.predict(as_lists) == predictor.predict(instances[:20])
 
     with TestClient(create_app(Settings(artifact=str(tmp_path / "art")))) as client:
         r = client.post("/v1/predict", json={"instances": instances[:3]})
         assert r.status_code == 200 and np.allclose(r.json()["scores"], reference[:3], atol=1e-6)
         for bad, column in ((dict(instances[0], item="999"), "item"), (dict(instances[0], ts="x"), "ts"),
-                            (dict(instances[0], user=True), "user"), ({**instances[0], "i_genre": "g1"}, "i_genre")):  # fmt: skip
+                            (dict(instances[0], user=True), "user"), ({**instances[0], "i_genre": "g1"}, "i_genre"),
+                            (dict(instances[0], site=["s1"]), "site")):  # fmt: skip
             r = client.post("/v1/predict", json={"instances": [bad]})
             assert r.status_code == 422, r.text
             assert any(column in [str(p) for p in d["loc"]] for d in r.json()["detail"]), r.json()

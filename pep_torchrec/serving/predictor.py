@@ -74,8 +74,9 @@ def _check_value(ftype: str, nullable: bool, value: Any, loc: list[Any]) -> None
             raise RequestError(loc, f"list longer than {_MAX_LIST}", "too_long")
         for i, item in enumerate(value):
             _check_value("string" if ftype == "string_list" else "int", False, item, [*loc, i])
-    elif ftype in ("raw", "raw_list"):  # a spec'd dataset's raw column: text, a number or null
-        items = value if ftype == "raw_list" and isinstance(value, list) else [value]
+    elif ftype in ("raw", "raw_list"):  # a spec'd dataset's raw column: text, a number, null or a list
+        # of them (a bag; a single-valued field's list is refused by SpecInputs, naming the field)
+        items = value if isinstance(value, list) else [value]
         if len(items) > _MAX_LIST:
             raise RequestError(loc, f"list longer than {_MAX_LIST}", "too_long")
         for item in items:
