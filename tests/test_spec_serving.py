@@ -300,3 +300,52 @@ def test_a_dataset_prepared_without_side_table_copies_is_refused_by_export(datas
     del schema.extra["joins"]  # as an older `data prepare --spec` wrote it
     with pytest.raises(ArtifactError, match=r"without a copy of its side tables.*data prepare --spec` again"):
         input_spec(schema, data_path=data)
+
+
+def test_chained_joins_temporal_split_column_and_raw_dense(tmp_path):
+    """A join on a joined column (item → maker → country): the client sends only the first key; the
+    temporal split's column is not an input; a `dense: none` field is the raw number."""
+    rows = [(i % 2, f"{i % 5}", i * 10, "" if i % 4 == 0 else f"{i / 8}") for i in range(40)]
+    (tmp_path / "log.csv").write_text("y,item,t,w\n" + "".join(f"{y},{k},{t},{w}\n" for y, k, t, w in rows))
+    (tmp_path / "items.csv").write_text("item,maker\n" + "".join(f"{k},m{k % 2}\n" for k in range(5)))
+    (tmp_path / "makers.csv").write_text("maker,country\nm0,fr\nm1,jp\n")
+    spec = {"format": {"header": True, "files": ["log.csv"]}, "label": {"column": "y", "positive": [1]},
+            "joins": [{"name": "items", "path": "items.csv", "key": "item", "format": {"header": True},
+                       "prefix": "i_"},
+                      {"name": "makers", "path": "makers.csv", "key": "maker", "on": "i_maker",
+                       "format": {"header": True}}],
+            "fields": [{"name": "item"}, {"name": "country"},
+                       {"name": "w", "type": "numeric", "dense": "none"}],
+            "split": {"method": "temporal", "column": "t", "fractions": [1, 0, 0]}}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    prepare_from_spec(tmp_path / "spec.yaml", [tmp_path], tmp_path / "out")
+    inputs, files = serving_inputs(Schema.load(tmp_path / "out"), tmp_path / "out")
+    assert [f["name"] for f in inputs["fields"]] == ["item", "w"]  # not t, not the joined i_maker
+    assert pq.read_table(io.BytesIO(files["join_0.parquet"])).column_names == ["item", "maker"]
+    served = spec_inputs(tmp_path / "out")
+    dense, columns = served.features([{"item": int(k), "w": float(w) if w else None} for _, k, _, w in rows])
+    expected = pq.read_table(tmp_path / "out" / "train")  # temporal on t = record order
+    assert [c.to_pylist() for c in columns] == [expected[n].to_pylist() for n in ("item", "country")]
+    assert np.array_equal(dense[:, 0], expected["w"].to_numpy()) and dense[1, 0] == np.float32(1 / 8)
+
+
+def test_libsvm_input(tmp_path):
+    """A libSVM input: a field's index and its `<field>_value` are the client's raw columns."""
+    lines = [f"{i % 2} {i % 7}:1 {100 + i % 3}:{i / 4}\n" for i in range(30)]
+    (tmp_path / "d.svm").write_text("".join(lines))
+    spec = {"format": {"type": "libsvm", "fields": ["a", "b"]}, "label": {"column": "label", "positive": [1]},
+            "fields": [{"name": "a"}, {"name": "b", "hash_buckets": 5},
+                       {"name": "bv", "type": "numeric", "column": "b_value", "dense": "log1p"}],
+            "split": {"method": "random", "fractions": [1, 0, 0]}}  # fmt: skip
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    prepare_from_spec(tmp_path / "spec.yaml", [tmp_path / "d.svm"], tmp_path / "out")
+    served = spec_inputs(tmp_path / "out")
+    assert served.fields == ["a", "b", "b_value"]
+    instances = []
+    for line in lines:
+        (a, _), (b, value) = (item.split(":") for item in line.split()[1:])
+        instances.append({"a": a, "b": int(b), "b_value": float(value)})
+    dense, columns = served.features(instances)
+    expected = pq.read_table(tmp_path / "out" / "train")
+    assert [c.to_pylist() for c in columns] == [expected[n].to_pylist() for n in ("a", "b")]
+    assert np.array_equal(dense[:, 0], expected["bv"].to_numpy())
