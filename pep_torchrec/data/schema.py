@@ -7,6 +7,8 @@ A prepared dataset is a directory::
     DIR/vocab.parquet          columns feature (string), value (string), id (int64), count (int64): the
                                raw value → id map of every sparse feature, with each value's frequency
                                (absent for the synthetic dataset, whose raw values *are* ids)
+    DIR/join_<i>.parquet       (`data prepare --spec` with joins) side table i's key and the columns
+                               the fields read, as joined: what the service joins (schema extra.joins)
     DIR/train/part-00000.parquet, DIR/valid/..., DIR/test/...
 
 Parquet columns of every split file:

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pep_torchrec.data.prepare import (
     COMPRESSIONS,
@@ -52,17 +51,24 @@ from pep_torchrec.data.prepare import (
 from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, SourceFile
 from pep_torchrec.data.report import PrepareError, RejectionLog, write_report
 from pep_torchrec.data.schema import Schema, SparseFeature
-from pep_torchrec.data.spec import DatasetSpec, FieldSpec, load_spec, resolve_spec_path, spec_to_dict
+from pep_torchrec.data.spec import DatasetSpec, load_spec, resolve_spec_path, spec_to_dict
 from pep_torchrec.data.spec_reader import (
     FieldMap,
     InputFile,
     SideTable,
     SpecBlock,
     SpecRows,
-    fnv1a64,
     resolve_inputs,
     side_table_path,
     split_of_file,
+)
+from pep_torchrec.data.spec_transform import (
+    JOIN_FILE,
+    SpecTransform,
+    dense_base,
+    joined_columns,
+    side_table_bytes,
+    sparse_kind,
 )
 from pep_torchrec.data.synthetic import hash_uniform, mix_key
 from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
@@ -99,6 +105,7 @@ class SpecReader:
             [split_of_file(p, spec) for p in self.files] if spec.split.method == "files" else None
         )
         self.sources: list[SourceFile] = []
+        self.side_tables: list[SideTable] = []
         self.rows_read = 0
 
     def blocks(self, *, hash_files: bool = False) -> Iterator[SpecBlock]:
@@ -106,6 +113,7 @@ class SpecReader:
             SideTable.load(j, p, self.block_size, hash_files)
             for j, p in zip(self.spec.joins, self.side_paths)
         ]
+        self.side_tables = sides  # the last pass's: prepare persists what serving joins
         rows = SpecRows(self.spec, sides)
         sources = []
         for side in sides:
@@ -184,7 +192,7 @@ class _TrainStats:
     def add(self, block: SpecBlock, train: np.ndarray) -> None:
         for f in self.std_fields:
             values, missing = block.numbers[f.name]
-            v = _dense_base(f, values)[train & ~missing]
+            v = dense_base(f, values)[train & ~missing]
             self.sums[f.name] += (len(v), v.sum(), np.square(v).sum())
         for f in self.q_fields:
             values, missing = block.numbers[f.name]
@@ -216,25 +224,8 @@ class _TrainStats:
         return out
 
 
-def _dense_base(f: FieldSpec, values: np.ndarray) -> np.ndarray:
-    return np.log1p(np.maximum(values, 0)) if f.dense.startswith("log1p") else values
-
-
-def _dense(f: FieldSpec, values: np.ndarray, missing: np.ndarray, stats: dict) -> np.ndarray:
-    v = _dense_base(f, values)
-    if "standardize" in f.dense:
-        v = (v - stats[f.name]["mean"]) / stats[f.name]["std"]
-    return np.where(missing, 0.0, v).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the preparation
-
-
-def _sparse_kind(f: FieldSpec) -> str:
-    if f.type == "numeric":
-        return "quantile" if f.bucketize == "quantile" else "vocab"
-    return "hash" if f.hash_buckets else "vocab"
 
 
 def prepare_from_spec(
@@ -330,7 +321,7 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
     method, seed = spec.split.method, spec.split.seed
     sparse = [f for f in spec.fields if f.type != "numeric" or f.bucketize]
     dense = [f for f in spec.fields if f.type == "numeric" and f.dense]
-    vocab_fields = [f for f in sparse if _sparse_kind(f) == "vocab"]
+    vocab_fields = [f for f in sparse if sparse_kind(f) == "vocab"]
     log = RejectionLog(strict)
     counters = {f.name: ValueCounter() for f in vocab_fields}
     stats = _TrainStats(spec, seed)
@@ -398,7 +389,7 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
         vocabs[f.name] = Vocabulary.from_counts(f.name, counters.pop(f.name).result(), threshold)
     features = []
     for f in sparse:
-        kind = _sparse_kind(f)
+        kind = sparse_kind(f)
         if kind == "vocab":
             card = vocabs[f.name].cardinality
         else:
@@ -417,31 +408,15 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
     fields += [pa.field(f.dense_name, pa.float32()) for f in dense]
     arrow_schema = pa.schema(fields)
     writers = _open_writers(tmp, arrow_schema, writer_options)
+    transform = SpecTransform(spec, vocabs, train_stats, multi_names)
     position = 0
     for block in reader.blocks():
         n = block.num_rows
         if not n:
             continue
         columns: list[pa.Array] = [pa.array(block.labels, pa.int8())]
-        for f in sparse:
-            kind = _sparse_kind(f)
-            if kind == "quantile":
-                values, missing = block.numbers[f.name]
-                edges = np.asarray(train_stats[f.name]["edges"], dtype=np.float64)
-                ids = np.where(missing, 0, 1 + np.searchsorted(edges, values, side="right"))
-                columns.append(pa.array(ids.astype(np.int64), pa.int64()))
-                continue
-            values = block.keys[f.name]
-            if f.name in multi_names:
-                offsets = values.offsets.to_numpy()
-                flat = _ids(f, kind, vocabs, values.flatten())
-                columns.append(pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()),
-                                                        pa.array(flat, pa.int64())))  # fmt: skip
-            else:
-                columns.append(pa.array(_ids(f, kind, vocabs, values), pa.int64()))
-        for f in dense:
-            values, missing = block.numbers[f.name]
-            columns.append(pa.array(_dense(f, values, missing, train_stats), pa.float32()))
+        columns += transform.sparse_columns(block)
+        columns += [pa.array(v, pa.float32()) for v in transform.dense_columns(block)]
         table = pa.Table.from_arrays(columns, schema=arrow_schema)
         _write_rows(writers, table, codes_of(block, position, ranks))
         position += n
@@ -449,14 +424,22 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
         raise PrepareError(f"pass 2 read {position} rows, pass 1 {num_kept}: the input changed; run again")
     splits = {s: w.close() for s, w in writers.items()}
     write_vocab(tmp, [vocabs[f.name] for f in vocab_fields])
+    joins = []
+    for i, (j, side) in enumerate(zip(spec.joins, reader.side_tables)):
+        # The side table as joined (duplicates and bad lines out), for serving to join the same way.
+        columns = joined_columns(spec, j, list(side.columns))
+        (tmp / JOIN_FILE.format(i)).write_bytes(side_table_bytes(side, columns))
+        joins.append(
+            {"name": j.name, "file": JOIN_FILE.format(i), "columns": columns, "rows": len(side.keys)}
+        )
     timings["write_s"] = time.perf_counter() - t
 
     field_facts = {}
     for f in spec.fields:
         facts: dict[str, Any] = {"type": f.type}
         if f.type != "numeric" or f.bucketize:
-            facts["ids"] = _sparse_kind(f)
-            if _sparse_kind(f) == "vocab":
+            facts["ids"] = sparse_kind(f)
+            if sparse_kind(f) == "vocab":
                 facts["min_count"] = f.min_count if f.min_count is not None else spec.min_count
             if f.hash_buckets:
                 facts["hash"] = "fnv1a64(utf-8 value) mod hash_buckets"
@@ -475,7 +458,12 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
             "files": [s.to_json() for s in reader.sources],
             "sha256_of": "the file's bytes as stored (compressed bytes for gzip files)",
         },
-        extra={"spec": spec_to_dict(spec), "fields": field_facts, "split_fractions": list(fractions)},
+        extra={
+            "spec": spec_to_dict(spec),
+            "fields": field_facts,
+            "split_fractions": list(fractions),
+            "joins": joins,
+        },  # fmt: skip
     )
     schema.save(tmp)
     report = {
@@ -488,15 +476,6 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
         "files": [s.to_json() for s in reader.sources],
     }
     return _finish_report(report, schema, writers, timings)
-
-
-def _ids(f: FieldSpec, kind: str, vocabs: dict[str, Vocabulary], values: pa.Array) -> np.ndarray:
-    if kind == "vocab":
-        return vocabs[f.name].lookup(values)
-    # Hash each distinct value once (blocks repeat values a lot).
-    encoded = pc.dictionary_encode(values)
-    ids = (fnv1a64(encoded.dictionary) % np.uint64(f.hash_buckets)).astype(np.int64)
-    return ids[encoded.indices.to_numpy(zero_copy_only=False)]
 
 
 def run(args: argparse.Namespace) -> int:

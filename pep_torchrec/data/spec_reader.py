@@ -411,7 +411,7 @@ class InputFile:
             for name in batch.schema.names:
                 col = batch.column(name)
                 if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
-                    columns[name] = _clean_bags(
+                    columns[name] = clean_bags(
                         pc.cast(col, pa.list_(pa.string()))
                     )  # a multi-valued field's bag
                 else:
@@ -634,10 +634,10 @@ def _is_number(v) -> bool:
 
 def _split_bags(column: pa.Array, separator: str) -> pa.Array:
     """[N] string → [N] list<string> split on `separator`, empty items dropped."""
-    return _clean_bags(pc.split_pattern(column, separator))
+    return clean_bags(pc.split_pattern(column, separator))
 
 
-def _clean_bags(bags: pa.Array) -> pa.Array:
+def clean_bags(bags: pa.Array) -> pa.Array:
     """[N] list<string> without null or empty items (a null bag is empty)."""
     flat = pc.list_flatten(bags)
     parent = pc.list_parent_indices(bags).to_numpy(zero_copy_only=False)
@@ -677,18 +677,22 @@ class SpecRows:
     Args:
         spec: the checked spec.
         side_tables: loaded side tables, in the spec's join order.
+        serving: rows of a request: no label column (labels 0, nothing dropped), no split column.
     """
 
-    def __init__(self, spec: DatasetSpec, side_tables: list[SideTable]):
+    def __init__(self, spec: DatasetSpec, side_tables: list[SideTable], serving: bool = False):
         self.spec = spec
         self.side_tables = side_tables
+        self.serving = serving
         self.label = _LabelRule(spec)
         self.patterns = {f.name: re.compile(f.pattern) for f in spec.fields if f.type == "regex"}
-        self.order_column = spec.split.column if spec.split.method == "temporal" else ""
+        self.order_column = spec.split.column if spec.split.method == "temporal" and not serving else ""
 
     def required_columns(self) -> set[str]:
         """Columns of the main input (after joins) the spec reads."""
-        need = {self.spec.label.column, *(j.on for j in self.spec.joins)}
+        need = {*(j.on for j in self.spec.joins)}
+        if not self.serving:
+            need.add(self.spec.label.column)
         for f in self.spec.fields:
             if f.type == "flags":
                 need.update(f.columns)
@@ -705,9 +709,11 @@ class SpecRows:
         n = table.num_rows
         checks = RowChecks(raw.lines)
         cols: dict[str, pa.Array] = {name: table.column(name).combine_chunks() for name in table.column_names}
-        label_col = cols[spec.label.column]
-        labels, label_ok, dropped, label_detail = self.label.apply(label_col)
-        checks.check("bad_label", label_ok, label_detail)
+        if self.serving:
+            labels, dropped = np.zeros(n, np.int8), np.zeros(n, dtype=bool)
+        else:
+            labels, label_ok, dropped, label_detail = self.label.apply(cols[spec.label.column])
+            checks.check("bad_label", label_ok, label_detail)
         for side in self.side_tables:
             pos = side.positions(cols[side.spec.on])
             found = pos >= 0

@@ -40,6 +40,7 @@ import yaml
 from pep_torchrec.checkpoint import CheckpointManager
 from pep_torchrec.config import ConfigError, RunConfig, load_config
 from pep_torchrec.data.schema import Schema
+from pep_torchrec.data.spec_transform import serving_inputs
 from pep_torchrec.data.vocab import VOCAB_FILE as DATASET_VOCAB_FILE
 from pep_torchrec.export.format import (
     DENSE_FILE,
@@ -76,23 +77,21 @@ _LINEAR_PREFIX = "model.linear_ebc."
 _AVAZU_FROM_HOUR = {"hour_of_day": "avazu_hour_of_day", "weekday": "avazu_weekday"}
 
 
-def input_spec(schema: Schema, *, has_vocab: bool = True) -> dict[str, Any]:
+def input_spec(schema: Schema, *, has_vocab: bool = True, data_path: str | Path = ".") -> dict[str, Any]:
     """What a client sends per instance (raw values as the dataset has them) and how they map.
 
     Returns:
         {"fields": [{name, type, nullable}], "sparse": [{name, source, transform, multi_hot,
         vocab}], "dense": [{name, source, transform}]}. Types: "int", "string", "string_list",
-        "number"; `vocab` false means the raw integer is the id itself (synthetic data).
+        "number"; `vocab` false means the raw integer is the id itself (synthetic data). A spec'd
+        dataset (`data prepare --spec`): its raw input columns ("raw", "raw_list") and what the service
+        needs to compute the features as prepare did (`spec_transform.serving_inputs`).
     """
-    # A spec'd dataset (data prepare --spec) maps some fields to ids without a vocabulary: the service
-    # would send every such value to id 0. Refused until serving computes them as prepare does.
-    facts = schema.extra.get("fields", {}) if "spec" in schema.extra else {}
-    unservable = [name for name, f in facts.items() if f.get("ids") in ("hash", "quantile")]
-    if unservable:
-        raise ArtifactError(
-            f"fields {unservable} of the spec'd dataset {schema.dataset!r} are hashed or "
-            "quantile-bucketized; serving cannot compute their ids yet (use a vocabulary field)"
-        )
+    if "spec" in schema.extra:
+        try:
+            return serving_inputs(schema, data_path)[0]
+        except ValueError as e:
+            raise ArtifactError(str(e)) from e
     sparse, dense, fields = [], [], []
     if schema.dataset == "criteo":
         source = schema.extra.get("dense_source", {})
@@ -341,7 +340,13 @@ class ArtifactConverter:
             EMBEDDINGS_FILE: save_tensors(emb_tensors),
             DENSE_FILE: save_tensors(dense_tensors),
         }
-        inputs = input_spec(self.schema, has_vocab=(Path(self.cfg.data.path) / DATASET_VOCAB_FILE).is_file())
+        inputs = input_spec(
+            self.schema,
+            has_vocab=(Path(self.cfg.data.path) / DATASET_VOCAB_FILE).is_file(),
+            data_path=self.cfg.data.path,
+        )
+        if "spec" in self.schema.extra:  # the side tables' copies, joined at serving time
+            files.update(serving_inputs(self.schema, self.cfg.data.path)[1])
         vocab_features = [s["name"] for s in inputs["sparse"] if s["vocab"]]
         if vocab_features:
             files[VOCAB_FILE] = self._vocab_bytes(vocab_features)

@@ -11,6 +11,8 @@ Layout::
                                     first-order weights of FM/DeepFM as `linear.<table>` [R]
     ARTIFACT/vocab.parquet          the raw value → id map of every sparse feature that has one
                                     (a copy of the dataset's, so the artifact is self-contained)
+    ARTIFACT/join_<i>.parquet       a spec'd dataset's side tables (copies of the dataset's), joined on
+                                    the key a client sends (`inputs.joins`, `spec_transform.SpecInputs`)
 
 Compact layout of table `t` (`encoding.layout == "compact"`), a row-compressed sparse matrix whose
 pieces are stored in the smallest of two forms each (the choice is in `encoding`):

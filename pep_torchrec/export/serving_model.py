@@ -21,6 +21,7 @@ from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from pep_torchrec.data.spec_transform import SpecInputs
 from pep_torchrec.data.vocab import Vocabulary, feature_vocabulary
 from pep_torchrec.export.compact import (
     CompactEmbeddingBag,
@@ -49,12 +50,14 @@ class LoadedArtifact:
         path: the directory it was read from.  manifest: its manifest.
         model: the inference model (eval mode): forward(dense [B, N], KJT) → logits [B].
         vocab: feature → `Vocabulary` (raw value → id) for the features that have one.
+        spec_inputs: a spec'd dataset's raw → features transform (`spec_transform.SpecInputs`), or None.
     """
 
     path: Path
     manifest: dict[str, Any]
     model: nn.Module
     vocab: dict[str, Vocabulary]
+    spec_inputs: SpecInputs | None = None
 
     @property
     def version(self) -> str:
@@ -166,4 +169,15 @@ def load_artifact(path: str | Path) -> LoadedArtifact:
         for spec in manifest["inputs"]["sparse"]:
             if spec["vocab"]:
                 vocab[spec["name"]] = _vocabulary(table, spec["name"], path / vocab_file)
-    return LoadedArtifact(path=path, manifest=manifest, model=model, vocab=vocab)
+    spec_inputs = None
+    if "spec" in manifest["inputs"]:
+        for entry in manifest["inputs"].get("joins", []):
+            if entry.get("file") not in contents:
+                raise ArtifactError(f"{path / str(entry.get('file'))}: side table not listed in the manifest")
+        try:
+            spec_inputs = SpecInputs(manifest["inputs"], vocab, contents, path)
+        except Exception as e:  # a bad spec, stats or side table: refuse the artifact, naming it
+            raise ArtifactError(
+                f"{path}: inputs of the spec'd dataset unusable ({type(e).__name__}: {e})"
+            ) from e
+    return LoadedArtifact(path=path, manifest=manifest, model=model, vocab=vocab, spec_inputs=spec_inputs)

@@ -27,6 +27,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pep_torchrec.data.schema import MAX_VALUE_CHARS, OOV_ID
+from pep_torchrec.data.spec_transform import SpecInputError
 from pep_torchrec.data.vocab import apply_transform
 from pep_torchrec.export.serving_model import LoadedArtifact, load_artifact
 
@@ -74,6 +75,21 @@ def _check_value(ftype: str, nullable: bool, value: Any, loc: list[Any]) -> None
             raise RequestError(loc, f"list longer than {_MAX_LIST}", "too_long")
         for i, item in enumerate(value):
             _check_value("string" if ftype == "string_list" else "int", False, item, [*loc, i])
+    elif ftype in ("raw", "raw_list"):  # a spec'd dataset's raw column: text, a number, null or a list
+        # of them (a bag; a single-valued field's list is refused by SpecInputs, naming the field)
+        items = value if isinstance(value, list) else [value]
+        if len(items) > _MAX_LIST:
+            raise RequestError(loc, f"list longer than {_MAX_LIST}", "too_long")
+        for item in items:
+            if isinstance(item, str):
+                if len(item) > _MAX_STRING:
+                    raise RequestError(loc, f"string longer than {_MAX_STRING}", "string_too_long")
+            elif item is not None and not (
+                _is_int(item) or (isinstance(item, float) and math.isfinite(item))
+            ):
+                raise RequestError(
+                    loc, f"expected a string, a finite number or null, got {item!r:.40}", "type"
+                )
     elif ftype == "number":
         if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(float(value)):
             raise RequestError(loc, f"expected a finite number, got {value!r:.40}", "float_type")
@@ -126,7 +142,7 @@ class Predictor:
         inputs = artifact.manifest["inputs"]
         self.fields = {f["name"]: f for f in inputs["fields"]}
         for f in self.fields.values():
-            if f["type"] not in ("int", "string", "string_list", "int_list", "number"):
+            if f["type"] not in ("int", "string", "string_list", "int_list", "number", "raw", "raw_list"):
                 raise ValueError(f"{artifact.path}: field {f['name']!r} has unknown type {f['type']!r}")
         self._fields_by_type: dict[tuple[str, bool], list[str]] = {}
         for name, f in self.fields.items():
@@ -208,6 +224,8 @@ class Predictor:
 
     def features(self, instances: list[Mapping[str, Any]]) -> tuple[torch.Tensor, KeyedJaggedTensor]:
         """(dense [B, N] float32, KJT) of validated instances, exactly as the pipeline prepares them."""
+        if self.artifact.spec_inputs is not None:
+            return self._spec_features(instances)
         num_instances = len(instances)
         # Ids, bag lengths and per-feature counts as Python lists, then one tensor each: a request
         # holds a few values per feature, where a tensor per feature costs more than its values.
@@ -267,6 +285,28 @@ class Predictor:
         dense_NB = np.array(columns, dtype=np.float32).reshape(len(columns), num_instances)
         return torch.from_numpy(np.ascontiguousarray(dense_NB.T)), kjt
 
+    def _spec_features(self, instances: list[Mapping[str, Any]]) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+        """A spec'd dataset: raw columns → features by prepare's own code (`spec_transform.SpecInputs`)."""
+        try:
+            dense_BN, columns = self.artifact.spec_inputs.features(instances)
+        except SpecInputError as e:
+            raise RequestError(["instances", e.index, *([e.column] if e.column else [])], e.message) from None
+        values, lengths = [], []
+        for col in columns:
+            if pa.types.is_list(col.type):
+                offsets = col.offsets.to_numpy()
+                values.append(col.flatten().to_numpy(zero_copy_only=False))
+                lengths.append(np.diff(offsets))
+            else:
+                values.append(col.to_numpy(zero_copy_only=False))
+                lengths.append(np.ones(len(col), np.int64))
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=[spec["name"] for spec in self.sparse],
+            values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),
+        )
+        return torch.from_numpy(dense_BN), kjt
+
     @staticmethod
     def _transform(spec: Mapping[str, Any], bags: list[list[Any]]) -> list[str]:
         """Vocabulary keys of every value, in order; a value the transform rejects (e.g. an Avazu
@@ -294,6 +334,8 @@ class Predictor:
 
     def example_instance(self) -> dict[str, Any]:
         """A valid instance (OpenAPI example, warm-up): the first vocabulary value of each field."""
+        if self.artifact.spec_inputs is not None:
+            return self.artifact.spec_inputs.example_instance()
         out: dict[str, Any] = {}
         for name, spec in self.fields.items():
             out[name] = {"int": 1, "string": "", "string_list": [], "int_list": [], "number": 0.0}[
