@@ -28,6 +28,21 @@ STAGES = {
     "baseline": ("debug_cpu.yaml", ["--set", "train.max_steps=50"]),
     "search": ("debug_cpu_search.yaml", ["--set", "train.max_steps=100"]),
     "retrain": ("debug_cpu_retrain.yaml", ["--set", "train.max_steps=50"]),
+    # The shipped searches' mechanism: s on its own optimizer (the C++ row map, gather and step).
+    "search_own_s": (
+        "debug_cpu_search.yaml",
+        [
+            "--set",
+            "train.max_steps=100",
+            "pep.target_epochs=0",
+            "pep.gk_growth=1.05",
+            "pep.s_optimizer=sgd",
+            "pep.s_lr=0.05",
+            "pep.s0=-10.0",
+            "pep.gk=1.0",
+            "pep.min_row_dims=0",
+        ],
+    ),  # fmt: skip
 }
 WALL_CLOCK = {"examples_per_sec", "train_seconds", "wall_seconds", "duration_s"}
 SUMMARY_KEYS = ("steps", "best_step", "valid_auc", "valid_logloss", "test_auc", "test_logloss",

@@ -149,6 +149,62 @@ def test_cpu_backward_is_the_torch_backward(monkeypatch, ragged, threads):
     assert torch.equal(grad_c.view(n_max, num_f, width)[:, :, dim:], torch.zeros(n_max, num_f, dim))
 
 
+@pytest.mark.skipif(not cpu_kernel.available(), reason="the C++ CPU kernels could not be built here")
+@pytest.mark.parametrize(
+    "lengths, rows_per_table",
+    [
+        ([700, 700, 700], [50, 3000, 9]),  # many repeats, one digit pass... and a tiny table
+        ([900, 0, 1200], [2500, 2500, 2500]),  # ragged, an empty feature
+        ([400, 400, 400], [2**21, 2**21, 2**21]),  # 23 bits: three 11-bit passes
+        ([], []),
+    ],
+    ids=["uniform", "ragged", "three_passes", "no_features"],
+)
+def test_cpu_unique_rows_is_torch_unique(lengths, rows_per_table):
+    """`plan_step`'s C++ row map == torch.unique + bucketize (ids, inverse, table of each row), with
+    tables laid out in the storage out of order, and its grouping lists each row's occurrences in
+    occurrence order (what makes the backward's gather sum like index_add_)."""
+    gen = torch.Generator().manual_seed(2)
+    num_f = len(lengths)
+    layout = [2, 0, 1][:num_f]  # table t starts after the tables placed before it in the storage
+    bases = {}
+    at = 0
+    for t in layout:
+        bases[t] = at
+        at += rows_per_table[t]
+    feature_base = torch.tensor([bases[t] for t in range(num_f)], dtype=torch.int64)
+    values = torch.cat(
+        [torch.randint(0, rows_per_table[f], (n,), generator=gen) for f, n in enumerate(lengths)]
+        or [torch.zeros(0, dtype=torch.int64)]
+    )
+    uniform = num_f > 0 and len(set(lengths)) == 1
+    lengths_F = None if uniform else torch.tensor(lengths, dtype=torch.int64)
+    if uniform:
+        rows = (values.view(num_f, -1) + feature_base.unsqueeze(1)).t().reshape(-1)
+    else:
+        rows = values + torch.repeat_interleave(feature_base, lengths_F)
+    base_sorted, order = feature_base.sort()
+    ids, inverse, table_of_id, slots, seg = cpu_kernel.unique_rows(
+        values, num_f, lengths_F, feature_base, max(at, 1), base_sorted, order
+    )
+    want_ids, want_inverse = torch.unique(rows, return_inverse=True)
+    assert torch.equal(ids, want_ids) and torch.equal(inverse, want_inverse)
+    assert torch.equal(table_of_id, order[torch.bucketize(ids, base_sorted, right=True) - 1])
+    # slots: n·F + f of each occurrence, grouped by row, ascending (= occurrence order) in a group.
+    occurrence_slot = (
+        torch.arange(rows.numel())
+        if uniform
+        else torch.cat([torch.arange(n) * num_f + f for f, n in enumerate(lengths)] or [rows[:0]])
+    )
+    assert seg[0] == 0 and seg[-1] == rows.numel()
+    for u in range(0, ids.numel(), max(ids.numel() // 50, 1)):
+        group = slots[seg[u] : seg[u + 1]]
+        assert torch.equal(group, occurrence_slot[inverse == u])
+    if num_f:
+        with pytest.raises(IndexError, match="outside the storage"):
+            cpu_kernel.unique_rows(values + at, num_f, lengths_F, feature_base, at, base_sorted, order)
+
+
 def test_saved_state_counts_the_pending_statistics_once():
     def fresh() -> tuple[SOptimizerState, SOptimizerSync]:
         k = SOptimizerState(SOptimizerSettings(lr=0.1), ["a"])

@@ -32,7 +32,7 @@ from torch import Tensor
 from pep_torchrec.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("csrc") / "threshold_pool_cpu.cpp"
-_ABI_VERSION = 4
+_ABI_VERSION = 5
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -87,7 +87,8 @@ _GROUP_BWD_ARGS = [
     _i64,
     _int,
 ]
-_S_GATHER_ARGS = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _i64, _int]
+_S_GATHER_ARGS = [_ptr, _i64, _i64, _i64, _i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _i64, _int]
+_UNIQUE_ROWS_ARGS = [_ptr, _i64, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _ptr, _ptr]
 _S_UPDATE_ARGS = [_ptr, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64, _ptr, _dbl, _int]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
@@ -100,6 +101,8 @@ def _configure(lib: ctypes.CDLL) -> None:
         getattr(lib, f"pep_threshold_pool_group_bwd_{suffix}").argtypes = _GROUP_BWD_ARGS
         getattr(lib, f"pep_s_update_{suffix}").argtypes = _S_UPDATE_ARGS
         getattr(lib, f"pep_s_gather_{suffix}").argtypes = _S_GATHER_ARGS
+    lib.pep_unique_rows.argtypes = _UNIQUE_ROWS_ARGS
+    lib.pep_unique_rows.restype = _i64
 
 
 _NATIVE = NativeLibrary(
@@ -235,28 +238,66 @@ def group_backward(grad_out: Tensor, rows_all: Tensor, offsets: Tensor, psw: Ten
     return grad_rows
 
 
+def unique_rows(
+    values: Tensor,
+    num_features: int,
+    lengths: Tensor | None,
+    feature_base: Tensor,
+    num_rows: int,
+    base_sorted: Tensor,
+    base_table: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The storage rows a batch looks up (`s_optimizer.plan_step`): occurrence k's row is
+    values[j] + feature_base[f], in (n, f) order when `lengths` is None (values [F·n_max]
+    feature-major), else in (f, n < lengths[f]) order (j = k). Returns (ids, inverse, table_of_id,
+    slots, seg): exactly torch.unique(rows, return_inverse=True) and the table of each unique row (the
+    last of `base_sorted` ≤ it, mapped through `base_table`), plus the occurrences grouped by row
+    (`slots`: n·F + f, row u's at slots[seg[u]:seg[u + 1]], in occurrence order) for `s_gather`. All
+    int64; one radix sort over the ids (no pass over the num_rows table rows)."""
+    lib = load()
+    assert lib is not None
+    values = values.to(torch.int64).contiguous()
+    n = values.numel()
+    n_max = n // num_features if lengths is None and num_features else 0
+    lengths = None if lengths is None else lengths.to(torch.int64).contiguous()
+    feature_base = feature_base.to(torch.int64).contiguous()
+    base_sorted, base_table = base_sorted.contiguous(), base_table.contiguous()
+    ids, inverse, table_of_id, slots = (torch.empty(n, dtype=torch.int64) for _ in range(4))
+    seg = torch.empty(n + 1, dtype=torch.int64)
+    num_unique = lib.pep_unique_rows(
+        values.data_ptr(), n, num_features, n_max, _p(lengths), feature_base.data_ptr(), num_rows,
+        base_sorted.data_ptr(), base_table.data_ptr(), base_sorted.numel(), ids.data_ptr(),
+        inverse.data_ptr(), table_of_id.data_ptr(), slots.data_ptr(), seg.data_ptr(),
+    )  # fmt: skip
+    if num_unique < 0:
+        raise IndexError(f"unique_rows: a looked-up row is outside the storage's {num_rows} rows")
+    return ids[:num_unique], inverse, table_of_id[:num_unique], slots, seg[: num_unique + 1]
+
+
 def s_gather(
     grad: Tensor,
     num_features: int,
     width: int,
     s_off: int,
     s_width: int,
-    inverse: Tensor,
+    slots: Tensor,
+    seg: Tensor,
     lengths: Tensor | None,
-    num_unique: int,
 ) -> Tensor:
-    """g [num_unique, s_width]: the s columns of grad [N_max, F·W] (unit column stride) summed per
-    unique row through `inverse` in occurrence order ((n, f), or (f, n < lengths[f])), exactly as
-    index_add_ sums them; those columns of grad are zeroed in place."""
+    """g [U, s_width]: the s columns of grad [N_max, F·W] (unit column stride) summed per unique row
+    u over its occurrences slots[seg[u]:seg[u + 1]] (`unique_rows`) in that order, exactly as
+    index_add_ sums them in occurrence order; those columns of grad are zeroed in place, and so are
+    the padding rows' (n ≥ lengths[f])."""
     lib = load()
     assert lib is not None and grad.dtype in _SUFFIX and grad.stride(1) == 1
-    assert inverse.dtype == torch.int64 and (lengths is None or lengths.dtype == torch.int64)
-    inverse = inverse.contiguous()
+    assert slots.dtype == seg.dtype == torch.int64 and (lengths is None or lengths.dtype == torch.int64)
+    slots, seg = slots.contiguous(), seg.contiguous()
     lengths = None if lengths is None else lengths.contiguous()
+    num_unique = seg.numel() - 1
     g = torch.empty(num_unique, s_width, dtype=grad.dtype)
     getattr(lib, f"pep_s_gather_{_SUFFIX[grad.dtype]}")(
         grad.data_ptr(), grad.stride(0), grad.shape[0], num_features, width, s_off, s_width,
-        inverse.data_ptr(), _p(lengths), g.data_ptr(), num_unique, torch.get_num_threads(),
+        slots.data_ptr(), seg.data_ptr(), _p(lengths), g.data_ptr(), num_unique, torch.get_num_threads(),
     )  # fmt: skip
     return g
 

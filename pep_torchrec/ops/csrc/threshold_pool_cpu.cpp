@@ -282,7 +282,7 @@ void backward(const T* grad_out, int64_t ldgo, const T* rows, int64_t ld, int64_
 
 extern "C" {
 
-int pep_abi_version() { return 4; }
+int pep_abi_version() { return 5; }
 
 // Instantiate the kernel for the runtime `mode` (M is the compile-time copy).
 #define DISPATCH_MODE(...)                   \
@@ -338,37 +338,121 @@ int pep_abi_version() { return 4; }
 PEP_DEFINE(f32, float)
 PEP_DEFINE(f64, double)
 
+// The own s optimizer's row map (`s_optimizer.plan_step`): the batch's looked-up storage rows,
+// occurrence k's row = values[j] + feature_base[f], where occurrence order and j are
+//   lengths == null (every feature has n_max ids, values feature-major): k = n·F + f, j = f·n_max + n
+//   lengths != null: k runs over (f, n < lengths[f]), j = k.
+// Outputs what torch.unique(rows, sorted=True, return_inverse=True) and a bucketize of the unique
+// rows into the tables' storage bases give - ids [U] ascending, inverse [n] (occurrence → u),
+// table_of_id [U] (the table whose base is the last one ≤ the row) - and, for the gather, the
+// occurrences grouped by row: slots [n] (n·F + f of each occurrence, by row, occurrence order within
+// a row) with row u's occurrences at slots[seg[u] .. seg[u + 1]). Returns U.
+// How: a stable LSD radix sort of the words row << bits(n) | k on 11-bit digits of the row (ceil(log2(num_rows) / 11) passes over
+// the ids, none over the table), then one scan. Stable, so each row's occurrences stay in
+// occurrence order: the gather sums them in the order index_add_ does. A row outside
+// [0, num_rows) returns -1, rows and ids too many to pack in 63 bits (2^63 row·id pairs) -2.
+int64_t pep_unique_rows(const int64_t* values, int64_t n, int64_t F, int64_t n_max,
+                        const int64_t* lengths, const int64_t* feature_base, int64_t num_rows,
+                        const int64_t* base_sorted, const int64_t* base_table, int64_t num_tables,
+                        int64_t* ids, int64_t* inverse, int64_t* table_of_id, int64_t* slots,
+                        int64_t* seg) {
+  // Each occurrence is one 64-bit word, row << occ_bits | k, sorted on the row bits only.
+  int row_bits = 0, occ_bits = 0;
+  while (row_bits < 63 && (int64_t(1) << row_bits) < num_rows) ++row_bits;
+  while (occ_bits < 63 && (int64_t(1) << occ_bits) < n) ++occ_bits;
+  if (row_bits + occ_bits > 63) return -2;
+  const uint64_t occ_mask = (uint64_t(1) << occ_bits) - 1;
+  // Scratch kept across calls (grow-only, per thread): fresh multi-MB buffers every step cost more
+  // in page faults than the sort.
+  thread_local std::vector<uint64_t> word, word2;
+  for (auto* v : {&word, &word2})
+    if ((int64_t)v->size() < n) v->resize(n);
+  bool in_range = true;
+  if (lengths == nullptr) {  // occurrence k = i·F + f reads values[f·n_max + i]
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t i = 0; i < n_max; ++i) {
+        const int64_t row = values[f * n_max + i] + feature_base[f], k = i * F + f;
+        in_range &= row >= 0 && row < num_rows;
+        word[k] = uint64_t(row) << occ_bits | uint64_t(k);
+      }
+  } else {
+    for (int64_t f = 0, k = 0; f < F; ++f)
+      for (int64_t i = 0; i < lengths[f]; ++i, ++k) {
+        const int64_t row = values[k] + feature_base[f];
+        in_range &= row >= 0 && row < num_rows;
+        word[k] = uint64_t(row) << occ_bits | uint64_t(k);
+      }
+  }
+  if (!in_range) return -1;
+  // LSD radix sort on the row bits; one pass counts every digit.
+  constexpr int kBits = 11, kBuckets = 1 << kBits;
+  const int passes = (row_bits + kBits - 1) / kBits;
+  thread_local std::vector<int64_t> count;
+  count.assign(int64_t(passes) * kBuckets, 0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int p = 0; p < passes; ++p) ++count[p * kBuckets + ((word[i] >> (occ_bits + p * kBits)) & (kBuckets - 1))];
+  for (int p = 0; p < passes; ++p) {
+    int64_t* c = count.data() + p * kBuckets;
+    int64_t sum = 0;
+    for (int64_t b = 0; b < kBuckets; ++b) { const int64_t c0 = c[b]; c[b] = sum; sum += c0; }
+    const int shift = occ_bits + p * kBits;
+    for (int64_t i = 0; i < n; ++i) word2[c[(word[i] >> shift) & (kBuckets - 1)]++] = word[i];
+    word.swap(word2);
+  }
+  // The slot (n·F + f) of occurrence k: k itself without lengths, else from f's id range.
+  thread_local std::vector<int64_t> slot_of;
+  if (lengths) {
+    if ((int64_t)slot_of.size() < n) slot_of.resize(n);
+    int64_t k = 0;
+    for (int64_t f = 0; f < F; ++f)
+      for (int64_t i = 0; i < lengths[f]; ++i) slot_of[k++] = i * F + f;
+  }
+  int64_t U = 0, t = 0, prev = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t row = int64_t(word[i] >> occ_bits), k = int64_t(word[i] & occ_mask);
+    if (row != prev) {
+      while (t + 1 < num_tables && base_sorted[t + 1] <= row) ++t;
+      ids[U] = prev = row;
+      table_of_id[U] = base_table[t];
+      seg[U++] = i;
+    }
+    inverse[k] = U - 1;
+    slots[i] = lengths ? slot_of[k] : k;
+  }
+  seg[U] = n;
+  return U;
+}
+
 // The own s optimizer's gradient (`s_optimizer.OwnSStep.backward`): the s columns [s_off, s_off + S)
 // of the group's row gradient grad [n_max, F·W] (row stride ld; feature f's row n in columns
-// [f·W, (f+1)·W)) summed per unique looked-up row into g [U, S] (g[inverse[k]] += occurrence k, in
-// occurrence order, like index_add_), then zeroed so the TBE's optimizer never sees them. Occurrence
-// order: (n, f) when `lengths` is null (every feature has n_max ids), else (f, n < lengths[f]).
-// Threads own the unique rows u ≡ t (mod T): each scans every occurrence but adds (and zeroes) only
-// its own, so every g row still sums in occurrence order and the result is the same for any T.
+// [f·W, (f+1)·W)) summed per unique looked-up row u into g [U, S] over its occurrences
+// slots[seg[u] .. seg[u + 1]) (`pep_unique_rows`) in that order - the order index_add_ sums them in -
+// then zeroed so the TBE's optimizer never sees them; so are the s columns of the padding rows
+// n ≥ lengths[f]. Threads split the unique rows: the result is the same for any thread count.
 #define PEP_DEFINE_S_GATHER(SUFFIX, T)                                                              \
   void pep_s_gather_##SUFFIX(T* grad, int64_t ld, int64_t n_max, int64_t F, int64_t W, int64_t s_off, \
-                             int64_t S, const int64_t* inverse, const int64_t* lengths, T* g,         \
-                             int64_t U, int num_threads) {                                           \
+                             int64_t S, const int64_t* slots, const int64_t* seg, const int64_t* lengths, \
+                             T* g, int64_t U, int num_threads) {                                     \
     const int nt = U * S >= (int64_t(1) << 16) ? std::max(num_threads, 1) : 1;                      \
-    _Pragma("omp parallel num_threads(nt)") {                                                       \
-      const int64_t tid = omp_get_thread_num(), T_ = omp_get_num_threads();                         \
-      for (int64_t u = tid; u < U; u += T_) std::memset(g + u * S, 0, sizeof(T) * S);               \
-      int64_t k = 0;                                                                                \
-      for (int64_t f0 = 0; f0 < (lengths ? F : n_max); ++f0)                                        \
-        for (int64_t i = 0; i < (lengths ? n_max : F); ++i) {                                       \
-          const int64_t n = lengths ? i : f0, f = lengths ? f0 : i;                                 \
-          T* src = grad + n * ld + f * W + s_off;                                                   \
-          if (lengths && n >= lengths[f]) {                                                         \
-            if (tid == 0) std::memset(src, 0, sizeof(T) * S);                                       \
-            continue;                                                                               \
-          }                                                                                         \
-          const int64_t u = inverse[k++];                                                           \
-          if (u % T_ != tid) continue;                                                              \
-          T* dst = g + u * S;                                                                       \
-          for (int64_t c = 0; c < S; ++c) dst[c] += src[c];                                         \
-          std::memset(src, 0, sizeof(T) * S);                                                       \
+    _Pragma("omp parallel for num_threads(nt) schedule(static)")                                    \
+    for (int64_t u = 0; u < U; ++u) {                                                               \
+      T* dst = g + u * S;                                                                           \
+      std::memset(dst, 0, sizeof(T) * S);                                                           \
+      for (int64_t i = seg[u]; i < seg[u + 1]; ++i) {                                               \
+        if (i + 16 < seg[U]) {  /* the reads are random: keep ~16 of them in flight */              \
+          const int64_t ahead = slots[i + 16];                                                      \
+          __builtin_prefetch(grad + (ahead / F) * ld + (ahead % F) * W + s_off, 1);                 \
         }                                                                                           \
+        const int64_t slot = slots[i];                                                              \
+        T* src = grad + (slot / F) * ld + (slot % F) * W + s_off;                                   \
+        for (int64_t c = 0; c < S; ++c) dst[c] += src[c];                                           \
+        std::memset(src, 0, sizeof(T) * S);                                                         \
+      }                                                                                             \
     }                                                                                               \
+    if (lengths)                                                                                    \
+      for (int64_t f = 0; f < F; ++f)                                                               \
+        for (int64_t n = lengths[f]; n < n_max; ++n)                                                \
+          std::memset(grad + n * ld + f * W + s_off, 0, sizeof(T) * S);                             \
   }
 
 PEP_DEFINE_S_GATHER(f32, float)
