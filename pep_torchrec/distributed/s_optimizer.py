@@ -21,8 +21,9 @@ measured in units of gk because it is proportional to the threshold gk·σ(s): w
 gk_growth moves gk between two syncs, the step size stays right (without it, a search whose first
 eval raised gk 600x took steps 600x too large until the next sync, and s ran off to -7e5).
 
-Cost ∝ ids in the batch: one `unique` of the group's ids and one pass over those rows' s columns
-(the C++ `pep_s_update` on CPU, else a gather and a scatter of the rows). The statistics are
+Cost ∝ ids in the batch: one sort of the group's ids (on CPU a C++ radix sort, `pep_unique_rows`;
+else torch.unique), one gather of their s-gradients and one pass over those rows' s columns (the C++
+`pep_s_update` on CPU, else a gather and a scatter of the rows). The statistics are
 accumulated locally and folded into rms_t at `sync` points (the search's control steps: at evals),
 by one all-reduce of two numbers per table, so every rank of a sharded table (row-wise shards see
 disjoint rows) uses the same scale, and a run on any number of ranks takes the same steps. s does
