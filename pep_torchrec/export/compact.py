@@ -4,7 +4,16 @@ Legend: R = table rows, D = embedding dim, N = looked-up ids, B = bags, E = kept
 looked-up rows (Σ over the N ids of their row lengths), K = kept elements of the table.
 
 `CompactEmbeddingBag` never rebuilds a dense [R, D] table. Records: one per kept row, [its `length`
-values (fp32 / fp16 / int8) | their columns (uint8; int64 when D > 256)]. Two layouts hold them:
+values (fp32 / fp16 / int8) | their columns (uint8; int64 when D > 256)]. Three layouts hold them:
+
+* `masks` (D <= 64): one fixed-width slot (16, 32 or 64 bytes) per original id, `data[id · S : (id + 1) · S]`
+  = [exponent + 128 | overflow flag | column bitmask (2 / 4 / 8 bytes) | the kept values in column
+  order], mask 0 for a pruned row; a row too long for its slot keeps its mask there and has its values
+  after the slots (flag 1, their int64 byte position in the slot). No column bytes at all, so a 16-byte
+  slot holds 3 fp32 values at D = 16 (`slots`: 2). The kernel expands each slot's values into the lanes
+  its mask names and adds them masked (AVX-512; a loop over the mask's bits elsewhere): per id and 16
+  columns a few instructions and no data-dependent branch. `auto` takes the narrowest slot of masks
+  or slots (masks on a tie) holding >= 90% of the kept rows.
 
 * `slots` (D <= 256, when a slot of 16, 32 or 64 bytes holds >= 90% of the kept rows: the usual case
   for pruned tables): one fixed-width slot per original id, `data[id · S : (id + 1) · S]` =
@@ -21,7 +30,7 @@ The slot layout trades memory for latency: R · S bytes (S = 16 at 5% of D = 16,
 The fused CPU kernel (`csrc/compact_pool_cpu.cpp`, the default) pools in one pass per bag: per id,
 read its slot (or packed_R, then the record) and add the values into their columns (OpenMP over
 bags; software prefetch of the slot, or of packed_R and the record, ahead). It has no torch headers,
-builds with the system C++ compiler in ~1 s on first use into `$PEP_TORCHREC_CACHE` (default
+builds with the system C++ compiler in a few seconds on first use into `$PEP_TORCHREC_CACHE` (default
 ~/.cache/pep_torchrec) and is loaded through ctypes; if it cannot be built: one warning, then the
 torch path. `PEP_TORCHREC_DISABLE_CPU_KERNEL=1` (or `use_kernel = False`) forces the torch path.
 
@@ -44,7 +53,11 @@ artifact's dense layout) per table behind TorchRec's EBC interface (KJT in, Keye
 dtype and pooling are stacked into one such module (`group_tables`, a `TableSlice` per table), and
 the collection pools all its features in one call with ids shifted to their table's rows: a request
 then pays one lookup call where it paid one per table, with the same bits (the demo's FM, 26 tables
-for its embeddings and 26 for its first-order weights: 740 -> 230 µs a forward at batch 1).
+for its embeddings and 26 for its first-order weights: 740 -> 230 µs a forward at batch 1). A masks-
+layout group goes further (`CompactEmbeddingBag.pool_features`): the kernel takes the KJT as it is,
+checks each feature's ids against its own table, reads them at that table's rows and writes the
+[B, F · D] KeyedTensor values directly, with no shifted-id copy, range-check ops or transpose (the
+demo's embeddings: ~98 -> ~37 µs a call at batch 64, where the dense group pays them).
 """
 
 from __future__ import annotations
@@ -65,14 +78,15 @@ _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 _START_SHIFT = 24
 _EXPONENT_BIAS = 128
 _POOLINGS = ("sum", "mean")
-_LAYOUTS = ("auto", "slots", "records")
+_LAYOUTS = ("auto", "masks", "slots", "records")
 _SLOT_WIDTHS = (16, 32, 64)
 _SLOT_COVERAGE = 0.9  # `auto` picks the narrowest slot holding at least this share of the kept rows
 _OVERFLOW = 0xFF
+_MASKS_PADDING = 64  # zero bytes after the masks layout's data (the kernel's 64-byte value loads)
 
 
 _KERNEL_SOURCE = Path(__file__).with_name("csrc") / "compact_pool_cpu.cpp"
-_KERNEL_ABI = 8
+_KERNEL_ABI = 9
 # -ffp-contract=off: no FMA contraction of `x · w` and the add, so fp32 results equal the torch path.
 _KERNEL_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _VALUE_KINDS = {torch.float32: 0, torch.float16: 1, torch.int8: 2}
@@ -84,6 +98,31 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.pep_compact_pool.restype = i64
     lib.pep_compact_pool_slots.argtypes = [p, i64, i64, i64, p, i64, p, i64, i64, i32, i32, p, i32, p, i32]
     lib.pep_compact_pool_slots.restype = i64
+    lib.pep_compact_pool_masks.argtypes = [
+        p,
+        i64,
+        i64,
+        i64,
+        p,
+        p,
+        i64,
+        p,
+        i64,
+        p,
+        i32,
+        i64,
+        i64,
+        i64,
+        i32,
+        i32,
+        p,
+        i32,
+        p,
+        i32,
+        i32,
+    ]
+    lib.pep_compact_pool_masks.restype = i64
+    lib.pep_compact_masks_simd.restype = i32
 
 
 _NATIVE = NativeLibrary(
@@ -110,6 +149,16 @@ def slot_capacity(slot_bytes: int, value_bytes: int) -> tuple[int, int]:
         if value_offset + cap * value_bytes <= slot_bytes:
             best = (cap, value_offset)
     return best
+
+
+def masks_header(dim: int, value_bytes: int) -> tuple[int, int, int, int]:
+    """The masks layout's slot header for D <= 64: (mask offset, mask bytes, value offset, pointer
+    offset): [exponent + 128 | overflow flag | column bitmask | values (aligned)], and an overflowing
+    row's int64 record position at the pointer offset."""
+    mask_bytes = 2 if dim <= 16 else 4 if dim <= 32 else 8
+    mask_offset = max(2, mask_bytes)
+    value_offset = -(-(mask_offset + mask_bytes) // value_bytes) * value_bytes
+    return mask_offset, mask_bytes, value_offset, max(8, mask_offset + mask_bytes)
 
 
 def _element_positions(
@@ -165,12 +214,20 @@ class CompactEmbeddingBag(nn.Module):
         self.value_dtype = table.values.dtype
         self._value_bytes = table.values.element_size()
         self._col_bytes = 1 if table.embedding_dim <= 256 else 8  # uint8 columns: 1/8 of int64's traffic
-        self.slot_bytes, self._slot_capacity, self._value_offset = self._pick_slot(table.lengths, layout)
-        self.layout = "slots" if self.slot_bytes else "records"
+        self._mask_offset, self._mask_bytes, self._pointer_offset = 0, 0, 0
+        if self.embedding_dim <= 64:
+            self._mask_offset, self._mask_bytes, _, self._pointer_offset = masks_header(
+                self.embedding_dim, self._value_bytes
+            )
+        self.layout, self.slot_bytes, self._slot_capacity, self._value_offset = self._pick_layout(
+            table.lengths, layout
+        )
         exponents = (
             table.exponents.long() + _EXPONENT_BIAS if self.quantized else torch.zeros_like(table.lengths)
         )
-        if self.layout == "slots":
+        if self.layout == "masks":
+            data, packed = self._build_masks(table, exponents), torch.zeros(0, dtype=torch.int64)
+        elif self.layout == "slots":
             data, packed = self._build_slots(table, exponents), torch.zeros(0, dtype=torch.int64)
         else:
             data, packed = self._build_records(table, exponents)
@@ -185,6 +242,10 @@ class CompactEmbeddingBag(nn.Module):
         self._col_kind = int(self._col_bytes == 8)
         self._quantized_flag = int(self.quantized)
         self._mean_flag = int(pooling == "mean")
+        # One feature of base 0: the plain [B, D] call of the masks kernel (see `pool_features`).
+        self._plain_base = torch.zeros(1, dtype=torch.int64)
+        self._plain_rows = torch.tensor([self.num_embeddings], dtype=torch.int64)
+        self.simd = True  # the masks kernel's AVX-512 path where built; False forces its scalar loop
 
     @property
     def _col_dtype(self) -> torch.dtype:
@@ -195,18 +256,43 @@ class CompactEmbeddingBag(nn.Module):
         """Bytes of the lookup structure (slots or packed_R, plus records)."""
         return self.data.nbytes + self.packed_R.nbytes
 
-    def _pick_slot(self, lengths_Rk: Tensor, layout: str) -> tuple[int, int, int]:
-        """(slot bytes, inline capacity, value offset), or zeros for the records layout."""
-        if layout == "records" or self._col_bytes != 1:
-            if layout == "slots":
-                raise ValueError(f"layout 'slots' needs embedding_dim <= 256, got {self.embedding_dim}")
-            return 0, 0, 0
-        for width in _SLOT_WIDTHS:
-            capacity, value_offset = slot_capacity(width, self._value_bytes)
-            covered = float((lengths_Rk <= capacity).float().mean()) if lengths_Rk.numel() else 1.0
-            if covered >= _SLOT_COVERAGE or (layout == "slots" and width == _SLOT_WIDTHS[-1]):
-                return width, capacity, value_offset
-        return 0, 0, 0
+    def _pick_layout(self, lengths_Rk: Tensor, layout: str) -> tuple[str, int, int, int]:
+        """(layout, slot bytes, inline capacity, value offset); zeros for the records layout. `auto`:
+        the narrowest slot (masks or slots, masks on a tie) holding >= 90% of the kept rows, else
+        records."""
+        if layout == "slots" and self._col_bytes != 1:
+            raise ValueError(f"layout 'slots' needs embedding_dim <= 256, got {self.embedding_dim}")
+        if layout == "masks" and not self._mask_bytes:
+            raise ValueError(f"layout 'masks' needs embedding_dim <= 64, got {self.embedding_dim}")
+        if layout == "records":
+            return "records", 0, 0, 0
+
+        def covers(capacity: int) -> bool:
+            return (
+                float((lengths_Rk <= capacity).float().mean()) >= _SLOT_COVERAGE
+                if lengths_Rk.numel()
+                else True
+            )
+
+        candidates = []  # (width, masks second, layout, capacity, value offset)
+        if self._mask_bytes and layout in ("auto", "masks"):
+            value_offset = masks_header(self.embedding_dim, self._value_bytes)[2]
+            for width in _SLOT_WIDTHS:
+                capacity = (width - value_offset) // self._value_bytes
+                if width >= self._pointer_offset + 8 and (covers(capacity) or width == _SLOT_WIDTHS[-1]):
+                    if covers(capacity) or layout == "masks":
+                        candidates.append((width, 0, "masks", capacity, value_offset))
+                    break
+        if self._col_bytes == 1 and layout in ("auto", "slots"):
+            for width in _SLOT_WIDTHS:
+                capacity, value_offset = slot_capacity(width, self._value_bytes)
+                if covers(capacity) or (layout == "slots" and width == _SLOT_WIDTHS[-1]):
+                    candidates.append((width, 1, "slots", capacity, value_offset))
+                    break
+        if not candidates:
+            return "records", 0, 0, 0
+        width, _, name, capacity, value_offset = min(candidates)
+        return name, width, capacity, value_offset
 
     def _write_elements(
         self, data: Tensor, table: CompactTable, lengths: Tensor, value_start: Tensor, col_start: Tensor
@@ -256,6 +342,55 @@ class CompactEmbeddingBag(nn.Module):
             )
         return data
 
+    def _build_masks(self, table: CompactTable, exponents_Rk: Tensor) -> Tensor:
+        width, lengths, value_bytes = self.slot_bytes, table.lengths, self._value_bytes
+        inline = lengths <= self._slot_capacity
+        slot_start = table.row_ids * width
+        # Rows too long for their slot: their values after the slots; the slot points at them.
+        record_bytes = torch.where(inline, 0, lengths * value_bytes)
+        record_start = table.num_embeddings * width + torch.cumsum(record_bytes, 0) - record_bytes
+        # + _MASKS_PADDING: the kernel loads 16 values' bytes from any value position (see the .cpp).
+        data = torch.zeros(
+            table.num_embeddings * width + int(record_bytes.sum()) + _MASKS_PADDING, dtype=torch.uint8
+        )
+        data[slot_start] = exponents_Rk.to(torch.uint8)
+        data[slot_start + 1] = (~inline).to(torch.uint8)
+        owner_K = torch.repeat_interleave(
+            torch.arange(lengths.numel()), lengths, output_size=table.values.numel()
+        )
+        # Distinct powers of two: their int64 sum is their OR (bit 63 wraps to the sign bit, as it should).
+        mask = torch.zeros(lengths.numel(), dtype=torch.int64).index_add_(0, owner_K, 1 << table.cols)
+        mask_pos = (slot_start + self._mask_offset).unsqueeze(1) + torch.arange(self._mask_bytes)
+        data[mask_pos] = mask.view(torch.uint8).view(-1, 8)[:, : self._mask_bytes]
+        value_start = torch.where(inline, slot_start + self._value_offset, record_start)
+        if table.values.numel():
+            value_pos, _ = _element_positions(lengths, value_start, value_start, value_bytes, 1)
+            data[value_pos] = table.values.contiguous().view(torch.uint8).view(-1, value_bytes)
+        long_rows = torch.nonzero(~inline).squeeze(1)
+        if long_rows.numel():
+            pointer_pos = (slot_start[long_rows] + self._pointer_offset).unsqueeze(1) + torch.arange(8)
+            data[pointer_pos] = record_start[long_rows].contiguous().view(torch.uint8).view(-1, 8)
+        return data
+
+    def _mask_elements(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The masks layout read back: (row ids, lengths, exponent + 128, values [K], cols [K])."""
+        width, dim = self.slot_bytes, self.embedding_dim
+        slots = self.data[: self.num_embeddings * width].view(self.num_embeddings, width)
+        mask_bytes = slots[:, self._mask_offset : self._mask_offset + self._mask_bytes].long()
+        mask = (mask_bytes << (8 * torch.arange(self._mask_bytes))).sum(1)
+        row_ids = torch.nonzero(mask).squeeze(1)
+        kept = slots.index_select(0, row_ids)
+        bits_RkD = ((mask.index_select(0, row_ids).unsqueeze(1) >> torch.arange(dim)) & 1).bool()
+        lengths = bits_RkD.sum(1)
+        cols = torch.nonzero(bits_RkD)[:, 1]
+        pointer = (
+            kept[:, self._pointer_offset : self._pointer_offset + 8].contiguous().view(torch.int64).view(-1)
+        )
+        value_start = torch.where(kept[:, 1] != 0, pointer, row_ids * width + self._value_offset)
+        value_pos, _ = _element_positions(lengths, value_start, value_start, self._value_bytes, 1)
+        values = self.data[value_pos].contiguous().view(self.value_dtype).view(-1)
+        return row_ids, lengths, kept[:, 0].long(), values, cols
+
     def _row_layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Per kept row, read back from the layout: (row ids, lengths, exponent + 128, byte position
         of the first value, of the first column)."""
@@ -288,12 +423,15 @@ class CompactEmbeddingBag(nn.Module):
         """(packed_R with element (not byte) starts, values [K], cols [K] int64): the torch path's
         element-array view of the layout, unpacked once on first use."""
         if self._elements is None:
-            row_ids, lengths, exponent, value_start, col_start = self._row_layout()
-            value_pos, col_pos = _element_positions(
-                lengths, value_start, col_start, self._value_bytes, self._col_bytes
-            )
-            values = self.data[value_pos].contiguous().view(self.value_dtype).view(-1)
-            cols = self.data[col_pos].contiguous().view(self._col_dtype).view(-1).long()
+            if self.layout == "masks":
+                row_ids, lengths, exponent, values, cols = self._mask_elements()
+            else:
+                row_ids, lengths, exponent, value_start, col_start = self._row_layout()
+                value_pos, col_pos = _element_positions(
+                    lengths, value_start, col_start, self._value_bytes, self._col_bytes
+                )
+                values = self.data[value_pos].contiguous().view(self.value_dtype).view(-1)
+                cols = self.data[col_pos].contiguous().view(self._col_dtype).view(-1).long()
             elem_start = torch.cumsum(lengths, 0) - lengths
             packed = torch.zeros(self.num_embeddings, dtype=torch.int64)
             packed[row_ids] = (elem_start << _START_SHIFT) | (exponent << _LENGTH_BITS) | lengths
@@ -333,7 +471,18 @@ class CompactEmbeddingBag(nn.Module):
         out_BD = torch.empty(num_bags, self.embedding_dim)
         psw = per_sample_weights.data_ptr() if per_sample_weights is not None else None
         # The table's pointers are read per call (buffers may be moved / replaced, e.g. `.to()`).
-        if self.layout == "slots":
+        if self.layout == "masks":
+            status = self._pool_masks(
+                lib,
+                ids_N,
+                offsets_B1,
+                per_sample_weights,
+                self._plain_base,
+                self._plain_rows,
+                num_bags,
+                out_BD,
+            )
+        elif self.layout == "slots":
             status = lib.pep_compact_pool_slots(
                 self.data.data_ptr(), self.slot_bytes, self._value_offset, self.num_embeddings, ids_N.data_ptr(),
                 ids_N.numel(), offsets_B1.data_ptr(), num_bags, self.embedding_dim, self._value_kind,
@@ -354,6 +503,64 @@ class CompactEmbeddingBag(nn.Module):
         if status >= 0:
             raise IndexError(f"ids outside [0, {self.num_embeddings})")
         return out_BD
+
+    def _pool_masks(
+        self,
+        lib: ctypes.CDLL,
+        ids_N: Tensor,
+        offsets: Tensor,
+        psw: Tensor | None,
+        base_F: Tensor,
+        rows_F: Tensor,
+        stride: int,
+        out: Tensor,
+    ) -> int:
+        """The masks kernel over F = base_F.numel() features of `stride` bags each (ids int64, offsets
+        int64 / int32, contiguous); returns its status."""
+        return lib.pep_compact_pool_masks(
+            self.data.data_ptr(), self.slot_bytes, self._value_offset, self._pointer_offset,
+            base_F.data_ptr(), rows_F.data_ptr(), base_F.numel(), ids_N.data_ptr(), ids_N.numel(),
+            offsets.data_ptr(), int(offsets.dtype == torch.int32), offsets.numel() - 1, stride,
+            self.embedding_dim, self._value_kind, self._quantized_flag,
+            psw.data_ptr() if psw is not None else None, self._mean_flag, out.data_ptr(),
+            torch.get_num_threads(), int(self.simd),
+        )  # fmt: skip
+
+    def pool_features(
+        self, ids_N: Tensor, offsets: Tensor, psw: Tensor | None, base_F: Tensor, rows_F: Tensor, stride: int
+    ) -> Tensor | None:
+        """A KJT's F features (`stride` bags each, feature-major) pooled in one kernel call, feature f's
+        ids checked against [0, rows_F[f]) and read at row base_F[f] + id: [stride, F · D], the
+        KeyedTensor's values (no shifted-id copy, no transpose). None where the masks kernel does not
+        apply (another layout, no kernel, other dtypes): then the caller takes the generic path."""
+        num_features = base_F.numel()
+        if (
+            self.layout != "masks"
+            or not self.use_kernel
+            or ids_N.dtype != torch.int64
+            or offsets.dtype not in (torch.int64, torch.int32)
+            or ids_N.dim() != 1
+            or offsets.dim() != 1
+            or offsets.numel() != num_features * stride + 1
+            or not (ids_N.is_contiguous() and offsets.is_contiguous())
+            or (
+                psw is not None
+                and (psw.dtype != torch.float32 or psw.shape != ids_N.shape or not psw.is_contiguous())
+            )
+            or ids_N.device.type != "cpu"
+        ):
+            return None
+        lib = load_kernel()
+        if lib is None:
+            return None
+        out = torch.empty(stride, num_features * self.embedding_dim)
+        status = self._pool_masks(lib, ids_N, offsets, psw, base_F, rows_F, stride, out)
+        if status == -2:
+            raise ValueError(f"offsets must be [F · B + 1] non-decreasing from 0 to N = {ids_N.numel()}")
+        if status >= 0:
+            feature = int(torch.searchsorted(offsets.long(), status, right=True)) - 1
+            raise IndexError(f"ids outside [0, {int(rows_F[feature // stride])})")
+        return out
 
     def forward_reference(
         self, ids_N: Tensor, offsets_B1: Tensor, per_sample_weights: Tensor | None = None
@@ -513,8 +720,19 @@ class _Grouped:
         return None
 
     def pool(self, features: KeyedJaggedTensor) -> Tensor:
-        """[F, B, D]: every feature's bags in one lookup (ids shifted to their table's rows)."""
+        """[B, F, D] (maybe a transposed view): every feature's bags in one lookup (ids read at their
+        table's rows). A compact group of the masks layout does it all in its kernel (range checks,
+        row bases, the [B, F, D] order); otherwise ids are shifted here and the [F, B, D] result viewed
+        transposed."""
         ids_N = features.values()
+        pool_features = getattr(self.group, "pool_features", None)
+        if pool_features is not None:
+            stride = features.stride()
+            pooled = pool_features(
+                ids_N, features.offsets(), features.weights_or_none(), self.row_base_F, self.rows_F, stride
+            )
+            if pooled is not None:
+                return pooled.view(stride, self.row_base_F.numel(), -1)
         counts_F = torch.tensor(features.length_per_key(), dtype=torch.int64)
         num_ids = ids_N.numel()
         rows_N = torch.repeat_interleave(self.rows_F, counts_F, output_size=num_ids)
@@ -523,7 +741,7 @@ class _Grouped:
             raise IndexError(f"ids outside [0, {int(rows_N[bad])})")
         shift_N = torch.repeat_interleave(self.row_base_F, counts_F, output_size=num_ids)
         pooled = self.group(ids_N + shift_N, features.offsets(), features.weights_or_none())
-        return pooled.view(self.row_base_F.numel(), features.stride(), -1)
+        return pooled.view(self.row_base_F.numel(), features.stride(), -1).transpose(0, 1)
 
 
 class CompactEmbeddingBagCollection(nn.Module):
@@ -556,11 +774,11 @@ class CompactEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self._grouped is not None and features.keys() == self._feature_names:
-            pooled_FBD = self._grouped.pool(features)
+            pooled_BFD = self._grouped.pool(features)
             return KeyedTensor(
                 keys=self._feature_names,
                 length_per_key=self._dims,
-                values=pooled_FBD.transpose(0, 1).reshape(features.stride(), -1),
+                values=pooled_BFD.reshape(features.stride(), -1),
             )
         feature_dict = features.to_dict()
         pooled = []
@@ -599,9 +817,9 @@ class LinearWeights(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         if self._grouped is not None and features.keys() == self._feature_names:
-            pooled_FB = self._grouped.pool(features).squeeze(2)
+            pooled_BF = self._grouped.pool(features).squeeze(2)
             return KeyedTensor(
-                keys=self._feature_names, length_per_key=[1] * pooled_FB.shape[0], values=pooled_FB.t()
+                keys=self._feature_names, length_per_key=[1] * pooled_BF.shape[1], values=pooled_BF
             )
         feature_dict = features.to_dict()
         pooled = [
