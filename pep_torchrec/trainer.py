@@ -157,67 +157,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         device = env.device
-        # Tables are materialised shard by shard by DMP (which runs each table's init_fn).
-        self.train_model = build_train_model(
-            cfg, self.schema, embedding_device=torch.device("meta"), dense_device=device
-        )
-        self.sharders, constraints = plan_inputs(cfg, self.train_model, device.type)
-        pep_tables = {c.name: c.num_embeddings for c in self.train_model.model.ebc.embedding_bag_configs()}
-        self.plan_report = plan_sharding(
-            self.train_model,
-            sharders=self.sharders,
-            constraints=constraints,
-            world_size=env.world_size,
-            local_world_size=env.local_world_size,
-            compute_device=device.type,
-            batch_size=self.per_rank_batch,
-            pg=dist.group.WORLD,
-        )
-        self.model = shard_model(
-            self.train_model,
-            plan=self.plan_report.plan,
-            sharders=self.sharders,
-            device=device,
-            pg=dist.group.WORLD,
-        )
-        dense_cls = _DENSE_OPTIMIZERS[cfg.optim.dense.name]
-        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
-        self.dense_optimizer = KeyedOptimizerWrapper(
-            dense_params,
-            lambda params: dense_cls(
-                params, lr=cfg.optim.dense.lr, weight_decay=cfg.optim.dense.weight_decay
-            ),
-        )
-        self.optimizer = CombinedOptimizer(
-            [("embedding", self.model.fused_optimizer), ("dense", self.dense_optimizer)]
-        )
-        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device, execute_all_batches=True)
-
-        loader_kwargs = dict(
-            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, prefetch=cfg.data.prefetch
-        )
-        self.train_loader = ParquetBatchLoader(
-            cfg.data.path,
-            "train",
-            batch_size=self.per_rank_batch,
-            shuffle_buffer_row_groups=cfg.data.shuffle_buffer_row_groups,
-            max_rows=cfg.data.max_train_rows,
-            **loader_kwargs,
-        )
-        eval_batch = max(1, cfg.data.eval_batch_size // env.world_size)
-        self.eval_loaders = {
-            split: ParquetBatchLoader(cfg.data.path, split, batch_size=eval_batch, **loader_kwargs)
-            for split in ("valid", "test")
-        }
-        self.steps_per_epoch = self.train_loader.num_batches()
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"{cfg.data.path}: the train split has fewer rows than one global batch "
-                f"({cfg.data.batch_size}); lower data.batch_size"
-            )
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        pep_tables = self._build_model(device)
+        self._build_optimizers(device)
+        self._build_loaders()
 
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", rank=env.rank, keep=cfg.train.keep_checkpoints
@@ -250,6 +192,88 @@ class Trainer:
                 run_dir=self.run_dir,
                 steps_per_epoch=self.steps_per_epoch,
             )
+        self._start_run_dir(resume)
+
+    def _build_model(self, device: torch.device) -> dict[str, int]:
+        """Build, plan and shard the model (`train_model`, `sharders`, `plan_report`, `model`).
+
+        Returns each table's num_embeddings, as the unsharded collection declares them.
+        """
+        cfg, env = self.cfg, self.env
+        # Tables are materialised shard by shard by DMP (which runs each table's init_fn).
+        self.train_model = build_train_model(
+            cfg, self.schema, embedding_device=torch.device("meta"), dense_device=device
+        )
+        self.sharders, constraints = plan_inputs(cfg, self.train_model, device.type)
+        pep_tables = {c.name: c.num_embeddings for c in self.train_model.model.ebc.embedding_bag_configs()}
+        self.plan_report = plan_sharding(
+            self.train_model,
+            sharders=self.sharders,
+            constraints=constraints,
+            world_size=env.world_size,
+            local_world_size=env.local_world_size,
+            compute_device=device.type,
+            batch_size=self.per_rank_batch,
+            pg=dist.group.WORLD,
+        )
+        self.model = shard_model(
+            self.train_model,
+            plan=self.plan_report.plan,
+            sharders=self.sharders,
+            device=device,
+            pg=dist.group.WORLD,
+        )
+        return pep_tables
+
+    def _build_optimizers(self, device: torch.device) -> None:
+        """The dense optimizer, the combined one (with the fused embedding optimizer), the pipeline."""
+        cfg = self.cfg
+        dense_cls = _DENSE_OPTIMIZERS[cfg.optim.dense.name]
+        dense_params = dict(in_backward_optimizer_filter(self.model.named_parameters()))
+        self.dense_optimizer = KeyedOptimizerWrapper(
+            dense_params,
+            lambda params: dense_cls(
+                params, lr=cfg.optim.dense.lr, weight_decay=cfg.optim.dense.weight_decay
+            ),
+        )
+        self.optimizer = CombinedOptimizer(
+            [("embedding", self.model.fused_optimizer), ("dense", self.dense_optimizer)]
+        )
+        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, device, execute_all_batches=True)
+
+    def _build_loaders(self) -> None:
+        """This rank's train and eval loaders; `steps_per_epoch` and `total_steps`."""
+        cfg, env = self.cfg, self.env
+        loader_kwargs = dict(
+            rank=env.rank, world_size=env.world_size, seed=cfg.train.seed, prefetch=cfg.data.prefetch
+        )
+        self.train_loader = ParquetBatchLoader(
+            cfg.data.path,
+            "train",
+            batch_size=self.per_rank_batch,
+            shuffle_buffer_row_groups=cfg.data.shuffle_buffer_row_groups,
+            max_rows=cfg.data.max_train_rows,
+            **loader_kwargs,
+        )
+        eval_batch = max(1, cfg.data.eval_batch_size // env.world_size)
+        self.eval_loaders = {
+            split: ParquetBatchLoader(cfg.data.path, split, batch_size=eval_batch, **loader_kwargs)
+            for split in ("valid", "test")
+        }
+        self.steps_per_epoch = self.train_loader.num_batches()
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"{cfg.data.path}: the train split has fewer rows than one global batch "
+                f"({cfg.data.batch_size}); lower data.batch_size"
+            )
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+
+    def _start_run_dir(self, resume: bool) -> None:
+        """Create the run directory, then resume from its latest checkpoint, or start it: the config,
+        an empty metrics.jsonl, and the search's rewind point or the retrain's ticket."""
+        cfg, env = self.cfg, self.env
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._barrier()

@@ -298,10 +298,97 @@ def _prepare_raw(
 
     # Pass 1: validate, count values, hash the inputs.
     counters = {f.name: ValueCounter() for f in specs}
+    by_timestamp = split == "temporal" and reader.temporal_key == "timestamp"
+    num_kept, order_keys, order_records = _count_pass(reader, counters, log, by_timestamp)
+    timings["count_s"] = time.perf_counter() - started
+    files = [s.path for s in reader.sources]
+    if num_kept == 0:
+        raise PrepareError(
+            f"no valid row in {files}: {reader.rows_read} rows read, rejected {dict(log.rejected)}, "
+            f"filtered {dict(log.filtered)}"
+        )
+    logger.info("pass 1: %d rows read, %d kept", reader.rows_read, num_kept)
+
+    t = time.perf_counter()
+    vocabs = {f.name: Vocabulary.from_counts(f.name, counters.pop(f.name).result(), min_count) for f in specs}
+    features = [SparseFeature(f.name, vocabs[f.name].cardinality, f.multi_hot, f.transform) for f in specs]
+    temporal_codes = None
+    if by_timestamp:
+        temporal_codes = _timestamp_split_codes(order_keys, order_records, num_kept, fractions)
+    timings["vocab_s"] = time.perf_counter() - t
+
+    # Pass 2: ids, split, Parquet.
+    t = time.perf_counter()
+    splits, writers = _write_pass(
+        reader,
+        tmp,
+        vocabs,
+        features,
+        split=split,
+        fractions=fractions,
+        seed=seed,
+        num_kept=num_kept,
+        temporal_codes=temporal_codes,
+        writer_options=writer_options,
+        files=files,
+    )
+    timings["write_s"] = time.perf_counter() - t
+
+    schema = _raw_schema(
+        reader, features, splits, min_count=min_count, split=split, seed=seed, fractions=fractions
+    )
+    schema.save(tmp)
+    report = {
+        "rows_read": reader.rows_read,
+        "rows_kept": num_kept,
+        "rows_rejected": dict(sorted(log.rejected.items())),
+        "rows_rejected_total": log.rejected_rows,
+        "rows_filtered": dict(sorted(log.filtered.items())),
+        "rejected_examples": dict(sorted(log.examples.items())),
+        "files": [s.to_json() for s in reader.sources],
+    }
+    return _finish_report(report, schema, writers, timings)
+
+
+def _raw_schema(
+    reader: DatasetReader,
+    features: list[SparseFeature],
+    splits: dict[str, SplitInfo],
+    *,
+    min_count: int,
+    split: str,
+    seed: int,
+    fractions: tuple[float, float, float],
+) -> Schema:
+    """The prepared dataset's schema: features, splits, split method and the input files' provenance."""
+    return Schema(
+        dataset=reader.name,
+        sparse_features=features,
+        dense_features=list(reader.dense_features),
+        splits=splits,
+        label=LABEL,
+        min_count=min_count,
+        split_method=split,
+        seed=seed,
+        source={
+            "files": [s.to_json() for s in reader.sources],
+            "sha256_of": "the file's bytes as stored (compressed bytes for gzip files)",
+        },
+        extra={**reader.extra(), "split_fractions": list(fractions)},
+    )
+
+
+def _count_pass(
+    reader: DatasetReader, counters: dict[str, ValueCounter], log: RejectionLog, by_timestamp: bool
+) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+    """Pass 1: record rejections in `log`, count each sparse feature's values into `counters`.
+
+    Returns the number of kept rows and (`by_timestamp`) the per-block order keys and record numbers
+    of the kept rows.
+    """
     num_kept = 0
     order_keys: list[np.ndarray] = []
     order_records: list[np.ndarray] = []
-    by_timestamp = split == "temporal" and reader.temporal_key == "timestamp"
     progress = _Progress("pass 1/2 (count)", reader)
     for block in reader.blocks(hash_files=True):
         progress.update(block)
@@ -317,30 +404,42 @@ def _prepare_raw(
             order_keys.append(block.order_keys)
             order_records.append(block.records)
     progress.close()
-    timings["count_s"] = time.perf_counter() - started
-    files = [s.path for s in reader.sources]
-    if num_kept == 0:
-        raise PrepareError(
-            f"no valid row in {files}: {reader.rows_read} rows read, rejected {dict(log.rejected)}, "
-            f"filtered {dict(log.filtered)}"
-        )
-    logger.info("pass 1: %d rows read, %d kept", reader.rows_read, num_kept)
+    return num_kept, order_keys, order_records
 
-    t = time.perf_counter()
-    vocabs = {f.name: Vocabulary.from_counts(f.name, counters.pop(f.name).result(), min_count) for f in specs}
-    features = [SparseFeature(f.name, vocabs[f.name].cardinality, f.multi_hot, f.transform) for f in specs]
-    temporal_codes = None
-    if by_timestamp:
-        keys, records = np.concatenate(order_keys), np.concatenate(order_records)
-        order_keys.clear()
-        order_records.clear()
-        ranks = np.empty(num_kept, dtype=np.int64)
-        ranks[np.lexsort((records, keys))] = np.arange(num_kept)
-        temporal_codes = rank_split_codes(ranks, num_kept, fractions)
-    timings["vocab_s"] = time.perf_counter() - t
 
-    # Pass 2: ids, split, Parquet.
-    t = time.perf_counter()
+def _timestamp_split_codes(
+    order_keys: list[np.ndarray],
+    order_records: list[np.ndarray],
+    num_kept: int,
+    fractions: tuple[float, float, float],
+) -> np.ndarray:
+    """Split codes of the kept rows (input order) ranked by (timestamp, record number); empties the lists."""
+    keys, records = np.concatenate(order_keys), np.concatenate(order_records)
+    order_keys.clear()
+    order_records.clear()
+    ranks = np.empty(num_kept, dtype=np.int64)
+    ranks[np.lexsort((records, keys))] = np.arange(num_kept)
+    return rank_split_codes(ranks, num_kept, fractions)
+
+
+def _write_pass(
+    reader: DatasetReader,
+    tmp: Path,
+    vocabs: dict[str, Vocabulary],
+    features: list[SparseFeature],
+    *,
+    split: str,
+    fractions: tuple[float, float, float],
+    seed: int,
+    num_kept: int,
+    temporal_codes: np.ndarray | None,
+    writer_options: dict,
+    files: list[str],
+) -> tuple[dict[str, SplitInfo], dict[str, SplitWriter]]:
+    """Pass 2: map values to ids, assign each row its split, write the Parquet files and the vocabulary.
+
+    Returns the closed splits' info and the writers (for the label means).
+    """
     reader.check_unchanged()
     arrow_schema = _arrow_schema(features, reader.dense_features)
     writers = _open_writers(tmp, arrow_schema, writer_options)
@@ -352,15 +451,7 @@ def _prepare_raw(
         n = block.num_rows
         if not n:
             continue
-        columns: list[pa.Array] = [pa.array(block.labels, pa.int8())]
-        for f in features:
-            values = block.sparse[f.name]
-            if f.multi_hot:
-                columns.append(vocabs[f.name].lookup_lists(values))
-            else:
-                columns.append(pa.array(vocabs[f.name].lookup(values), pa.int64()))
-        columns += [pa.array(block.dense[d], pa.float32()) for d in reader.dense_features]
-        table = pa.Table.from_arrays(columns, schema=arrow_schema)
+        table = _block_table(block, features, vocabs, reader.dense_features, arrow_schema)
         if split == "random":
             codes = random_split_codes(block.records, seed, fractions)
         elif temporal_codes is not None:
@@ -374,36 +465,28 @@ def _prepare_raw(
             f"{files}: pass 2 read {position} rows, pass 1 {num_kept}: the input changed; run again"
         )
     splits = {s: w.close() for s, w in writers.items()}
-    write_vocab(tmp, [vocabs[f.name] for f in specs])
+    write_vocab(tmp, [vocabs[f.name] for f in features])
     progress.close()
-    timings["write_s"] = time.perf_counter() - t
+    return splits, writers
 
-    schema = Schema(
-        dataset=reader.name,
-        sparse_features=features,
-        dense_features=list(reader.dense_features),
-        splits=splits,
-        label=LABEL,
-        min_count=min_count,
-        split_method=split,
-        seed=seed,
-        source={
-            "files": [s.to_json() for s in reader.sources],
-            "sha256_of": "the file's bytes as stored (compressed bytes for gzip files)",
-        },
-        extra={**reader.extra(), "split_fractions": list(fractions)},
-    )
-    schema.save(tmp)
-    report = {
-        "rows_read": reader.rows_read,
-        "rows_kept": num_kept,
-        "rows_rejected": dict(sorted(log.rejected.items())),
-        "rows_rejected_total": log.rejected_rows,
-        "rows_filtered": dict(sorted(log.filtered.items())),
-        "rejected_examples": dict(sorted(log.examples.items())),
-        "files": [s.to_json() for s in reader.sources],
-    }
-    return _finish_report(report, schema, writers, timings)
+
+def _block_table(
+    block: ParsedBlock,
+    features: list[SparseFeature],
+    vocabs: dict[str, Vocabulary],
+    dense_features: Sequence[str],
+    arrow_schema: pa.Schema,
+) -> pa.Table:
+    """A parsed block's kept rows as a prepared table: label, ids per sparse feature, dense values."""
+    columns: list[pa.Array] = [pa.array(block.labels, pa.int8())]
+    for f in features:
+        values = block.sparse[f.name]
+        if f.multi_hot:
+            columns.append(vocabs[f.name].lookup_lists(values))
+        else:
+            columns.append(pa.array(vocabs[f.name].lookup(values), pa.int64()))
+    columns += [pa.array(block.dense[d], pa.float32()) for d in dense_features]
+    return pa.Table.from_arrays(columns, schema=arrow_schema)
 
 
 def _prepare_synthetic(
@@ -517,6 +600,43 @@ def prepare_dataset(
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if dataset not in DATASETS:
         raise PrepareError(f"unknown dataset {dataset!r}; have {list(DATASETS)}")
+    fractions, writer_options = _check_options(
+        split, split_fractions, compression, block_size, row_group_size, rows_per_file
+    )
+    source, min_count = _open_source(dataset, raw, min_count, seed, block_size, dataset_options)
+    with atomic_output_dir(out, overwrite) as tmp:
+        if isinstance(source, SyntheticConfig):
+            report = _prepare_synthetic(
+                source, tmp, split=split, fractions=fractions, writer_options=writer_options
+            )
+        else:
+            report = _prepare_raw(
+                source,
+                tmp,
+                min_count=min_count,
+                split=split,
+                fractions=fractions,
+                seed=seed,
+                strict=strict,
+                writer_options=writer_options,
+            )
+        run_info = _run_info(
+            dataset, raw, out, started, started_at, min_count, split, fractions, seed, strict
+        )
+        report = {**run_info, **report}
+        write_report(tmp, report)
+    return report
+
+
+def _check_options(
+    split: str,
+    split_fractions: str | Sequence[float],
+    compression: str,
+    block_size: int,
+    row_group_size: int,
+    rows_per_file: int,
+) -> tuple[tuple[float, float, float], dict]:
+    """Validate the split and output options; returns the split fractions and the `SplitWriter` options."""
     if split not in SPLIT_METHODS:
         raise PrepareError(f"unknown split method {split!r}; have {list(SPLIT_METHODS)}")
     fractions = parse_fractions(split_fractions)
@@ -532,7 +652,18 @@ def prepare_dataset(
         "rows_per_file": rows_per_file,
         "compression": compression,
     }
+    return fractions, writer_options
 
+
+def _open_source(
+    dataset: str,
+    raw: str | os.PathLike | None,
+    min_count: int | None,
+    seed: int,
+    block_size: int,
+    dataset_options: dict[str, Any],
+) -> tuple[SyntheticConfig | DatasetReader, int]:
+    """The synthetic generator's config or the raw input's reader, and the min_count that applies."""
     if dataset == "synthetic":
         if raw is not None:
             raise PrepareError("--raw does not apply to the synthetic dataset")
@@ -547,49 +678,43 @@ def prepare_dataset(
             config = SyntheticConfig(seed=seed, **dataset_options)
         except ValueError as e:
             raise PrepareError(str(e)) from None
-        reader = None
-        min_count = 1
-    else:
-        if raw is None:
-            raise PrepareError(f"--raw is required for the {dataset} dataset")
-        if dataset_options:
-            raise PrepareError(f"options {sorted(dataset_options)} apply to the synthetic dataset only")
-        reader = make_reader(dataset, raw, block_size)
-        min_count = reader.default_min_count if min_count is None else min_count
-        if min_count < 1:
-            raise PrepareError(f"min_count must be >= 1, got {min_count}")
+        return config, 1
+    if raw is None:
+        raise PrepareError(f"--raw is required for the {dataset} dataset")
+    if dataset_options:
+        raise PrepareError(f"options {sorted(dataset_options)} apply to the synthetic dataset only")
+    reader = make_reader(dataset, raw, block_size)
+    min_count = reader.default_min_count if min_count is None else min_count
+    if min_count < 1:
+        raise PrepareError(f"min_count must be >= 1, got {min_count}")
+    return reader, min_count
 
-    with atomic_output_dir(out, overwrite) as tmp:
-        if reader is None:
-            report = _prepare_synthetic(
-                config, tmp, split=split, fractions=fractions, writer_options=writer_options
-            )
-        else:
-            report = _prepare_raw(
-                reader,
-                tmp,
-                min_count=min_count,
-                split=split,
-                fractions=fractions,
-                seed=seed,
-                strict=strict,
-                writer_options=writer_options,
-            )
-        report = {
-            "dataset": dataset,
-            "raw": None if raw is None else str(Path(raw).resolve()),
-            "out": str(Path(out).resolve()),
-            "started_at": started_at,
-            "duration_s": round(time.perf_counter() - started, 3),
-            "min_count": min_count,
-            "split_method": split,
-            "split_fractions": list(fractions),
-            "seed": seed,
-            "strict": strict,
-            **report,
-        }
-        write_report(tmp, report)
-    return report
+
+def _run_info(
+    dataset: str,
+    raw: str | os.PathLike | None,
+    out: str | os.PathLike,
+    started: float,
+    started_at: str,
+    min_count: int,
+    split: str,
+    fractions: tuple[float, float, float],
+    seed: int,
+    strict: bool,
+) -> dict[str, Any]:
+    """The report's first fields: what was prepared, from where, when, how long, with which options."""
+    return {
+        "dataset": dataset,
+        "raw": None if raw is None else str(Path(raw).resolve()),
+        "out": str(Path(out).resolve()),
+        "started_at": started_at,
+        "duration_s": round(time.perf_counter() - started, 3),
+        "min_count": min_count,
+        "split_method": split,
+        "split_fractions": list(fractions),
+        "seed": seed,
+        "strict": strict,
+    }
 
 
 class _Progress:
@@ -743,7 +868,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE, help="rows per Parquet file (0: one file)"
     )
     parser.add_argument("--compression", choices=COMPRESSIONS, default="snappy", help="Parquet codec")
-    syn = parser.add_argument_group("synthetic dataset (--dataset synthetic)")
+    _add_synthetic_arguments(parser.add_argument_group("synthetic dataset (--dataset synthetic)"))
+    return parser
+
+
+def _add_synthetic_arguments(syn: argparse._ArgumentGroup) -> None:
+    """The generator's options (`_CLI_SYNTHETIC`), each defaulting to `SyntheticConfig`'s value."""
     defaults = SyntheticConfig()
     syn.add_argument("--rows", type=int, default=None, help=f"examples (default {defaults.rows:,})")
     syn.add_argument(
@@ -785,7 +915,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help=f"rows generated at once (default {defaults.chunk_rows:,})",
     )
-    return parser
 
 
 _CLI_SYNTHETIC = (

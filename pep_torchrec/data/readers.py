@@ -255,6 +255,17 @@ def iter_line_chunks(
     if source is not None:
         # Everything is read and hashed: set it before the last yields, which a consumer may not resume.
         source.sha256 = hasher.hexdigest()
+    yield from _last_chunks(pending, line, skipping, broken, long_lines)
+
+
+def _last_chunks(
+    pending: list[bytes], line: int, skipping: bool, broken: str | None, long_lines: list[int]
+) -> Iterator[LineChunk]:
+    """The end of `iter_line_chunks`: the bytes after its last cut (a final line may lack its newline).
+
+    Yields the break's chunk if the gzip stream broke, then one chunk of the remaining lines and the
+    long lines skipped since the last cut, if there are any.
+    """
     data = b"".join(pending)
     if skipping and broken is None:  # the file ended inside the overlong line
         line += 1

@@ -311,15 +311,7 @@ def parse_threshold(text: str) -> tuple[str, float]:
 def check_spec(spec: DatasetSpec) -> None:
     """The checks types cannot express; raise ValueError naming the key."""
     check_format(spec.format, "format")
-    label = spec.label
-    rules = [k for k in ("threshold", "positive", "map") if getattr(label, k)]
-    if len(rules) != 1:
-        raise ValueError(f"label: give exactly one of threshold, positive, map (got {rules or 'none'})")
-    if label.threshold:
-        parse_threshold(label.threshold)
-    for k, v in label.map.items():
-        if v not in (0, 1) or isinstance(v, bool):
-            raise ValueError(f"label.map: {k!r} maps to {v!r}, not 0 or 1")
+    _check_label(spec.label)
     if spec.min_count < 1:
         raise ValueError(f"min_count: must be >= 1, got {spec.min_count}")
     names: set[str] = set()
@@ -329,76 +321,7 @@ def check_spec(spec: DatasetSpec) -> None:
         if not f.name:
             raise ValueError(f"{key}.name: required")
         key = f"fields[{i}] ({f.name})"
-        if f.type not in FIELD_TYPES:
-            raise ValueError(f"{key}.type: {f.type!r} is not one of {list(FIELD_TYPES)}")
-        f.column = f.column or f.name
-        f.separator = unescape(f.separator)
-        if f.min_count is not None and f.min_count < 1:
-            raise ValueError(f"{key}.min_count: must be >= 1, got {f.min_count}")
-        if f.hash_buckets < 0:
-            raise ValueError(f"{key}.hash_buckets: must be >= 0, got {f.hash_buckets}")
-        if f.min_count is not None and (f.hash_buckets or f.bucketize == "quantile"):
-            raise ValueError(f"{key}.min_count: a hashed or quantile field has no vocabulary")
-        outputs = []
-        if f.type == "numeric":
-            if f.dense not in DENSE_TRANSFORMS:
-                raise ValueError(f"{key}.dense: {f.dense!r} is not one of {list(DENSE_TRANSFORMS)}")
-            if f.bucketize not in BUCKETIZERS:
-                raise ValueError(f"{key}.bucketize: {f.bucketize!r} is not one of {list(BUCKETIZERS)}")
-            if not f.dense and not f.bucketize:
-                raise ValueError(f"{key}: a numeric field needs dense and/or bucketize")
-            if f.bucketize == "log2" and not f.integer:
-                raise ValueError(f"{key}.bucketize: log2 needs integer: true")
-            if f.bucketize == "quantile" and f.num_buckets < 2:
-                raise ValueError(f"{key}.num_buckets: must be >= 2, got {f.num_buckets}")
-            if f.hash_buckets:
-                raise ValueError(f"{key}.hash_buckets: does not apply to a numeric field")
-            if f.dense:
-                f.dense_name = f.dense_name or (f"{f.name}_dense" if f.bucketize else f.name)
-                outputs.append(f.dense_name)
-            if f.bucketize:
-                outputs.append(f.name)
-                sparse_single.add(f.name)
-        else:
-            outputs.append(f.name)
-            for k in ("dense", "dense_name", "bucketize"):
-                if getattr(f, k):
-                    raise ValueError(f"{key}.{k}: applies to numeric fields only")
-        if f.type == "flags" and not f.columns:
-            raise ValueError(f"{key}.columns: required for a flags field")
-        if f.type != "flags" and f.columns:
-            raise ValueError(f"{key}.columns: applies to flags fields only")
-        if f.separator and f.type != "categorical":
-            raise ValueError(f"{key}.separator: applies to categorical fields only")
-        if f.type in ("categorical", "regex", "hour", "weekday", "cross") and not f.separator:
-            sparse_single.add(f.name)
-        if f.type in ("hour", "weekday"):
-            if f.time_format in ("unix", "unix_ms"):
-                if not f.timezone or f.timezone == "local":
-                    raise ValueError(f"{key}.timezone: required with unix times (an IANA name, e.g. UTC)")
-                _check_zone(f.timezone, key)
-            elif "%" not in f.time_format:
-                raise ValueError(
-                    f"{key}.time_format: {f.time_format!r} is neither unix, unix_ms nor a strptime format"
-                )
-            elif f.timezone not in ("", "local"):
-                raise ValueError(f"{key}.timezone: a strptime time is local already; give 'local' or nothing")
-        if f.type == "regex":
-            try:
-                compiled = re.compile(f.pattern)
-            except re.error as e:
-                raise ValueError(f"{key}.pattern: {e}") from None
-            if not f.pattern or compiled.groups > 1:
-                raise ValueError(f"{key}.pattern: need a pattern with at most one group")
-        if f.type == "cross":
-            if len(f.fields) != 2:
-                raise ValueError(f"{key}.fields: a cross needs two fields")
-            for other in f.fields:
-                if other not in sparse_single or other == f.name:
-                    raise ValueError(f"{key}.fields: {other!r} is not an earlier single-valued sparse field")
-        elif f.fields:
-            raise ValueError(f"{key}.fields: applies to cross fields only")
-        for out in outputs:
+        for out in _check_field(f, key, sparse_single):
             if out in names or out == "label":
                 raise ValueError(f"{key}: output name {out!r} is used twice (or is 'label')")
             names.add(out)
@@ -413,7 +336,110 @@ def check_spec(spec: DatasetSpec) -> None:
                 raise ValueError(f"{key}.{k}: required")
         check_format(j.format, f"{key}.format")
         j.on = j.on or j.key
-    split = spec.split
+    _check_split(spec.split)
+
+
+def _check_label(label: LabelSpec) -> None:
+    rules = [k for k in ("threshold", "positive", "map") if getattr(label, k)]
+    if len(rules) != 1:
+        raise ValueError(f"label: give exactly one of threshold, positive, map (got {rules or 'none'})")
+    if label.threshold:
+        parse_threshold(label.threshold)
+    for k, v in label.map.items():
+        if v not in (0, 1) or isinstance(v, bool):
+            raise ValueError(f"label.map: {k!r} maps to {v!r}, not 0 or 1")
+
+
+def _check_field(f: FieldSpec, key: str, sparse_single: set[str]) -> list[str]:
+    """Check one field (`key` names it) and fill in its defaults; returns the names of its outputs.
+
+    Adds the field to `sparse_single` when it makes one single-valued sparse feature (what a later
+    cross may name).
+    """
+    if f.type not in FIELD_TYPES:
+        raise ValueError(f"{key}.type: {f.type!r} is not one of {list(FIELD_TYPES)}")
+    f.column = f.column or f.name
+    f.separator = unescape(f.separator)
+    if f.min_count is not None and f.min_count < 1:
+        raise ValueError(f"{key}.min_count: must be >= 1, got {f.min_count}")
+    if f.hash_buckets < 0:
+        raise ValueError(f"{key}.hash_buckets: must be >= 0, got {f.hash_buckets}")
+    if f.min_count is not None and (f.hash_buckets or f.bucketize == "quantile"):
+        raise ValueError(f"{key}.min_count: a hashed or quantile field has no vocabulary")
+    if f.type == "numeric":
+        outputs = _check_numeric(f, key, sparse_single)
+    else:
+        outputs = [f.name]
+        for k in ("dense", "dense_name", "bucketize"):
+            if getattr(f, k):
+                raise ValueError(f"{key}.{k}: applies to numeric fields only")
+    if f.type == "flags" and not f.columns:
+        raise ValueError(f"{key}.columns: required for a flags field")
+    if f.type != "flags" and f.columns:
+        raise ValueError(f"{key}.columns: applies to flags fields only")
+    if f.separator and f.type != "categorical":
+        raise ValueError(f"{key}.separator: applies to categorical fields only")
+    if f.type in ("categorical", "regex", "hour", "weekday", "cross") and not f.separator:
+        sparse_single.add(f.name)
+    if f.type in ("hour", "weekday"):
+        _check_time(f, key)
+    if f.type == "regex":
+        try:
+            compiled = re.compile(f.pattern)
+        except re.error as e:
+            raise ValueError(f"{key}.pattern: {e}") from None
+        if not f.pattern or compiled.groups > 1:
+            raise ValueError(f"{key}.pattern: need a pattern with at most one group")
+    if f.type == "cross":
+        if len(f.fields) != 2:
+            raise ValueError(f"{key}.fields: a cross needs two fields")
+        for other in f.fields:
+            if other not in sparse_single or other == f.name:
+                raise ValueError(f"{key}.fields: {other!r} is not an earlier single-valued sparse field")
+    elif f.fields:
+        raise ValueError(f"{key}.fields: applies to cross fields only")
+    return outputs
+
+
+def _check_numeric(f: FieldSpec, key: str, sparse_single: set[str]) -> list[str]:
+    """A numeric field's checks; names its dense output; returns its outputs (dense, then sparse)."""
+    if f.dense not in DENSE_TRANSFORMS:
+        raise ValueError(f"{key}.dense: {f.dense!r} is not one of {list(DENSE_TRANSFORMS)}")
+    if f.bucketize not in BUCKETIZERS:
+        raise ValueError(f"{key}.bucketize: {f.bucketize!r} is not one of {list(BUCKETIZERS)}")
+    if not f.dense and not f.bucketize:
+        raise ValueError(f"{key}: a numeric field needs dense and/or bucketize")
+    if f.bucketize == "log2" and not f.integer:
+        raise ValueError(f"{key}.bucketize: log2 needs integer: true")
+    if f.bucketize == "quantile" and f.num_buckets < 2:
+        raise ValueError(f"{key}.num_buckets: must be >= 2, got {f.num_buckets}")
+    if f.hash_buckets:
+        raise ValueError(f"{key}.hash_buckets: does not apply to a numeric field")
+    outputs = []
+    if f.dense:
+        f.dense_name = f.dense_name or (f"{f.name}_dense" if f.bucketize else f.name)
+        outputs.append(f.dense_name)
+    if f.bucketize:
+        outputs.append(f.name)
+        sparse_single.add(f.name)
+    return outputs
+
+
+def _check_time(f: FieldSpec, key: str) -> None:
+    """An hour or weekday field's time format and zone."""
+    if f.time_format in ("unix", "unix_ms"):
+        if not f.timezone or f.timezone == "local":
+            raise ValueError(f"{key}.timezone: required with unix times (an IANA name, e.g. UTC)")
+        _check_zone(f.timezone, key)
+    elif "%" not in f.time_format:
+        raise ValueError(
+            f"{key}.time_format: {f.time_format!r} is neither unix, unix_ms nor a strptime format"
+        )
+    elif f.timezone not in ("", "local"):
+        raise ValueError(f"{key}.timezone: a strptime time is local already; give 'local' or nothing")
+
+
+def _check_split(split: SplitSpec) -> None:
     if split.method not in SPLIT_METHODS:
         raise ValueError(f"split.method: {split.method!r} is not one of {list(SPLIT_METHODS)}")
     if len(split.fractions) != 3 or min(split.fractions) < 0 or abs(sum(split.fractions) - 1) > 1e-6:

@@ -265,20 +265,7 @@ def prepare_from_spec(
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     spec_file = resolve_spec_path(str(spec_path))
     spec = load_spec(spec_file)
-    if min_count is not None:
-        if min_count < 1:
-            raise PrepareError(f"min_count must be >= 1, got {min_count}")
-        spec.min_count = min_count
-    if split is not None:
-        if split not in ("random", "temporal"):
-            raise PrepareError(
-                f"--split {split!r}: random or temporal (given-files splits are set in the spec)"
-            )
-        spec.split.method = split
-    if split_fractions is not None:
-        spec.split.fractions = list(parse_fractions(split_fractions))
-    if seed is not None:
-        spec.split.seed = seed
+    _override(spec, min_count, split, split_fractions, seed)
     fractions = parse_fractions(spec.split.fractions)
     if compression not in COMPRESSIONS:
         raise PrepareError(f"unknown compression {compression!r}; have {list(COMPRESSIONS)}")
@@ -314,6 +301,30 @@ def prepare_from_spec(
     return report
 
 
+def _override(
+    spec: DatasetSpec,
+    min_count: int | None,
+    split: str | None,
+    split_fractions: str | Sequence[float] | None,
+    seed: int | None,
+) -> None:
+    """Set the spec's `min_count` and `split.method`, `split.fractions`, `split.seed` to those given."""
+    if min_count is not None:
+        if min_count < 1:
+            raise PrepareError(f"min_count must be >= 1, got {min_count}")
+        spec.min_count = min_count
+    if split is not None:
+        if split not in ("random", "temporal"):
+            raise PrepareError(
+                f"--split {split!r}: random or temporal (given-files splits are set in the spec)"
+            )
+        spec.split.method = split
+    if split_fractions is not None:
+        spec.split.fractions = list(parse_fractions(split_fractions))
+    if seed is not None:
+        spec.split.seed = seed
+
+
 def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, strict: bool,
              writer_options: dict) -> dict[str, Any]:  # fmt: skip
     timings: dict[str, float] = {}
@@ -326,22 +337,104 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
     counters = {f.name: ValueCounter() for f in vocab_fields}
     stats = _TrainStats(spec, seed)
     by_column = method == "temporal" and bool(spec.split.column)
-    order_keys: list[np.ndarray] = []
-    order_records: list[np.ndarray] = []
-    num_kept = 0
-    multi_names: set[str] = set()
-
-    def codes_of(block: SpecBlock, position: int, ranks: np.ndarray | None) -> np.ndarray:
-        n = block.num_rows
-        if method == "random":
-            return random_split_codes(block.records, seed, fractions)
-        if method == "files":
-            return np.full(n, block.split_code, dtype=np.int8)
-        if ranks is not None:
-            return rank_split_codes(ranks[position : position + n], num_kept, fractions)
-        return rank_split_codes(np.arange(position, position + n), num_kept, fractions)
 
     # Pass 1: validate, count, (random / files split) train statistics.
+    num_kept, multi_names, order_keys, order_records = _count_pass(
+        spec, reader, fractions, log, counters, stats, by_column
+    )
+    timings["count_s"] = time.perf_counter() - t
+    if num_kept == 0:
+        raise PrepareError(
+            f"no valid row in {[str(p) for p in reader.files]}: {reader.rows_read} rows read, rejected "
+            f"{dict(log.rejected)}, filtered {dict(log.filtered)}"
+        )
+    ranks = _order_ranks(order_keys, order_records, num_kept) if by_column else None
+    if stats.needed and method == "temporal":  # pass 1b: the train rows are known only now
+        t1 = time.perf_counter()
+        _add_train_stats(spec, reader, stats, fractions, num_kept, ranks)
+        timings["train_stats_s"] = time.perf_counter() - t1
+    train_stats = stats.result()
+
+    t = time.perf_counter()
+    vocabs = _vocabularies(spec, vocab_fields, counters)
+    features = _sparse_features(sparse, vocabs, multi_names)
+    timings["vocab_s"] = time.perf_counter() - t
+
+    # Pass 2: ids, dense values, split, Parquet.
+    t = time.perf_counter()
+    splits, writers = _write_pass(
+        spec,
+        reader,
+        tmp,
+        features,
+        dense,
+        vocabs,
+        train_stats,
+        fractions=fractions,
+        num_kept=num_kept,
+        ranks=ranks,
+        writer_options=writer_options,
+    )
+    write_vocab(tmp, [vocabs[f.name] for f in vocab_fields])
+    joins = _write_joins(spec, reader, tmp)
+    timings["write_s"] = time.perf_counter() - t
+
+    schema = _spec_schema(spec, reader, features, dense, splits, fractions, train_stats, joins)
+    schema.save(tmp)
+    report = {
+        "rows_read": reader.rows_read,
+        "rows_kept": num_kept,
+        "rows_rejected": dict(sorted(log.rejected.items())),
+        "rows_rejected_total": log.rejected_rows,
+        "rows_filtered": dict(sorted(log.filtered.items())),
+        "rejected_examples": dict(sorted(log.examples.items())),
+        "files": [s.to_json() for s in reader.sources],
+    }
+    return _finish_report(report, schema, writers, timings)
+
+
+def _split_codes(
+    spec: DatasetSpec,
+    block: SpecBlock,
+    fractions: tuple[float, float, float],
+    position: int,
+    num_kept: int,
+    ranks: np.ndarray | None,
+) -> np.ndarray:
+    """Split codes (0 train, 1 valid, 2 test) of a block's rows, its first being kept row `position`.
+
+    `num_kept` and `position` matter to the temporal split only (a random or given-files split needs
+    neither); `ranks`: each kept row's rank by the split column, in input order (None: input order).
+    """
+    n = block.num_rows
+    if spec.split.method == "random":
+        return random_split_codes(block.records, spec.split.seed, fractions)
+    if spec.split.method == "files":
+        return np.full(n, block.split_code, dtype=np.int8)
+    if ranks is not None:
+        return rank_split_codes(ranks[position : position + n], num_kept, fractions)
+    return rank_split_codes(np.arange(position, position + n), num_kept, fractions)
+
+
+def _count_pass(
+    spec: DatasetSpec,
+    reader: SpecReader,
+    fractions: tuple[float, float, float],
+    log: RejectionLog,
+    counters: dict[str, ValueCounter],
+    stats: _TrainStats,
+    by_column: bool,
+) -> tuple[int, set[str], list[np.ndarray], list[np.ndarray]]:
+    """Pass 1: record rejections in `log`, count values into `counters`, and (random / files split)
+    add the train rows to `stats`.
+
+    Returns the number of kept rows, the names of the fields with a bag per row, and (`by_column`)
+    the per-block split-column keys and record numbers of the kept rows.
+    """
+    num_kept = 0
+    multi_names: set[str] = set()
+    order_keys: list[np.ndarray] = []
+    order_records: list[np.ndarray] = []
     for block in reader.blocks(hash_files=True):
         log.record(block.path, block.rejects)
         for reason, count in block.filtered.items():
@@ -355,38 +448,54 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
         if by_column:
             order_keys.append(block.order_keys)
             order_records.append(block.records)
-        if stats.needed and method != "temporal":
-            stats.add(block, codes_of(block, 0, None) == 0)
+        if stats.needed and spec.split.method != "temporal":
+            stats.add(block, _split_codes(spec, block, fractions, 0, num_kept, None) == 0)
         num_kept += block.num_rows
-    timings["count_s"] = time.perf_counter() - t
-    if num_kept == 0:
-        raise PrepareError(
-            f"no valid row in {[str(p) for p in reader.files]}: {reader.rows_read} rows read, rejected "
-            f"{dict(log.rejected)}, filtered {dict(log.filtered)}"
-        )
-    ranks = None
-    if by_column:
-        keys, records = np.concatenate(order_keys), np.concatenate(order_records)
-        order_keys.clear()
-        order_records.clear()
-        ranks = np.empty(num_kept, dtype=np.int64)
-        ranks[np.lexsort((records, keys))] = np.arange(num_kept)
-    if stats.needed and method == "temporal":  # pass 1b: the train rows are known only now
-        t1 = time.perf_counter()
-        reader.check_unchanged()
-        position = 0
-        for block in reader.blocks():
-            if block.num_rows:
-                stats.add(block, codes_of(block, position, ranks) == 0)
-                position += block.num_rows
-        timings["train_stats_s"] = time.perf_counter() - t1
-    train_stats = stats.result()
+    return num_kept, multi_names, order_keys, order_records
 
-    t = time.perf_counter()
+
+def _order_ranks(order_keys: list[np.ndarray], order_records: list[np.ndarray], num_kept: int) -> np.ndarray:
+    """Each kept row's rank by (split column, record number), in input order; empties the lists."""
+    keys, records = np.concatenate(order_keys), np.concatenate(order_records)
+    order_keys.clear()
+    order_records.clear()
+    ranks = np.empty(num_kept, dtype=np.int64)
+    ranks[np.lexsort((records, keys))] = np.arange(num_kept)
+    return ranks
+
+
+def _add_train_stats(
+    spec: DatasetSpec,
+    reader: SpecReader,
+    stats: _TrainStats,
+    fractions: tuple[float, float, float],
+    num_kept: int,
+    ranks: np.ndarray | None,
+) -> None:
+    """Pass 1b (temporal split): add the train rows to `stats`, known once pass 1 has counted them."""
+    reader.check_unchanged()
+    position = 0
+    for block in reader.blocks():
+        if block.num_rows:
+            stats.add(block, _split_codes(spec, block, fractions, position, num_kept, ranks) == 0)
+            position += block.num_rows
+
+
+def _vocabularies(
+    spec: DatasetSpec, vocab_fields: list, counters: dict[str, ValueCounter]
+) -> dict[str, Vocabulary]:
+    """The vocabulary of each vocabulary field (its `min_count`, else the spec's); empties `counters`."""
     vocabs: dict[str, Vocabulary] = {}
     for f in vocab_fields:
         threshold = f.min_count if f.min_count is not None else spec.min_count
         vocabs[f.name] = Vocabulary.from_counts(f.name, counters.pop(f.name).result(), threshold)
+    return vocabs
+
+
+def _sparse_features(
+    sparse: list, vocabs: dict[str, Vocabulary], multi_names: set[str]
+) -> list[SparseFeature]:
+    """The schema's sparse features: cardinality by id kind, multi-hot when a row holds a bag."""
     features = []
     for f in sparse:
         kind = sparse_kind(f)
@@ -397,10 +506,24 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
         multi = f.name in multi_names or f.type == "flags" or (f.type == "categorical" and bool(f.separator))
         transform = "criteo_log_bucket" if f.bucketize == "log2" else "none"
         features.append(SparseFeature(f.name, card, multi, transform))
-    timings["vocab_s"] = time.perf_counter() - t
+    return features
 
-    # Pass 2: ids, dense values, split, Parquet.
-    t = time.perf_counter()
+
+def _write_pass(
+    spec: DatasetSpec,
+    reader: SpecReader,
+    tmp: Path,
+    features: list[SparseFeature],
+    dense: list,
+    vocabs: dict[str, Vocabulary],
+    train_stats: dict[str, dict[str, Any]],
+    *,
+    fractions: tuple[float, float, float],
+    num_kept: int,
+    ranks: np.ndarray | None,
+    writer_options: dict,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pass 2: ids, dense values, split, Parquet. Returns the closed splits' info and the writers."""
     reader.check_unchanged()
     multi_names = {sf.name for sf in features if sf.multi_hot}
     fields = [pa.field(LABEL, pa.int8())]
@@ -418,42 +541,47 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
         columns += transform.sparse_columns(block)
         columns += [pa.array(v, pa.float32()) for v in transform.dense_columns(block)]
         table = pa.Table.from_arrays(columns, schema=arrow_schema)
-        _write_rows(writers, table, codes_of(block, position, ranks))
+        _write_rows(writers, table, _split_codes(spec, block, fractions, position, num_kept, ranks))
         position += n
     if position != num_kept:
         raise PrepareError(f"pass 2 read {position} rows, pass 1 {num_kept}: the input changed; run again")
     splits = {s: w.close() for s, w in writers.items()}
-    write_vocab(tmp, [vocabs[f.name] for f in vocab_fields])
+    return splits, writers
+
+
+def _write_joins(spec: DatasetSpec, reader: SpecReader, tmp: Path) -> list[dict[str, Any]]:
+    """Write each side table as joined (duplicates and bad lines out), for serving to join the same way."""
     joins = []
     for i, (j, side) in enumerate(zip(spec.joins, reader.side_tables)):
-        # The side table as joined (duplicates and bad lines out), for serving to join the same way.
         columns = joined_columns(spec, j, list(side.columns))
         (tmp / JOIN_FILE.format(i)).write_bytes(side_table_bytes(side, columns))
         joins.append(
             {"name": j.name, "file": JOIN_FILE.format(i), "columns": columns, "rows": len(side.keys)}
         )
-    timings["write_s"] = time.perf_counter() - t
+    return joins
 
-    field_facts = {}
-    for f in spec.fields:
-        facts: dict[str, Any] = {"type": f.type}
-        if f.type != "numeric" or f.bucketize:
-            facts["ids"] = sparse_kind(f)
-            if sparse_kind(f) == "vocab":
-                facts["min_count"] = f.min_count if f.min_count is not None else spec.min_count
-            if f.hash_buckets:
-                facts["hash"] = "fnv1a64(utf-8 value) mod hash_buckets"
-        facts.update(train_stats.get(f.name, {}))
-        field_facts[f.name] = facts
-    schema = Schema(
+
+def _spec_schema(
+    spec: DatasetSpec,
+    reader: SpecReader,
+    features: list[SparseFeature],
+    dense: list,
+    splits: dict[str, Any],
+    fractions: tuple[float, float, float],
+    train_stats: dict[str, dict[str, Any]],
+    joins: list[dict[str, Any]],
+) -> Schema:
+    """The prepared dataset's schema: features, splits, provenance, the spec and each field's facts."""
+    field_facts = _field_facts(spec, train_stats)
+    return Schema(
         dataset=spec.name,
         sparse_features=features,
         dense_features=[f.dense_name for f in dense],
         splits=splits,
         label=LABEL,
         min_count=spec.min_count,
-        split_method=method,
-        seed=seed,
+        split_method=spec.split.method,
+        seed=spec.split.seed,
         source={
             "files": [s.to_json() for s in reader.sources],
             "sha256_of": "the file's bytes as stored (compressed bytes for gzip files)",
@@ -465,17 +593,22 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
             "joins": joins,
         },  # fmt: skip
     )
-    schema.save(tmp)
-    report = {
-        "rows_read": reader.rows_read,
-        "rows_kept": num_kept,
-        "rows_rejected": dict(sorted(log.rejected.items())),
-        "rows_rejected_total": log.rejected_rows,
-        "rows_filtered": dict(sorted(log.filtered.items())),
-        "rejected_examples": dict(sorted(log.examples.items())),
-        "files": [s.to_json() for s in reader.sources],
-    }
-    return _finish_report(report, schema, writers, timings)
+
+
+def _field_facts(spec: DatasetSpec, train_stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """schema.json's `extra.fields`: each field's type, id kind, vocabulary threshold, train statistics."""
+    field_facts = {}
+    for f in spec.fields:
+        facts: dict[str, Any] = {"type": f.type}
+        if f.type != "numeric" or f.bucketize:
+            facts["ids"] = sparse_kind(f)
+            if sparse_kind(f) == "vocab":
+                facts["min_count"] = f.min_count if f.min_count is not None else spec.min_count
+            if f.hash_buckets:
+                facts["hash"] = "fnv1a64(utf-8 value) mod hash_buckets"
+        facts.update(train_stats.get(f.name, {}))
+        field_facts[f.name] = facts
+    return field_facts
 
 
 def run(args: argparse.Namespace) -> int:

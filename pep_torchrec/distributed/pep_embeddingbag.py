@@ -238,6 +238,21 @@ class ShardedPEPInnerEmbeddingBagCollection(ShardedEmbeddingBagCollection):
             self._embedding_bag_configs = configs
 
 
+def _count_row_shards(
+    table_names: list[str], table_name_to_parameter_sharding: dict[str, ParameterSharding]
+) -> dict[tuple[str, int], int]:
+    """Row shards per (table, column offset): the number of kernel calls, across ranks, that touch
+    the same coarse columns each forward (the pressure is split between them)."""
+    row_shards: dict[tuple[str, int], int] = {}
+    for name in table_names:
+        spec = table_name_to_parameter_sharding[name].sharding_spec
+        shards = getattr(spec, "shards", None) or []
+        for shard in shards:
+            key = (name, int(shard.shard_offsets[1]))
+            row_shards[key] = row_shards.get(key, 0) + 1
+    return row_shards
+
+
 class ShardedPEPEmbeddingBagCollection(
     ShardedEmbeddingModule[KJTList, list[Tensor], KeyedTensor, EmbeddingBagCollectionContext]
 ):
@@ -299,9 +314,27 @@ class ShardedPEPEmbeddingBagCollection(
             pep_specs=specs,
         )
 
-        # Coarse thresholds: the unsharded module's parameters (same names), materialised at s0 if
-        # it was built on meta, and placed on the compute device (the kernels read them there).
-        param_device = device or torch.device("cpu")
+        self._init_coarse_thresholds(module, device or torch.device("cpu"))
+        self._row_shards = _count_row_shards(self._table_names, table_name_to_parameter_sharding)
+
+        for kernel in self._pep_kernels():
+            kernel.bind_step_params(self._step_params)
+        # Thresholds with their own optimizer (`pep.s_optimizer: sgd`, distributed/s_optimizer.py).
+        self.s_optimizer: SOptimizerSync | None = self._init_s_optimizer(getattr(module, "s_optimizer", None))
+        self._untouched_coarse: list[str] = self._find_untouched_coarse()
+
+        # The unsharded key order (table order, `feature@table` for shared features); sharded EBCs
+        # group keys by sharding type.
+        self._embedding_names: list[str] = [
+            name for names in get_embedding_names_by_table(module.embedding_bag_configs()) for name in names
+        ]
+        self._needs_layout = bool(self._untouched_coarse) or (
+            list(self._embedding_bag_collection._embedding_names) != self._embedding_names
+        )
+
+    def _init_coarse_thresholds(self, module: PEPEmbeddingBagCollection, param_device: torch.device) -> None:
+        """Coarse thresholds: the unsharded module's parameters (same names), materialised at s0 if
+        it was built on meta, and placed on the compute device (the kernels read them there)."""
         if hasattr(module, "threshold"):
             param = module.threshold
             if param.is_meta:
@@ -317,49 +350,34 @@ class ShardedPEPEmbeddingBagCollection(
             else:
                 self.thresholds.to(param_device)
 
-        # Row shards per (table, column offset): the number of kernel calls, across ranks, that
-        # touch the same coarse columns each forward (the pressure is split between them).
-        self._row_shards: dict[tuple[str, int], int] = {}
-        for name in self._table_names:
-            spec = table_name_to_parameter_sharding[name].sharding_spec
-            shards = getattr(spec, "shards", None) or []
-            for shard in shards:
-                key = (name, int(shard.shard_offsets[1]))
-                self._row_shards[key] = self._row_shards.get(key, 0) + 1
+    def _init_s_optimizer(self, settings: Any) -> SOptimizerSync | None:
+        """The thresholds' own optimizer when the module has `s_optimizer` settings (not in retrain)."""
+        if settings is None or self.retrain:
+            return None
+        if self.mode not in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
+            raise ValueError(
+                f"pep.s_optimizer=sgd needs s in the stored rows (granularity feature or "
+                f"feature_dim), not {self.granularity!r}"
+            )
+        states = [kernel.bind_s_optimizer(settings) for kernel in self._pep_kernels()]
+        return SOptimizerSync(settings, list(self._table_names), states)
 
-        for kernel in self._pep_kernels():
-            kernel.bind_step_params(self._step_params)
-        # Thresholds with their own optimizer (`pep.s_optimizer: sgd`, distributed/s_optimizer.py).
-        self.s_optimizer: SOptimizerSync | None = None
-        settings = getattr(module, "s_optimizer", None)
-        if settings is not None and not self.retrain:
-            if self.mode not in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
-                raise ValueError(
-                    f"pep.s_optimizer=sgd needs s in the stored rows (granularity feature or "
-                    f"feature_dim), not {self.granularity!r}"
-                )
-            states = [kernel.bind_s_optimizer(settings) for kernel in self._pep_kernels()]
-            self.s_optimizer = SOptimizerSync(settings, list(self._table_names), states)
+    def _find_untouched_coarse(self) -> list[str]:
+        """Coarse parameters no local shard reads (table-wise puts a table on one rank), as table names
+        (any one, for the shared `threshold`).
 
-        # Coarse parameters no local shard reads (table-wise puts a table on one rank): touched with
-        # a zero each forward, so they get a (zero) gradient on every rank. DMP's DDP runs with
-        # static_graph=True, which would tolerate them; DDP with find_unused_parameters=False would not.
+        They are touched with a zero each forward, so they get a (zero) gradient on every rank. DMP's
+        DDP runs with static_graph=True, which would tolerate them; DDP with
+        find_unused_parameters=False would not.
+        """
         local_tables = {spec.name for kernel in self._pep_kernels() for spec, *_ in kernel.pep_tables()}
-        self._untouched_coarse: list[str] = []  # table names (any one, for the shared `threshold`)
+        untouched: list[str] = []
         if self.mode is ThresholdMode.COARSE:
             shared = self.granularity in ("global", "dimension")
-            self._untouched_coarse = [n for n in self._table_names if n not in local_tables]
+            untouched = [n for n in self._table_names if n not in local_tables]
             if shared:
-                self._untouched_coarse = self._untouched_coarse[:1] if not local_tables else []
-
-        # The unsharded key order (table order, `feature@table` for shared features); sharded EBCs
-        # group keys by sharding type.
-        self._embedding_names: list[str] = [
-            name for names in get_embedding_names_by_table(module.embedding_bag_configs()) for name in names
-        ]
-        self._needs_layout = bool(self._untouched_coarse) or (
-            list(self._embedding_bag_collection._embedding_names) != self._embedding_names
-        )
+                untouched = untouched[:1] if not local_tables else []
+        return untouched
 
     # ---- the kernels' view of this module ------------------------------------------------------
 

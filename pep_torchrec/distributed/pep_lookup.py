@@ -320,11 +320,24 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
         ids_per_feature: list[int] = features.length_per_key()
         starts = list(accumulate(ids_per_feature, initial=0))
 
-        # Gather: feature f gets N_max one-id bags; bag n holds id n of f while n < N_f, later bags
-        # are empty (zero rows, no gradient). One TBE call for the whole group: the TBE wants the
-        # same bag count for every feature (short of VBE), hence the padding to N_max, which costs
-        # T·N_max·C output elements (∝ ids when the features of a group have similar id counts).
-        # `length_per_key()` is cached by the input dist when it can be; else it syncs the host.
+        rows_all = self._gather_rows(values, ids_per_feature, starts)  # [N_max, sum over features of C]
+        rows_all = self._own_s(rows_all, values, ids_per_feature, num_features)
+
+        grouped = self._grouped_threshold_pool(rows_all, offsets, weights, num_features)
+        if grouped is not None:
+            return grouped
+        return self._threshold_pool_per_feature(rows_all, offsets, weights, ids_per_feature, starts, batch)
+
+    def _gather_rows(self, values: Tensor, ids_per_feature: list[int], starts: list[int]) -> Tensor:
+        """The stored rows of every id of the group, [N_max, sum over features of C]: feature f's C
+        columns hold the rows of its N_f ids, then zero rows.
+
+        Feature f gets N_max one-id bags; bag n holds id n of f while n < N_f, later bags are empty
+        (zero rows, no gradient). One TBE call for the whole group: the TBE wants the same bag count
+        for every feature (short of VBE), hence the padding to N_max, which costs T·N_max·C output
+        elements (∝ ids when the features of a group have similar id counts).
+        `length_per_key()` is cached by the input dist when it can be; else it syncs the host.
+        """
         num_bags = max([*ids_per_feature, 1])
         device = values.device
         start_T = torch.tensor(starts[:-1], dtype=torch.int64, device=device)
@@ -336,16 +349,22 @@ class PEPBatchedFusedEmbeddingBag(BatchedFusedEmbeddingBag):
                 torch.tensor([starts[-1]], dtype=torch.int64, device=device),
             ]
         )
-        rows_all = self.emb_module(
+        return self.emb_module(
             indices=values.to(self._embedding_table_index_type),
             offsets=gather_offsets.to(self._embedding_table_offset_type),
-        )  # [N_max, sum over features of C]
-        rows_all = self._own_s(rows_all, values, ids_per_feature, num_features)
+        )
 
-        grouped = self._grouped_threshold_pool(rows_all, offsets, weights, num_features)
-        if grouped is not None:
-            return grouped
-
+    def _threshold_pool_per_feature(
+        self,
+        rows_all: Tensor,
+        offsets: Tensor,
+        weights: Tensor | None,
+        ids_per_feature: list[int],
+        starts: list[int],
+        batch: int,
+    ) -> Tensor:
+        """`threshold_pool` on each feature's block of the gathered rows; [B, sum of output cols]."""
+        num_features = len(ids_per_feature)
         # One autograd node splits the TBE output into the features' [N_f, C] blocks, and its
         # backward writes every feature's gradient into one [N_max, sum C] buffer. (Slicing
         # `rows_all[:N_f, col:col + C]` per feature made autograd materialise a full-size zero

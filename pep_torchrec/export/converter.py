@@ -307,33 +307,7 @@ class ArtifactConverter:
         if layout == "dense" and dtype == "int8":
             raise ConfigError("the dense layout stores fp32 or fp16 tables")
         tables, source, model_state = self.pruned_tables()
-        manifest_tables, emb_tensors = [], {}
-        dense_fp32 = 0
-        for config in self.train_tables():
-            name = config.name
-            table_RD = tables[name]
-            compact = compress_table(table_RD, dtype)
-            if layout == "compact":
-                tensors, encoding = encode_table(name, compact)
-            else:
-                weight = compact.to_dense()
-                tensors = {f"{name}.weight": weight.to(torch.float16 if dtype == "fp16" else torch.float32)}
-                encoding = {"layout": "dense"}
-            emb_tensors.update(tensors)
-            dense_fp32 += config.num_embeddings * config.embedding_dim * 4
-            manifest_tables.append(
-                {
-                    "name": name,
-                    "feature_names": list(config.feature_names),
-                    "num_embeddings": config.num_embeddings,
-                    "embedding_dim": config.embedding_dim,
-                    "pooling": "mean" if config.pooling.name == "MEAN" else "sum",
-                    "kept_rows": compact.kept_rows,
-                    "kept_params": compact.kept_params,
-                    "bytes": tensors_bytes(tensors, f"{name}."),
-                    "encoding": encoding,
-                }
-            )
+        manifest_tables, emb_tensors, dense_fp32 = self._encode_tables(tables, dtype, layout)
 
         dense_tensors, linear_names = self._dense_tensors(model_state)
         files: dict[str, Any] = {
@@ -365,15 +339,7 @@ class ArtifactConverter:
                 "num_dense": len(self.schema.dense_features),
                 "linear_tables": linear_names,
             },
-            "dataset": {
-                "name": self.schema.dataset,
-                "path": str(Path(self.cfg.data.path).resolve()),
-                "sparse_features": [f.name for f in self.schema.sparse_features],
-                "dense_features": list(self.schema.dense_features),
-                "cardinalities": self.schema.cardinalities,
-                "min_count": self.schema.min_count,
-                "vocab": VOCAB_FILE if vocab_features else None,
-            },
+            "dataset": self._dataset_manifest(VOCAB_FILE if vocab_features else None),
             "inputs": inputs,
             "tables": manifest_tables,
             "embedding_params": params,
@@ -381,20 +347,70 @@ class ArtifactConverter:
             "kept_share": kept / params if params else 0.0,
             "total_bytes": total,
             "dense_fp32_bytes": dense_fp32,
-            "source": {
-                "run_dir": str(source.run_dir.resolve()),
-                "stage": source.stage,
-                "checkpoint": str(source.checkpoint.resolve()),
-                "step": source.step,
-                "gk": source.gk,
-                "granularity": self.cfg.pep.granularity if self.stage != "baseline" else None,
-                "mask": str(source.mask_dir.resolve()) if source.mask_dir else None,
-                "mask_budget": (source.mask_meta or {}).get("budget"),
-                "mask_kept": (source.mask_meta or {}).get("kept"),
-            },
+            "source": self._source_manifest(source),
         }
         write_artifact(out, manifest, files)
         return json.loads((Path(out) / "manifest.json").read_text())
+
+    def _encode_tables(
+        self, tables: dict[str, torch.Tensor], dtype: str, layout: str
+    ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], int]:
+        """Each pruned table in the artifact's form: its manifest entry, its tensors (`<table>.*`),
+        and the bytes the tables would take as dense fp32 (summed over tables)."""
+        manifest_tables, emb_tensors = [], {}
+        dense_fp32 = 0
+        for config in self.train_tables():
+            name = config.name
+            table_RD = tables[name]
+            compact = compress_table(table_RD, dtype)
+            if layout == "compact":
+                tensors, encoding = encode_table(name, compact)
+            else:
+                weight = compact.to_dense()
+                tensors = {f"{name}.weight": weight.to(torch.float16 if dtype == "fp16" else torch.float32)}
+                encoding = {"layout": "dense"}
+            emb_tensors.update(tensors)
+            dense_fp32 += config.num_embeddings * config.embedding_dim * 4
+            manifest_tables.append(
+                {
+                    "name": name,
+                    "feature_names": list(config.feature_names),
+                    "num_embeddings": config.num_embeddings,
+                    "embedding_dim": config.embedding_dim,
+                    "pooling": "mean" if config.pooling.name == "MEAN" else "sum",
+                    "kept_rows": compact.kept_rows,
+                    "kept_params": compact.kept_params,
+                    "bytes": tensors_bytes(tensors, f"{name}."),
+                    "encoding": encoding,
+                }
+            )
+        return manifest_tables, emb_tensors, dense_fp32
+
+    def _dataset_manifest(self, vocab_file: str | None) -> dict[str, Any]:
+        """The manifest's `dataset`: the prepared dataset the model was trained on."""
+        return {
+            "name": self.schema.dataset,
+            "path": str(Path(self.cfg.data.path).resolve()),
+            "sparse_features": [f.name for f in self.schema.sparse_features],
+            "dense_features": list(self.schema.dense_features),
+            "cardinalities": self.schema.cardinalities,
+            "min_count": self.schema.min_count,
+            "vocab": vocab_file,
+        }
+
+    def _source_manifest(self, source: ExportSource) -> dict[str, Any]:
+        """The manifest's `source`: the run, checkpoint and mask the tables come from."""
+        return {
+            "run_dir": str(source.run_dir.resolve()),
+            "stage": source.stage,
+            "checkpoint": str(source.checkpoint.resolve()),
+            "step": source.step,
+            "gk": source.gk,
+            "granularity": self.cfg.pep.granularity if self.stage != "baseline" else None,
+            "mask": str(source.mask_dir.resolve()) if source.mask_dir else None,
+            "mask_budget": (source.mask_meta or {}).get("budget"),
+            "mask_kept": (source.mask_meta or {}).get("kept"),
+        }
 
     # ---- pieces (public for tests: the exactness test rebuilds the reference from them) ---------
 

@@ -250,100 +250,17 @@ def decode_table(
     num_rows, dim = int(spec["num_embeddings"]), int(spec["embedding_dim"])
     kept_rows, kept_params = int(spec["kept_rows"]), int(spec["kept_params"])
     encoding = spec["encoding"]
-    rows = _need(tensors, f"{name}.rows", where)
-    if encoding["rows"] == "bitmap":
-        _check(
-            rows.dtype == torch.uint8 and tuple(rows.shape) == ((num_rows + 7) // 8,),
-            where,
-            f"rows bitmap has dtype {rows.dtype} shape {tuple(rows.shape)}",
-        )
-        bits = np.unpackbits(rows.numpy(), bitorder="little")
-        _check(not bits[num_rows:].any(), where, "rows bitmap has bits past num_embeddings")
-        row_ids = torch.from_numpy(np.nonzero(bits[:num_rows])[0].astype(np.int64))
-    elif encoding["rows"] == "ids":
-        _check(rows.dtype == torch.int32 and rows.dim() == 1, where, f"row ids have dtype {rows.dtype}")
-        row_ids = rows.long()
-        _check(
-            bool((row_ids[1:] > row_ids[:-1]).all()) if row_ids.numel() > 1 else True,
-            where,
-            "row ids are not strictly ascending",
-        )
-        _check(
-            row_ids.numel() == 0 or (int(row_ids[0]) >= 0 and int(row_ids[-1]) < num_rows),
-            where,
-            f"row ids outside [0, {num_rows})",
-        )
-    else:
-        raise ArtifactError(f"{where}: unknown rows encoding {encoding['rows']!r}")
+    row_ids = _decode_rows(name, tensors, encoding["rows"], num_rows, where)
     _check(
         row_ids.numel() == kept_rows, where, f"{row_ids.numel()} kept rows stored, manifest says {kept_rows}"
     )
 
     if encoding["cols"] == "index":
-        lengths = _need(tensors, f"{name}.lengths", where).long()
-        cols = _need(tensors, f"{name}.cols", where).long()
-        _check(
-            tuple(lengths.shape) == (kept_rows,),
-            where,
-            f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)",
-        )
-        _check(
-            tuple(cols.shape) == (kept_params,), where, f"cols shape {tuple(cols.shape)} != ({kept_params},)"
-        )
-        _check(
-            kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()),
-            where,
-            "row lengths outside [1, D]",
-        )
-        _check(int(lengths.sum()) == kept_params, where, "row lengths do not sum to kept_params")
-        _check(
-            kept_params == 0 or bool(((cols >= 0) & (cols < dim)).all()),
-            where,
-            f"column index outside [0, {dim})",
-        )
-        if kept_params > 1:
-            # Within a row, columns must ascend: a step down is allowed only at a row start.
-            starts = torch.zeros(kept_params, dtype=torch.bool)
-            starts[torch.cumsum(lengths, 0)[:-1]] = True
-            _check(
-                bool(((cols[1:] > cols[:-1]) | starts[1:]).all()), where, "columns not ascending within a row"
-            )
+        lengths, cols = _decode_index_cols(name, tensors, kept_rows, kept_params, dim, where)
     elif encoding["cols"] == "prefix":
-        lengths = _need(tensors, f"{name}.lengths", where).long()
-        order = _need(tensors, f"{name}.colorder", where).long()
-        _check(
-            tuple(lengths.shape) == (kept_rows,),
-            where,
-            f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)",
-        )
-        _check(
-            tuple(order.shape) == (dim,) and torch.equal(torch.sort(order).values, torch.arange(dim)),
-            where,
-            f"colorder is not a permutation of the {dim} columns",
-        )
-        _check(
-            kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()),
-            where,
-            "row lengths outside [1, D]",
-        )
-        _check(int(lengths.sum()) == kept_params, where, "row lengths do not sum to kept_params")
-        cols = _prefix_cols(order, lengths)
+        lengths, cols = _decode_prefix_cols(name, tensors, kept_rows, kept_params, dim, where)
     elif encoding["cols"] == "bitmap":
-        colmask = _need(tensors, f"{name}.colmask", where)
-        _check(
-            colmask.dtype == torch.uint8 and tuple(colmask.shape) == (kept_rows, (dim + 7) // 8),
-            where,
-            f"colmask has dtype {colmask.dtype} shape {tuple(colmask.shape)}",
-        )
-        bits = np.unpackbits(colmask.numpy(), axis=1, bitorder="little")
-        _check(not bits[:, dim:].any(), where, "colmask has bits past embedding_dim")
-        bits = bits[:, :dim]
-        lengths = torch.from_numpy(bits.sum(axis=1).astype(np.int64))
-        cols = torch.from_numpy(np.nonzero(bits)[1].astype(np.int64))
-        _check(kept_rows == 0 or bool((lengths >= 1).all()), where, "a kept row has no kept column")
-        _check(
-            cols.numel() == kept_params, where, f"{cols.numel()} kept elements, manifest says {kept_params}"
-        )
+        lengths, cols = _decode_bitmap_cols(name, tensors, kept_rows, kept_params, dim, where)
     else:
         raise ArtifactError(f"{where}: unknown cols encoding {encoding['cols']!r}")
 
@@ -364,6 +281,114 @@ def decode_table(
     else:
         _check(bool(torch.isfinite(values).all()), where, "non-finite values")
     return CompactTable(num_rows, dim, row_ids, lengths, cols, values, exponents)
+
+
+def _decode_rows(
+    name: str, tensors: dict[str, torch.Tensor], rows_encoding: str, num_rows: int, where: str
+) -> torch.Tensor:
+    """The kept rows' ids ([kept_rows] int64, ascending) from a bitmap or an id list."""
+    rows = _need(tensors, f"{name}.rows", where)
+    if rows_encoding == "bitmap":
+        _check(
+            rows.dtype == torch.uint8 and tuple(rows.shape) == ((num_rows + 7) // 8,),
+            where,
+            f"rows bitmap has dtype {rows.dtype} shape {tuple(rows.shape)}",
+        )
+        bits = np.unpackbits(rows.numpy(), bitorder="little")
+        _check(not bits[num_rows:].any(), where, "rows bitmap has bits past num_embeddings")
+        row_ids = torch.from_numpy(np.nonzero(bits[:num_rows])[0].astype(np.int64))
+    elif rows_encoding == "ids":
+        _check(rows.dtype == torch.int32 and rows.dim() == 1, where, f"row ids have dtype {rows.dtype}")
+        row_ids = rows.long()
+        _check(
+            bool((row_ids[1:] > row_ids[:-1]).all()) if row_ids.numel() > 1 else True,
+            where,
+            "row ids are not strictly ascending",
+        )
+        _check(
+            row_ids.numel() == 0 or (int(row_ids[0]) >= 0 and int(row_ids[-1]) < num_rows),
+            where,
+            f"row ids outside [0, {num_rows})",
+        )
+    else:
+        raise ArtifactError(f"{where}: unknown rows encoding {rows_encoding!r}")
+    return row_ids
+
+
+def _decode_index_cols(
+    name: str, tensors: dict[str, torch.Tensor], kept_rows: int, kept_params: int, dim: int, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row lengths and column ids stored as they are (ascending within a row)."""
+    lengths = _need(tensors, f"{name}.lengths", where).long()
+    cols = _need(tensors, f"{name}.cols", where).long()
+    _check(
+        tuple(lengths.shape) == (kept_rows,),
+        where,
+        f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)",
+    )
+    _check(tuple(cols.shape) == (kept_params,), where, f"cols shape {tuple(cols.shape)} != ({kept_params},)")
+    _check(
+        kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()),
+        where,
+        "row lengths outside [1, D]",
+    )
+    _check(int(lengths.sum()) == kept_params, where, "row lengths do not sum to kept_params")
+    _check(
+        kept_params == 0 or bool(((cols >= 0) & (cols < dim)).all()),
+        where,
+        f"column index outside [0, {dim})",
+    )
+    if kept_params > 1:
+        # Within a row, columns must ascend: a step down is allowed only at a row start.
+        starts = torch.zeros(kept_params, dtype=torch.bool)
+        starts[torch.cumsum(lengths, 0)[:-1]] = True
+        _check(bool(((cols[1:] > cols[:-1]) | starts[1:]).all()), where, "columns not ascending within a row")
+    return lengths, cols
+
+
+def _decode_prefix_cols(
+    name: str, tensors: dict[str, torch.Tensor], kept_rows: int, kept_params: int, dim: int, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row lengths over one column order shared by all rows: a row keeps a prefix of it."""
+    lengths = _need(tensors, f"{name}.lengths", where).long()
+    order = _need(tensors, f"{name}.colorder", where).long()
+    _check(
+        tuple(lengths.shape) == (kept_rows,),
+        where,
+        f"lengths shape {tuple(lengths.shape)} != ({kept_rows},)",
+    )
+    _check(
+        tuple(order.shape) == (dim,) and torch.equal(torch.sort(order).values, torch.arange(dim)),
+        where,
+        f"colorder is not a permutation of the {dim} columns",
+    )
+    _check(
+        kept_rows == 0 or bool(((lengths >= 1) & (lengths <= dim)).all()),
+        where,
+        "row lengths outside [1, D]",
+    )
+    _check(int(lengths.sum()) == kept_params, where, "row lengths do not sum to kept_params")
+    return lengths, _prefix_cols(order, lengths)
+
+
+def _decode_bitmap_cols(
+    name: str, tensors: dict[str, torch.Tensor], kept_rows: int, kept_params: int, dim: int, where: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row lengths and column ids from a [kept_rows, ceil(D / 8)] column bitmask."""
+    colmask = _need(tensors, f"{name}.colmask", where)
+    _check(
+        colmask.dtype == torch.uint8 and tuple(colmask.shape) == (kept_rows, (dim + 7) // 8),
+        where,
+        f"colmask has dtype {colmask.dtype} shape {tuple(colmask.shape)}",
+    )
+    bits = np.unpackbits(colmask.numpy(), axis=1, bitorder="little")
+    _check(not bits[:, dim:].any(), where, "colmask has bits past embedding_dim")
+    bits = bits[:, :dim]
+    lengths = torch.from_numpy(bits.sum(axis=1).astype(np.int64))
+    cols = torch.from_numpy(np.nonzero(bits)[1].astype(np.int64))
+    _check(kept_rows == 0 or bool((lengths >= 1).all()), where, "a kept row has no kept column")
+    _check(cols.numel() == kept_params, where, f"{cols.numel()} kept elements, manifest says {kept_params}")
+    return lengths, cols
 
 
 # ---------------------------------------------------------------------------------------------------

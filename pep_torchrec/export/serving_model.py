@@ -90,8 +90,6 @@ def _vocabulary(table: pa.Table, name: str, where: Path) -> Vocabulary:
 
 def load_artifact(path: str | Path) -> LoadedArtifact:
     """Verify and load an artifact directory. Raises ArtifactError (never a half-built model)."""
-    from pep_torchrec.models import build_model
-
     path = Path(path)
     manifest = read_manifest(path)
     contents = verify_files(path, manifest)
@@ -104,71 +102,15 @@ def load_artifact(path: str | Path) -> LoadedArtifact:
     where = str(path / EMBEDDINGS_FILE)
     try:
         configs = _table_configs(manifest)
-        tables: dict[str, CompactTable | torch.Tensor] = {}
-        poolings = {spec["name"]: spec["pooling"] for spec in manifest["tables"]}
-        for spec, config in zip(manifest["tables"], configs):
-            if layout == "compact":
-                tables[config.name] = decode_table(config.name, emb, spec, dtype, where)
-            else:
-                weight = emb.get(f"{config.name}.weight")
-                if weight is None or tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
-                    raise ArtifactError(f"{where}: dense table {config.name!r} missing or of the wrong shape")
-                tables[config.name] = weight
-        # One lookup over all tables when they can share one (same D, dtype, pooling: the usual case),
-        # so a request pays one lookup call, not one per table; either way the same numbers.
-        bags: dict[str, nn.Module] | None = group_tables(tables, poolings)
-        if bags is None:
-            bags = {
-                name: CompactEmbeddingBag(t, pooling=poolings[name])
-                if isinstance(t, CompactTable)
-                else DenseEmbeddingBag(t, pooling=poolings[name])
-                for name, t in tables.items()
-            }
+        bags = _embedding_bags(manifest, configs, emb, dtype, layout, where)
         ebc = CompactEmbeddingBagCollection(configs, bags)
-        model_cfg = manifest["model"]
-        # FM builds a full-size first-order EBC on `ebc.device`: meta, so nothing is allocated for it;
-        # it is replaced by the artifact's [R] weights right after.
-        ebc.device = torch.device("meta")
-        model = build_model(
-            model_cfg["name"], ebc=ebc, num_dense=int(model_cfg["num_dense"]), **model_cfg["options"]
-        )
-        ebc.device = torch.device("cpu")
-        linear_names = model_cfg.get("linear_tables") or []
-        if getattr(model, "linear_ebc", None) is not None:
-            missing = [c.name for c in configs if f"linear.{c.name}" not in dense_state]
-            if missing or sorted(linear_names) != sorted(c.name for c in configs):
-                raise ArtifactError(f"{path / DENSE_FILE}: first-order weights missing for tables {missing}")
-            model.linear_ebc = LinearWeights(
-                configs, {c.name: dense_state[f"linear.{c.name}"] for c in configs}
-            )
-        state = {k.removeprefix("model."): v for k, v in dense_state.items() if k.startswith("model.")}
-        expected = {k for k in model.state_dict() if not k.startswith(("ebc.", "linear_ebc."))}
-        if set(state) != expected:
-            raise ArtifactError(
-                f"{path / DENSE_FILE}: parameters do not match model {model_cfg['name']!r}: "
-                f"missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
-            )
-        result = model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise ArtifactError(f"{path / DENSE_FILE}: unexpected parameters {result.unexpected_keys[:5]}")
-        model.eval()
+        model = _build_model(manifest, configs, ebc, dense_state, path)
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{path}: inconsistent artifact ({type(e).__name__}: {e})") from e
 
-    vocab: dict[str, Vocabulary] = {}
-    vocab_file = manifest["dataset"].get("vocab")
-    if vocab_file:
-        if vocab_file not in contents:
-            raise ArtifactError(f"{path / vocab_file}: not listed in the manifest")
-        try:
-            table = pq.read_table(io.BytesIO(contents[vocab_file]))
-        except Exception as e:  # pyarrow raises several types for corrupt Parquet
-            raise ArtifactError(f"{path / vocab_file}: not a readable Parquet file ({e})") from e
-        for spec in manifest["inputs"]["sparse"]:
-            if spec["vocab"]:
-                vocab[spec["name"]] = _vocabulary(table, spec["name"], path / vocab_file)
+    vocab = _load_vocab(manifest, contents, path)
     spec_inputs = None
     if "spec" in manifest["inputs"]:
         for entry in manifest["inputs"].get("joins", []):
@@ -181,3 +123,90 @@ def load_artifact(path: str | Path) -> LoadedArtifact:
                 f"{path}: inputs of the spec'd dataset unusable ({type(e).__name__}: {e})"
             ) from e
     return LoadedArtifact(path=path, manifest=manifest, model=model, vocab=vocab, spec_inputs=spec_inputs)
+
+
+def _embedding_bags(
+    manifest: dict[str, Any],
+    configs: list[EmbeddingBagConfig],
+    emb: dict[str, torch.Tensor],
+    dtype: str,
+    layout: str,
+    where: str,
+) -> dict[str, nn.Module]:
+    """The tables' lookup modules: decoded compact tables or dense weights, grouped when they can be."""
+    tables: dict[str, CompactTable | torch.Tensor] = {}
+    poolings = {spec["name"]: spec["pooling"] for spec in manifest["tables"]}
+    for spec, config in zip(manifest["tables"], configs):
+        if layout == "compact":
+            tables[config.name] = decode_table(config.name, emb, spec, dtype, where)
+        else:
+            weight = emb.get(f"{config.name}.weight")
+            if weight is None or tuple(weight.shape) != (config.num_embeddings, config.embedding_dim):
+                raise ArtifactError(f"{where}: dense table {config.name!r} missing or of the wrong shape")
+            tables[config.name] = weight
+    # One lookup over all tables when they can share one (same D, dtype, pooling: the usual case),
+    # so a request pays one lookup call, not one per table; either way the same numbers.
+    bags: dict[str, nn.Module] | None = group_tables(tables, poolings)
+    if bags is None:
+        bags = {
+            name: CompactEmbeddingBag(t, pooling=poolings[name])
+            if isinstance(t, CompactTable)
+            else DenseEmbeddingBag(t, pooling=poolings[name])
+            for name, t in tables.items()
+        }
+    return bags
+
+
+def _build_model(
+    manifest: dict[str, Any],
+    configs: list[EmbeddingBagConfig],
+    ebc: CompactEmbeddingBagCollection,
+    dense_state: dict[str, torch.Tensor],
+    path: Path,
+) -> nn.Module:
+    """The manifest's model around `ebc`, with the artifact's dense (and first-order) weights, in eval mode."""
+    from pep_torchrec.models import build_model
+
+    model_cfg = manifest["model"]
+    # FM builds a full-size first-order EBC on `ebc.device`: meta, so nothing is allocated for it;
+    # it is replaced by the artifact's [R] weights right after.
+    ebc.device = torch.device("meta")
+    model = build_model(
+        model_cfg["name"], ebc=ebc, num_dense=int(model_cfg["num_dense"]), **model_cfg["options"]
+    )
+    ebc.device = torch.device("cpu")
+    linear_names = model_cfg.get("linear_tables") or []
+    if getattr(model, "linear_ebc", None) is not None:
+        missing = [c.name for c in configs if f"linear.{c.name}" not in dense_state]
+        if missing or sorted(linear_names) != sorted(c.name for c in configs):
+            raise ArtifactError(f"{path / DENSE_FILE}: first-order weights missing for tables {missing}")
+        model.linear_ebc = LinearWeights(configs, {c.name: dense_state[f"linear.{c.name}"] for c in configs})
+    state = {k.removeprefix("model."): v for k, v in dense_state.items() if k.startswith("model.")}
+    expected = {k for k in model.state_dict() if not k.startswith(("ebc.", "linear_ebc."))}
+    if set(state) != expected:
+        raise ArtifactError(
+            f"{path / DENSE_FILE}: parameters do not match model {model_cfg['name']!r}: "
+            f"missing {sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
+        )
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ArtifactError(f"{path / DENSE_FILE}: unexpected parameters {result.unexpected_keys[:5]}")
+    model.eval()
+    return model
+
+
+def _load_vocab(manifest: dict[str, Any], contents: dict[str, bytes], path: Path) -> dict[str, Vocabulary]:
+    """The vocabularies of the sparse inputs that have one (empty when the artifact has no vocab file)."""
+    vocab: dict[str, Vocabulary] = {}
+    vocab_file = manifest["dataset"].get("vocab")
+    if vocab_file:
+        if vocab_file not in contents:
+            raise ArtifactError(f"{path / vocab_file}: not listed in the manifest")
+        try:
+            table = pq.read_table(io.BytesIO(contents[vocab_file]))
+        except Exception as e:  # pyarrow raises several types for corrupt Parquet
+            raise ArtifactError(f"{path / vocab_file}: not a readable Parquet file ({e})") from e
+        for spec in manifest["inputs"]["sparse"]:
+            if spec["vocab"]:
+                vocab[spec["name"]] = _vocabulary(table, spec["name"], path / vocab_file)
+    return vocab

@@ -384,6 +384,40 @@ def create_app(settings: Settings, *, fast_predict: bool = True) -> FastAPI:
     """
     metrics = ServiceMetrics()
     holder = ModelHolder(settings, metrics)
+    app = FastAPI(
+        title="pep-torchrec inference",
+        version="1",
+        lifespan=_lifespan(settings, holder),
+        description="CTR scores from a PEP-pruned model artifact (raw feature values in).",
+    )
+    app.state.holder, app.state.metrics, app.state.settings = holder, metrics, settings
+    # Added first, so it runs inside `record`: its 413s are counted like every other status.
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+
+    @app.middleware("http")
+    async def record(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = route.path if route is not None else "unmatched"
+            metrics.request(path, request.method, status, time.perf_counter() - start)
+
+    if fast_predict:  # added last: the outermost layer, in front of `record` and the body limit
+        app.add_middleware(_FastPredict, holder=holder, metrics=metrics, limit=settings.max_body_bytes)
+    _add_error_handlers(app)
+    _add_routes(app, holder, metrics)
+    if settings.admin_token:
+        _add_reload_route(app, holder, settings.admin_token.encode())
+    return app
+
+
+def _lifespan(settings: Settings, holder: ModelHolder) -> Any:
+    """The app's lifespan: threads, the model (unless `run` loaded it already), SIGHUP → reload."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -407,31 +441,11 @@ def create_app(settings: Settings, *, fast_predict: bool = True) -> FastAPI:
         except ArtifactError as e:
             logger.error("reload refused, still serving the previous model: %s", e)
 
-    app = FastAPI(
-        title="pep-torchrec inference",
-        version="1",
-        lifespan=lifespan,
-        description="CTR scores from a PEP-pruned model artifact (raw feature values in).",
-    )
-    app.state.holder, app.state.metrics, app.state.settings = holder, metrics, settings
-    # Added first, so it runs inside `record`: its 413s are counted like every other status.
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    return lifespan
 
-    @app.middleware("http")
-    async def record(request: Request, call_next):
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = route.path if route is not None else "unmatched"
-            metrics.request(path, request.method, status, time.perf_counter() - start)
 
-    if fast_predict:  # added last: the outermost layer, in front of `record` and the body limit
-        app.add_middleware(_FastPredict, holder=holder, metrics=metrics, limit=settings.max_body_bytes)
+def _add_error_handlers(app: FastAPI) -> None:
+    """422s in FastAPI's error shape, for the predictor's errors and the request model's."""
 
     @app.exception_handler(RequestError)
     def request_error(_: Request, e: RequestError) -> JSONResponse:
@@ -445,6 +459,10 @@ def create_app(settings: Settings, *, fast_predict: bool = True) -> FastAPI:
             for err in e.errors()
         ]
         return JSONResponse(status_code=422, content={"detail": detail})
+
+
+def _add_routes(app: FastAPI, holder: ModelHolder, metrics: ServiceMetrics) -> None:
+    """The public routes: /v1/predict (the regular path), /healthz, /readyz, /metrics."""
 
     @app.post(
         "/v1/predict",
@@ -477,40 +495,35 @@ def create_app(settings: Settings, *, fast_predict: bool = True) -> FastAPI:
             metrics.render(predictor.version if predictor else None), media_type="text/plain; version=0.0.4"
         )
 
-    if settings.admin_token:
-        token = settings.admin_token.encode()
 
-        @app.post("/admin/reload")
-        def reload(
-            request: ReloadRequest | None = None, authorization: str | None = Header(default=None)
-        ) -> JSONResponse:
-            given = (authorization or "").removeprefix("Bearer ").encode()
-            if not hmac.compare_digest(given, token):
-                return _error(
-                    401, ["header", "authorization"], "admin token missing or wrong", "unauthorized"
-                )
-            request = request or ReloadRequest()
-            target = None
-            if request.artifact is not None:
-                target = holder.under_root(request.artifact)
-                if target is None:
-                    return _error(
-                        403, ["body", "artifact"], "not under the service's artifact root", "forbidden"
-                    )
-            try:
-                predictor = holder.load(target, force=request.force)
-            except ArtifactError as e:
-                logger.error("reload refused, still serving the previous model: %s", e)
-                kind = "schema_change" if isinstance(e, SchemaChange) else "artifact_error"
-                return _error(
-                    409,
-                    ["body", "artifact"],
-                    f"reload refused, still serving the previous model: {holder.redact(str(e))}",
-                    kind,
-                )
-            return JSONResponse(content={"status": "reloaded", "model_version": predictor.version})
+def _add_reload_route(app: FastAPI, holder: ModelHolder, token: bytes) -> None:
+    """POST /admin/reload, behind the admin token (`token`: its UTF-8 bytes)."""
 
-    return app
+    @app.post("/admin/reload")
+    def reload(
+        request: ReloadRequest | None = None, authorization: str | None = Header(default=None)
+    ) -> JSONResponse:
+        given = (authorization or "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(given, token):
+            return _error(401, ["header", "authorization"], "admin token missing or wrong", "unauthorized")
+        request = request or ReloadRequest()
+        target = None
+        if request.artifact is not None:
+            target = holder.under_root(request.artifact)
+            if target is None:
+                return _error(403, ["body", "artifact"], "not under the service's artifact root", "forbidden")
+        try:
+            predictor = holder.load(target, force=request.force)
+        except ArtifactError as e:
+            logger.error("reload refused, still serving the previous model: %s", e)
+            kind = "schema_change" if isinstance(e, SchemaChange) else "artifact_error"
+            return _error(
+                409,
+                ["body", "artifact"],
+                f"reload refused, still serving the previous model: {holder.redact(str(e))}",
+                kind,
+            )
+        return JSONResponse(content={"status": "reloaded", "model_version": predictor.version})
 
 
 # ---------------------------------------------------------------------------------------------------
