@@ -1,7 +1,7 @@
 """Base-model quality on the real data in ../shared/data: dataset x model → valid/test AUC, logloss,
 steps, examples/s. Writes benchmarks/results/baselines.{json,md}.
 
-    python benchmarks/baselines.py [--datasets movielens,criteo] [--models fm,deepfm,autoint,dlrm]
+    python -m benchmarks.baselines [--datasets movielens,criteo] [--models fm,deepfm,autoint,dlrm]
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import REPO, SHARED_DATA, machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks.common import REPO, SHARED_DATA, machine_info, markdown_table, write_results
 from pep_torchrec import cli  # noqa: E402
 
 RAW = {"movielens": SHARED_DATA / "ml-100k", "criteo": SHARED_DATA / "criteo_kaggle_head10k"}
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}.",
             "1 process (world size 1), CPU, fused Adagrad tables + Adam dense; test metrics are those of the",
             "best-on-valid checkpoint. ml-100k test AUC has a sampling error of about 0.004; Criteo 10k about 0.02.",
-            "Reproduce: `python benchmarks/baselines.py` (each row's training command is in baselines.json).",
+            "Reproduce: `python -m benchmarks.baselines` (each row's training command is in baselines.json).",
             "",
             markdown_table(rows, columns),
             "",

@@ -1,7 +1,7 @@
 """The `threshold_pool` op alone: fused kernel vs the pure-PyTorch reference, forward and
 forward+backward, in ms and in GB/s against the machine's measured copy bandwidth.
 
-    OMP_NUM_THREADS=1 python benchmarks/kernel.py [--quick] [--device cpu|cuda] [--name kernel]
+    OMP_NUM_THREADS=1 python -m benchmarks.kernel [--quick] [--device cpu|cuda] [--name kernel]
 
 Legend: N = gathered rows, B = bags, D = embedding dim, W = stored row width.
 
@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 from pep_torchrec.ops import (  # noqa: E402
     ThresholdMode,

@@ -9,7 +9,7 @@ fine-tuned); magnitude under PEP's row rules; uniform-k (every row the same k = 
 sizes (row sizes from train id frequency alone, no learning); PEP sizes, random elements (each row keeps
 the search mask's count at random columns). The last three are lottery tickets from the search's init.
 
-    python benchmarks/quality.py [--datasets movielens,criteo] [--models fm,deepfm,autoint] [--budgets 0.1]
+    python -m benchmarks.quality [--datasets movielens,criteo] [--models fm,deepfm,autoint] [--budgets 0.1]
                                  [--seeds 0,1,2] [--no-synthetic] [--results DIR] [--work DIR]
     make quality
 
@@ -31,9 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import REPO, RESULTS, SHARED_DATA, machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks.common import REPO, RESULTS, SHARED_DATA, machine_info, markdown_table, write_results
 from pep_torchrec import cli  # noqa: E402
 
 RAW = {"movielens": SHARED_DATA / "ml-100k", "criteo": SHARED_DATA / "criteo_kaggle_head10k"}
@@ -469,7 +467,7 @@ def _seeds_markdown(result: dict, info: dict) -> str:
             "checkpoint): overlap of its top-K by margin with the top-K |v| (mean over seeds); per seed, the distinct",
             "row sizes holding >= 10 % of the rows and Spearman(train id frequency, row size), each as 'top-K by",
             "margin,saved mask'.",
-            f"Reproduce: `python benchmarks/quality.py --datasets= --no-synthetic --seeds {','.join(map(str, seeds))} "
+            f"Reproduce: `python -m benchmarks.quality --datasets= --no-synthetic --seeds {','.join(map(str, seeds))} "
             f"--budgets {budgets}`.",
             "",
             markdown_table(
@@ -655,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                 "FM search on the synthetic generator's data (some fields carry the planted signal, the others are",
                 "noise). A share of kept parameters in signal fields above their share of all parameters means",
                 "PEP keeps what matters. The masks use PEP's ranking alone (element-wise, no row floor).",
-                "Reproduce: `python benchmarks/quality.py --datasets= --seeds= --synthetic`.",
+                "Reproduce: `python -m benchmarks.quality --datasets= --seeds= --synthetic`.",
                 "",
                 markdown_table(
                     result["rows"],

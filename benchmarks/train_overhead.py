@@ -1,6 +1,6 @@
 """Train-step overhead of PEP inside sharded TorchRec, and how it scales with table size.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_overhead.py [--quick] [--json OUT.json] [--threads 1,2]
+    OMP_NUM_THREADS=1 python -m benchmarks.train_overhead [--quick] [--json OUT.json] [--threads 1,2]
 
 Variants (the same DLRM, 13 dense features, one 1-rank gloo DMP each, fused Adagrad tables + Adam
 dense, synthetic Zipf ids generated here, one id per feature per example like Criteo):
@@ -42,25 +42,22 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402
-from torch import nn  # noqa: E402
-from torchrec.modules.embedding_configs import EmbeddingBagConfig  # noqa: E402
-from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
-from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
-
-from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks.common import machine_info, markdown_table, write_results
 from pep_torchrec.data.batch import Batch  # noqa: E402
 from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_modules, pep_sharders  # noqa: E402
 from pep_torchrec.distributed.s_optimizer import SOptimizerSettings  # noqa: E402
