@@ -29,13 +29,13 @@ demo: install
 # Paper-style quality tables: base vs PEP retrain vs magnitude pruning and the controls (uniform-k,
 # frequency sizes, PEP sizes at random elements); about two hours on 2 cores.
 quality: install
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/quality.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality
 
 # Speed and size benchmarks; each writes JSON + Markdown into benchmarks/results/.
 bench: install
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/train_overhead.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.train_overhead
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.prepare_spec
-	$(BIN)/python benchmarks/kernel.py
+	$(BIN)/python -m benchmarks.kernel
 	test -d out/demo/runs/search/masks || $(MAKE) demo  # the serving benchmark exports a search run
 	$(BIN)/python -m benchmarks.serving --run-dir out/demo/runs/search --retrain-runs out/demo/runs/retrain_10
 	$(BIN)/python -m benchmarks.serving_load --run-dir out/demo/runs/retrain_10

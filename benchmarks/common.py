@@ -49,8 +49,16 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "git_commit": commit,
         "versions": versions,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
     }
+
+
+def command_line() -> str:
+    """The command this process runs, as typed from the repository root: `python -m benchmarks.X ARGS`
+    for a module run with `-m` (sys.argv[0] is then the module's file path), else `python SCRIPT ARGS`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name] if spec is not None else sys.argv[:1]
+    return " ".join([Path(sys.executable).name, *head, *sys.argv[1:]])
 
 
 def write_results(

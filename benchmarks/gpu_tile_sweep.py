@@ -1,7 +1,7 @@
 """Tile-size sweep of the Triton threshold_pool kernels on a TBE group (CUDA only): the evidence
 behind `threshold_pool_triton.TILE` and its 4 warps.
 
-    python benchmarks/gpu_tile_sweep.py [--out DIR]   → DIR/gpu_tile_sweep.{json,md} (default benchmarks/results)
+    python -m benchmarks.gpu_tile_sweep [--out DIR]   → DIR/gpu_tile_sweep.{json,md} (default benchmarks/results)
 
 For each group shape (F = 26 features, float32) and each (elements per tile, warps), the forward and
 backward launches alone (no autograd, no allocation: the launchers' kernels on preallocated
@@ -16,11 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
+import torch
+import triton
+from triton.testing import do_bench
 
 from pep_torchrec.ops import ThresholdMode, library, row_width  # noqa: E402
 from pep_torchrec.ops import threshold_pool_triton as T  # noqa: E402

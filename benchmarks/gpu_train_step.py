@@ -1,6 +1,6 @@
 """Train-step overhead of PEP on one device without TorchRec: the GPU side of `train_overhead`.
 
-    python benchmarks/gpu_train_step.py [--device cuda|cpu] [--rows 10000] [--repeats 7]
+    python -m benchmarks.gpu_train_step [--device cuda|cpu] [--rows 10000] [--repeats 7]
         → benchmarks/results/gpu_train_step.{json,md}
 
 Legend: F = sparse features (one table each), R = rows per table, D = embedding dim, W = stored row
@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from pep_torchrec.ops import ThresholdMode, library, row_width  # noqa: E402
 

@@ -1,7 +1,7 @@
 """The `threshold_pool` op alone: fused kernel vs the pure-PyTorch reference, forward and
 forward+backward, in ms and in GB/s against the machine's measured copy bandwidth.
 
-    OMP_NUM_THREADS=1 python benchmarks/kernel.py [--quick] [--device cpu|cuda] [--name kernel]
+    OMP_NUM_THREADS=1 python -m benchmarks.kernel [--quick] [--device cpu|cuda] [--name kernel]
 
 Legend: N = gathered rows, B = bags, D = embedding dim, W = stored row width.
 
@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 from pep_torchrec.ops import (  # noqa: E402
     ThresholdMode,
@@ -278,23 +274,22 @@ def cases(quick: bool) -> list[tuple[ThresholdMode, int, int, int, bool]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import machine_info, markdown_table, write_results
-
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default="kernel")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    repeats, inner = (5, 3) if args.quick else (9, 5)
-    if not library.kernel_available(device):
-        print(f"note: no fused kernel on {device}: 'fused' runs the reference")
-    copy_gbs = copy_bandwidth_gbs(device)
+    return parser.parse_args(argv)
+
+
+def _time_cases(
+    quick: bool, device: torch.device, repeats: int, inner: int, copy_gbs: float
+) -> list[dict[str, Any]]:
+    """One row per single-feature case (`cases`), printed as it is timed."""
     rows: list[dict[str, Any]] = []
-    for mode, dim, num_bags, pooling, weights in cases(args.quick):
+    for mode, dim, num_bags, pooling, weights in cases(quick):
         case = make_case(mode, dim, num_bags, pooling, device, weights)
         res = time_case(case, device, repeats, inner)
         row = {
@@ -312,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
               f"fwd ref {res['reference_fwd_ms']:.3f} fused {res['fused_fwd_ms']:.3f} ms | fwd+bwd ref "
               f"{res['reference_fwd_bwd_ms']:.3f} fused {res['fused_fwd_bwd_ms']:.3f} ms "
               f"(x{res['speedup_fwd_bwd']:.2f}, fused {res['fused_fwd_bwd_gbs']:.1f} GB/s)", flush=True)  # fmt: skip
+    return rows
+
+
+def _time_groups(device: torch.device, repeats: int, inner: int, copy_gbs: float) -> list[dict[str, Any]]:
+    """The training path's TBE group (F = 26, B = 4096, D = 16) where the device has a grouped kernel."""
     groups: list[dict[str, Any]] = []
     for mode in (ThresholdMode.ROW_DIM, ThresholdMode.ROW):
         if library.group_kernel_available(device, torch.float32, 16, library.MODE_CODES[mode]):
@@ -320,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
             groups.append(g)
             print(f"group {mode.value} F=26 B=4096 D=16: fwd+bwd ref {g['reference_fwd_bwd_ms']:.2f} ms, grouped "
                   f"{g['fused_fwd_bwd_ms']:.2f} ms (x{g['speedup_fwd_bwd']:.2f})", flush=True)  # fmt: skip
+    return groups
+
+
+def _headline(
+    rows: list[dict[str, Any]], groups: list[dict[str, Any]], copy_gbs: float, device: torch.device
+) -> dict[str, Any]:
     speedups = [r["speedup_fwd_bwd"] for r in rows]
     # The threshold modes (NONE is plain pooling: it has nothing to fuse but the pooling itself).
     thresholded = [r["speedup_fwd_bwd"] for r in rows if r["mode"] != ThresholdMode.NONE.value]
@@ -334,10 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     if groups:
         headline["group_fwd_bwd_speedup_min"] = min(g["speedup_fwd_bwd"] for g in groups)
-    info = machine_info()
-    payload = {"machine": info, "config": {"device": str(device), "repeats": repeats, "inner": inner,
-               "quick": args.quick}, "headline": headline, "cases": rows, "groups": groups}  # fmt: skip
-    md = "\n".join([
+    return headline
+
+
+def _markdown(
+    info: dict[str, Any], device: torch.device, copy_gbs: float, repeats: int, inner: int,
+    rows: list[dict[str, Any]], groups: list[dict[str, Any]], headline: dict[str, Any],
+) -> str:  # fmt: skip
+    from benchmarks.common import markdown_table
+
+    return "\n".join([
         "# threshold_pool kernel: fused vs reference", "",
         f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores, shared), {device}, torch "
         f"{info['versions']['torch']}, threads {info['torch_threads']}, `{info['command']}`.", "",
@@ -363,6 +375,24 @@ def main(argv: list[str] | None = None) -> int:
         "Headline: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}" for k, v in headline.items()),
         "",
     ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import machine_info, write_results
+
+    args = _parse_args(argv)
+    device = torch.device(args.device)
+    repeats, inner = (5, 3) if args.quick else (9, 5)
+    if not library.kernel_available(device):
+        print(f"note: no fused kernel on {device}: 'fused' runs the reference")
+    copy_gbs = copy_bandwidth_gbs(device)
+    rows = _time_cases(args.quick, device, repeats, inner, copy_gbs)
+    groups = _time_groups(device, repeats, inner, copy_gbs)
+    headline = _headline(rows, groups, copy_gbs, device)
+    info = machine_info()
+    payload = {"machine": info, "config": {"device": str(device), "repeats": repeats, "inner": inner,
+               "quick": args.quick}, "headline": headline, "cases": rows, "groups": groups}  # fmt: skip
+    md = _markdown(info, device, copy_gbs, repeats, inner, rows, groups, headline)
     write_results(args.name, payload, md)
     print(md)
     return 0

@@ -9,7 +9,7 @@ fine-tuned); magnitude under PEP's row rules; uniform-k (every row the same k = 
 sizes (row sizes from train id frequency alone, no learning); PEP sizes, random elements (each row keeps
 the search mask's count at random columns). The last three are lottery tickets from the search's init.
 
-    python benchmarks/quality.py [--datasets movielens,criteo] [--models fm,deepfm,autoint] [--budgets 0.1]
+    python -m benchmarks.quality [--datasets movielens,criteo] [--models fm,deepfm,autoint] [--budgets 0.1]
                                  [--seeds 0,1,2] [--no-synthetic] [--results DIR] [--work DIR]
     make quality
 
@@ -31,9 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import REPO, RESULTS, SHARED_DATA, machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks.common import REPO, RESULTS, SHARED_DATA, machine_info, markdown_table, write_results
 from pep_torchrec import cli  # noqa: E402
 
 RAW = {"movielens": SHARED_DATA / "ml-100k", "criteo": SHARED_DATA / "criteo_kaggle_head10k"}
@@ -215,6 +213,77 @@ def _retrain(
     )
 
 
+def _retrain_rows(
+    model: str,
+    budgets: list[float],
+    reached: set[float],
+    base: dict,
+    base_cfg: str,
+    data: Path,
+    runs: Path,
+    retrain_set: list[str],
+    log: list[dict],
+) -> list[dict]:
+    """One model's retrain of every method's mask at every budget (a note where the search never
+    reached the budget)."""
+    rows = []
+    for budget in budgets:
+        tag = f"budget_{budget:g}"
+        for method, source in METHODS:
+            if source in ("search", "random_elements") and budget not in reached:
+                rows.append(
+                    {
+                        "model": model,
+                        "method": method,
+                        "budget": budget,
+                        "note": "search never reached it",
+                    }
+                )
+                continue
+            result = _retrain(
+                base_cfg,
+                data,
+                runs / f"{source}_retrain_{budget:g}",
+                runs / source / "masks" / tag,
+                retrain_set,
+                [],
+                log,
+            )
+            rows.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "budget": budget,
+                    "kept": result["embedding_params_kept"],
+                    "test_auc": result["test_auc"],
+                    "test_logloss": result["test_logloss"],
+                    "valid_auc": result["valid_auc"],
+                    "train_s": result["train_seconds"],
+                    "delta_auc": result["test_auc"] - base["test_auc"],
+                }
+            )
+    return rows
+
+
+def _search_row(model: str, search: dict, base: dict, search_budgets: list[float]) -> dict:
+    """The search run itself at its smallest budget, with its time against the base run's."""
+    return {
+        "model": model,
+        "method": "PEP search",
+        "budget": min(search_budgets),
+        "kept": search["embedding_params_kept"],
+        "test_auc": search["test_auc"],
+        "test_logloss": search["test_logloss"],
+        "valid_auc": search["valid_auc"],
+        "train_s": search["train_seconds"],
+        "search_over_base_time": search["train_seconds"] / base["train_seconds"],
+        "search_steps": search["steps"],
+        "base_steps": base["steps"],
+        "search_step_time_over_base": (search["train_seconds"] / search["steps"])
+        / (base["train_seconds"] / base["steps"]),
+    }
+
+
 def run_dataset(dataset: str, models: list[str], work: Path, budgets: list[float]) -> dict:
     data = _prepare(dataset, work)
     search_cfg = REPO / "configs" / f"{dataset}_fm_search.yaml"
@@ -252,59 +321,9 @@ def run_dataset(dataset: str, models: list[str], work: Path, budgets: list[float
                 "train_s": base["train_seconds"],
             }
         )
-        snapshots = {s["budget"]: s for s in search["snapshots"]}
-        for budget in budgets:
-            tag = f"budget_{budget:g}"
-            for method, source in METHODS:
-                if source in ("search", "random_elements") and budget not in snapshots:
-                    rows.append(
-                        {
-                            "model": model,
-                            "method": method,
-                            "budget": budget,
-                            "note": "search never reached it",
-                        }
-                    )
-                    continue
-                result = _retrain(
-                    base_cfg,
-                    data,
-                    runs / f"{source}_retrain_{budget:g}",
-                    runs / source / "masks" / tag,
-                    retrain_set,
-                    [],
-                    log,
-                )
-                rows.append(
-                    {
-                        "model": model,
-                        "method": method,
-                        "budget": budget,
-                        "kept": result["embedding_params_kept"],
-                        "test_auc": result["test_auc"],
-                        "test_logloss": result["test_logloss"],
-                        "valid_auc": result["valid_auc"],
-                        "train_s": result["train_seconds"],
-                        "delta_auc": result["test_auc"] - base["test_auc"],
-                    }
-                )
-        rows.append(
-            {
-                "model": model,
-                "method": "PEP search",
-                "budget": min(search_budgets),
-                "kept": search["embedding_params_kept"],
-                "test_auc": search["test_auc"],
-                "test_logloss": search["test_logloss"],
-                "valid_auc": search["valid_auc"],
-                "train_s": search["train_seconds"],
-                "search_over_base_time": search["train_seconds"] / base["train_seconds"],
-                "search_steps": search["steps"],
-                "base_steps": base["steps"],
-                "search_step_time_over_base": (search["train_seconds"] / search["steps"])
-                / (base["train_seconds"] / base["steps"]),
-            }
-        )
+        reached = {s["budget"] for s in search["snapshots"]}
+        rows += _retrain_rows(model, budgets, reached, base, base_cfg, data, runs, retrain_set, log)
+        rows.append(_search_row(model, search, base, search_budgets))
     return {"dataset": LABEL[dataset], "rows": rows, "commands": log}
 
 
@@ -341,72 +360,76 @@ def search_learned(run: Path, data: Path) -> dict[float, dict]:
     }
 
 
-def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int], work: Path) -> dict:
-    """The acceptance comparison (base, PEP retrain and every control at each budget) over several
-    seeds: each seed seeds the base, the search, the controls' random choices and the retrains (init,
-    data order)."""
-    data = _prepare(dataset, work)
-    search_cfg = REPO / "configs" / f"{dataset}_{model}_search.yaml"
-    retrain_set = _overrides_from(REPO / "configs" / f"{dataset}_{model}_retrain.yaml", ("train", "optim"))
-    search_set = _overrides_from(search_cfg, ("pep", "train"))
-    search_budgets = sorted(set(BUDGETS) | set(budgets), reverse=True)
-    base_cfg = f"configs/{dataset}_{model}.yaml"
-    log: list[dict] = []
-    rows = []
-    for seed in seeds:
-        started = time.perf_counter()
-        runs = work / "runs" / f"{dataset}_seeds" / model / f"seed_{seed}"
-        seed_set = [f"train.seed={seed}"]
-        base, search = _base_search_prunes(
-            base_cfg,
-            data,
-            runs,
-            search_set,
-            _row_rules(search_cfg),
-            budgets,
-            [f"pep.budgets={json.dumps(search_budgets)}"],
-            seed_set,
-            log,
-            seed,
-        )
-        rows.append(
-            {
-                "seed": seed,
-                "method": "base",
-                "budget": 1.0,
-                "test_auc": base["test_auc"],
-                "valid_auc": base["valid_auc"],
-                "kept": base["embedding_params_kept"],
-            }
-        )
-        reached = {s["budget"] for s in search["snapshots"]}
-        learned = search_learned(runs / "search", data)
-        for budget in budgets:
-            for method, source in METHODS:
-                if source in ("search", "random_elements") and budget not in reached:
-                    continue
-                result = _retrain(
-                    base_cfg,
-                    data,
-                    runs / f"{source}_retrain_{budget:g}",
-                    runs / source / "masks" / f"budget_{budget:g}",
-                    retrain_set,
-                    seed_set,
-                    log,
-                )
-                rows.append(
-                    {
-                        "seed": seed,
-                        "method": method,
-                        "budget": budget,
-                        "test_auc": result["test_auc"],
-                        "valid_auc": result["valid_auc"],
-                        "kept": result["embedding_params_kept"],
-                        "delta_auc": result["test_auc"] - base["test_auc"],
-                        **({"learned": learned[budget]} if source == "search" and budget in learned else {}),
-                    }
-                )
-        log.append({"seed": seed, "seed_wall_s": time.perf_counter() - started})
+def _seed_runs(
+    seed: int,
+    runs: Path,
+    base_cfg: str,
+    data: Path,
+    search_cfg: Path,
+    search_set: list[str],
+    search_budgets: list[float],
+    retrain_set: list[str],
+    budgets: list[float],
+    log: list[dict],
+) -> list[dict]:
+    """One seed of `seed_check`: its base, search and controls, then every reached mask retrained."""
+    started = time.perf_counter()
+    seed_set = [f"train.seed={seed}"]
+    base, search = _base_search_prunes(
+        base_cfg,
+        data,
+        runs,
+        search_set,
+        _row_rules(search_cfg),
+        budgets,
+        [f"pep.budgets={json.dumps(search_budgets)}"],
+        seed_set,
+        log,
+        seed,
+    )
+    rows = [
+        {
+            "seed": seed,
+            "method": "base",
+            "budget": 1.0,
+            "test_auc": base["test_auc"],
+            "valid_auc": base["valid_auc"],
+            "kept": base["embedding_params_kept"],
+        }
+    ]
+    reached = {s["budget"] for s in search["snapshots"]}
+    learned = search_learned(runs / "search", data)
+    for budget in budgets:
+        for method, source in METHODS:
+            if source in ("search", "random_elements") and budget not in reached:
+                continue
+            result = _retrain(
+                base_cfg,
+                data,
+                runs / f"{source}_retrain_{budget:g}",
+                runs / source / "masks" / f"budget_{budget:g}",
+                retrain_set,
+                seed_set,
+                log,
+            )
+            rows.append(
+                {
+                    "seed": seed,
+                    "method": method,
+                    "budget": budget,
+                    "test_auc": result["test_auc"],
+                    "valid_auc": result["valid_auc"],
+                    "kept": result["embedding_params_kept"],
+                    "delta_auc": result["test_auc"] - base["test_auc"],
+                    **({"learned": learned[budget]} if source == "search" and budget in learned else {}),
+                }
+            )
+    log.append({"seed": seed, "seed_wall_s": time.perf_counter() - started})
+    return rows
+
+
+def _seed_summary(rows: list[dict], budgets: list[float]) -> list[dict]:
+    """Per (method, budget): test AUC mean / std / min over the seeds, and what the search learned."""
     summary = []
     for budget in [1.0, *budgets]:
         for method in ["base", *(m for m, _ in METHODS)]:
@@ -427,12 +450,32 @@ def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int],
                     **_learned_summary([r["learned"] for r in mine if "learned" in r]),
                 }
             )
+    return summary
+
+
+def seed_check(dataset: str, model: str, budgets: list[float], seeds: list[int], work: Path) -> dict:
+    """The acceptance comparison (base, PEP retrain and every control at each budget) over several
+    seeds: each seed seeds the base, the search, the controls' random choices and the retrains (init,
+    data order)."""
+    data = _prepare(dataset, work)
+    search_cfg = REPO / "configs" / f"{dataset}_{model}_search.yaml"
+    retrain_set = _overrides_from(REPO / "configs" / f"{dataset}_{model}_retrain.yaml", ("train", "optim"))
+    search_set = _overrides_from(search_cfg, ("pep", "train"))
+    search_budgets = sorted(set(BUDGETS) | set(budgets), reverse=True)
+    base_cfg = f"configs/{dataset}_{model}.yaml"
+    log: list[dict] = []
+    rows = []
+    for seed in seeds:
+        runs = work / "runs" / f"{dataset}_seeds" / model / f"seed_{seed}"
+        rows += _seed_runs(
+            seed, runs, base_cfg, data, search_cfg, search_set, search_budgets, retrain_set, budgets, log
+        )
     return {
         "dataset": LABEL[dataset],
         "model": model,
         "budgets": budgets,
         "rows": rows,
-        "summary": summary,
+        "summary": _seed_summary(rows, budgets),
         "commands": log,
     }
 
@@ -469,7 +512,7 @@ def _seeds_markdown(result: dict, info: dict) -> str:
             "checkpoint): overlap of its top-K by margin with the top-K |v| (mean over seeds); per seed, the distinct",
             "row sizes holding >= 10 % of the rows and Spearman(train id frequency, row size), each as 'top-K by",
             "margin,saved mask'.",
-            f"Reproduce: `python benchmarks/quality.py --datasets= --no-synthetic --seeds {','.join(map(str, seeds))} "
+            f"Reproduce: `python -m benchmarks.quality --datasets= --no-synthetic --seeds {','.join(map(str, seeds))} "
             f"--budgets {budgets}`.",
             "",
             markdown_table(
@@ -655,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
                 "FM search on the synthetic generator's data (some fields carry the planted signal, the others are",
                 "noise). A share of kept parameters in signal fields above their share of all parameters means",
                 "PEP keeps what matters. The masks use PEP's ranking alone (element-wise, no row floor).",
-                "Reproduce: `python benchmarks/quality.py --datasets= --seeds= --synthetic`.",
+                "Reproduce: `python -m benchmarks.quality --datasets= --seeds= --synthetic`.",
                 "",
                 markdown_table(
                     result["rows"],

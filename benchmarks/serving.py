@@ -219,7 +219,7 @@ def service_load(artifact: Path, instance: dict, *, clients: int, seconds: float
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -230,7 +230,123 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated retrain runs whose artifacts' sizes are measured too (exactly their mask kept)",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _sizes_markdown(sizes: list[dict]) -> list[str]:
+    """The artifact-size section."""
+    return [
+        "## Artifact size (embedding tables vs the same tables dense fp32)",
+        "",
+        "A search snapshot is exported thresholded (at most the budget stays: floor elements below their",
+        "threshold are zero); a retrain run keeps exactly its mask.",
+        "",
+        markdown_table(
+            sizes,
+            [
+                ("source", "source", ""),
+                ("budget", "budget", "g"),
+                ("dtype", "dtype", ""),
+                ("kept_params", "kept", ","),
+                ("kept_pct", "kept % of params", ".2f"),
+                ("total_bytes", "tables B", ","),
+                ("dense_fp32_bytes", "dense fp32 B", ","),
+                ("ratio_pct", "% of dense", ".2f"),
+                ("artifact_bytes", "all files B", ","),
+            ],
+        ),
+        "",
+    ]
+
+
+def _lookup_markdown(lookups: list[dict]) -> list[str]:
+    """The pooled-lookup section."""
+    return [
+        "## Pooled lookup, 1 thread, 5% kept (uniform), bags of 8 ids",
+        "",
+        "Interleaved repeats; `hot` = one id batch repeated, `fresh` = a new batch each repeat. "
+        "Speed-up = dense / fused (min over repeats, and median); `torch ms` = the fused kernel's "
+        f"pure-PyTorch reference path. Fused kernel loaded: {lookups[0]['fused_kernel']}.",
+        "",
+        markdown_table(
+            lookups,
+            [
+                ("dim", "D", ""),
+                ("ids_mode", "ids", ""),
+                ("ids", "ids/batch", ","),
+                ("dense_ms_min", "dense ms (min)", ".3f"),
+                ("fused_ms_min", "fused ms (min)", ".3f"),
+                ("speedup_min", "speed-up (min)", ".2f"),
+                ("dense_ms", "dense ms (med)", ".3f"),
+                ("fused_ms", "fused ms (med)", ".3f"),
+                ("speedup", "speed-up (med)", ".2f"),
+                ("torch_ms", "torch ms (med)", ".3f"),
+                ("dense_mb", "dense MB", ".1f"),
+                ("compact_mb", "compact MB", ".1f"),
+            ],
+        ),
+        "",
+    ]
+
+
+def _predictor_markdown(cost: dict[str, dict]) -> list[str]:
+    """The in-process predictor section."""
+    return [
+        "## Predictor in-process, 1 thread (median µs per call)",
+        "",
+        markdown_table(
+            [{"layout": k, **v} for k, v in cost.items()],
+            [
+                ("layout", "layout", ""),
+                ("features_us_b1", "features, 1 inst", ".0f"),
+                ("predict_us_b1", "predict, 1 inst", ".0f"),
+                ("features_us_b64", "features, 64 inst", ".0f"),
+                ("predict_us_b64", "predict, 64 inst", ".0f"),
+            ],
+        ),
+        "",
+    ]
+
+
+def _service_markdown(service: list[dict]) -> list[str]:
+    """The loopback service section."""
+    return [
+        "## Service over loopback (4 closed-loop clients)",
+        "",
+        markdown_table(
+            service,
+            [
+                ("layout", "layout", ""),
+                ("batch", "instances/request", ""),
+                ("round", "round", ""),
+                ("requests", "requests", ","),
+                ("errors", "errors", ""),
+                ("qps", "QPS", ".0f"),
+                ("p50_ms", "p50 ms", ".2f"),
+                ("p99_ms", "p99 ms", ".2f"),
+            ],
+        ),
+        "",
+    ]
+
+
+def _markdown(payload: dict, run_dir: Path) -> list[str]:
+    """serving.md, as lines: the header, then one section per measurement."""
+    return [
+        "# Serving benchmarks",
+        "",
+        f"Run: `{run_dir}`; machine: {payload['machine']['host_cpu']}, "
+        f"{payload['machine']['cpu_count']} cores; {payload['machine']['date']}",
+        "",
+        *_sizes_markdown(payload["sizes"]),
+        *_lookup_markdown(payload["lookup"]),
+        *_predictor_markdown(payload["predictor_cost"]),
+        *_service_markdown(payload["service"]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
     run_dir = Path(args.run_dir)
     quick = args.quick
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,86 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "predictor_cost": cost,
         "service": service,
     }
-    md = [
-        "# Serving benchmarks",
-        "",
-        f"Run: `{run_dir}`; machine: {payload['machine']['host_cpu']}, "
-        f"{payload['machine']['cpu_count']} cores; {payload['machine']['date']}",
-        "",
-        "## Artifact size (embedding tables vs the same tables dense fp32)",
-        "",
-        "A search snapshot is exported thresholded (at most the budget stays: floor elements below their",
-        "threshold are zero); a retrain run keeps exactly its mask.",
-        "",
-        markdown_table(
-            sizes,
-            [
-                ("source", "source", ""),
-                ("budget", "budget", "g"),
-                ("dtype", "dtype", ""),
-                ("kept_params", "kept", ","),
-                ("kept_pct", "kept % of params", ".2f"),
-                ("total_bytes", "tables B", ","),
-                ("dense_fp32_bytes", "dense fp32 B", ","),
-                ("ratio_pct", "% of dense", ".2f"),
-                ("artifact_bytes", "all files B", ","),
-            ],
-        ),
-        "",
-        "## Pooled lookup, 1 thread, 5% kept (uniform), bags of 8 ids",
-        "",
-        "Interleaved repeats; `hot` = one id batch repeated, `fresh` = a new batch each repeat. "
-        "Speed-up = dense / fused (min over repeats, and median); `torch ms` = the fused kernel's "
-        f"pure-PyTorch reference path. Fused kernel loaded: {lookups[0]['fused_kernel']}.",
-        "",
-        markdown_table(
-            lookups,
-            [
-                ("dim", "D", ""),
-                ("ids_mode", "ids", ""),
-                ("ids", "ids/batch", ","),
-                ("dense_ms_min", "dense ms (min)", ".3f"),
-                ("fused_ms_min", "fused ms (min)", ".3f"),
-                ("speedup_min", "speed-up (min)", ".2f"),
-                ("dense_ms", "dense ms (med)", ".3f"),
-                ("fused_ms", "fused ms (med)", ".3f"),
-                ("speedup", "speed-up (med)", ".2f"),
-                ("torch_ms", "torch ms (med)", ".3f"),
-                ("dense_mb", "dense MB", ".1f"),
-                ("compact_mb", "compact MB", ".1f"),
-            ],
-        ),
-        "",
-        "## Predictor in-process, 1 thread (median µs per call)",
-        "",
-        markdown_table(
-            [{"layout": k, **v} for k, v in cost.items()],
-            [
-                ("layout", "layout", ""),
-                ("features_us_b1", "features, 1 inst", ".0f"),
-                ("predict_us_b1", "predict, 1 inst", ".0f"),
-                ("features_us_b64", "features, 64 inst", ".0f"),
-                ("predict_us_b64", "predict, 64 inst", ".0f"),
-            ],
-        ),
-        "",
-        "## Service over loopback (4 closed-loop clients)",
-        "",
-        markdown_table(
-            service,
-            [
-                ("layout", "layout", ""),
-                ("batch", "instances/request", ""),
-                ("round", "round", ""),
-                ("requests", "requests", ","),
-                ("errors", "errors", ""),
-                ("qps", "QPS", ".0f"),
-                ("p50_ms", "p50 ms", ".2f"),
-                ("p99_ms", "p99 ms", ".2f"),
-            ],
-        ),
-        "",
-    ]
+    md = _markdown(payload, run_dir)
     json_path, md_path = write_results("serving", payload, "\n".join(md))
     print("\n".join(md))
     print(f"wrote {json_path} and {md_path}")

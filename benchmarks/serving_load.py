@@ -146,7 +146,7 @@ def measure(
         proc.wait(timeout=30)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -162,42 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-path", type=Path, help="put this first on the server's PYTHONPATH")
     parser.add_argument("--name", default="serving_load", help="results file name (without suffix)")
     parser.add_argument("--note", default="", help="a line for the results (e.g. what --server-path holds)")
-    args = parser.parse_args(argv)
-    if not (args.run_dir / "summary.json").is_file():
-        raise SystemExit(
-            f"error: --run-dir {args.run_dir}: not a finished run (no summary.json); run `make demo`"
-        )
+    return parser.parse_args(argv)
 
-    from pep_torchrec.export.converter import ArtifactConverter
-    from pep_torchrec.serving.predictor import Predictor
 
-    masks = sorted((args.run_dir / "masks").glob("budget_*"))
-    budget = min(float(p.name.removeprefix("budget_")) for p in masks) if masks else None
-    # Server and client each on a core of their own when there are two; otherwise they share.
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        converter = ArtifactConverter(args.run_dir, budget=budget)
-        converter.convert(out / "compact")
-        converter.convert(out / "dense", layout="dense")
-        instance = Predictor.from_path(out / "compact").example_instance()
-        _pin(client_cpu)
-        order = ["compact", "dense"]
-        for round_ in range(args.rounds):
-            for layout in order if round_ % 2 == 0 else order[::-1]:
-                for row in measure(
-                    out / layout, instance, seconds=args.seconds, warmup=args.warmup,
-                    server_cpu=server_cpu, server_path=args.server_path,
-                ):  # fmt: skip
-                    rows.append({"layout": layout, "round": round_, **row})
-                    print(
-                        f"round {round_} {layout:8s} {row['scenario']:20s} {row['req_per_s']:8.0f} req/s "
-                        f"{row['instances_per_s']:9.0f} inst/s  p50 {row['p50_ms']:6.2f} ms  "
-                        f"p99 {row['p99_ms']:6.2f} ms  non-200 {row['errors']}",
-                        flush=True,
-                    )
+def _print_row(round_: int, layout: str, row: dict) -> None:
+    print(
+        f"round {round_} {layout:8s} {row['scenario']:20s} {row['req_per_s']:8.0f} req/s "
+        f"{row['instances_per_s']:9.0f} inst/s  p50 {row['p50_ms']:6.2f} ms  "
+        f"p99 {row['p99_ms']:6.2f} ms  non-200 {row['errors']}",
+        flush=True,
+    )
+
+
+def _summarise(rows: list[dict], order: list[str]) -> list[dict]:
+    """Per scenario and layout: the median of each metric over the rounds, and all non-200 answers."""
     summary = []
     for name, batch, threads in SCENARIOS:
         for layout in order:
@@ -212,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                     "errors": sum(r["errors"] for r in mine),
                 }
             )
+    return summary
+
+
+def _targets(summary: list[dict], order: list[str]) -> list[dict]:
+    """Issue 13's targets (TARGETS) against the summary, per layout."""
     targets = []
     for name, metric, bound, at_least in TARGETS:
         for layout in order:
@@ -225,7 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                     "met": "yes" if (value >= bound if at_least else value <= bound) else "no",
                 }
             )
-    ratios = []  # compact / dense on req/s, per scenario (>= 1: compact at least as fast)
+    return targets
+
+
+def _ratios(summary: list[dict]) -> list[dict]:
+    """Compact / dense on req/s and p50, per scenario (req/s ratio >= 1: compact at least as fast)."""
+    ratios = []
     for name, _, _ in SCENARIOS:
         by = {s["layout"]: s for s in summary if s["scenario"] == name}
         ratios.append(
@@ -235,14 +223,19 @@ def main(argv: list[str] | None = None) -> int:
                 "p50_ratio": by["compact"]["p50_ms"] / by["dense"]["p50_ms"],
             }
         )
-    info = machine_info()
-    command = " ".join(["python -m benchmarks.serving_load", *(sys.argv[1:] if argv is None else argv)])
+    return ratios
+
+
+def _markdown(
+    info: dict, command: str, args: argparse.Namespace, budget: float | None, server_cpu: int | None,
+    client_cpu: int | None, summary: list[dict], ratios: list[dict], targets: list[dict],
+) -> str:  # fmt: skip
     pinning = (
         f"server pinned to CPU {server_cpu}, client process to CPU {client_cpu}"
         if server_cpu is not None
         else "one CPU: server and client share it"
     )
-    md = "\n".join(
+    return "\n".join(
         [
             "# Service throughput over loopback",
             "",
@@ -294,6 +287,46 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    if not (args.run_dir / "summary.json").is_file():
+        raise SystemExit(
+            f"error: --run-dir {args.run_dir}: not a finished run (no summary.json); run `make demo`"
+        )
+
+    from pep_torchrec.export.converter import ArtifactConverter
+    from pep_torchrec.serving.predictor import Predictor
+
+    masks = sorted((args.run_dir / "masks").glob("budget_*"))
+    budget = min(float(p.name.removeprefix("budget_")) for p in masks) if masks else None
+    # Server and client each on a core of their own when there are two; otherwise they share.
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        converter = ArtifactConverter(args.run_dir, budget=budget)
+        converter.convert(out / "compact")
+        converter.convert(out / "dense", layout="dense")
+        instance = Predictor.from_path(out / "compact").example_instance()
+        _pin(client_cpu)
+        order = ["compact", "dense"]
+        for round_ in range(args.rounds):
+            for layout in order if round_ % 2 == 0 else order[::-1]:
+                for row in measure(
+                    out / layout, instance, seconds=args.seconds, warmup=args.warmup,
+                    server_cpu=server_cpu, server_path=args.server_path,
+                ):  # fmt: skip
+                    rows.append({"layout": layout, "round": round_, **row})
+                    _print_row(round_, layout, row)
+    summary = _summarise(rows, order)
+    targets = _targets(summary, order)
+    ratios = _ratios(summary)
+    info = machine_info()
+    command = " ".join(["python -m benchmarks.serving_load", *(sys.argv[1:] if argv is None else argv)])
+    md = _markdown(info, command, args, budget, server_cpu, client_cpu, summary, ratios, targets)
     payload = {
         "machine": info,
         "run_dir": str(args.run_dir),

@@ -1,6 +1,6 @@
 """Train-step overhead of PEP inside sharded TorchRec, and how it scales with table size.
 
-    OMP_NUM_THREADS=1 python benchmarks/train_overhead.py [--quick] [--json OUT.json] [--threads 1,2]
+    OMP_NUM_THREADS=1 python -m benchmarks.train_overhead [--quick] [--json OUT.json] [--threads 1,2]
 
 Variants (the same DLRM, 13 dense features, one 1-rank gloo DMP each, fused Adagrad tables + Adam
 dense, synthetic Zipf ids generated here, one id per feature per example like Criteo):
@@ -42,25 +42,22 @@ import gc
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from fbgemm_gpu.split_embedding_configs import EmbOptimType  # noqa: E402
-from torch import nn  # noqa: E402
-from torchrec.modules.embedding_configs import EmbeddingBagConfig  # noqa: E402
-from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
-from torchrec.optim.optimizers import in_backward_optimizer_filter  # noqa: E402
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
-
-from benchmarks.common import machine_info, markdown_table, write_results  # noqa: E402
+from benchmarks.common import machine_info, markdown_table, write_results
 from pep_torchrec.data.batch import Batch  # noqa: E402
 from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_modules, pep_sharders  # noqa: E402
 from pep_torchrec.distributed.s_optimizer import SOptimizerSettings  # noqa: E402
@@ -231,7 +228,7 @@ def paired_ratio(num: dict, den: dict) -> float:
     return statistics.median(a / b for a, b in zip(num["rounds_ms"], den["rounds_ms"], strict=True))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -256,28 +253,41 @@ def main(argv: list[str] | None = None) -> int:
         help="search: steps between evals, over which the per-eval work is amortised",
     )
     parser.add_argument("--name", default="train_overhead")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    repeats, steps, warmup = (3, 3, 2) if args.quick else (7, 5, 3)
+
+def _thread_counts(args: argparse.Namespace) -> list[int]:
+    """--threads, else $OMP_NUM_THREADS, else 1 and 2."""
     if args.threads:
-        threads = [int(t) for t in args.threads.split(",")]
-    elif os.environ.get("OMP_NUM_THREADS"):
-        threads = [int(os.environ["OMP_NUM_THREADS"])]
-    else:
-        threads = [1, 2]
-    scaling_rows = [int(float(r)) for r in (args.scaling_rows or "1e4,1e5,1e6,1e7").split(",")]
-    whole_max = args.whole_table_max_rows
-    config = {
+        return [int(t) for t in args.threads.split(",")]
+    if os.environ.get("OMP_NUM_THREADS"):
+        return [int(os.environ["OMP_NUM_THREADS"])]
+    return [1, 2]
+
+
+def _config(
+    args: argparse.Namespace,
+    threads: list[int],
+    scaling_rows: list[int],
+    repeats: int,
+    steps: int,
+    warmup: int,
+) -> dict:
+    """The run's settings, as recorded in the results JSON."""
+    return {
         "tables": args.tables, "rows": args.rows, "dim": DIM, "batch": args.batch, "pooling_factor": args.pooling,
         "num_dense": NUM_DENSE, "threads": threads, "repeats": repeats, "steps_per_repeat": steps, "warmup": warmup,
-        "scaling_tables": args.scaling_tables, "scaling_rows": scaling_rows, "whole_table_max_rows": whole_max,
+        "scaling_tables": args.scaling_tables, "scaling_rows": scaling_rows, "whole_table_max_rows": args.whole_table_max_rows,
         "quick": args.quick, "table_optimizer": "fused exact Adagrad (whole_table: dense torch Adagrad)",
         "dense_optimizer": "Adam", "ids": "Zipf(1.1) ranks, hashed over the table",
         "search_eval_every": args.eval_every,
     }  # fmt: skip
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    started = time.perf_counter()
 
+
+def _measure_overhead(
+    args: argparse.Namespace, threads: list[int], repeats: int, steps: int, warmup: int, started: float
+) -> list[dict]:
+    """Every variant at the main shape, interleaved, once per thread count."""
     overhead = []
     batches = _zipf_batches(args.tables, args.rows, args.batch, 8, seed=1, pooling=args.pooling)
     runners = {v: Runner(v, args.tables, args.rows, args.batch) for v in VARIANTS}
@@ -293,36 +303,54 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{v} {res[v]['ms_per_step']:.1f} ms" for v in VARIANTS), flush=True)  # fmt: skip
     del runners
     gc.collect()
+    return overhead
 
+
+def _measure_scaling(
+    args: argparse.Namespace,
+    threads: list[int],
+    scaling_rows: list[int],
+    repeats: int,
+    steps: int,
+    warmup: int,
+    started: float,
+) -> tuple[list[dict], dict[str, dict]]:
+    """Step time against rows per table (`--scaling-tables` tables), one thread count: the rows and the
+    raw `_interleaved` results keyed `variant@rows`."""
     scaling = []
-    scaling_res: dict[str, dict] = {}
-    if not args.skip_scaling:
-        torch.set_num_threads(threads[0])
-        # base too: a lookup into a 1e7-row table misses cache and TLB for plain TorchRec as well,
-        # so PEP's own growth with table size is its ratio divided by base's.
-        runners, sbatches = {}, {}
-        for rows in scaling_rows:
-            batches_r = _zipf_batches(args.scaling_tables, rows, args.batch, 8, seed=2, pooling=args.pooling)
-            variants = ["base", "pep_feature", "pep_feature_dim"] + (
-                ["whole_table"] if rows <= whole_max else []
-            )
-            if rows in (min(scaling_rows), max(scaling_rows)):
-                variants.append("search")
-            for v in variants:
-                runners[f"{v}@{rows}"] = Runner(v, args.scaling_tables, rows, args.batch)
-                sbatches[f"{v}@{rows}"] = batches_r
-        scaling_res = _interleaved(runners, sbatches, repeats, steps, warmup)
-        _amortise_eval_work(runners, scaling_res, args.eval_every)
-        for key, res_v in scaling_res.items():
-            v, rows = key.split("@")
-            scaling.append({"rows": int(rows), "variant": v, "ms_per_step": res_v["ms_per_step"],
-                            "rounds_ms": res_v["rounds_ms"], "eval_work_ms": res_v.get("eval_work_ms")})  # fmt: skip
-        scaling.sort(key=lambda r: (r["rows"], VARIANTS.index(r["variant"])))
-        print(f"[{time.perf_counter() - started:.0f}s] scaling: "
-              + ", ".join(f"{k} {r['ms_per_step']:.1f} ms" for k, r in scaling_res.items()), flush=True)  # fmt: skip
-        del runners
-        gc.collect()
+    torch.set_num_threads(threads[0])
+    # base too: a lookup into a 1e7-row table misses cache and TLB for plain TorchRec as well,
+    # so PEP's own growth with table size is its ratio divided by base's.
+    runners, sbatches = {}, {}
+    for rows in scaling_rows:
+        batches_r = _zipf_batches(args.scaling_tables, rows, args.batch, 8, seed=2, pooling=args.pooling)
+        variants = ["base", "pep_feature", "pep_feature_dim"] + (
+            ["whole_table"] if rows <= args.whole_table_max_rows else []
+        )
+        if rows in (min(scaling_rows), max(scaling_rows)):
+            variants.append("search")
+        for v in variants:
+            runners[f"{v}@{rows}"] = Runner(v, args.scaling_tables, rows, args.batch)
+            sbatches[f"{v}@{rows}"] = batches_r
+    scaling_res = _interleaved(runners, sbatches, repeats, steps, warmup)
+    _amortise_eval_work(runners, scaling_res, args.eval_every)
+    for key, res_v in scaling_res.items():
+        v, rows = key.split("@")
+        scaling.append({"rows": int(rows), "variant": v, "ms_per_step": res_v["ms_per_step"],
+                        "rounds_ms": res_v["rounds_ms"], "eval_work_ms": res_v.get("eval_work_ms")})  # fmt: skip
+    scaling.sort(key=lambda r: (r["rows"], VARIANTS.index(r["variant"])))
+    print(f"[{time.perf_counter() - started:.0f}s] scaling: "
+          + ", ".join(f"{k} {r['ms_per_step']:.1f} ms" for k, r in scaling_res.items()), flush=True)  # fmt: skip
+    del runners
+    gc.collect()
+    return scaling, scaling_res
 
+
+def _headline(
+    overhead: list[dict], scaling_res: dict[str, dict], threads: list[int], scaling_rows: list[int]
+) -> dict[str, Any]:
+    """Each variant / base at the first thread count, and (with the scaling run) each variant's step growth
+    from the smallest to the largest table."""
     headline: dict[str, Any] = {}
     first = [r for r in overhead if r["threads"] == threads[0]]
     for r in first:
@@ -348,17 +376,14 @@ def main(argv: list[str] | None = None) -> int:
                 scaling_res[f"search@{hi}"], scaling_res[f"base@{hi}"]
             )
     headline["threads"] = threads[0]
-    headline["wall_s"] = time.perf_counter() - started
+    return headline
 
-    info = machine_info()
-    payload = {
-        "machine": info,
-        "config": config,
-        "headline": headline,
-        "overhead": overhead,
-        "scaling": scaling,
-    }
-    md = "\n".join([
+
+def _markdown(
+    info: dict, args: argparse.Namespace, threads: list[int], overhead: list[dict], scaling: list[dict],
+    headline: dict[str, Any],
+) -> str:  # fmt: skip
+    return "\n".join([
         "# Train-step overhead of PEP in sharded TorchRec", "",
         f"{info['date']}, {info['host_cpu']} ({info['cpu_count']} cores, shared), torch {info['versions']['torch']}, "
         f"torchrec {info['versions'].get('torchrec')}, commit {info['git_commit']}, `{info['command']}`.", "",
@@ -375,6 +400,35 @@ def main(argv: list[str] | None = None) -> int:
                                  ("eval_work_ms", "eval ms", ".0f")]),
         "", "Headline: " + ", ".join(f"{k} = {v:.3f}" for k, v in headline.items() if isinstance(v, float)), "",
     ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    repeats, steps, warmup = (3, 3, 2) if args.quick else (7, 5, 3)
+    threads = _thread_counts(args)
+    scaling_rows = [int(float(r)) for r in (args.scaling_rows or "1e4,1e5,1e6,1e7").split(",")]
+    config = _config(args, threads, scaling_rows, repeats, steps, warmup)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    started = time.perf_counter()
+
+    overhead = _measure_overhead(args, threads, repeats, steps, warmup, started)
+    scaling: list[dict] = []
+    scaling_res: dict[str, dict] = {}
+    if not args.skip_scaling:
+        scaling, scaling_res = _measure_scaling(args, threads, scaling_rows, repeats, steps, warmup, started)
+
+    headline = _headline(overhead, scaling_res, threads, scaling_rows)
+    headline["wall_s"] = time.perf_counter() - started
+
+    info = machine_info()
+    payload = {
+        "machine": info,
+        "config": config,
+        "headline": headline,
+        "overhead": overhead,
+        "scaling": scaling,
+    }
+    md = _markdown(info, args, threads, overhead, scaling, headline)
     name = args.name + ("_quick" if args.quick else "")
     write_results(name, payload, md)
     if args.json:

@@ -33,6 +33,14 @@ from pep_torchrec.serving.local import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = "[0.2,0.1,0.05]"
+# The model and optimizer settings every training stage shares (on top of its config file).
+MODEL_OVERRIDES = [
+    "model.embedding_dim=16",
+    "model.init_std=0.01",
+    "model.options={use_dense: true}",
+    "optim.embedding.lr=0.02",
+    "train.progress=false",
+]
 
 
 def _stage(title: str) -> None:
@@ -120,25 +128,17 @@ def _serve_and_score(artifact: Path, data: Path) -> None:
         server.wait(timeout=30)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="out/demo", help="working directory (recreated)")
     parser.add_argument("--rows", type=int, default=100_000, help="synthetic rows")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
-    data, runs = out / "synthetic", out / "runs"
-    started = time.perf_counter()
-    model = [
-        "model.embedding_dim=16",
-        "model.init_std=0.01",
-        "model.options={use_dense: true}",
-        "optim.embedding.lr=0.02",
-        "train.progress=false",
-    ]
+    return parser.parse_args(argv)
 
+
+def _prepare_and_baseline(data: Path, runs: Path, rows: int) -> None:
+    """Stages 1-2: the synthetic data, then the FM baseline in one process."""
     _stage("1/8 prepare: synthetic Criteo-like data")
     _run(
         [
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             str(data),
             "--rows",
-            str(args.rows),
+            str(rows),
             "--num-sparse",
             "26",
             "--num-dense",
@@ -170,15 +170,18 @@ def main(argv: list[str] | None = None) -> int:
             "--run-dir",
             str(runs / "base"),
             "--set",
-            *model,
+            *MODEL_OVERRIDES,
             "train.epochs=4",
         ]
     )
 
+
+def _search_retrain_magnitude(data: Path, runs: Path) -> None:
+    """Stages 3-5: the PEP search on 2 ranks, the 10 % lottery ticket, and magnitude pruning fine-tuned."""
     _stage("3/8 PEP search: 2 ranks under torchx dist.ddp")
     _torchx_train(
         ["--config", "configs/criteo_fm_search.yaml", "--data", str(data), "--run-dir", str(runs / "search")],
-        [*model, f"pep.budgets={BUDGETS}", "train.eval_every=4"],
+        [*MODEL_OVERRIDES, f"pep.budgets={BUDGETS}", "train.eval_every=4"],
     )
 
     _stage("4/8 retrain: lottery ticket at 10 %")
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             "--mask",
             str(mask),
             "--set",
-            *model,
+            *MODEL_OVERRIDES,
             "train.epochs=4",
         ]
     )
@@ -214,11 +217,15 @@ def main(argv: list[str] | None = None) -> int:
             "--mask",
             str(runs / "magnitude" / "masks" / "budget_0.1"),
             "--set",
-            *model,
+            *MODEL_OVERRIDES,
             "train.epochs=4",
         ]
     )
 
+
+def _report_and_export(out: Path, runs: Path) -> dict[str, tuple[int, int]]:
+    """Stages 6-7: the search report, then fp32 and int8 artifacts of the 10 % retrain; their
+    (embedding table bytes, dense fp32 bytes)."""
     _stage("6/8 report")
     _run(["report", "--run-dir", str(runs / "search")])
 
@@ -240,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("artifact", "artifact_int8"):
         manifest = json.loads((out / name / "manifest.json").read_text())
         sizes[name] = (manifest["total_bytes"], manifest["dense_fp32_bytes"])
+    return sizes
 
-    _stage("8/8 serve: score raw instances over loopback")
-    _serve_and_score(artifact, data)
 
+def _print_results(runs: Path, sizes: dict[str, tuple[int, int]], started: float) -> None:
+    """The result table: every run's metrics, the search snapshots, the artifact sizes."""
     _stage(f"result ({time.perf_counter() - started:.0f} s)")
     print(
         f"{'run':<14}{'ranks':>6}{'steps':>7}{'valid AUC':>11}{'test AUC':>10}{'test logloss':>14}"
@@ -265,6 +273,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{name}: embedding tables {total:,} bytes = {100 * total / dense:.1f}% of dense fp32 ({dense:,} bytes)"
         )
     print(f"report: {runs / 'search' / 'report' / 'report.md'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    data, runs = out / "synthetic", out / "runs"
+    started = time.perf_counter()
+    _prepare_and_baseline(data, runs, args.rows)
+    _search_retrain_magnitude(data, runs)
+    sizes = _report_and_export(out, runs)
+
+    _stage("8/8 serve: score raw instances over loopback")
+    _serve_and_score(out / "artifact", data)
+
+    _print_results(runs, sizes, started)
     return 0
 
 
