@@ -42,14 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pep_torchrec.errors import USER_ERROR_EXIT, UserError
-    from pep_torchrec.logging_utils import setup_logging
+    from pep_torchrec.utils.errors import USER_ERROR_EXIT, UserError
+    from pep_torchrec.utils.logging import setup_logging
 
     setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except UserError as e:  # bad input: one line naming it (pep_torchrec/errors.py)
+    except UserError as e:  # bad input: one line naming it (pep_torchrec/utils/errors.py)
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pep_torchrec.errors import UserError
+from pep_torchrec.utils.errors import UserError
 
 
 class ConfigError(UserError):

@@ -238,7 +238,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pep_torchrec.logging_utils import setup_logging
+    from pep_torchrec.utils.logging import setup_logging
 
     setup_logging()
     parser = argparse.ArgumentParser(
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from pep_torchrec.errors import USER_ERROR_EXIT, UserError
+    from pep_torchrec.utils.errors import USER_ERROR_EXIT, UserError
 
     try:
         return run(args)

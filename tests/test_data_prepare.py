@@ -393,7 +393,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     prepare_dataset("criteo", raw, out, seed=1)
     args = ["--dataset", "criteo", "--raw", str(raw), "--out", str(out), "--seed", "2"]
-    assert main(args) == 2  # a user error (pep_torchrec/errors.py)
+    assert main(args) == 2  # a user error (pep_torchrec/utils/errors.py)
     assert "already exists" in capsys.readouterr().err
     assert Schema.load(out).seed == 1
     assert main([*args, "--overwrite"]) == 0

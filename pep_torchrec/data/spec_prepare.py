@@ -72,7 +72,7 @@ from pep_torchrec.data.spec_transform import (
 )
 from pep_torchrec.data.synthetic import hash_uniform, mix_key
 from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
-from pep_torchrec.errors import USER_ERROR_EXIT
+from pep_torchrec.utils.errors import USER_ERROR_EXIT
 
 logger = logging.getLogger(__name__)
 
