@@ -412,9 +412,9 @@ def test_spec_to_served_predictions_with_the_tabular_configs(tmp_path):
     """Spec → prepare → configs/tabular_deepfm.yaml baseline, tabular_fm_search.yaml → tabular_fm_retrain.yaml
     from the 10 % mask → export → the framework-free Predictor on raw values: no dataset-specific config
     or code anywhere, and the served test AUC is the retrain run's."""
-    from pep_torchrec.metrics import roc_auc
     from pep_torchrec.serving.predictor import Predictor
     from pep_torchrec.train import main as train_main
+    from pep_torchrec.training.metrics import roc_auc
 
     rng = np.random.default_rng(0)
     n = 6000
