@@ -17,9 +17,10 @@ def _mount(sub: argparse._SubParsersAction, name: str, module: ModuleType, help:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pep_torchrec import prune, report, train
+    from pep_torchrec import report, train
     from pep_torchrec.data import prepare
     from pep_torchrec.export import converter
+    from pep_torchrec.pep import controls
     from pep_torchrec.serving import app as serving_app
 
     parser = argparse.ArgumentParser(
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "raw files → Parquet splits + schema.json",
     )
     _mount(sub, "train", train, "train a model (baseline, search or retrain stage)")
-    _mount(sub, "prune", prune, "magnitude-prune a trained run into masks (the baseline PEP must beat)")
+    _mount(sub, "prune", controls, "magnitude-prune a trained run into masks (the baseline PEP must beat)")
     _mount(sub, "report", report, "plots and a Markdown summary of a run")
     _mount(sub, "export", converter, "a trained run → a compact serving artifact")
     _mount(sub, "serve", serving_app, "serve an artifact over HTTP (FastAPI + uvicorn)")

@@ -11,7 +11,7 @@ OUT/report.md embeds each plot for which the run has the data:
     size_vs_frequency.png  per mask: kept dimensions of an id against its frequency in the train split
     kept_by_table.png      per mask: share of each table's elements kept
 
-A search run's report also says what the search learned (pep_torchrec/search_diagnostics.py: threshold
+A search run's report also says what the search learned (pep_torchrec/pep/diagnostics.py: threshold
 spread, overlap with magnitude, row-size histograms, Spearman(frequency, size) per snapshot, from the
 snapshot's checkpoint), in report.md and OUT/search_diagnostics.json.
 
@@ -1016,7 +1016,7 @@ def make_report(
          "masks": [{"label", "path", "budget", "dim", "rows", "kept", "kept_share", "pruned_rows",
                     "spearman" (all ids pooled), "spearman_within_tables" (row-weighted mean of the tables'),
                     "tables": {table: {"rows", "kept", "kept_share", "pruned_rows", "spearman"}}}],
-         "search_diagnostics": pep_torchrec.search_diagnostics.analyse_search's result or None,
+         "search_diagnostics": pep_torchrec.pep.diagnostics.analyse_search's result or None,
          "notes": [...], "seconds"}; a spearman is None without frequencies, NaN where a side is constant.
     Raises:
         ReportError: the run directory, its metrics or a mask is missing or malformed; OUT is not replaceable.
@@ -1058,7 +1058,7 @@ def make_report(
     numbers = run_numbers(run)
     learned = None
     if search_diagnostics and run.stage == "search" and snapshots:
-        from pep_torchrec import search_diagnostics as diagnostics  # torch: only for search runs
+        from pep_torchrec.pep import diagnostics  # torch: only for search runs
 
         learned = diagnostics.analyse_search(run.run_dir, run.config, snapshots, frequencies, notes)
 

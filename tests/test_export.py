@@ -27,7 +27,7 @@ from pep_torchrec.export.format import ArtifactError, compress_table, decode_tab
 from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.modules.pep_embedding_modules import GRANULARITIES
 from pep_torchrec.ops import margins
-from pep_torchrec.pruning import select_mask, write_arrays
+from pep_torchrec.pep.masks import select_mask, write_arrays
 from pep_torchrec.training.metrics import roc_auc
 
 SHARED_ML100K = (

@@ -261,7 +261,7 @@ def test_search_report_files_and_numbers(runs: dict, search_report: dict) -> Non
 
 
 def test_search_diagnostics_size_histograms() -> None:
-    from pep_torchrec.search_diagnostics import SIZE_LABELS, size_report
+    from pep_torchrec.pep.diagnostics import SIZE_LABELS, size_report
 
     sizes = {"t_user": np.array([0, 0, 1, 2, 3, 5, 7, 8, 15, 16, 32, 3]), "t_genre": np.array([4, 4, 4, 4])}
     freq = {"user": np.arange(12), "genre": np.array([3, 1, 2, 0])}

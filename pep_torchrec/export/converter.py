@@ -58,7 +58,7 @@ from pep_torchrec.export.format import (
 )
 from pep_torchrec.models.base import LINEAR_TABLE_PREFIX
 from pep_torchrec.ops import margins, threshold
-from pep_torchrec.pruning import budget_tag, open_array, read_meta, top_per_row
+from pep_torchrec.pep.masks import budget_tag, open_array, read_meta, top_per_row
 from pep_torchrec.training.checkpoint import CheckpointManager
 
 logger = logging.getLogger(__name__)

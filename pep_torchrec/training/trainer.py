@@ -42,8 +42,8 @@ from pep_torchrec.distributed.sharding import (
 )
 from pep_torchrec.models import TrainModel, build_model, embedding_tables
 from pep_torchrec.modules import PEPEmbeddingBagCollection
-from pep_torchrec.pep_stage import PEPStage
-from pep_torchrec.pruning import read_meta
+from pep_torchrec.pep.masks import read_meta
+from pep_torchrec.pep.stage import PEPStage
 from pep_torchrec.training.checkpoint import CheckpointManager
 from pep_torchrec.training.metrics import log_loss, roc_auc
 
