@@ -20,7 +20,7 @@ import yaml
 
 from pep_torchrec import cli
 from pep_torchrec.data.prepare import prepare_dataset, random_split_codes
-from pep_torchrec.data.report import MalformedRowError, PrepareError
+from pep_torchrec.data.rejections import MalformedRowError, PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
 from pep_torchrec.data.spec_prepare import prepare_from_spec
 from pep_torchrec.data.spec_reader import fnv1a64

@@ -48,7 +48,7 @@ from pep_torchrec.data.readers import (
     bytes_read,
     reset_bytes_read,
 )
-from pep_torchrec.data.report import (
+from pep_torchrec.data.rejections import (
     FILE_REASONS,
     SIDE_TABLE_REASONS,
     PrepareError,
