@@ -328,10 +328,10 @@ def run_dataset(dataset: str, models: list[str], work: Path, budgets: list[float
 
 
 def search_learned(run: Path, data: Path) -> dict[float, dict]:
-    """What the search learned at each snapshot (pep_torchrec/search_diagnostics.py), per budget."""
+    """What the search learned at each snapshot (pep_torchrec/pep/diagnostics.py), per budget."""
     from pep_torchrec.data.schema import Schema
+    from pep_torchrec.pep.diagnostics import analyse_search
     from pep_torchrec.report import train_frequencies
-    from pep_torchrec.search_diagnostics import analyse_search
 
     init = json.loads((run / "init" / "meta.json").read_text())
     rows = {t.removeprefix("t_"): int(e["rows"]) for t, e in init["tables"].items()}
@@ -508,7 +508,7 @@ def _seeds_markdown(result: dict, info: dict) -> str:
             "frequency, no learning), 'PEP sizes, random elements' (the PEP mask's row counts at random columns:",
             "with an aligned PEP mask, PEP's sizes by construction - a diagnostic). Every retrain uses the retrain",
             "config. sd: sample standard deviation over seeds. FM's first-order weights (one per row) are outside",
-            "every budget. For PEP, what the search learned (pep_torchrec/search_diagnostics.py, from the snapshot's",
+            "every budget. For PEP, what the search learned (pep_torchrec/pep/diagnostics.py, from the snapshot's",
             "checkpoint): overlap of its top-K by margin with the top-K |v| (mean over seeds); per seed, the distinct",
             "row sizes holding >= 10 % of the rows and Spearman(train id frequency, row size), each as 'top-K by",
             "margin,saved mask'.",

@@ -38,7 +38,7 @@ def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> l
     """Every budget of a search run (the snapshot thresholded: at most the budget stays) and every
     given retrain run (v · m: exactly its mask's count), × fp32/fp16/int8."""
     from pep_torchrec.export.converter import ArtifactConverter
-    from pep_torchrec.pruning import read_meta
+    from pep_torchrec.pep.masks import read_meta
 
     sources = [
         (

@@ -17,9 +17,10 @@ def _mount(sub: argparse._SubParsersAction, name: str, module: ModuleType, help:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pep_torchrec import prune, report, train
+    from pep_torchrec import report, train
     from pep_torchrec.data import prepare
     from pep_torchrec.export import converter
+    from pep_torchrec.pep import controls
     from pep_torchrec.serving import app as serving_app
 
     parser = argparse.ArgumentParser(
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "raw files → Parquet splits + schema.json",
     )
     _mount(sub, "train", train, "train a model (baseline, search or retrain stage)")
-    _mount(sub, "prune", prune, "magnitude-prune a trained run into masks (the baseline PEP must beat)")
+    _mount(sub, "prune", controls, "magnitude-prune a trained run into masks (the baseline PEP must beat)")
     _mount(sub, "report", report, "plots and a Markdown summary of a run")
     _mount(sub, "export", converter, "a trained run → a compact serving artifact")
     _mount(sub, "serve", serving_app, "serve an artifact over HTTP (FastAPI + uvicorn)")
@@ -42,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pep_torchrec.errors import USER_ERROR_EXIT, UserError
-    from pep_torchrec.logging_utils import setup_logging
+    from pep_torchrec.utils.errors import USER_ERROR_EXIT, UserError
+    from pep_torchrec.utils.logging import setup_logging
 
     setup_logging()
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
-    except UserError as e:  # bad input: one line naming it (pep_torchrec/errors.py)
+    except UserError as e:  # bad input: one line naming it (pep_torchrec/utils/errors.py)
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR_EXIT
 

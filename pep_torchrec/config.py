@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pep_torchrec.errors import UserError
+from pep_torchrec.utils.errors import UserError
 
 
 class ConfigError(UserError):
@@ -147,7 +147,7 @@ class PEPConfig:
     mask_layout: str = "elementwise"
     """Search masks: `elementwise` keeps the top elements where they are; `aligned` keeps each row's
     kept count (its learned embedding size) but in one column order shared by all rows, so two
-    features' kept dimensions overlap in dot-product interactions (see pep_torchrec/pruning.py)."""
+    features' kept dimensions overlap in dot-product interactions (see pep_torchrec/pep/masks.py)."""
     min_row_dims: int = 0
     """Search masks: every row keeps at least this many elements (its best ones), or
     ⌊budget / rows⌋ where a budget cannot afford more."""

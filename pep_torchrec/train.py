@@ -71,8 +71,8 @@ def _check_run_dir(args: argparse.Namespace) -> list[Path]:
     masks or summary, and `--resume` one that has a complete checkpoint. `--auto-resume` becomes
     `--resume` where that holds and `--overwrite` otherwise. Returns what `--overwrite` replaces:
     the previous run's outputs, removed by rank 0 only once the config has been accepted."""
-    from pep_torchrec.checkpoint import CheckpointManager
     from pep_torchrec.config import ConfigError
+    from pep_torchrec.training.checkpoint import CheckpointManager
 
     run_dir = Path(args.run_dir)
     resumable = (run_dir / "config.yaml").is_file() and \
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--run-dir is required for training")
 
     from pep_torchrec.distributed.env import init_distributed, shutdown
-    from pep_torchrec.trainer import Trainer
+    from pep_torchrec.training.trainer import Trainer
 
     run_dir = Path(args.run_dir)
     created = not run_dir.exists()
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 def _discard_failed_start(run_dir: Path, created: bool) -> None:
     """A new run that failed before its first complete checkpoint cannot be resumed: remove what it
     wrote (and the directory, if this start created it), so the next start finds nothing stale."""
-    from pep_torchrec.checkpoint import CheckpointManager
+    from pep_torchrec.training.checkpoint import CheckpointManager
 
     if CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None:
         return  # resumable: keep everything
@@ -190,7 +190,7 @@ def _dry_run(cfg) -> int:
 
     from pep_torchrec.data.schema import Schema
     from pep_torchrec.distributed.sharding import make_constraints, make_sharders, plan_sharding
-    from pep_torchrec.trainer import build_train_model
+    from pep_torchrec.training.trainer import build_train_model
 
     schema = Schema.load(cfg.data.path)
     world = cfg.sharding.dry_run_world_size
@@ -238,7 +238,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pep_torchrec.logging_utils import setup_logging
+    from pep_torchrec.utils.logging import setup_logging
 
     setup_logging()
     parser = argparse.ArgumentParser(
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    from pep_torchrec.errors import USER_ERROR_EXIT, UserError
+    from pep_torchrec.utils.errors import USER_ERROR_EXIT, UserError
 
     try:
         return run(args)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pep_torchrec import atomic
+from pep_torchrec.utils import atomic
 
 
 def _build(parent: Path, name: str, version: int) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pep_torchrec import checkpoint
+from pep_torchrec.training import checkpoint
 
 
 def test_cpu_rng_round_trip() -> None:

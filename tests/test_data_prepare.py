@@ -17,7 +17,7 @@ import pytest
 
 from pep_torchrec.data import prepare
 from pep_torchrec.data.prepare import main, prepare_dataset
-from pep_torchrec.data.report import MalformedRowError, PrepareError
+from pep_torchrec.data.rejections import MalformedRowError, PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
 from pep_torchrec.data.vocab import apply_transform, criteo_log_bucket, load_vocab
 
@@ -393,7 +393,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     prepare_dataset("criteo", raw, out, seed=1)
     args = ["--dataset", "criteo", "--raw", str(raw), "--out", str(out), "--seed", "2"]
-    assert main(args) == 2  # a user error (pep_torchrec/errors.py)
+    assert main(args) == 2  # a user error (pep_torchrec/utils/errors.py)
     assert "already exists" in capsys.readouterr().err
     assert Schema.load(out).seed == 1
     assert main([*args, "--overwrite"]) == 0

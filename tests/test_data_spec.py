@@ -20,7 +20,7 @@ import yaml
 
 from pep_torchrec import cli
 from pep_torchrec.data.prepare import prepare_dataset, random_split_codes
-from pep_torchrec.data.report import MalformedRowError, PrepareError
+from pep_torchrec.data.rejections import MalformedRowError, PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
 from pep_torchrec.data.spec_prepare import prepare_from_spec
 from pep_torchrec.data.spec_reader import fnv1a64
@@ -412,9 +412,9 @@ def test_spec_to_served_predictions_with_the_tabular_configs(tmp_path):
     """Spec → prepare → configs/tabular_deepfm.yaml baseline, tabular_fm_search.yaml → tabular_fm_retrain.yaml
     from the 10 % mask → export → the framework-free Predictor on raw values: no dataset-specific config
     or code anywhere, and the served test AUC is the retrain run's."""
-    from pep_torchrec.metrics import roc_auc
     from pep_torchrec.serving.predictor import Predictor
     from pep_torchrec.train import main as train_main
+    from pep_torchrec.training.metrics import roc_auc
 
     rng = np.random.default_rng(0)
     n = 6000

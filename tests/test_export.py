@@ -25,10 +25,10 @@ from pep_torchrec.export.compact import CompactEmbeddingBag
 from pep_torchrec.export.converter import ArtifactConverter
 from pep_torchrec.export.format import ArtifactError, compress_table, decode_table, encode_table
 from pep_torchrec.export.serving_model import load_artifact
-from pep_torchrec.metrics import roc_auc
 from pep_torchrec.modules.pep_embedding_modules import GRANULARITIES
 from pep_torchrec.ops import margins
-from pep_torchrec.pruning import select_mask, write_arrays
+from pep_torchrec.pep.masks import select_mask, write_arrays
+from pep_torchrec.training.metrics import roc_auc
 
 SHARED_ML100K = (
     Path(os.environ.get("PEP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -49,7 +49,7 @@ def make_run(
     step: int = 10,
 ) -> Path:
     """A finished-looking run directory with random weights, thresholds and a mask."""
-    from pep_torchrec.trainer import build_train_model
+    from pep_torchrec.training.trainer import build_train_model
 
     torch.manual_seed(seed)
     options = {"mlp_dims": [16], "dropout": 0.0} if model == "deepfm" else {}

@@ -197,7 +197,7 @@ def test_fallback_when_the_kernel_cannot_be_built(monkeypatch):
             fallback=fresh.fallback,
         ),
     )
-    monkeypatch.setattr("pep_torchrec.native.shutil.which", lambda name: None)
+    monkeypatch.setattr("pep_torchrec.utils.native.shutil.which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.delenv("PEP_TORCHREC_DISABLE_CPU_KERNEL", raising=False)
     with pytest.warns(RuntimeWarning, match="falling back"):

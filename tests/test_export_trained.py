@@ -23,8 +23,8 @@ from test_export import reference_scores
 from pep_torchrec.export.converter import ArtifactConverter
 from pep_torchrec.export.format import decode_table, load_tensors
 from pep_torchrec.export.serving_model import load_artifact
-from pep_torchrec.metrics import roc_auc
-from pep_torchrec.prune import load_full_tables
+from pep_torchrec.pep.controls import load_full_tables
+from pep_torchrec.training.metrics import roc_auc
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 
-from pep_torchrec.metrics import log_loss, roc_auc
+from pep_torchrec.training.metrics import log_loss, roc_auc
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pep_torchrec import cli
-from pep_torchrec.prune import best_checkpoint, load_full_tables
+from pep_torchrec.pep.controls import best_checkpoint, load_full_tables
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
@@ -179,7 +179,7 @@ def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, searc
     meta = json.loads((mask / "meta.json").read_text())
     assert meta["criterion"] == "magnitude" and meta["kept"] == 12800 and meta["warnings"] == []
     # A floor of 4 dims over 8,000 rows: 12,800 elements afford 1 each, 1,280 none; both are said.
-    with caplog.at_level("WARNING", logger="pep_torchrec.prune"):
+    with caplog.at_level("WARNING", logger="pep_torchrec.pep.controls"):
         assert (
             cli.main(
                 [

@@ -15,7 +15,7 @@ import yaml
 from test_report import write_dataset
 
 from pep_torchrec import cli
-from pep_torchrec.pruning import (
+from pep_torchrec.pep.masks import (
     floor_clip_note,
     frequency_sizes,
     interaction_warning,
@@ -258,13 +258,13 @@ def test_a_mask_without_interactions_is_a_warning(tmp_path, search_run, caplog):
         },
         rank=0,
     )
-    with caplog.at_level(logging.WARNING, logger="pep_torchrec.prune"):
+    with caplog.at_level(logging.WARNING, logger="pep_torchrec.pep.controls"):
         assert _prune("--method", "random-elements", "--sizes-from", source, "--out", tmp_path / "r") == 0
     assert any("budget 0.2: every kept element is in table t_user" in r.getMessage() for r in caplog.records)
     meta, _ = _masks(tmp_path / "r" / "masks" / "budget_0.2")
     assert len(meta["warnings"]) == 1 and "no feature interactions" in meta["warnings"][0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pep_torchrec.prune"):  # both tables kept: no warning
+    with caplog.at_level(logging.WARNING, logger="pep_torchrec.pep.controls"):  # both tables kept: no warning
         assert (
             _prune(
                 "--method",

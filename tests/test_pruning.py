@@ -8,7 +8,14 @@ import pytest
 import torch
 from dist_utils import run_on_ranks
 
-from pep_torchrec.pruning import budget_count, kth_largest, read_meta, select_mask, select_top_k, write_arrays
+from pep_torchrec.pep.masks import (
+    budget_count,
+    kth_largest,
+    read_meta,
+    select_mask,
+    select_top_k,
+    write_arrays,
+)
 
 ORDER = ["t_a", "t_b"]
 

@@ -17,6 +17,7 @@ pytest.importorskip("matplotlib")
 from pep_torchrec import report  # noqa: E402
 from pep_torchrec.data.schema import Schema, SparseFeature, SplitInfo  # noqa: E402
 from pep_torchrec.report import Pairs, ReportError, make_report, spearman, train_frequencies  # noqa: E402
+from pep_torchrec.report.runs import find_dataset  # noqa: E402
 
 D = 8
 # Feature → (cardinality, multi_hot). Ids of `user` occur 0..29 times (id i: i times), so frequency
@@ -261,7 +262,7 @@ def test_search_report_files_and_numbers(runs: dict, search_report: dict) -> Non
 
 
 def test_search_diagnostics_size_histograms() -> None:
-    from pep_torchrec.search_diagnostics import SIZE_LABELS, size_report
+    from pep_torchrec.pep.diagnostics import SIZE_LABELS, size_report
 
     sizes = {"t_user": np.array([0, 0, 1, 2, 3, 5, 7, 8, 15, 16, 32, 3]), "t_genre": np.array([4, 4, 4, 4])}
     freq = {"user": np.arange(12), "genre": np.array([3, 1, 2, 0])}
@@ -328,7 +329,7 @@ def test_missing_dataset_is_a_note_and_data_overrides(runs: dict, tmp_path: Path
     assert "size_vs_frequency" not in result["plots"] and "embedding_sizes" in result["plots"]
     assert result["masks"][0]["spearman"] is None
     assert "no/such/dataset" in (run / "report" / "report.md").read_text()
-    found = report._dataset(report.load_run(run), runs["root"] / "prepared_tiny", [])
+    found = find_dataset(report.load_run(run), runs["root"] / "prepared_tiny", [])
     assert found is not None and found[1].feature_names == ["user", "genre"]
     with pytest.raises(ReportError, match="not a prepared dataset"):
         make_report(run, data=tmp_path)

@@ -252,7 +252,7 @@ def test_user_mistakes_are_one_error_line(tmp_path, debug_data, capsys, argv, me
 def test_failed_start_leaves_nothing_behind(tmp_path, debug_data, monkeypatch):
     """A run that fails before its first checkpoint removes what it wrote (config.yaml, an empty
     metrics.jsonl, the search's init/): the directory too if the start created it."""
-    from pep_torchrec.trainer import Trainer
+    from pep_torchrec.training.trainer import Trainer
 
     def fail(self):
         raise RuntimeError("boom at step 0")

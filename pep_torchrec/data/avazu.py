@@ -39,7 +39,7 @@ from pep_torchrec.data.readers import (
     matches,
     to_int64,
 )
-from pep_torchrec.data.report import PrepareError
+from pep_torchrec.data.rejections import PrepareError
 
 LABEL = "click"
 DROPPED = ("id",)

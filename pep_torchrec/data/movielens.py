@@ -43,7 +43,7 @@ from pep_torchrec.data.readers import (
     matches,
     to_int64,
 )
-from pep_torchrec.data.report import PrepareError, Reject
+from pep_torchrec.data.rejections import PrepareError, Reject
 
 ML100K_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

@@ -41,7 +41,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pep_torchrec.atomic import replace_dir
 from pep_torchrec.data.readers import (
     DEFAULT_BLOCK_SIZE,
     DatasetReader,
@@ -49,7 +48,7 @@ from pep_torchrec.data.readers import (
     bytes_read,
     reset_bytes_read,
 )
-from pep_torchrec.data.report import (
+from pep_torchrec.data.rejections import (
     FILE_REASONS,
     SIDE_TABLE_REASONS,
     PrepareError,
@@ -59,7 +58,8 @@ from pep_torchrec.data.report import (
 from pep_torchrec.data.schema import SPLITS, Schema, SparseFeature, SplitInfo
 from pep_torchrec.data.synthetic import SyntheticConfig, SyntheticGenerator, hash_uniform, mix_key
 from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
-from pep_torchrec.errors import USER_ERROR_EXIT
+from pep_torchrec.utils.atomic import replace_dir
+from pep_torchrec.utils.errors import USER_ERROR_EXIT
 
 logger = logging.getLogger(__name__)
 

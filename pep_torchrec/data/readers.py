@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from pep_torchrec.data.report import PrepareError, Reject
+from pep_torchrec.data.rejections import PrepareError, Reject
 from pep_torchrec.data.schema import MAX_VALUE_CHARS
 
 GZIP_MAGIC = b"\x1f\x8b"

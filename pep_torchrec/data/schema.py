@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pep_torchrec.errors import UserError
+from pep_torchrec.utils.errors import UserError
 
 FORMAT_VERSION = 1
 MAX_VALUE_CHARS = 1024

@@ -49,7 +49,7 @@ from pep_torchrec.data.prepare import (
     rank_split_codes,
 )
 from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, SourceFile
-from pep_torchrec.data.report import PrepareError, RejectionLog, write_report
+from pep_torchrec.data.rejections import PrepareError, RejectionLog, write_report
 from pep_torchrec.data.schema import Schema, SparseFeature
 from pep_torchrec.data.spec import DatasetSpec, load_spec, resolve_spec_path, spec_to_dict
 from pep_torchrec.data.spec_reader import (
@@ -72,7 +72,7 @@ from pep_torchrec.data.spec_transform import (
 )
 from pep_torchrec.data.synthetic import hash_uniform, mix_key
 from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
-from pep_torchrec.errors import USER_ERROR_EXIT
+from pep_torchrec.utils.errors import USER_ERROR_EXIT
 
 logger = logging.getLogger(__name__)
 

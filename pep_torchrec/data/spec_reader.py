@@ -8,7 +8,7 @@ kernels), and Parquet files (read in record batches). Every block is then joined
 and turned into a `SpecBlock`: labels, each sparse field's vocabulary keys, each numeric field's
 values, record numbers and (temporal / given-files split) what places the row in a split.
 
-Row reject reasons added to `report.py`'s: bad_number (a numeric field that is not a number),
+Row reject reasons added to `rejections.py`'s: bad_number (a numeric field that is not a number),
 bad_timestamp (an hour/weekday source that is not a time), bad_order_key (the temporal split's column
 is not a number), bad_pair (a libSVM/libFFM item that is not `idx:val` / `field:idx:val`, or names an
 unknown field), unbalanced_quote, unknown_<join> (a key absent from that side table); side-table lines
@@ -49,7 +49,7 @@ from pep_torchrec.data.readers import (
     natural_key,
     to_int64,
 )
-from pep_torchrec.data.report import FILE_REASONS, PrepareError, Reject
+from pep_torchrec.data.rejections import FILE_REASONS, PrepareError, Reject
 from pep_torchrec.data.spec import (
     DatasetSpec,
     FieldSpec,

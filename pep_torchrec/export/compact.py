@@ -71,7 +71,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from pep_torchrec.export.format import CompactTable
-from pep_torchrec.native import NativeLibrary
+from pep_torchrec.utils.native import NativeLibrary
 
 _LENGTH_BITS = 16
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1

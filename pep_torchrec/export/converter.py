@@ -37,7 +37,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
-from pep_torchrec.checkpoint import CheckpointManager
 from pep_torchrec.config import ConfigError, RunConfig, load_config
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.data.spec_transform import serving_inputs
@@ -59,7 +58,8 @@ from pep_torchrec.export.format import (
 )
 from pep_torchrec.models.base import LINEAR_TABLE_PREFIX
 from pep_torchrec.ops import margins, threshold
-from pep_torchrec.pruning import budget_tag, open_array, read_meta, top_per_row
+from pep_torchrec.pep.masks import budget_tag, open_array, read_meta, top_per_row
+from pep_torchrec.training.checkpoint import CheckpointManager
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +423,7 @@ class ArtifactConverter:
 
     def load_model(self) -> tuple[torch.nn.Module, ExportSource]:
         """The unsharded TrainModel with the chosen checkpoint loaded (gk set), and what was read."""
-        from pep_torchrec.trainer import build_train_model
+        from pep_torchrec.training.trainer import build_train_model
 
         mask_dir = self._mask_dir()
         mask_meta = read_meta(mask_dir) if mask_dir is not None else None

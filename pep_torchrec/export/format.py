@@ -60,8 +60,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from pep_torchrec.atomic import replace_dir
-from pep_torchrec.errors import UserError
+from pep_torchrec.utils.atomic import replace_dir
+from pep_torchrec.utils.errors import UserError
 
 FORMAT_NAME = "pep-torchrec-artifact"
 FORMAT_VERSION = 1

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pep_torchrec.native import NativeLibrary
+from pep_torchrec.utils.native import NativeLibrary
 
 SOURCE = Path(__file__).with_name("csrc") / "threshold_pool_cpu.cpp"
 _ABI_VERSION = 5

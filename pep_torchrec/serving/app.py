@@ -60,8 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
 from pep_torchrec.export.format import ArtifactError
-from pep_torchrec.serving.metrics import ServiceMetrics
 from pep_torchrec.serving.predictor import Predictor, RequestError
+from pep_torchrec.serving.prometheus import ServiceMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from pep_torchrec.errors import UserError
+from pep_torchrec.utils.errors import UserError
 
 #: Reasons whose count is a number of files, not of rows.
 FILE_REASONS = ("broken_gzip", "empty_file")

@@ -51,7 +51,7 @@ import yaml
 from pep_torchrec.config import ConfigError, load_config
 from pep_torchrec.data.schema import Schema, SchemaError
 from pep_torchrec.models import embedding_tables
-from pep_torchrec.pruning import (
+from pep_torchrec.pep.masks import (
     MASK_LAYOUTS,
     MASK_METHODS,
     affordable_floor,

@@ -27,7 +27,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from pep_torchrec.checkpoint import CheckpointManager
 from pep_torchrec.config import ConfigError, RunConfig, save_config
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import Schema
@@ -41,11 +40,12 @@ from pep_torchrec.distributed.sharding import (
     plan_sharding,
     shard_model,
 )
-from pep_torchrec.metrics import log_loss, roc_auc
 from pep_torchrec.models import TrainModel, build_model, embedding_tables
 from pep_torchrec.modules import PEPEmbeddingBagCollection
-from pep_torchrec.pep_stage import PEPStage
-from pep_torchrec.pruning import read_meta
+from pep_torchrec.pep.masks import read_meta
+from pep_torchrec.pep.stage import PEPStage
+from pep_torchrec.training.checkpoint import CheckpointManager
+from pep_torchrec.training.metrics import log_loss, roc_auc
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ import torch.distributed.checkpoint as dcp
 from pep_torchrec.modules.pep_embedding_modules import canonical_granularity, threshold_mode
 from pep_torchrec.ops import ThresholdMode
 from pep_torchrec.ops import margins as margins_op
-from pep_torchrec.pruning import budget_tag, select_top_k
+from pep_torchrec.pep.masks import budget_tag, select_top_k
 
 #: Row-size bins (inclusive; None = no upper end) of the histograms.
 SIZE_BINS: tuple[tuple[int, int | None], ...] = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 7), (8, 15), (16, None))

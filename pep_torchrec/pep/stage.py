@@ -4,7 +4,7 @@ search:  the step-0 embedding is saved (`RUN/init/`); at every eval the kept ele
          shard are counted (an eval-interval scan, never per step) and all-reduced; the first eval at
          which the kept count is <= a budget saves a mask keeping *exactly* that many elements
          (`RUN/masks/budget_*/`, ranked by margin, under the row rules `pep.min_row_dims` /
-         `max_row_dims` / `mask_layout`, see pruning.select_mask); an optional controller sets the threshold
+         `max_row_dims` / `mask_layout`, see masks.select_mask); an optional controller sets the threshold
          scale `gk` so the kept share follows a geometric schedule down to the budgets, exactly.
 retrain: the tables start as init x mask (`[v | m]` rows, thresholds off); masked elements get zero
          gradient in the kernel, so they stay exactly zero through training and in checkpoints.
@@ -26,7 +26,7 @@ from torch import nn
 from pep_torchrec.config import ConfigError, PEPConfig
 from pep_torchrec.distributed.pep_embeddingbag import pep_modules
 from pep_torchrec.distributed.state import local_pieces
-from pep_torchrec.pruning import (
+from pep_torchrec.pep.masks import (
     MASK_LAYOUTS,
     affordable_floor,
     budget_count,

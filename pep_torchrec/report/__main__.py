@@ -1,0 +1,7 @@
+"""`python -m pep_torchrec.report ...`: the same as `pep-torchrec report ...`."""
+
+import sys
+
+from pep_torchrec.report import main
+
+sys.exit(main())
