@@ -20,8 +20,8 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from pep_torchrec.ops import ThresholdMode, library, row_width  # noqa: E402
-from pep_torchrec.ops import threshold_pool_triton as T  # noqa: E402
+from pep_torchrec.ops import ThresholdMode, library, row_width
+from pep_torchrec.ops import threshold_pool_triton as T
 
 SHAPES = [  # (mode, D, B, P)
     (ThresholdMode.ROW_DIM, 16, 65536, 1), (ThresholdMode.ROW, 16, 65536, 1),

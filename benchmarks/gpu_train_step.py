@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pep_torchrec.ops import ThresholdMode, library, row_width  # noqa: E402
+from pep_torchrec.ops import ThresholdMode, library, row_width
 
 MODELS = {"base": None, "pep_feature": ThresholdMode.ROW, "pep_feature_dim": ThresholdMode.ROW_DIM}
 

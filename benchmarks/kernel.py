@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
-from pep_torchrec.ops import (  # noqa: E402
+from pep_torchrec.ops import (
     ThresholdMode,
-    library,  # noqa: E402
+    library,
     row_width,
     threshold_pool_reference,
 )

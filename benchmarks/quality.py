@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from benchmarks.common import REPO, RESULTS, SHARED_DATA, machine_info, markdown_table, write_results
-from pep_torchrec import cli  # noqa: E402
+from pep_torchrec import cli
 
 RAW = {"movielens": SHARED_DATA / "ml-100k", "criteo": SHARED_DATA / "criteo_kaggle_head10k"}
 LABEL = {"movielens": "ml-100k", "criteo": "Criteo 10k", "synthetic": "synthetic"}

@@ -12,13 +12,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "pep_torchrec"
 MAX_LINES = 80
 
-# Functions allowed over the limit, by (path under pep_torchrec/, qualified name). Keep it short.
-ALLOWED: set[tuple[str, str]] = {
-    # report.py is being moved to a report/ package and split there (issue 14, another branch).
-    ("report.py", "_markdown"),
-    ("report.py", "make_report"),
-}
-
 
 def _functions(node: ast.AST, prefix: str = "") -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
     """Every function under `node` with its qualified name (`Class.method`, `outer.inner`)."""
@@ -47,12 +40,6 @@ def _long_functions() -> list[tuple[str, str, int]]:
 
 
 def test_no_function_over_80_lines():
-    too_long = [f for f in _long_functions() if f[:2] not in ALLOWED]
+    too_long = _long_functions()
     listed = ", ".join(f"pep_torchrec/{path}:{name} ({length})" for path, name, length in too_long)
     assert not too_long, f"functions over {MAX_LINES} lines (split them into named helpers): {listed}"
-
-
-def test_allow_list_is_not_stale():
-    """An entry that is no longer too long (or no longer exists) comes off the list."""
-    stale = ALLOWED - {f[:2] for f in _long_functions()}
-    assert not stale, f"remove from ALLOWED: {sorted(stale)}"
