@@ -338,16 +338,7 @@ def _prepare_raw(
         reader, features, splits, min_count=min_count, split=split, seed=seed, fractions=fractions
     )
     schema.save(tmp)
-    report = {
-        "rows_read": reader.rows_read,
-        "rows_kept": num_kept,
-        "rows_rejected": dict(sorted(log.rejected.items())),
-        "rows_rejected_total": log.rejected_rows,
-        "rows_filtered": dict(sorted(log.filtered.items())),
-        "rejected_examples": dict(sorted(log.examples.items())),
-        "files": [s.to_json() for s in reader.sources],
-    }
-    return _finish_report(report, schema, writers, timings)
+    return _finish_report(_rows_report(reader, num_kept, log), schema, writers, timings)
 
 
 def _raw_schema(
@@ -532,6 +523,21 @@ def _prepare_synthetic(
         "files": [],
     }
     return _finish_report(report, schema, writers, {"generate_s": time.perf_counter() - t})
+
+
+def _rows_report(reader: Any, num_kept: int, log: RejectionLog) -> dict:
+    """The rows part of report.json for a read of raw files (`reader`: a DatasetReader or a spec's
+    SpecRows, anything with `rows_read` and `sources`): read, kept, rejected and filtered per reason
+    (with examples), and the files."""
+    return {
+        "rows_read": reader.rows_read,
+        "rows_kept": num_kept,
+        "rows_rejected": dict(sorted(log.rejected.items())),
+        "rows_rejected_total": log.rejected_rows,
+        "rows_filtered": dict(sorted(log.filtered.items())),
+        "rejected_examples": dict(sorted(log.examples.items())),
+        "files": [s.to_json() for s in reader.sources],
+    }
 
 
 def _finish_report(report: dict, schema: Schema, writers: dict[str, SplitWriter], timings: dict) -> dict:

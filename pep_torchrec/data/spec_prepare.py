@@ -41,6 +41,7 @@ from pep_torchrec.data.prepare import (
     LABEL,
     _finish_report,
     _open_writers,
+    _rows_report,
     _write_rows,
     atomic_output_dir,
     format_summary,
@@ -381,16 +382,7 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
 
     schema = _spec_schema(spec, reader, features, dense, splits, fractions, train_stats, joins)
     schema.save(tmp)
-    report = {
-        "rows_read": reader.rows_read,
-        "rows_kept": num_kept,
-        "rows_rejected": dict(sorted(log.rejected.items())),
-        "rows_rejected_total": log.rejected_rows,
-        "rows_filtered": dict(sorted(log.filtered.items())),
-        "rejected_examples": dict(sorted(log.examples.items())),
-        "files": [s.to_json() for s in reader.sources],
-    }
-    return _finish_report(report, schema, writers, timings)
+    return _finish_report(_rows_report(reader, num_kept, log), schema, writers, timings)
 
 
 def _split_codes(
