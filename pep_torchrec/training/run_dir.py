@@ -207,10 +207,12 @@ class RunDir:
         except ConfigError as e:
             raise RunDirError(f"{self.config_path}: {e}") from None
 
-    def stage(self) -> str:
-        """baseline / search / retrain: summary.json's, else config.yaml's train.stage."""
-        stage = self.summary().get("stage") or (self.config_data().get("train") or {}).get("stage")
-        stage = stage or "baseline"
+    def stage(self, *, summary: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> str:
+        """baseline / search / retrain: summary.json's, else config.yaml's train.stage (`summary` and
+        `config`: those files' contents when the caller has read them already)."""
+        summary = self.summary() if summary is None else summary
+        config = self.config_data() if config is None else config
+        stage = summary.get("stage") or (config.get("train") or {}).get("stage") or "baseline"
         if stage not in STAGES:
             raise RunDirError(f"{self.path}: unknown stage {stage!r} (want baseline, search or retrain)")
         return stage
