@@ -7,13 +7,13 @@ steps, examples/s. Writes benchmarks/results/baselines.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.common import REPO, SHARED_DATA, machine_info, markdown_table, write_results
 from pep_torchrec import cli
+from pep_torchrec.training.run_dir import RunDir
 
 RAW = {"movielens": SHARED_DATA / "ml-100k", "criteo": SHARED_DATA / "criteo_kaggle_head10k"}
 LABEL = {"movielens": "ml-100k", "criteo": "criteo 10k"}
@@ -49,7 +49,7 @@ def _train_base(dataset: str, model: str, data: Path, work: Path) -> dict | None
     t0 = time.perf_counter()
     if cli.main(argv_train) != 0:
         return None
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunDir(run).summary(required=True)
     return {
         "dataset": LABEL[dataset],
         "model": model,

@@ -33,6 +33,7 @@ import yaml
 
 from benchmarks.common import REPO, RESULTS, SHARED_DATA, machine_info, markdown_table, write_results
 from pep_torchrec import cli
+from pep_torchrec.training.run_dir import RunDir, read_meta
 
 RAW = {"movielens": SHARED_DATA / "ml-100k", "criteo": SHARED_DATA / "criteo_kaggle_head10k"}
 LABEL = {"movielens": "ml-100k", "criteo": "Criteo 10k", "synthetic": "synthetic"}
@@ -96,14 +97,15 @@ def _control_prunes(runs: Path, data: Path, budgets: list[float], seed: int) -> 
     row sizes at random elements (for the budgets the search reached)."""
     _prune(runs / "search", runs / "uniform", budgets, ["--method", "uniform", "--seed", str(seed)])
     _prune(runs / "search", runs / "frequency", budgets, ["--method", "frequency", "--data", str(data)])
-    reached = [b for b in budgets if (runs / "search" / "masks" / f"budget_{b:g}" / "meta.json").is_file()]
+    search = RunDir(runs / "search")
+    reached = [b for b in budgets if (search.mask_dir(b) / "meta.json").is_file()]
     if reached:
         argv = [
             "prune",
             "--method",
             "random-elements",
             "--sizes-from",
-            str(runs / "search" / "masks"),
+            str(search.masks_dir),
             "--budgets",
             ",".join(map(str, reached)),
             "--out",
@@ -120,7 +122,7 @@ def _train(argv: list[str], log: list[dict]) -> dict:
     if cli.main(["train", *argv, "--overwrite", "--set", "train.progress=false"]) != 0:
         raise SystemExit(f"training failed: pep-torchrec train {' '.join(argv)}")
     run_dir = Path(argv[argv.index("--run-dir") + 1])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDir(run_dir).summary(required=True)
     summary["wall_s"] = time.perf_counter() - started
     log.append({"command": "pep-torchrec train " + " ".join(argv), "wall_s": summary["wall_s"]})
     return summary
@@ -228,7 +230,6 @@ def _retrain_rows(
     reached the budget)."""
     rows = []
     for budget in budgets:
-        tag = f"budget_{budget:g}"
         for method, source in METHODS:
             if source in ("search", "random_elements") and budget not in reached:
                 rows.append(
@@ -244,7 +245,7 @@ def _retrain_rows(
                 base_cfg,
                 data,
                 runs / f"{source}_retrain_{budget:g}",
-                runs / source / "masks" / tag,
+                RunDir(runs / source).mask_dir(budget),
                 retrain_set,
                 [],
                 log,
@@ -333,14 +334,15 @@ def search_learned(run: Path, data: Path) -> dict[float, dict]:
     from pep_torchrec.pep.diagnostics import analyse_search
     from pep_torchrec.report import train_frequencies
 
-    init = json.loads((run / "init" / "meta.json").read_text())
+    run_dir = RunDir(run)
+    _, init = run_dir.init()
     rows = {t.removeprefix("t_"): int(e["rows"]) for t, e in init["tables"].items()}
     frequencies = train_frequencies(data, Schema.load(data), rows)
     notes: list[str] = []
     found = analyse_search(
         run,
-        yaml.safe_load((run / "config.yaml").read_text()),
-        json.loads((run / "summary.json").read_text())["snapshots"],
+        run_dir.config_data(),
+        run_dir.summary(required=True)["snapshots"],
         frequencies,
         notes,
     )
@@ -407,7 +409,7 @@ def _seed_runs(
                 base_cfg,
                 data,
                 runs / f"{source}_retrain_{budget:g}",
-                runs / source / "masks" / f"budget_{budget:g}",
+                RunDir(runs / source).mask_dir(budget),
                 retrain_set,
                 seed_set,
                 log,
@@ -579,10 +581,10 @@ def synthetic_signal_share(work: Path) -> dict:
     )
     rows = []
     for budget in BUDGETS:
-        meta_path = run / "masks" / f"budget_{budget:g}" / "meta.json"
-        if not meta_path.exists():
+        mask_dir = RunDir(run).mask_dir(budget)
+        if not (mask_dir / "meta.json").exists():
             continue
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(mask_dir)
         kept_signal = sum(
             t["kept"] for name, t in meta["tables"].items() if name.removeprefix("t_") in signal
         )

@@ -38,15 +38,11 @@ def artifact_sizes(run_dir: Path, out: Path, retrain_runs: list[Path] = ()) -> l
     """Every budget of a search run (the snapshot thresholded: at most the budget stays) and every
     given retrain run (v · m: exactly its mask's count), × fp32/fp16/int8."""
     from pep_torchrec.export.converter import ArtifactConverter
-    from pep_torchrec.pep.masks import read_meta
+    from pep_torchrec.training.run_dir import RunDir, mask_budget, read_meta
 
     sources = [
-        (
-            f"search {mask.name}",
-            float(mask.name.removeprefix("budget_")),
-            ArtifactConverter(run_dir, budget=float(mask.name.removeprefix("budget_"))),
-        )
-        for mask in sorted((run_dir / "masks").glob("budget_*"))
+        (f"search {mask.name}", mask_budget(mask), ArtifactConverter(run_dir, budget=mask_budget(mask)))
+        for mask in sorted(RunDir(run_dir).mask_dirs(), key=lambda p: p.name)
     ]
     for run in retrain_runs:
         converter = ArtifactConverter(run)
@@ -357,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         from pep_torchrec.export.converter import ArtifactConverter
         from pep_torchrec.serving.predictor import Predictor
+        from pep_torchrec.training.run_dir import RunDir, mask_budget
 
-        budget = min(float(p.name.removeprefix("budget_")) for p in (run_dir / "masks").glob("budget_*"))
+        budget = min(mask_budget(p) for p in RunDir(run_dir).mask_dirs())
         converter = ArtifactConverter(run_dir, budget=budget)
         converter.convert(out / "compact")
         converter.convert(out / "dense", layout="dense")

@@ -291,7 +291,10 @@ def _markdown(
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    if not (args.run_dir / "summary.json").is_file():
+    from pep_torchrec.training.run_dir import RunDir, mask_budget
+
+    run = RunDir(args.run_dir)
+    if not run.is_finished():
         raise SystemExit(
             f"error: --run-dir {args.run_dir}: not a finished run (no summary.json); run `make demo`"
         )
@@ -299,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     from pep_torchrec.export.converter import ArtifactConverter
     from pep_torchrec.serving.predictor import Predictor
 
-    masks = sorted((args.run_dir / "masks").glob("budget_*"))
-    budget = min(float(p.name.removeprefix("budget_")) for p in masks) if masks else None
+    masks = run.mask_dirs()
+    budget = min(mask_budget(p) for p in masks) if masks else None
     # Server and client each on a core of their own when there are two; otherwise they share.
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     server_cpu, client_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)

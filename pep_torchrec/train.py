@@ -62,21 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# What a run leaves in its directory; a new run refuses to write among them (it would mix runs).
-_RUN_OUTPUTS = ("checkpoints", "masks", "init", "summary.json", "metrics.jsonl", "config.yaml")
-
-
 def _check_run_dir(args: argparse.Namespace) -> list[Path]:
     """Refuse to mix runs: a new run needs a run directory without a previous run's checkpoints,
     masks or summary, and `--resume` one that has a complete checkpoint. `--auto-resume` becomes
     `--resume` where that holds and `--overwrite` otherwise. Returns what `--overwrite` replaces:
     the previous run's outputs, removed by rank 0 only once the config has been accepted."""
     from pep_torchrec.config import ConfigError
-    from pep_torchrec.training.checkpoint import CheckpointManager
+    from pep_torchrec.training.run_dir import RunDir
 
     run_dir = Path(args.run_dir)
-    resumable = (run_dir / "config.yaml").is_file() and \
-        CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None  # fmt: skip
+    run = RunDir(run_dir)
+    resumable = run.has_config() and run.checkpoints().latest() is not None
     if args.auto_resume:
         if args.resume or args.overwrite:
             raise ConfigError("--auto-resume decides between --resume and --overwrite itself: pass it alone")
@@ -84,23 +80,22 @@ def _check_run_dir(args: argparse.Namespace) -> list[Path]:
     if args.resume:
         if args.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
-        if not (run_dir / "config.yaml").is_file():
+        if not run.has_config():
             raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml)")
         if not resumable:
-            raise ConfigError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+            raise ConfigError(f"--resume: no complete checkpoint under {run.checkpoints_dir}")
         return []
     # A start that failed before training leaves only config.yaml and an empty metrics.jsonl:
     # nothing to lose, so that is not a previous run.
-    found = [name for name in ("checkpoints", "masks", "summary.json") if (run_dir / name).exists()]
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append("metrics.jsonl")
+    found = [p.name for p in (run.checkpoints_dir, run.masks_dir, run.summary_path) if p.exists()]
+    if run.metrics_path.is_file() and run.metrics_path.stat().st_size > 0:
+        found.append(run.metrics_path.name)
     if found and not args.overwrite:
         raise ConfigError(
             f"--run-dir {run_dir} holds a previous run ({', '.join(found)}): pass --resume to "
             "continue it or --overwrite to replace it"
         )
-    return [run_dir / name for name in _RUN_OUTPUTS if (run_dir / name).exists()] if args.overwrite else []
+    return run.outputs() if args.overwrite else []
 
 
 def _remove(paths: list[Path]) -> None:
@@ -129,10 +124,11 @@ def run(args: argparse.Namespace) -> int:
     replaced = _check_run_dir(args) if args.run_dir and not args.dry_run else []
     base = None
     if args.resume and args.config is None:
-        # Resume with the run's own resolved config unless another one is given.
-        import yaml
+        # Resume with the run's own resolved config unless another one is given (keys of another
+        # version dropped with a warning, like every reader of a run's config.yaml).
+        from pep_torchrec.training.run_dir import RunDir
 
-        base = yaml.safe_load((Path(args.run_dir) / "config.yaml").read_text())
+        base = RunDir(args.run_dir).config_data()
     elif args.config is None:
         raise ConfigError("--config is required (a YAML of configs/, e.g. configs/debug_cpu.yaml)")
     cfg = load_config(args.config, overrides, base=base)
@@ -175,11 +171,12 @@ def run(args: argparse.Namespace) -> int:
 def _discard_failed_start(run_dir: Path, created: bool) -> None:
     """A new run that failed before its first complete checkpoint cannot be resumed: remove what it
     wrote (and the directory, if this start created it), so the next start finds nothing stale."""
-    from pep_torchrec.training.checkpoint import CheckpointManager
+    from pep_torchrec.training.run_dir import RunDir
 
-    if CheckpointManager(run_dir / "checkpoints", rank=0).latest() is not None:
+    run = RunDir(run_dir)
+    if run.checkpoints().latest() is not None:
         return  # resumable: keep everything
-    _remove([run_dir / name for name in _RUN_OUTPUTS])
+    _remove(run.outputs())
     if created and run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()
 

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from pep_torchrec import cli
 from pep_torchrec.serving.local import free_port, wait_ready
+from pep_torchrec.training.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = "[0.2,0.1,0.05]"
@@ -185,7 +186,7 @@ def _search_retrain_magnitude(data: Path, runs: Path) -> None:
     )
 
     _stage("4/8 retrain: lottery ticket at 10 %")
-    mask = runs / "search" / "masks" / "budget_0.1"
+    mask = RunDir(runs / "search").mask_dir(0.1)
     _run(
         [
             "train",
@@ -215,7 +216,7 @@ def _search_retrain_magnitude(data: Path, runs: Path) -> None:
             "--run-dir",
             str(runs / "magnitude_10"),
             "--mask",
-            str(runs / "magnitude" / "masks" / "budget_0.1"),
+            str(RunDir(runs / "magnitude").mask_dir(0.1)),
             "--set",
             *MODEL_OVERRIDES,
             "train.epochs=4",
@@ -258,12 +259,12 @@ def _print_results(runs: Path, sizes: dict[str, tuple[int, int]], started: float
         f"{'emb params kept':>17}{'of':>12}"
     )
     for name in ("base", "search", "retrain_10", "magnitude_10"):
-        s = json.loads((runs / name / "summary.json").read_text())
+        s = RunDir(runs / name).summary(required=True)
         print(
             f"{name:<14}{s['world_size']:>6}{s['steps']:>7}{s['valid_auc']:>11.4f}{s['test_auc']:>10.4f}"
             f"{s['test_logloss']:>14.4f}{s['embedding_params_kept']:>17,}{s['embedding_params_total']:>12,}"
         )
-    snaps = json.loads((runs / "search" / "summary.json").read_text())["snapshots"]
+    snaps = RunDir(runs / "search").summary(required=True)["snapshots"]
     print(
         "search snapshots: "
         + ", ".join(f"{s['budget']:g} → {s['kept']:,} kept at step {s['step']}" for s in snaps)

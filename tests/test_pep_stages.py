@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from pep_torchrec import cli
-from pep_torchrec.pep.controls import best_checkpoint, load_full_tables
+from pep_torchrec.pep.controls import load_full_tables
+from pep_torchrec.training.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
@@ -113,7 +114,7 @@ def test_retrain_from_mask_keeps_masked_elements_at_zero(tmp_path, data, search)
     dim = 8
     tables = _tables(search)
     stored = load_full_tables(
-        best_checkpoint(run),
+        RunDir(run).best_checkpoint(),
         {t: (n, 2 * dim) for t, n in tables.items()},
         key="model.ebc._embedding_bag_collection.embedding_bags.{table}.weight",
     )

@@ -11,11 +11,11 @@ from dist_utils import run_on_ranks
 from pep_torchrec.pep.masks import (
     budget_count,
     kth_largest,
-    read_meta,
     select_mask,
     select_top_k,
     write_arrays,
 )
+from pep_torchrec.training.run_dir import read_meta
 
 ORDER = ["t_a", "t_b"]
 

@@ -13,7 +13,8 @@ What is exported (v̂ = what the trained model pools; everything else is zero an
   An `aligned` mask (pep.mask_layout, made for retraining) has moved each row's kept elements to
   shared columns; the snapshot itself keeps each row's same count at its largest margins, which is
   what is exported (the same row sizes, so the same total).
-- retrain run: its best checkpoint (selected on valid), v̂ = v · m (thresholds off), m its own mask.
+- retrain run: its best checkpoint (selected on valid: summary.json's best_step, which must be
+  complete; `RunDir.best_checkpoint`), v̂ = v · m (thresholds off), m its own mask.
 - baseline run: its best checkpoint, v̂ = v (· the `--mask` if one is given, e.g. magnitude pruning).
 
 The checkpoint is read whole in one process (`dcp.load(no_dist=True)`), so a run of any world size
@@ -35,9 +36,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 
-from pep_torchrec.config import ConfigError, RunConfig, load_config
+from pep_torchrec.config import ConfigError, RunConfig
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.data.spec_transform import serving_inputs
 from pep_torchrec.data.vocab import VOCAB_FILE as DATASET_VOCAB_FILE
@@ -58,8 +58,8 @@ from pep_torchrec.export.format import (
 )
 from pep_torchrec.models.base import LINEAR_TABLE_PREFIX
 from pep_torchrec.ops import margins, threshold
-from pep_torchrec.pep.masks import budget_tag, open_array, read_meta, top_per_row
-from pep_torchrec.training.checkpoint import CheckpointManager
+from pep_torchrec.pep.masks import open_array, top_per_row
+from pep_torchrec.training.run_dir import RunDir, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -156,37 +156,6 @@ def input_spec(schema: Schema, *, has_vocab: bool = True, data_path: str | Path 
     return {"fields": fields, "sparse": sparse, "dense": dense}
 
 
-def _drop_unknown(data: dict[str, Any], cls: type, prefix: str = "") -> list[str]:
-    """Remove keys `cls` (a config dataclass) does not know, recursively; returns their names."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    dropped = []
-    for key in list(data):
-        if key not in hints:
-            dropped.append(prefix + key)
-            del data[key]
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(data[key], dict):
-            dropped += _drop_unknown(data[key], hints[key], f"{prefix}{key}.")
-    return dropped
-
-
-def _load_run_config(path: Path) -> RunConfig:
-    """The run's resolved config. A run written by an older version may hold keys this version
-    dropped (e.g. a renamed controller option): export needs only the model, data and PEP basics,
-    so such keys are skipped with a warning instead of refusing the run."""
-    data = yaml.safe_load(path.read_text()) or {}
-    try:
-        return load_config(base=data)
-    except ConfigError:
-        dropped = _drop_unknown(data, RunConfig)
-        if not dropped:
-            raise
-        logger.warning("%s: ignoring keys this version does not know: %s", path, ", ".join(dropped))
-        return load_config(base=data)
-
-
 # ---------------------------------------------------------------------------------------------------
 # the converter
 
@@ -225,12 +194,10 @@ class ArtifactConverter:
         data_path: str | Path | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.run = RunDir(self.run_dir)
         if budget is not None and mask is not None:
             raise ConfigError("give --budget or --mask, not both")
-        config_path = self.run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"{config_path}: missing (is {run_dir} a run directory?)")
-        self.cfg: RunConfig = _load_run_config(config_path)
+        self.cfg: RunConfig = self.run.config()
         if data_path is not None:
             self.cfg.data.path = str(data_path)
         self.schema = Schema.load(self.cfg.data.path)
@@ -248,15 +215,7 @@ class ArtifactConverter:
                     f"--budget needs a search run ({self.run_dir} is a {self.stage} run); "
                     "use --mask for another run's mask"
                 )
-            path = self.run_dir / "masks" / budget_tag(self.budget)
-            if not path.is_dir():
-                have = (
-                    sorted(p.name for p in (self.run_dir / "masks").glob("budget_*"))
-                    if (self.run_dir / "masks").is_dir()
-                    else []
-                )
-                raise ConfigError(f"{path}: no mask for budget {self.budget:g} (have {have})")
-            return path
+            return self.run.mask(self.budget)
         if self.stage == "retrain":
             return Path(self.cfg.pep.mask) if self.cfg.pep.mask else None
         if self.stage == "search":
@@ -264,8 +223,8 @@ class ArtifactConverter:
         return None
 
     def _checkpoint(self, mask_meta: dict[str, Any] | None) -> tuple[Path, int]:
-        directory = self.run_dir / "checkpoints"
-        checkpoints = CheckpointManager(directory, rank=0)
+        directory = self.run.checkpoints_dir
+        checkpoints = self.run.checkpoints()
         steps = checkpoints.steps()  # complete ones only
         if not steps:
             raise ConfigError(f"{directory}: no complete checkpoint")
@@ -274,21 +233,17 @@ class ArtifactConverter:
         elif self.stage == "search" and mask_meta is not None and "step" in mask_meta:
             # The weights the mask was ranked on; pruned checkpoints → the nearest later one.
             later = [s for s in steps if s >= int(mask_meta["step"])]
-            chosen = later[0] if later else self._best_step(steps)
+            chosen = later[0] if later else self.run.best_step()
             if chosen != int(mask_meta["step"]):
                 logger.warning(
                     "checkpoint of the mask's step %s is gone; exporting step %d", mask_meta["step"], chosen
                 )
         else:
-            chosen = self._best_step(steps)
+            best = self.run.best_checkpoint()  # the one rule: summary.json's best_step, complete
+            return best, self.run.best_step()
         if chosen not in steps:
             raise ConfigError(f"{directory}: no complete checkpoint for step {chosen} (have {steps})")
         return checkpoints.path(chosen), chosen
-
-    def _best_step(self, steps: list[int]) -> int:
-        summary = self.run_dir / "summary.json"
-        best = json.loads(summary.read_text()).get("best_step") if summary.is_file() else None
-        return int(best) if best is not None and best in steps else steps[-1]
 
     # ---- the entry point -----------------------------------------------------------------------
 

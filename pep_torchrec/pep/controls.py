@@ -36,7 +36,6 @@ Runs in one process and reads the sharded DCP checkpoint of any world size into 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import warnings
 from collections.abc import Mapping
@@ -46,9 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-import yaml
 
-from pep_torchrec.config import ConfigError, load_config
+from pep_torchrec.config import ConfigError
 from pep_torchrec.data.schema import Schema, SchemaError
 from pep_torchrec.models import embedding_tables
 from pep_torchrec.pep.masks import (
@@ -57,7 +55,6 @@ from pep_torchrec.pep.masks import (
     affordable_floor,
     aligned_mask,
     budget_count,
-    budget_tag,
     floor_clip_note,
     frequency_sizes,
     interaction_warning,
@@ -66,6 +63,7 @@ from pep_torchrec.pep.masks import (
     uniform_sizes,
     write_arrays,
 )
+from pep_torchrec.training.run_dir import RunDir, budget_tag, init_dir_of, list_masks, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +71,6 @@ logger = logging.getLogger(__name__)
 TABLE_KEY = "model.ebc.embedding_bags.{table}.weight"
 DEFAULT_BUDGETS = "0.2,0.1,0.05,0.02"
 TABLE_PREFIX = "t_"
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a run selected on valid (summary.json's best_step)."""
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise ConfigError(f"{summary_path}: missing (has the run finished?)")
-    summary = json.loads(summary_path.read_text())
-    path = run_dir / "checkpoints" / f"step_{summary['best_step']:08d}"
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"{path}: the best checkpoint is missing or incomplete")
-    return path
 
 
 def load_full_tables(
@@ -115,7 +101,7 @@ def _write_mask(
     meta["warnings"] = _mask_warnings(budget, kept, clip)
     shapes = {t: tuple(m.shape) for t, m in masks.items()}
     path = write_arrays(
-        out / "masks" / budget_tag(budget),
+        RunDir(out).mask_dir(budget),
         shapes,
         np.bool_,
         {t: [(0, 0, torch.from_numpy(np.ascontiguousarray(m)))] for t, m in masks.items()},
@@ -134,7 +120,7 @@ def magnitude_masks(
     min_row_dims: int = 0,
     max_row_dims: int = 0,
 ) -> list[dict]:
-    cfg = load_config(base=yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = RunDir(run_dir).config()
     if cfg.train.stage != "baseline":
         raise ConfigError(
             f"{run_dir}: magnitude pruning starts from a baseline run (this one is {cfg.train.stage})"
@@ -142,12 +128,12 @@ def magnitude_masks(
     schema = Schema.load(cfg.data.path)
     dim = cfg.model.embedding_dim
     tables = {t.name: t.num_embeddings for t in embedding_tables(schema.sparse_features, dim)}
-    checkpoint = best_checkpoint(run_dir)
+    checkpoint = RunDir(run_dir).best_checkpoint()
     weights = load_full_tables(checkpoint, {t: (n, dim) for t, n in tables.items()})
     total = sum(tables.values()) * dim
     shapes = {t: (n, dim) for t, n in tables.items()}
     write_arrays(
-        out / "init",
+        RunDir(out).init_dir,
         shapes,
         np.float32,
         {t: [(0, 0, w)] for t, w in weights.items()},
@@ -192,32 +178,31 @@ def magnitude_masks(
 
 def _search_init(run_dir: Path, method: str) -> tuple[Path, dict[str, Any]]:
     """A search run's step-0 embedding (RUN/init/) and its meta: where the lottery-ticket controls start."""
-    meta_path = run_dir / "init" / "meta.json"
-    if not meta_path.is_file():
+    run = RunDir(run_dir)
+    if not (run.init_dir / "meta.json").is_file():
         raise ConfigError(
             f"--run-dir {run_dir}: --method {method} starts from a search run's step-0 embedding "
-            f"({run_dir}/init/), and {run_dir} has none (not a search run?)"
+            f"({run.init_dir}/), and {run_dir} has none (not a search run?)"
         )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("kind") != "init" or not meta.get("tables") or not meta.get("dim"):
-        raise ConfigError(f"{meta_path}: not an init directory's meta (kind {meta.get('kind')!r})")
-    return (run_dir / "init").resolve(), meta
+    init, meta = run.init()
+    if not meta.get("tables") or not meta.get("dim"):
+        raise ConfigError(f"{init / 'meta.json'}: an init directory's meta needs tables and dim")
+    return init, meta
 
 
 def _train_frequencies(
     run_dir: Path, data: str | None, tables: Mapping[str, int]
 ) -> tuple[dict[str, np.ndarray], Path]:
     """Train-split occurrences of every id, per table (`t_<feature>`), from --data or the run's data.path."""
-    from pep_torchrec.report import ReportError, resolve_path, train_frequencies
+    from pep_torchrec.report import ReportError, train_frequencies
 
     if data is not None:
         dataset: Path | None = Path(data)
         flag = f"--data {data}"
     else:
-        recorded = str(
-            ((yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("data") or {}).get("path", "")
-        )
-        dataset = resolve_path(recorded, run_dir) if recorded else None
+        run = RunDir(run_dir)
+        recorded = str((run.config_data().get("data") or {}).get("path", ""))
+        dataset = run.resolve(recorded) if recorded else None
         flag = f"--data (the run's data.path {recorded!r} was not found)"
     if dataset is None or not (dataset / "schema.json").is_file():
         raise ConfigError(
@@ -279,17 +264,14 @@ def size_control_masks(
 def _source_masks(sizes_from: Path, budgets: list[float] | None) -> list[Path]:
     """The mask directories --sizes-from names: itself (one mask) or its budget_* (those of --budgets)."""
     if (sizes_from / "meta.json").is_file():
-        budget = json.loads((sizes_from / "meta.json").read_text()).get("budget")
+        budget = read_meta(sizes_from).get("budget")
         if budgets is not None and budget not in budgets:
             raise ConfigError(f"--budgets: --sizes-from {sizes_from} is one mask, of budget {budget}")
         return [sizes_from]
     if not sizes_from.is_dir():
         raise ConfigError(f"--sizes-from {sizes_from}: no such directory")
     if budgets is None:
-        found = sorted(
-            (p for p in sizes_from.glob("budget_*") if (p / "meta.json").is_file()),
-            key=lambda p: -float(p.name.removeprefix("budget_")),
-        )
+        found = list_masks(sizes_from)
         if not found:
             raise ConfigError(
                 f"--sizes-from {sizes_from}: neither a mask (meta.json) nor a directory of budget_* masks"
@@ -309,9 +291,7 @@ def random_element_masks(
     """Each row keeps the source mask's count, at random columns; the source's init and warm start."""
     results = []
     for source in _source_masks(sizes_from, budgets):
-        meta = json.loads((source / "meta.json").read_text())
-        if meta.get("kind") != "mask":
-            raise ConfigError(f"--sizes-from {source}: not a mask directory (kind {meta.get('kind')!r})")
+        meta = read_meta(source, "mask")
         dim = int(meta["dim"])
         masks = {}
         for index, (table, entry) in enumerate(meta["tables"].items()):
@@ -335,7 +315,7 @@ def random_element_masks(
             "budget": meta["budget"],
             "kept": int(meta["kept"]),
             "dim": dim,
-            "init": str((source / meta["init"]).resolve()),
+            "init": str(init_dir_of(source, meta)),
             "embedding_params_total": meta.get("embedding_params_total"),
         }
         if meta.get("warm_start"):

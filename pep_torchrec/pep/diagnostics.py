@@ -38,7 +38,8 @@ import torch.distributed.checkpoint as dcp
 from pep_torchrec.modules.pep_embedding_modules import canonical_granularity, threshold_mode
 from pep_torchrec.ops import ThresholdMode
 from pep_torchrec.ops import margins as margins_op
-from pep_torchrec.pep.masks import budget_tag, select_top_k
+from pep_torchrec.pep.masks import select_top_k
+from pep_torchrec.training.run_dir import RunDir, read_meta
 
 #: Row-size bins (inclusive; None = no upper end) of the histograms.
 SIZE_BINS: tuple[tuple[int, int | None], ...] = ((0, 0), (1, 1), (2, 2), (3, 3), (4, 7), (8, 15), (16, None))
@@ -159,13 +160,14 @@ def analyse_snapshot(
     """The diagnostics of one snapshot (see the module docstring). Raises FileNotFoundError when the
     snapshot's checkpoint or mask is missing."""
     step, budget = int(snapshot["step"]), float(snapshot["budget"])
-    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    run = RunDir(run_dir)
+    checkpoint = run.checkpoint(step)
     if not (checkpoint / "trainer_state.json").is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint.name} missing")
-    mask_dir = run_dir / "masks" / budget_tag(budget)
+    mask_dir = run.mask_dir(budget)
     if not (mask_dir / "meta.json").is_file():
         raise FileNotFoundError(f"mask {mask_dir.name} missing")
-    meta = json.loads((mask_dir / "meta.json").read_text())
+    meta = read_meta(mask_dir, "mask")
     gk = float(json.loads((checkpoint / "trainer_state.json").read_text())["trainer"]["gk"])
     stored, coarse = load_search_tables(checkpoint)
     order = [t for t in meta["tables"] if t in stored]
@@ -237,11 +239,7 @@ def analyse_search(
     granularity = canonical_granularity(str((config.get("pep") or {}).get("granularity") or "feature_dim"))
     if not snapshots or not dim:
         return None
-    total = (
-        json.loads((run_dir / "summary.json").read_text()).get("embedding_params_total")
-        if (run_dir / "summary.json").is_file()
-        else None
-    )
+    total = RunDir(run_dir).summary().get("embedding_params_total")
     if total and total > MAX_ELEMENTS:
         notes.append(f"search diagnostics skipped: {total:,} embedding elements (more than {MAX_ELEMENTS:,})")
         return None

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pep_torchrec.utils.atomic import replace_dir
+
 # Piece = (row offset, column offset, [R, C] tensor) of one table on this rank.
 Piece = tuple[int, int, torch.Tensor]
 
@@ -308,21 +310,9 @@ def write_arrays(
     _barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps(dict(meta), indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # a reader sees the old directory or the new one, never a mix
     _barrier()
     return final
-
-
-def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """meta.json of a complete mask / init directory; a clear error for anything else."""
-    path = Path(directory) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a complete mask/init directory (meta.json missing)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
 
 
 def open_array(directory: str | os.PathLike, table: str, shape: tuple[int, int]) -> np.ndarray:
@@ -344,10 +334,6 @@ def budget_count(budget: float, total: int) -> int:
     if count > total:
         raise ValueError(f"budget {budget} ({count} elements) exceeds the {total} embedding parameters")
     return count
-
-
-def budget_tag(budget: float) -> str:
-    return f"budget_{budget:g}"
 
 
 # ---------------------------------------------------------------------------------------------------

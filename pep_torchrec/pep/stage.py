@@ -30,16 +30,15 @@ from pep_torchrec.pep.masks import (
     MASK_LAYOUTS,
     affordable_floor,
     budget_count,
-    budget_tag,
     check_row_rules,
     floor_clip_note,
     interaction_warning,
     kth_largest,
     open_array,
-    read_meta,
     select_mask,
     write_arrays,
 )
+from pep_torchrec.training.run_dir import RunDir, init_dir_of, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +129,7 @@ class PEPStage:
     # ---- search ------------------------------------------------------------------------------
     def save_init(self) -> Path:
         """Save the step-0 embedding (v only) for lottery-ticket retraining."""
-        path = self.run_dir / "init"
+        path = RunDir(self.run_dir).init_dir
         meta = {"kind": "init", "dim": self.dim, "tables": {t: {"rows": n} for t, n in self.tables.items()}}
         return write_arrays(
             path,
@@ -167,7 +166,7 @@ class PEPStage:
         kept_by_table = torch.tensor([sum(int(m.sum()) for _, _, m in keep[t]) for t in self.table_order])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(kept_by_table)
-        path = self.run_dir / "masks" / budget_tag(budget)
+        path = RunDir(self.run_dir).mask_dir(budget)
         kept = dict(zip(self.table_order, kept_by_table.tolist()))
         warnings = [
             w
@@ -265,11 +264,7 @@ class PEPStage:
     def load_ticket(self) -> dict[str, Any]:
         """Start from init x mask (or the fresh init x mask with `reinit`), m = mask."""
         mask_dir = Path(self.cfg.mask)
-        meta = read_meta(mask_dir)
-        if meta.get("kind") != "mask":
-            raise ConfigError(
-                f"pep.mask: {mask_dir} is not a mask directory (meta kind {meta.get('kind')!r})"
-            )
+        meta = read_meta(mask_dir, "mask")
         if int(meta["dim"]) != self.dim:
             raise ConfigError(
                 f"pep.mask: {mask_dir} is for embedding_dim {meta['dim']}, the model has {self.dim}"
@@ -277,7 +272,7 @@ class PEPStage:
         missing = sorted(set(self.tables) - set(meta["tables"]))
         if missing:
             raise ConfigError(f"pep.mask: {mask_dir} has no mask for tables {missing}")
-        init_dir = None if self.cfg.reinit else (mask_dir / meta["init"]).resolve()
+        init_dir = None if self.cfg.reinit else init_dir_of(mask_dir, meta)
         for table, pieces in self._stored_pieces().items():
             shape = (self.tables[table], self.dim)
             mask = open_array(mask_dir, table, shape)

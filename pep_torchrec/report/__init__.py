@@ -51,8 +51,6 @@ from pep_torchrec.report.runs import (
     find_masks,
     load_mask,
     load_run,
-    read_metrics,
-    resolve_path,
     row_sizes,
     run_numbers,
 )
@@ -83,8 +81,6 @@ __all__ = [
     "main",
     "make_report",
     "mask_stats",
-    "read_metrics",
-    "resolve_path",
     "row_sizes",
     "run",
     "run_numbers",

@@ -33,6 +33,7 @@ from pep_torchrec.report.runs import (
     run_snapshots,
 )
 from pep_torchrec.report.stats import MaskStats, mask_stats, train_frequencies
+from pep_torchrec.utils.atomic import replace_dir
 
 
 def _replaceable(out: Path) -> bool:
@@ -157,7 +158,7 @@ def _write(
             report_markdown(run, numbers, snapshots, stats, signal, names, notes, learned_md),
             encoding="utf-8",
         )
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)  # a reader sees the old report or the new one, never a mix
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -175,17 +176,6 @@ def _plots(
     if any(s.pairs is not None for s in stats):
         plots["size_vs_frequency"] = plot_size_vs_frequency(run, stats, tmp / PLOT_FILES["size_vs_frequency"])
     return plots
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    # A directory cannot be renamed over a non-empty one, so move the old report aside first.
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _mask_result(s: MaskStats) -> dict[str, Any]:

@@ -5,19 +5,19 @@ Legend: R = rows (ids) of one table, D = embedding_dim.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from pep_torchrec.data.schema import Schema, SchemaError
+from pep_torchrec.training.run_dir import RunDir, RunDirError, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -68,68 +68,25 @@ class Run:
         return None
 
 
-def _read_json(path: Path) -> Any:
+@contextlib.contextmanager
+def _as_report_error() -> Iterator[None]:
+    """The run directory's errors (`RunDirError`) as `ReportError`s: one message, the report's type."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Parse metrics.jsonl; a half-written last line (a run still writing) is skipped with a warning."""
-    if not path.is_file():
-        raise ReportError(f"{path}: missing (not a training run, or it has not evaluated yet)")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    records = []
-    for i, (lineno, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:
-                log.warning("%s:%d: skipping an incomplete last line (%s)", path, lineno, e.msg)
-                continue
-            raise ReportError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
-        if not isinstance(record, dict) or "step" not in record:
-            raise ReportError(f"{path}:{lineno}: an evaluation record needs a 'step'")
-        records.append(record)
-    if not records:
-        raise ReportError(f"{path}: no evaluations yet")
-    return records
+        yield
+    except RunDirError as e:
+        raise ReportError(str(e)) from None
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:
     """Read config.yaml, metrics.jsonl and (if present) summary.json of a run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir}: run directory not found")
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise ReportError(f"{config_path}: missing (is {run_dir} a run directory?)")
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ReportError(f"{config_path}: invalid YAML ({e})") from e
-    if not isinstance(config, dict):
-        raise ReportError(f"{config_path}: top level must be a mapping")
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    summary_path = run_dir / "summary.json"
-    summary = _read_json(summary_path) if summary_path.is_file() else {}
-    stage = summary.get("stage") or (config.get("train") or {}).get("stage") or "baseline"
-    if stage not in ("baseline", "search", "retrain"):
-        raise ReportError(f"{run_dir}: unknown stage {stage!r} (want baseline, search or retrain)")
-    return Run(run_dir=run_dir, config=config, summary=summary, metrics=metrics, stage=stage)
-
-
-def resolve_path(path: str | os.PathLike, run_dir: Path) -> Path | None:
-    """A path recorded in a run: absolute, else relative to the working directory, else to a parent of
-    the run directory (runs record paths relative to where training was launched). None if not found."""
-    p = Path(path)
-    if p.is_absolute():
-        return p if p.exists() else None
-    for base in (Path.cwd(), *run_dir.resolve().parents):
-        if (base / p).exists():
-            return base / p
-    return None
+    run = RunDir(run_dir)
+    with _as_report_error():
+        run.require()
+        config = run.config_data()
+        metrics = run.metrics()
+        summary = run.summary()
+        stage = run.stage(summary=summary, config=config)
+    return Run(run_dir=run.path, config=config, summary=summary, metrics=metrics, stage=stage)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,10 +115,8 @@ class Mask:
 
 
 def load_mask(path: Path) -> Mask:
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise ReportError(f"{path}: not a complete mask directory (meta.json missing)")
-    meta = _read_json(meta_path)
+    with _as_report_error():
+        meta = read_meta(path)
     if meta.get("tables"):
         tables = {t: int(info["rows"]) for t, info in meta["tables"].items()}
     else:  # older metas: take the arrays' own shapes
@@ -177,7 +132,7 @@ def find_masks(run: Run, notes: list[str]) -> list[Mask]:
     """The masks a report covers: a search's snapshots (largest budget first) or a retrain's mask."""
     if run.stage == "search":
         masks = []
-        for path in sorted((run.run_dir / "masks").glob("budget_*")):
+        for path in sorted(RunDir(run.run_dir).mask_dirs(complete=False), key=lambda p: p.name):
             if not (path / "meta.json").is_file():
                 notes.append(f"`{path.name}` skipped: incomplete (no meta.json)")
                 continue
@@ -188,7 +143,7 @@ def find_masks(run: Run, notes: list[str]) -> list[Mask]:
         if not recorded:
             notes.append("the retrain records no mask (dense retrain?): no embedding-size plots")
             return []
-        path = resolve_path(recorded, run.run_dir)
+        path = RunDir(run.run_dir).resolve(recorded)
         if path is None:
             notes.append(f"the retrain's mask `{recorded}` was not found: no embedding-size plots")
             return []
@@ -219,7 +174,7 @@ def find_dataset(run: Run, data: str | os.PathLike | None, notes: list[str]) -> 
     if not recorded:
         notes.append("config.yaml names no data.path: no frequency analysis")
         return None
-    path = Path(recorded) if data is not None else resolve_path(recorded, run.run_dir)
+    path = Path(recorded) if data is not None else RunDir(run.run_dir).resolve(recorded)
     if data is not None and not (Path(data) / "schema.json").is_file():
         raise ReportError(f"{data}: not a prepared dataset (schema.json missing)")
     if path is None or not (path / "schema.json").is_file():

@@ -10,7 +10,6 @@ and restored exactly.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import time
@@ -42,10 +41,10 @@ from pep_torchrec.distributed.sharding import (
 )
 from pep_torchrec.models import TrainModel, build_model, embedding_tables
 from pep_torchrec.modules import PEPEmbeddingBagCollection
-from pep_torchrec.pep.masks import read_meta
 from pep_torchrec.pep.stage import PEPStage
 from pep_torchrec.training.checkpoint import CheckpointManager
 from pep_torchrec.training.metrics import log_loss, roc_auc
+from pep_torchrec.training.run_dir import RunDir, read_meta
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +148,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.run_dir = Path(run_dir)
+        self.run = RunDir(self.run_dir)
         ensure_dataset(cfg.data.path, cfg.data.synthetic, env)
         self.schema = Schema.load(cfg.data.path)
         self._check_config()
@@ -162,7 +162,7 @@ class Trainer:
         self._build_loaders()
 
         self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", rank=env.rank, keep=cfg.train.keep_checkpoints
+            self.run.checkpoints_dir, rank=env.rank, keep=cfg.train.keep_checkpoints
         )
         self.state: dict[str, Any] = {
             "step": 0,
@@ -281,8 +281,8 @@ class Trainer:
             self._resume()
         else:
             if env.is_main:
-                save_config(cfg, self.run_dir / "config.yaml")
-                (self.run_dir / "metrics.jsonl").write_text("")
+                save_config(cfg, self.run.config_path)
+                self.run.start_metrics()
             if cfg.train.stage == "search":
                 self.pep.save_init()  # the lottery ticket's rewind point
             elif cfg.train.stage == "retrain":
@@ -341,13 +341,10 @@ class Trainer:
         if self.pep is not None:
             self.pep.module.gk = self.state["gk"]
             if self.cfg.train.stage == "retrain":
-                self.pep.mask_meta = read_meta(self.cfg.pep.mask)
+                self.pep.mask_meta = read_meta(self.cfg.pep.mask, "mask")
         if self.env.is_main:
             # metrics.jsonl continues from the checkpoint: drop lines written after it.
-            path = self.run_dir / "metrics.jsonl"
-            lines = path.read_text().splitlines() if path.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            self.run.truncate_metrics(step)
         logger.info("resumed from %s (step %d)", self.checkpoints.path(step), step)
 
     @torch.no_grad()
@@ -384,8 +381,7 @@ class Trainer:
 
     def _log_metrics(self, record: dict[str, Any]) -> None:
         if self.env.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.run.append_metrics(record)
 
     # ------------------------------------------------------------------------------------------------
     def _next_boundary(self, step: int) -> int:
@@ -659,9 +655,7 @@ class Trainer:
             summary["reinit"] = self.cfg.pep.reinit
             summary["nonzero_embedding_params"] = self.pep.nonzero_v()
         if self.env.is_main:
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(tmp, self.run_dir / "summary.json")
+            self.run.write_summary(summary)
         self._barrier()
         return summary
 
