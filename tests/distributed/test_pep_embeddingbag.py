@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_utils import run_on_ranks
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -48,6 +47,7 @@ from pep_torchrec.distributed.sharding import (
 from pep_torchrec.distributed.state import copy_full_into_sharded, local_pieces
 from pep_torchrec.modules import PEPEmbeddingBagCollection, threshold_mode
 from pep_torchrec.ops import ThresholdMode, row_width
+from tests.helpers.dist import run_on_ranks
 
 WORLD_SIZE = 2
 DIM = 8

@@ -18,7 +18,7 @@ import yaml
 from pep_torchrec import cli
 from pep_torchrec.train import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("PEP_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEBUG = str(REPO / "configs" / "debug_cpu.yaml")
 

@@ -15,22 +15,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from dist_utils import run_on_ranks
-from test_pep_sharded import (
-    DIM,
-    GK,
-    LR,
-    TABLE_NAMES,
-    TABLES,
-    Case,
-    PooledModel,
-    _assemble,
-    _pieces,
-    _shard,
-    _sharders,
-    full_state,
-    rank_input,
-)
 
 from pep_torchrec import cli
 from pep_torchrec.config import ConfigError, load_config
@@ -45,8 +29,24 @@ from pep_torchrec.distributed.s_optimizer import (
 from pep_torchrec.ops import threshold_pool_cpu as cpu_kernel
 from pep_torchrec.ops.threshold_pool import s_columns
 from pep_torchrec.train import main as train_main
+from tests.distributed.test_pep_embeddingbag import (
+    DIM,
+    GK,
+    LR,
+    TABLE_NAMES,
+    TABLES,
+    Case,
+    PooledModel,
+    _assemble,
+    _pieces,
+    _shard,
+    _sharders,
+    full_state,
+    rank_input,
+)
+from tests.helpers.dist import run_on_ranks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
 KEY = "model.ebc._embedding_bag_collection.embedding_bags.{table}.weight"
 S_LR = 0.05

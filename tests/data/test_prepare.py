@@ -689,7 +689,7 @@ def test_movielens_variant_detection_errors(tmp_path):
 
 def shared_data() -> Path:
     override = os.environ.get("PEP_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(override) if override else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def test_real_movielens_100k(tmp_path):

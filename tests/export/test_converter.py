@@ -31,7 +31,7 @@ from pep_torchrec.pep.masks import select_mask, write_arrays
 from pep_torchrec.training.metrics import roc_auc
 
 SHARED_ML100K = (
-    Path(os.environ.get("PEP_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    Path(os.environ.get("PEP_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
     / "ml-100k"
 )
 

@@ -16,7 +16,7 @@ import pytest
 from pep_torchrec import cli
 from pep_torchrec.pep.controls import best_checkpoint, load_full_tables
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
 RETRAIN = str(REPO / "configs" / "debug_cpu_retrain.yaml")
 BASE = str(REPO / "configs" / "debug_cpu.yaml")
