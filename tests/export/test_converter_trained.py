@@ -24,7 +24,7 @@ from pep_torchrec.export.format import decode_table, load_tensors
 from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.pep.controls import load_full_tables
 from pep_torchrec.training.metrics import roc_auc
-from tests.export.test_converter import reference_scores
+from tests.helpers.export import reference_scores
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = dict(

@@ -24,7 +24,7 @@ from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.serving.app import Settings, create_app
 from pep_torchrec.serving.local import free_port, wait_ready
 from pep_torchrec.serving.predictor import Predictor, RequestError
-from tests.export.test_converter import make_run, ml100k_data, synthetic_data  # noqa: F401  (fixtures)
+from tests.helpers.export import make_run
 
 EXAMPLE = {
     "user_id": 196,
@@ -83,7 +83,7 @@ def test_avazu_raw_hour_is_derived_like_the_pipeline(tmp_path):
     the pipeline's own decoder, and names the field when a value is not a date."""
     from pep_torchrec.data.prepare import prepare_dataset
     from pep_torchrec.serving.predictor import RequestError
-    from tests.data.test_prepare import AVAZU_HEADER, avazu_line
+    from tests.helpers.data import AVAZU_HEADER, avazu_line
 
     raw = tmp_path / "train.csv"
     raw.write_text(

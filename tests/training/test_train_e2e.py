@@ -41,34 +41,6 @@ def _evals(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "train_seconds")} for r in rows]
 
 
-@pytest.fixture(scope="module")
-def debug_data(tmp_path_factory) -> Path:
-    """The debug config's synthetic dataset, generated once through the CLI."""
-    out = tmp_path_factory.mktemp("data") / "debug_synthetic"
-    assert (
-        cli.main(
-            [
-                "data",
-                "prepare",
-                "--dataset",
-                "synthetic",
-                "--out",
-                str(out),
-                "--rows",
-                "20000",
-                "--num-sparse",
-                "8",
-                "--num-dense",
-                "4",
-                "--cardinality",
-                "1000",
-            ]
-        )
-        == 0
-    )
-    return out
-
-
 def test_debug_config_writes_run_outputs(tmp_path, debug_data):
     run = tmp_path / "run"
     assert (
