@@ -100,7 +100,7 @@ def train(
     if max_restarts:
         # With the rendezvous' TCP store shared with the workers (torchrun's default), the restarted
         # workers hung creating their gloo process group (torch 2.13, CPU); a store per round works
-        # (tests/test_train_e2e.py::test_torchx_run_resumes_by_itself_after_a_rank_dies).
+        # (tests/training/test_train_e2e.py::test_torchx_run_resumes_by_itself_after_a_rank_dies).
         env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return dist.ddp(
         *args,

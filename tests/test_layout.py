@@ -5,6 +5,9 @@
 - No two modules share a base name, so a name says where a module lives.
 - Every `pep_torchrec/...` path and `pep_torchrec.x.y` module name the docs and the code mention exists,
   and the docs' module map names only files that exist.
+- The tests mirror the package: each test folder is named for a package part (`tests/ops/` for
+  `pep_torchrec/ops/`) or a top-level folder it tests (`tests/pipelines/`), and every `tests/...py` path
+  the docs and the code mention exists.
 """
 
 from __future__ import annotations
@@ -139,3 +142,24 @@ def test_code_and_docs_name_existing_modules() -> None:
             if not (ROOT / slashed).is_file():
                 bad.append(f"{where}: {slashed}")
     assert not bad, "references to modules that do not exist:\n" + "\n".join(sorted(bad))
+
+
+def test_test_folders_mirror_the_package() -> None:
+    tests = ROOT / "tests"
+    folders = {p.parent for p in tests.rglob("test_*.py") if p.parent != tests}
+    stray = sorted(
+        str(f.relative_to(ROOT))
+        for f in folders
+        if not (PACKAGE / f.relative_to(tests)).is_dir() and not (ROOT / f.relative_to(tests)).is_dir()
+    )
+    assert not stray, f"test folders that name no package part: {stray}"
+
+
+def test_code_and_docs_name_existing_tests() -> None:
+    bad = []
+    for file in _tracked_text_files():
+        text = file.read_text(encoding="utf-8", errors="replace")
+        for path in set(re.findall(r"(?<![\w/.])tests/[\w/]+\.py\b", text)):
+            if not (ROOT / path).is_file():
+                bad.append(f"{file.relative_to(ROOT)}: {path}")
+    assert not bad, "references to test files that do not exist:\n" + "\n".join(sorted(bad))

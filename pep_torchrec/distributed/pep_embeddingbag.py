@@ -24,7 +24,7 @@ gets the MEAN over ranks of each rank's loss gradient, like DDP's replicated par
     occurrence it is divided by the same factor; per call on coarse_s it is divided by the number
     of calls the ranks make for the same columns (row shards of the table).
 So one sharded step == the unsharded module stepped with the mean over ranks of the per-rank
-gradients (tests/test_pep_sharded.py checks it for every sharding type and granularity).
+gradients (tests/distributed/test_pep_embeddingbag.py checks it for every sharding type and granularity).
 """
 
 from __future__ import annotations

@@ -398,7 +398,7 @@ class GroupedThresholdPool(torch.autograd.Function):
     offsets[f·B]), per_sample_weights [sum N_f] | None (the KJT's weights, no gradient), F, D, mode
     code, gk, mean, s_decay, s_push) → pooled [B, F·D] (float32; float64 for float64 rows on CPU);
     backward → grad rows_all [N_max, F·W] in rows' dtype, rows past N_f zero. Equal, feature by
-    feature, to `threshold_pool` on `rows_all[:N_f, f·W:(f+1)·W]` (tests/test_threshold_pool_fused.py);
+    feature, to `threshold_pool` on `rows_all[:N_f, f·W:(f+1)·W]` (tests/ops/test_threshold_pool_fused.py);
     COARSE (per-table [D] parameters) is not grouped. Needs `group_kernel_available`, real tensors
     (not traced: there is no fake implementation) and weights without gradient; the sharded lookup
     checks all three and takes the per-feature path otherwise.

@@ -30,7 +30,7 @@ the divisibility by 16 of the strides, widths and D (Triton's own specialization
 vector widths): pooling, weights, the backward's NEED_* flags, F and the batch's counts are runtime
 scalars (`do_not_specialize`), and absent inputs are passed as tensors of the same dtype. So every
 kernel a launch can build is few enough to compile ahead of time for sm_80 and sm_90 in the CPU
-test suite (`tests/test_threshold_pool_compile.py`, through the launchers below).
+test suite (`tests/ops/test_threshold_pool_compile.py`, through the launchers below).
 
 Features (the grouped launch `GroupedThresholdPool` makes, one per sharded TBE group): feature
 f's bag b is KJT positions offsets[f·B + b] .. offsets[f·B + b + 1]; position n lives in TBE row
@@ -72,7 +72,7 @@ MAX_ROW_DIM = 1024
 # Runtime scalars Triton must not specialize on (it compiles a variant for an int == 1 and for one
 # divisible by 16): the batch-dependent counts, F (1 for the op, the group size otherwise) and the
 # 0/1 flags. One binary serves them all; what is left to specialize (strides, widths, D: their
-# divisibility by 16 decides vector widths) is what tests/test_threshold_pool_compile.py enumerates.
+# divisibility by 16 decides vector widths) is what tests/ops/test_threshold_pool_compile.py enumerates.
 _FWD_RUNTIME = ["num_bags", "num_features", "num_rows", "has_psw", "mean"]
 _BWD_RUNTIME = [
     "num_bags",

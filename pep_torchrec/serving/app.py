@@ -32,7 +32,7 @@ per-request machinery (the http middleware's task group and streams, dependency 
 validation of every instance, a thread-pool hop), which cost more than the model itself at batch 1
 (before/after: benchmarks/results/serving_load*.md). Anything else (another content type, a body the request model
 or the predictor refuses, no model yet, a body over the limit) goes to the regular route with the
-body replayed, so every error is the regular path's, word for word; tests/test_serving.py compares
+body replayed, so every error is the regular path's, word for word; tests/serving/test_serving.py compares
 both paths byte for byte.
 """
 

@@ -14,7 +14,7 @@ import pytest
 
 from pep_torchrec import cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("PEP_SHARED_DATA", REPO.parent / "shared" / "data"))
 QUIET = ["--set", "train.progress=false"]
 

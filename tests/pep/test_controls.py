@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_report import write_dataset
 
 from pep_torchrec import cli
 from pep_torchrec.pep.masks import (
@@ -23,6 +22,7 @@ from pep_torchrec.pep.masks import (
     uniform_sizes,
     write_arrays,
 )
+from tests.helpers.data import write_dataset
 
 D = 8
 ROWS = {"t_user": 30, "t_genre": 6}  # the tables of test_report's tiny dataset (user id i occurs i times)

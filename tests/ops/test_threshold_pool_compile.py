@@ -1,6 +1,6 @@
 """Every Triton kernel `threshold_pool` can launch, compiled for real GPUs on this CPU machine.
 
-`TRITON_INTERPRET=1` (tests/test_threshold_pool_fused.py) runs the kernels as Python and cannot see
+`TRITON_INTERPRET=1` (tests/ops/test_threshold_pool_fused.py) runs the kernels as Python and cannot see
 compile errors: a module-level int read inside `@triton.jit` passed every interpreted test and
 failed all 126 cases on an H200 (issue 11). Here Triton's whole pipeline (TTIR → TTGIR → LLVM →
 PTX → cubin, ptxas included) runs for sm_90 (H100/H200) and sm_80 (A100) on the launches the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 

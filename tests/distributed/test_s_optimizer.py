@@ -15,24 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from dist_utils import run_on_ranks
-from test_pep_sharded import (
-    DIM,
-    GK,
-    LR,
-    TABLE_NAMES,
-    TABLES,
-    Case,
-    PooledModel,
-    _assemble,
-    _pieces,
-    _shard,
-    _sharders,
-    full_state,
-    rank_input,
-)
 
-from pep_torchrec import cli
 from pep_torchrec.config import ConfigError, load_config
 from pep_torchrec.distributed.pep_embeddingbag import ShardedPEPEmbeddingBagCollection
 from pep_torchrec.distributed.s_optimizer import (
@@ -45,8 +28,24 @@ from pep_torchrec.distributed.s_optimizer import (
 from pep_torchrec.ops import threshold_pool_cpu as cpu_kernel
 from pep_torchrec.ops.threshold_pool import s_columns
 from pep_torchrec.train import main as train_main
+from tests.helpers.dist import run_on_ranks
+from tests.helpers.sharded_pep import (
+    DIM,
+    GK,
+    LR,
+    TABLE_NAMES,
+    TABLES,
+    Case,
+    PooledModel,
+    assemble,
+    full_state,
+    rank_input,
+    sgd_sharders,
+    shard,
+    state_pieces,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
 KEY = "model.ebc._embedding_bag_collection.embedding_bags.{table}.weight"
 S_LR = 0.05
@@ -255,14 +254,14 @@ STEPS = 3
 
 
 def _sopt_worker(rank: int, world_size: int) -> dict:
-    sharders = _sharders()
+    sharders = sgd_sharders()
     results = {}
     for plan_name, types in SOPT_PLANS.items():
         for case in SOPT_CASES:
             torch.manual_seed(0)
             module = case.module(torch.device("meta"))
             module.s_optimizer = SOptimizerSettings(lr=S_LR)
-            dmp, _ = _shard(PooledModel(module), types, sharders)
+            dmp, _ = shard(PooledModel(module), types, sharders)
             full = {f"pep.{k}": v for k, v in full_state(case).items()}
             from pep_torchrec.distributed.state import copy_full_into_sharded
 
@@ -277,7 +276,7 @@ def _sopt_worker(rank: int, world_size: int) -> dict:
                 if step == 1:
                     pep.s_optimizer.sync(step, dist.all_reduce)
             results[(plan_name, case.name)] = {
-                "pieces": _pieces(dmp.state_dict()),
+                "pieces": state_pieces(dmp.state_dict()),
                 "mean_sq": dict(pep.s_optimizer.mean_sq),
             }
     return results
@@ -335,7 +334,7 @@ def test_every_plan_takes_the_rules_steps(sopt_results, case):
         for t in TABLE_NAMES:
             assert results[0]["mean_sq"][t] == pytest.approx(mean_sq[t], rel=1e-5), (plan, t)
         got = {
-            t: _assemble(results, f"pep.{key.format(t=t)}", expected[key.format(t=t)].shape)
+            t: assemble(results, f"pep.{key.format(t=t)}", expected[key.format(t=t)].shape)
             for t in TABLE_NAMES
         }
         for t in TABLE_NAMES:
@@ -350,33 +349,6 @@ def test_every_plan_takes_the_rules_steps(sopt_results, case):
 
 
 # ---- a search run ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "synthetic"
-    assert (
-        cli.main(
-            [
-                "data",
-                "prepare",
-                "--dataset",
-                "synthetic",
-                "--out",
-                str(out),
-                "--rows",
-                "20000",
-                "--num-sparse",
-                "8",
-                "--num-dense",
-                "4",
-                "--cardinality",
-                "1000",
-            ]
-        )
-        == 0
-    )
-    return out
 
 
 def _s_at(run: Path, step: int, dim: int = 8) -> torch.Tensor:
@@ -410,16 +382,16 @@ def _search(data: Path, run: Path, *sets: str, resume: bool = False) -> None:
     assert train_main([*args, "--resume"] if resume else args) == 0
 
 
-def test_s_moves_only_by_its_own_rule(tmp_path, data):
+def test_s_moves_only_by_its_own_rule(tmp_path, debug_data):
     run = tmp_path / "run"
-    _search(data, run, "pep.s_lr=0.0")
+    _search(debug_data, run, "pep.s_lr=0.0")
     s = _s_at(run, 60)
     assert torch.equal(s, torch.full_like(s, -6.0))  # the fused Adagrad never touched s
 
 
-def test_resumed_search_takes_the_same_steps(tmp_path, data):
+def test_resumed_search_takes_the_same_steps(tmp_path, debug_data):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    _search(data, full, f"pep.s_lr={S_LR}")
+    _search(debug_data, full, f"pep.s_lr={S_LR}")
     s = _s_at(full, 60)
     assert s.std() > 0.01  # the thresholds learned a spread (0.025 here)
     # Resume from step 30: mid-interval (evals at 25, 50), with statistics pending for the next sync.
@@ -428,7 +400,7 @@ def test_resumed_search_takes_the_same_steps(tmp_path, data):
         if int(ckpt.name.split("_")[1]) > 30:
             shutil.rmtree(ckpt)
     (resumed / "summary.json").unlink()
-    _search(data, resumed, f"pep.s_lr={S_LR}", resume=True)
+    _search(debug_data, resumed, f"pep.s_lr={S_LR}", resume=True)
     assert torch.equal(_s_at(resumed, 60), s)
     strip = ("examples_per_sec", "train_seconds")
     rows = [
@@ -444,10 +416,10 @@ def test_resumed_search_takes_the_same_steps(tmp_path, data):
 # ---- what a search says about itself ----------------------------------------------------------
 
 
-def test_clipped_floor_and_still_improving_are_reported(tmp_path, data, caplog):
+def test_clipped_floor_and_still_improving_are_reported(tmp_path, debug_data, caplog):
     caplog.set_level("WARNING")
     run = tmp_path / "run"
-    _search(data, run, "pep.s_lr=0.01", "pep.min_row_dims=8")
+    _search(debug_data, run, "pep.s_lr=0.01", "pep.min_row_dims=8")
     assert "budget 0.5: row floor clipped: 8 dims per row requested, 4 applied" in caplog.text
     assert (
         "row floor clipped"
@@ -460,7 +432,7 @@ def test_clipped_floor_and_still_improving_are_reported(tmp_path, data, caplog):
                 "--config",
                 str(REPO / "configs" / "debug_cpu.yaml"),
                 "--data",
-                str(data),
+                str(debug_data),
                 "--run-dir",
                 str(base),
                 "--set",

@@ -26,7 +26,7 @@ from pep_torchrec.data.spec_prepare import prepare_from_spec
 from pep_torchrec.data.spec_reader import fnv1a64
 from pep_torchrec.data.vocab import load_vocab
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("PEP_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -20,6 +20,7 @@ from pep_torchrec.data.prepare import main, prepare_dataset
 from pep_torchrec.data.rejections import MalformedRowError, PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
 from pep_torchrec.data.vocab import apply_transform, criteo_log_bucket, load_vocab
+from tests.helpers.data import AVAZU_HEADER, avazu_line
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
@@ -446,17 +447,6 @@ def test_bad_options_are_clear_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------------
 # Avazu
 
-AVAZU_HEADER = (
-    "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,app_category,"
-    "device_id,device_ip,device_model,device_type,device_conn_type,C14,C15,C16,C17,C18,C19,C20,C21"
-)
-
-
-def avazu_line(row_id: int, click: str = "0", hour: str = "14102100", site: str = "s1") -> str:
-    rest = ["1005", "0", site, "d1", "c1", "a1", "ad1", "ac1", "dev", "ip", "m1", "1", "0"]
-    rest += ["15706", "320", "50", "1722", "0", "35", "-1", "79"]
-    return ",".join([str(row_id), click, hour, *rest])
-
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_avazu_hour_features_label_and_rejects(tmp_path, gz):
@@ -689,7 +679,7 @@ def test_movielens_variant_detection_errors(tmp_path):
 
 def shared_data() -> Path:
     override = os.environ.get("PEP_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return Path(override) if override else Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def test_real_movielens_100k(tmp_path):

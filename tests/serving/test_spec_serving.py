@@ -25,7 +25,7 @@ from pep_torchrec.data.spec_prepare import prepare_from_spec
 from pep_torchrec.data.spec_transform import SpecInputError, SpecInputs, serving_inputs
 from pep_torchrec.data.vocab import load_vocab
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COLUMNS = ["y", "user", "site", "tags", "price", "clicks", "ts", "title", "item", "f1", "f2", "day", "model"]
 SPEC = {
     "name": "every_kind",

@@ -18,7 +18,7 @@ import yaml
 from pep_torchrec import cli
 from pep_torchrec.train import main as train_main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("PEP_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEBUG = str(REPO / "configs" / "debug_cpu.yaml")
 
@@ -39,34 +39,6 @@ def _evals(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the wall-clock fields (they legitimately differ between runs)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in ("examples_per_sec", "train_seconds")} for r in rows]
-
-
-@pytest.fixture(scope="module")
-def debug_data(tmp_path_factory) -> Path:
-    """The debug config's synthetic dataset, generated once through the CLI."""
-    out = tmp_path_factory.mktemp("data") / "debug_synthetic"
-    assert (
-        cli.main(
-            [
-                "data",
-                "prepare",
-                "--dataset",
-                "synthetic",
-                "--out",
-                str(out),
-                "--rows",
-                "20000",
-                "--num-sparse",
-                "8",
-                "--num-dense",
-                "4",
-                "--cardinality",
-                "1000",
-            ]
-        )
-        == 0
-    )
-    return out
 
 
 def test_debug_config_writes_run_outputs(tmp_path, debug_data):

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dist_utils import run_on_ranks
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from pep_torchrec.config import EmbeddingOptimizerConfig, ShardingConfig
 from pep_torchrec.distributed.sharding import make_constraints, make_sharders, plan_sharding, shard_model
 from pep_torchrec.distributed.state import copy_full_into_sharded, local_pieces
+from tests.helpers.dist import run_on_ranks
 
 TABLES = [("t_a", "a", 40), ("t_b", "b", 75), ("t_c", "c", 9)]
 DIM = 16

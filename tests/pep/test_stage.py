@@ -17,7 +17,7 @@ from pep_torchrec import cli
 from pep_torchrec.pep.controls import load_full_tables
 from pep_torchrec.training.run_dir import RunDir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
 RETRAIN = str(REPO / "configs" / "debug_cpu_retrain.yaml")
 BASE = str(REPO / "configs" / "debug_cpu.yaml")
@@ -25,36 +25,11 @@ QUIET = ["--set", "train.progress=false"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "debug_synthetic"
-    assert (
-        cli.main(
-            [
-                "data",
-                "prepare",
-                "--dataset",
-                "synthetic",
-                "--out",
-                str(out),
-                "--rows",
-                "20000",
-                "--num-sparse",
-                "8",
-                "--num-dense",
-                "4",
-                "--cardinality",
-                "1000",
-            ]
-        )
-        == 0
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def search(tmp_path_factory, data) -> Path:
+def search(tmp_path_factory, debug_data) -> Path:
     run = tmp_path_factory.mktemp("search") / "run"
-    assert cli.main(["train", "--config", SEARCH, "--data", str(data), "--run-dir", str(run), *QUIET]) == 0
+    assert (
+        cli.main(["train", "--config", SEARCH, "--data", str(debug_data), "--run-dir", str(run), *QUIET]) == 0
+    )
     return run
 
 
@@ -87,7 +62,7 @@ def test_search_snapshots_keep_exactly_the_budget(search):
     )  # the search ends past its last budget
 
 
-def test_retrain_from_mask_keeps_masked_elements_at_zero(tmp_path, data, search):
+def test_retrain_from_mask_keeps_masked_elements_at_zero(tmp_path, debug_data, search):
     mask_dir = search / "masks" / "budget_0.2"
     run = tmp_path / "retrain"
     assert (
@@ -97,7 +72,7 @@ def test_retrain_from_mask_keeps_masked_elements_at_zero(tmp_path, data, search)
                 "--config",
                 RETRAIN,
                 "--data",
-                str(data),
+                str(debug_data),
                 "--run-dir",
                 str(run),
                 "--mask",
@@ -127,10 +102,19 @@ def test_retrain_from_mask_keeps_masked_elements_at_zero(tmp_path, data, search)
         assert (v[mask] != init[mask]).any(), table  # kept elements trained
 
 
-def test_retrain_refuses_a_missing_or_foreign_mask(tmp_path, data, search, capsys):
+def test_retrain_refuses_a_missing_or_foreign_mask(tmp_path, debug_data, search, capsys):
     assert (
         cli.main(
-            ["train", "--config", RETRAIN, "--data", str(data), "--run-dir", str(tmp_path / "r"), *QUIET]
+            [
+                "train",
+                "--config",
+                RETRAIN,
+                "--data",
+                str(debug_data),
+                "--run-dir",
+                str(tmp_path / "r"),
+                *QUIET,
+            ]
         )
         == 2
     )
@@ -142,7 +126,7 @@ def test_retrain_refuses_a_missing_or_foreign_mask(tmp_path, data, search, capsy
                 "--config",
                 RETRAIN,
                 "--data",
-                str(data),
+                str(debug_data),
                 "--run-dir",
                 str(tmp_path / "r2"),
                 "--mask",
@@ -155,7 +139,7 @@ def test_retrain_refuses_a_missing_or_foreign_mask(tmp_path, data, search, capsy
     assert "not a mask directory" in capsys.readouterr().err
 
 
-def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, search, caplog):
+def test_budget_override_and_magnitude_baseline_and_report(tmp_path, debug_data, search, caplog):
     base = tmp_path / "base"
     assert (
         cli.main(
@@ -164,7 +148,7 @@ def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, searc
                 "--config",
                 BASE,
                 "--data",
-                str(data),
+                str(debug_data),
                 "--run-dir",
                 str(base),
                 *QUIET,
@@ -212,7 +196,7 @@ def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, searc
                 "--config",
                 RETRAIN,
                 "--data",
-                str(data),
+                str(debug_data),
                 "--run-dir",
                 str(run),
                 "--mask",
@@ -230,7 +214,7 @@ def test_budget_override_and_magnitude_baseline_and_report(tmp_path, data, searc
         assert (tmp_path / "report" / name).is_file(), name
 
 
-def test_torchx_two_rank_search_and_retrain(tmp_path, data):
+def test_torchx_two_rank_search_and_retrain(tmp_path, debug_data):
     torchx = str(Path(sys.executable).parent / "torchx")
     env = dict(
         os.environ,
@@ -254,7 +238,7 @@ def test_torchx_two_rank_search_and_retrain(tmp_path, data):
             "--config",
             config,
             "--data",
-            str(data),
+            str(debug_data),
             "--run-dir",
             str(run),
             *extra,
@@ -277,7 +261,7 @@ def test_torchx_two_rank_search_and_retrain(tmp_path, data):
     assert summary["world_size"] == 2 and summary["nonzero_embedding_params"] == 12800
 
 
-def test_report_says_what_the_search_learned(tmp_path, data, search):
+def test_report_says_what_the_search_learned(tmp_path, debug_data, search):
     """The report's search diagnostics against a direct computation from the snapshot's checkpoint."""
     import pyarrow.parquet as pq
     from scipy.stats import spearmanr
@@ -299,7 +283,7 @@ def test_report_says_what_the_search_learned(tmp_path, data, search):
         == [s["budget"] for s in summary["snapshots"]]
         == [0.5, 0.2]
     )
-    train = pq.read_table(data / "train" / "part-00000.parquet")
+    train = pq.read_table(debug_data / "train" / "part-00000.parquet")
     for snap, diag in zip(summary["snapshots"], learned["snapshots"]):
         checkpoint = search / "checkpoints" / f"step_{snap['step']:08d}"
         gk = json.loads((checkpoint / "trainer_state.json").read_text())["trainer"]["gk"]

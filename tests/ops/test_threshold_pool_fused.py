@@ -40,7 +40,7 @@ from pep_torchrec.ops import (
     threshold_pool_reference,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GK = 0.7  # not 1, so a dropped gk factor shows
 MODES = list(ThresholdMode)
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=2e-5)}

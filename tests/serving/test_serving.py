@@ -15,7 +15,6 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_export import make_run, ml100k_data, synthetic_data  # noqa: F401  (fixtures)
 
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import MAX_VALUE_CHARS
@@ -25,6 +24,7 @@ from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.serving.app import Settings, create_app
 from pep_torchrec.serving.local import free_port, wait_ready
 from pep_torchrec.serving.predictor import Predictor, RequestError
+from tests.helpers.export import make_run
 
 EXAMPLE = {
     "user_id": 196,
@@ -81,10 +81,9 @@ def test_raw_values_map_like_the_pipeline(artifacts, ml100k_data):  # noqa: F811
 def test_avazu_raw_hour_is_derived_like_the_pipeline(tmp_path):
     """Avazu clients send the raw `hour` (YYMMDDHH); the service derives hour_of_day and weekday with
     the pipeline's own decoder, and names the field when a value is not a date."""
-    from test_data_prepare import AVAZU_HEADER, avazu_line
-
     from pep_torchrec.data.prepare import prepare_dataset
     from pep_torchrec.serving.predictor import RequestError
+    from tests.helpers.data import AVAZU_HEADER, avazu_line
 
     raw = tmp_path / "train.csv"
     raw.write_text(

@@ -451,7 +451,7 @@ def test_interpreter_exits_with_a_live_prefetch_thread(data):
         "next(it)\n"
         "print('ok')\n"
     )
-    repo = Path(__file__).resolve().parents[1]  # importable without an install
+    repo = Path(__file__).resolve().parents[2]  # importable without an install
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=repo
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dist_utils import run_on_ranks
 
 from pep_torchrec.pep.masks import (
     budget_count,
@@ -16,6 +15,7 @@ from pep_torchrec.pep.masks import (
     write_arrays,
 )
 from pep_torchrec.training.run_dir import read_meta
+from tests.helpers.dist import run_on_ranks
 
 ORDER = ["t_a", "t_b"]
 

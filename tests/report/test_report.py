@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -15,50 +14,16 @@ import yaml
 pytest.importorskip("matplotlib")
 
 from pep_torchrec import report  # noqa: E402
-from pep_torchrec.data.schema import Schema, SparseFeature, SplitInfo  # noqa: E402
+from pep_torchrec.data.schema import Schema  # noqa: E402
 from pep_torchrec.report import Pairs, ReportError, make_report, spearman, train_frequencies  # noqa: E402
 from pep_torchrec.report.runs import find_dataset  # noqa: E402
+from tests.helpers.data import FEATURES, write_dataset  # noqa: E402
 
 D = 8
-# Feature → (cardinality, multi_hot). Ids of `user` occur 0..29 times (id i: i times), so frequency
-# rises with the id; `genre` bags hold 1..3 ids.
-FEATURES = {"user": (30, False), "genre": (6, True)}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # ---------------------------------------------------------------------------------------------------
 # helpers
-
-
-def write_dataset(root: Path) -> dict[str, np.ndarray]:
-    """A prepared dataset whose train split has known id counts, in several row groups; returns them."""
-    rng = np.random.default_rng(0)
-    user = rng.permutation(np.repeat(np.arange(30), np.arange(30)))  # id i occurs i times
-    rows = user.size
-    genre = [list(rng.integers(0, 6, size=rng.integers(1, 4))) for _ in range(rows)]
-    train = pa.table(
-        {
-            "label": pa.array(rng.integers(0, 2, rows), pa.int8()),
-            "user": pa.array(user, pa.int64()),
-            "genre": pa.array(genre, pa.list_(pa.int64())),
-        }
-    )
-    (root / "train").mkdir(parents=True)
-    pq.write_table(train, root / "train" / "part-00000.parquet", row_group_size=100)  # 5 row groups
-    Schema(
-        dataset="synthetic",
-        sparse_features=[SparseFeature(name, card, multi) for name, (card, multi) in FEATURES.items()],
-        dense_features=[],
-        splits={
-            "train": SplitInfo(rows, ["train/part-00000.parquet"]),
-            "valid": SplitInfo(0, []),
-            "test": SplitInfo(0, []),
-        },
-        extra={"signal_fields": ["user"]},
-    ).save(root)
-    return {
-        "user": np.bincount(user, minlength=30),
-        "genre": np.bincount(np.concatenate(genre).astype(np.int64), minlength=6),
-    }
 
 
 def write_mask(directory: Path, budget: float, sizes: dict[str, np.ndarray], step: int, auc: float) -> int:

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from test_export import reference_scores
 
 from pep_torchrec.export.converter import ArtifactConverter
 from pep_torchrec.export.format import decode_table, load_tensors
 from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.pep.controls import load_full_tables
 from pep_torchrec.training.metrics import roc_auc
+from tests.helpers.export import reference_scores
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = dict(
     os.environ,
     OMP_NUM_THREADS="1",
