@@ -772,7 +772,7 @@ class _Progress:
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    """A human summary of a report (what `run` prints)."""
+    """A human summary of a report (what `pep-torchrec data prepare` prints)."""
     splits = report["rows_per_split"]
     lines = [
         f"prepared {report['dataset']} -> {report['out']} in {report['duration_s']:.2f} s",

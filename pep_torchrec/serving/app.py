@@ -416,12 +416,12 @@ def create_app(settings: Settings, *, fast_predict: bool = True) -> FastAPI:
 
 
 def _lifespan(settings: Settings, holder: ModelHolder) -> Any:
-    """The app's lifespan: threads, the model (unless `run` loaded it already), SIGHUP → reload."""
+    """The app's lifespan: threads, the model (unless `pep-torchrec serve` loaded it already), SIGHUP → reload."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(max(1, settings.num_threads))
-        if holder.current is None:  # `run` loads it before binding the port; a bare app loads here
+        if holder.current is None:  # `serve` loads it before binding the port; a bare app loads here
             await asyncio.to_thread(holder.load)
         loop = asyncio.get_running_loop()
         try:  # SIGHUP → reload in a worker thread (only possible in the main thread's loop)
