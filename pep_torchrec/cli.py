@@ -1,27 +1,31 @@
-"""The `pep-torchrec` command: one subcommand per stage of the workflow."""
+"""The `pep-torchrec` command: one subcommand per stage of the workflow (pep_torchrec/commands/)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 
 def _mount(sub: argparse._SubParsersAction, name: str, module: ModuleType, help: str) -> None:
-    """Each stage module exposes `add_arguments(parser)` and `run(args) -> int`."""
+    """Each command module exposes `DESCRIPTION`, `add_arguments(parser)` and `run(args) -> int`."""
     parser = sub.add_parser(
-        name, help=help, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        name, help=help, description=module.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     module.add_arguments(parser)
     parser.set_defaults(handler=module.run)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pep_torchrec import report, train
-    from pep_torchrec.data import prepare
-    from pep_torchrec.export import converter
-    from pep_torchrec.pep import controls
-    from pep_torchrec.serving import app as serving_app
+    from pep_torchrec.commands import (
+        data_prepare_command,
+        export_command,
+        prune_command,
+        report_command,
+        serve_command,
+        train_command,
+    )
 
     parser = argparse.ArgumentParser(
         prog="pep-torchrec", description="Learnable embedding sizes for TorchRec models."
@@ -31,28 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
     _mount(
         data.add_subparsers(dest="data_command", required=True),
         "prepare",
-        prepare,
+        data_prepare_command,
         "raw files → Parquet splits + schema.json",
     )
-    _mount(sub, "train", train, "train a model (baseline, search or retrain stage)")
-    _mount(sub, "prune", controls, "magnitude-prune a trained run into masks (the baseline PEP must beat)")
-    _mount(sub, "report", report, "plots and a Markdown summary of a run")
-    _mount(sub, "export", converter, "a trained run → a compact serving artifact")
-    _mount(sub, "serve", serving_app, "serve an artifact over HTTP (FastAPI + uvicorn)")
+    _mount(sub, "train", train_command, "train a model (baseline, search or retrain stage)")
+    _mount(
+        sub, "prune", prune_command, "magnitude-prune a trained run into masks (the baseline PEP must beat)"
+    )
+    _mount(sub, "report", report_command, "plots and a Markdown summary of a run")
+    _mount(sub, "export", export_command, "a trained run → a compact serving artifact")
+    _mount(sub, "serve", serve_command, "serve an artifact over HTTP (FastAPI + uvicorn)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command's `run(args)`: the one place a `UserError` becomes `error: <message>` and
+    `USER_ERROR_EXIT` (pep_torchrec/utils/errors.py); anything else is a bug and keeps its traceback.
+    `main` and the stand-alone entry points (`python -m pep_torchrec.train`, `... .report`,
+    `... .data.prepare`) all go through it."""
     from pep_torchrec.utils.errors import USER_ERROR_EXIT, UserError
+
+    try:
+        return int(handler(args) or 0)
+    except UserError as e:  # bad input: one line naming it
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+def main(argv: list[str] | None = None) -> int:
     from pep_torchrec.utils.logging import setup_logging
 
     setup_logging()
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except UserError as e:  # bad input: one line naming it (pep_torchrec/utils/errors.py)
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    return run_command(args.handler, args)
 
 
 if __name__ == "__main__":

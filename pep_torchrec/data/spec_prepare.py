@@ -21,10 +21,8 @@ same file land in the same splits.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -44,7 +42,6 @@ from pep_torchrec.data.prepare import (
     _rows_report,
     _write_rows,
     atomic_output_dir,
-    format_summary,
     parse_fractions,
     random_split_codes,
     rank_split_codes,
@@ -73,7 +70,6 @@ from pep_torchrec.data.spec_transform import (
 )
 from pep_torchrec.data.synthetic import hash_uniform, mix_key
 from pep_torchrec.data.vocab import ValueCounter, Vocabulary, write_vocab
-from pep_torchrec.utils.errors import USER_ERROR_EXIT
 
 logger = logging.getLogger(__name__)
 
@@ -601,28 +597,3 @@ def _field_facts(spec: DatasetSpec, train_stats: dict[str, dict[str, Any]]) -> d
         facts.update(train_stats.get(f.name, {}))
         field_facts[f.name] = facts
     return field_facts
-
-
-def run(args: argparse.Namespace) -> int:
-    """`data prepare --spec ...` with parsed arguments (see `prepare.add_arguments`); prints the summary."""
-    try:
-        report = prepare_from_spec(
-            args.spec,
-            args.raw or [],
-            args.out,
-            min_count=args.min_count,
-            split=args.split,
-            split_fractions=args.split_fractions,
-            seed=args.seed,
-            strict=args.strict,
-            overwrite=args.overwrite,
-            block_size=args.block_size,
-            row_group_size=args.row_group_size,
-            rows_per_file=args.rows_per_file,
-            compression=args.compression,
-        )
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    print(format_summary(report))
-    return 0

@@ -35,9 +35,6 @@ Legend: R = rows (ids) of one table, D = embedding_dim, P = distinct (frequency,
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 # The package: runs.py reads a run directory (config, metrics, summary, masks, dataset), stats.py counts
 # frequencies and computes rank correlations and mask statistics, plots.py and markdown.py draw and write
 # them, build.py (make_report) puts it all into OUT atomically.
@@ -73,64 +70,14 @@ __all__ = [
     "ReportError",
     "Run",
     "TableStats",
-    "add_arguments",
     "find_masks",
     "frequency_edges",
     "load_mask",
     "load_run",
-    "main",
     "make_report",
     "mask_stats",
     "row_sizes",
-    "run",
     "run_numbers",
     "spearman",
     "train_frequencies",
 ]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", required=True, help="a baseline, search or retrain run directory")
-    parser.add_argument(
-        "--out", default=None, help="output directory (default RUN_DIR/report); replaced atomically"
-    )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="prepared dataset for the frequency analysis (default: config.yaml's data.path)",
-    )
-    parser.add_argument(
-        "--no-search-diagnostics",
-        dest="search_diagnostics",
-        action="store_false",
-        help="a search run: leave out what the search learned (it reads every snapshot's checkpoint)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        result = make_report(
-            args.run_dir,
-            args.out,
-            data=args.data,
-            search_diagnostics=getattr(args, "search_diagnostics", True),
-        )
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{result['report_md']}: {len(result['plots'])} plots in {result['seconds']:.1f}s")
-    for m in result["masks"]:
-        rho = m["spearman"]
-        print(
-            f"  {m['label']}: {m['kept']:,} kept, {m['pruned_rows']:,} of {m['rows']:,} ids pruned"
-            + (f", Spearman(freq, dims) = {rho:+.3f}" if rho is not None else "")
-        )
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pep-torchrec report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -2,6 +2,6 @@
 
 import sys
 
-from pep_torchrec.report import main
+from pep_torchrec.commands.report_command import main
 
 sys.exit(main())

@@ -18,6 +18,7 @@ import numpy as np
 
 from pep_torchrec.data.schema import Schema, SchemaError
 from pep_torchrec.training.run_dir import RunDir, RunDirError, read_meta
+from pep_torchrec.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ TABLE_PREFIX = "t_"
 _CHUNK_ELEMENTS = 1 << 25
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The run directory (or its dataset) cannot be reported on; the message names the file and why."""
 
 

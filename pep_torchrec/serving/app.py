@@ -38,7 +38,6 @@ both paths byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
@@ -417,12 +416,12 @@ def create_app(settings: Settings, *, fast_predict: bool = True) -> FastAPI:
 
 
 def _lifespan(settings: Settings, holder: ModelHolder) -> Any:
-    """The app's lifespan: threads, the model (unless `run` loaded it already), SIGHUP → reload."""
+    """The app's lifespan: threads, the model (unless `pep-torchrec serve` loaded it already), SIGHUP → reload."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         torch.set_num_threads(max(1, settings.num_threads))
-        if holder.current is None:  # `run` loads it before binding the port; a bare app loads here
+        if holder.current is None:  # `serve` loads it before binding the port; a bare app loads here
             await asyncio.to_thread(holder.load)
         loop = asyncio.get_running_loop()
         try:  # SIGHUP → reload in a worker thread (only possible in the main thread's loop)
@@ -524,56 +523,3 @@ def _add_reload_route(app: FastAPI, holder: ModelHolder, token: bytes) -> None:
                 kind,
             )
         return JSONResponse(content={"status": "reloaded", "model_version": predictor.version})
-
-
-# ---------------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--artifact", help="artifact directory (`pep-torchrec export --out`); env PEP_SERVE_ARTIFACT"
-    )
-    parser.add_argument("--host", help="bind address (default 127.0.0.1: loopback only)")
-    parser.add_argument("--port", type=int, help="TCP port (default 8080)")
-    parser.add_argument("--max-instances", type=int, help="most instances per request (default 1024)")
-    parser.add_argument("--max-body-bytes", type=int, help="largest request body (default 1 MiB)")
-    parser.add_argument("--num-threads", type=int, help="torch intra-op threads (default 1)")
-    parser.add_argument(
-        "--artifact-root",
-        help="POST /admin/reload may load artifacts under this directory only "
-        "(default: the parent of --artifact); the route itself needs "
-        "PEP_SERVE_ADMIN_TOKEN",
-    )
-    parser.add_argument("--log-level", default="info", help="uvicorn log level")
-
-
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from pep_torchrec.config import ConfigError
-
-    try:
-        settings = Settings.from_env(
-            artifact=args.artifact,
-            host=args.host,
-            port=args.port,
-            max_instances=args.max_instances,
-            max_body_bytes=args.max_body_bytes,
-            num_threads=args.num_threads,
-            artifact_root=args.artifact_root,
-        )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
-    app = create_app(settings)
-    torch.set_num_threads(max(1, settings.num_threads))
-    try:  # load before binding: a bad artifact is refused with the loader's message (and read once)
-        app.state.holder.load()
-    except ArtifactError as e:
-        raise ConfigError(f"cannot serve: {e}") from e
-    # loop / http "auto": uvloop and httptools (the `serve` extra) when installed, else asyncio and h11;
-    # on the demo artifact they gave ~15% more requests per second at batch 1.
-    uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level=args.log_level, timeout_graceful_shutdown=10
-    )
-    return 0

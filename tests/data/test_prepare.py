@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pep_torchrec.commands.data_prepare_command import main
 from pep_torchrec.data import prepare
-from pep_torchrec.data.prepare import main, prepare_dataset
+from pep_torchrec.data.prepare import prepare_dataset
 from pep_torchrec.data.rejections import MalformedRowError, PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
 from pep_torchrec.data.vocab import apply_transform, criteo_log_bucket, load_vocab

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pep_torchrec.data.prepare import main, prepare_dataset
+from pep_torchrec.commands.data_prepare_command import main
+from pep_torchrec.data.prepare import prepare_dataset
 from pep_torchrec.data.rejections import PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
 from pep_torchrec.data.synthetic import SyntheticConfig, SyntheticGenerator, hash_uniform, mix_key, zipf_ids

@@ -14,6 +14,7 @@ import yaml
 pytest.importorskip("matplotlib")
 
 from pep_torchrec import report  # noqa: E402
+from pep_torchrec.commands import report_command  # noqa: E402
 from pep_torchrec.data.schema import Schema  # noqa: E402
 from pep_torchrec.report import Pairs, ReportError, make_report, spearman, train_frequencies  # noqa: E402
 from pep_torchrec.report.runs import find_dataset  # noqa: E402
@@ -325,7 +326,7 @@ def test_refuses_to_replace_a_directory_that_is_not_a_report(runs: dict, tmp_pat
 
 
 def test_cli_exit_codes(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert report.main(["--run-dir", str(runs["baseline"]), "--out", str(tmp_path / "rep")]) == 0
+    assert report_command.main(["--run-dir", str(runs["baseline"]), "--out", str(tmp_path / "rep")]) == 0
     assert "report.md" in capsys.readouterr().out
-    assert report.main(["--run-dir", str(tmp_path / "missing")]) == 2
+    assert report_command.main(["--run-dir", str(tmp_path / "missing")]) == 2
     assert "run directory not found" in capsys.readouterr().err
