@@ -224,7 +224,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _from_dict(tp, value, key)
+        return from_dict(tp, value, key)
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp) or (Any,)
@@ -258,7 +258,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
-def _from_dict(cls: type, obj: dict[str, Any], prefix: str = "") -> Any:
+def from_dict(cls: type, obj: dict[str, Any], prefix: str = "") -> Any:
+    """The dataclass `cls` built from plain data, every value checked against its field's type.
+
+    The one typed machinery of the project: training's `RunConfig` and dataset specs are built
+    with it. Raises ConfigError naming the dotted key (`prefix` first) and the known keys.
+    """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(obj) - names)
@@ -336,7 +341,7 @@ def load_config(
             raise ConfigError(f"{p}: top level must be a mapping")
         # Validate the file on its own first so errors name the file.
         try:
-            check_values(_from_dict(RunConfig, loaded))
+            check_values(from_dict(RunConfig, loaded))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from e
         data = _merge(data, loaded)
@@ -344,10 +349,10 @@ def load_config(
         keys, value = parse_override(text)
         data = _merge(data, _nest(keys, value))
         try:
-            check_values(_from_dict(RunConfig, data))
+            check_values(from_dict(RunConfig, data))
         except ConfigError as e:
             raise ConfigError(f"--set {text}: {e}") from e
-    cfg = _from_dict(RunConfig, data)
+    cfg = from_dict(RunConfig, data)
     check_values(cfg)
     return cfg
 

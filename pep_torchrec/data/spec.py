@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from pep_torchrec.config import ConfigError, _from_dict
+from pep_torchrec.config import ConfigError, from_dict
 from pep_torchrec.data.rejections import PrepareError
 
 FORMAT_TYPES = ("delimited", "libsvm", "libffm", "parquet")
@@ -226,7 +226,7 @@ def spec_from_dict(data: Any, where: str = "spec") -> DatasetSpec:
     if not isinstance(data, dict):
         raise PrepareError(f"{where}: top level must be a mapping")
     try:
-        spec = _from_dict(DatasetSpec, data)
+        spec = from_dict(DatasetSpec, data)
     except ConfigError as e:
         raise PrepareError(f"{where}: {str(e).replace('the config', 'the spec')}") from None
     try:
