@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
+
+from pep_torchrec.config import ConfigError, load_config
+from pep_torchrec.training.run_dir import RunDir, remove_paths
 
 DESCRIPTION = __doc__
 
@@ -60,52 +62,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_run_dir(args: argparse.Namespace) -> list[Path]:
-    """Refuse to mix runs: a new run needs a run directory without a previous run's checkpoints,
-    masks or summary, and `--resume` one that has a complete checkpoint. `--auto-resume` becomes
-    `--resume` where that holds and `--overwrite` otherwise. Returns what `--overwrite` replaces:
-    the previous run's outputs, removed by rank 0 only once the config has been accepted."""
-    from pep_torchrec.config import ConfigError
-    from pep_torchrec.training.run_dir import RunDir
-
-    run_dir = Path(args.run_dir)
-    run = RunDir(run_dir)
-    resumable = run.has_config() and run.checkpoints().latest() is not None
+    """Refuse to mix runs: a new run needs a run directory without a previous run's outputs
+    (`RunDir.previous_run`), and `--resume` one that has a complete checkpoint. `--auto-resume`
+    becomes `--resume` where that holds and `--overwrite` otherwise. Returns what `--overwrite`
+    replaces: the previous run's outputs, removed by rank 0 only once the config has been accepted."""
+    run = RunDir(args.run_dir)
     if args.auto_resume:
         if args.resume or args.overwrite:
             raise ConfigError("--auto-resume decides between --resume and --overwrite itself: pass it alone")
-        args.resume, args.overwrite = resumable, not resumable
+        args.resume = run.is_resumable()
+        args.overwrite = not args.resume
     if args.resume:
         if args.overwrite:
             raise ConfigError("--resume and --overwrite: choose one (continue the run, or replace it)")
         if not run.has_config():
-            raise ConfigError(f"--resume: {run_dir} holds no run (no config.yaml)")
-        if not resumable:
+            raise ConfigError(f"--resume: {run.path} holds no run (no config.yaml)")
+        if not run.is_resumable():
             raise ConfigError(f"--resume: no complete checkpoint under {run.checkpoints_dir}")
         return []
-    # A start that failed before training leaves only config.yaml and an empty metrics.jsonl:
-    # nothing to lose, so that is not a previous run.
-    found = [p.name for p in (run.checkpoints_dir, run.masks_dir, run.summary_path) if p.exists()]
-    if run.metrics_path.is_file() and run.metrics_path.stat().st_size > 0:
-        found.append(run.metrics_path.name)
+    found = run.previous_run()
     if found and not args.overwrite:
         raise ConfigError(
-            f"--run-dir {run_dir} holds a previous run ({', '.join(found)}): pass --resume to "
+            f"--run-dir {run.path} holds a previous run ({', '.join(found)}): pass --resume to "
             "continue it or --overwrite to replace it"
         )
     return run.outputs() if args.overwrite else []
 
 
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def run(args: argparse.Namespace) -> int:
-    from pep_torchrec.config import ConfigError, load_config
-
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={json.dumps(args.data)}")
@@ -123,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.config is None:
         # Resume with the run's own resolved config unless another one is given (keys of another
         # version dropped with a warning, like every reader of a run's config.yaml).
-        from pep_torchrec.training.run_dir import RunDir
-
         base = RunDir(args.run_dir).config_data()
     elif args.config is None:
         raise ConfigError("--config is required (a YAML of configs/, e.g. configs/debug_cpu.yaml)")
@@ -149,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     created = not run_dir.exists()
     if replaced and int(os.environ.get("RANK", "0")) == 0:  # the ranks meet in init_distributed, after this
-        _remove(replaced)
+        remove_paths(replaced)
     env = init_distributed(cfg.train.device)
     try:
         trainer = Trainer(cfg, env, run_dir, resume=args.resume)
@@ -158,24 +140,11 @@ def run(args: argparse.Namespace) -> int:
             _print_summary(summary)
     except BaseException:
         if env.is_main and not args.resume:
-            _discard_failed_start(run_dir, created)
+            RunDir(run_dir).discard_failed_start(created=created)
         raise
     finally:
         shutdown(env)
     return 0
-
-
-def _discard_failed_start(run_dir: Path, created: bool) -> None:
-    """A new run that failed before its first complete checkpoint cannot be resumed: remove what it
-    wrote (and the directory, if this start created it), so the next start finds nothing stale."""
-    from pep_torchrec.training.run_dir import RunDir
-
-    run = RunDir(run_dir)
-    if run.checkpoints().latest() is not None:
-        return  # resumable: keep everything
-    _remove(run.outputs())
-    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
 
 
 def _dry_run(cfg) -> int:

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import typing
 from pathlib import Path
 from typing import Any
@@ -330,11 +331,44 @@ class RunDir:
                 return base / p
         return None
 
+    # ---- starting a run here ------------------------------------------------------------------------
     def outputs(self) -> list[Path]:
         """What a run leaves in its directory, those that exist: what `--overwrite` replaces."""
         paths = (self.checkpoints_dir, self.masks_dir, self.init_dir, self.summary_path, self.metrics_path,
                  self.config_path)  # fmt: skip
         return [p for p in paths if p.exists()]
+
+    def is_resumable(self) -> bool:
+        """A run to continue: its config.yaml and a complete checkpoint."""
+        return self.has_config() and self.checkpoints().latest() is not None
+
+    def previous_run(self) -> list[str]:
+        """The names of what a previous run left that a new run would mix with: checkpoints, masks,
+        summary, a non-empty metrics.jsonl. A start that failed before training leaves only
+        config.yaml and an empty metrics.jsonl: nothing to lose, so that is not a previous run."""
+        found = [p.name for p in (self.checkpoints_dir, self.masks_dir, self.summary_path) if p.exists()]
+        if self.metrics_path.is_file() and self.metrics_path.stat().st_size > 0:
+            found.append(self.metrics_path.name)
+        return found
+
+    def discard_failed_start(self, *, created: bool) -> None:
+        """A new run that failed before its first complete checkpoint cannot be resumed: remove what
+        it wrote (and the directory, if this start `created` it), so the next start finds nothing
+        stale. A resumable run is kept whole."""
+        if self.checkpoints().latest() is not None:
+            return
+        remove_paths(self.outputs())
+        if created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
+
+def remove_paths(paths: list[Path]) -> None:
+    """Remove each path, directory or file, that exists."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def _budget_key(path: Path) -> float:

@@ -272,3 +272,35 @@ def test_outputs(run):
     run.write_summary({})
     assert run.outputs() == [run.checkpoints_dir, run.summary_path, run.metrics_path, run.config_path]
     assert all(os.path.dirname(p) == str(run.path) for p in run.outputs())
+
+
+def test_previous_run_and_resumable(run, tmp_path):
+    run.start_metrics()  # a failed start: config.yaml and an empty metrics.jsonl
+    assert run.previous_run() == [] and not run.is_resumable()
+    run.append_metrics({"step": 1, "loss": 0.5})
+    assert run.previous_run() == ["metrics.jsonl"]
+    run.checkpoint(4).mkdir(parents=True)  # incomplete: not resumable, but a previous run's output
+    run.write_summary({})
+    assert run.previous_run() == ["checkpoints", "summary.json", "metrics.jsonl"]
+    assert not run.is_resumable()
+    _checkpoint(run, 8)
+    assert run.is_resumable()
+    assert not RunDir(tmp_path / "missing").is_resumable()  # no config.yaml
+
+
+def test_discard_failed_start(run, tmp_path):
+    run.start_metrics()
+    run.checkpoint(4).mkdir(parents=True)  # incomplete
+    run.discard_failed_start(created=False)
+    assert run.path.is_dir() and run.outputs() == []
+    fresh = RunDir(tmp_path / "fresh")
+    fresh.path.mkdir()
+    save_config(RunConfig(), fresh.config_path)
+    fresh.discard_failed_start(created=True)  # the start made the directory: it goes too
+    assert not fresh.path.exists()
+    kept = RunDir(tmp_path / "kept")
+    kept.path.mkdir()
+    save_config(RunConfig(), kept.config_path)
+    _checkpoint(kept, 2)
+    kept.discard_failed_start(created=True)  # resumable: kept whole
+    assert kept.outputs() == [kept.checkpoints_dir, kept.config_path]
