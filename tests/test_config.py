@@ -1,11 +1,20 @@
 """Config tree: precedence, overrides, and errors that name the key and file."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pep_torchrec.config import ConfigError, RunConfig, load_config, save_config
+from pep_torchrec.config import (
+    ConfigError,
+    RunConfig,
+    env_values,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,3 +93,55 @@ def test_bad_value_in_a_file_names_the_file(tmp_path):
     path.write_text("model:\n  name: fmm\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: model\.name: 'fmm'"):
         load_config(path)
+
+
+@dataclasses.dataclass
+class _Service:
+    name: str
+    port: int = 8080
+    ratio: float | None = None
+    verbose: bool = False
+    token: str | None = None
+    sizes: list[int] = dataclasses.field(default_factory=list)
+    shape: tuple[int, ...] = (1,)
+
+
+def test_env_values_reads_prefixed_variables_by_field_type():
+    environ = {"SVC_PORT": "9000", "SVC_RATIO": "null", "SVC_VERBOSE": "1", "SVC_TOKEN": "007",
+               "SVC_SIZES": "[1, 2]", "SVC_SHAPE": "[3, 4]", "OTHER_PORT": "x"}  # fmt: skip
+    values = env_values(_Service, "SVC_", environ)
+    assert values == {
+        "port": 9000,
+        "ratio": None,
+        "verbose": True,
+        "token": "007",
+        "sizes": [1, 2],
+        "shape": (3, 4),
+    }
+    assert from_dict(_Service, {"name": "n", **values}) == _Service(
+        "n", 9000, None, True, "007", [1, 2], (3, 4)
+    )
+    assert env_values(_Service, "SVC_", {}) == {}
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SVC_PORT": "abc"}, "SVC_PORT='abc': expected an integer"),
+        ({"SVC_PORT": ""}, "SVC_PORT='': null is not allowed"),
+        ({"SVC_VERBOSE": "2"}, "SVC_VERBOSE='2': expected true/false"),
+        ({"SVC_SIZES": "[1, x]"}, r"SVC_SIZES='\[1, x\]'\[1\]: expected an integer"),
+        ({"SVC_SIZES": "[1"}, r"SVC_SIZES='\[1': cannot parse"),
+        ({"SVC_PROT": "1"}, "unknown variable SVC_PROT .known: SVC_NAME, SVC_PORT, "),
+    ],
+)
+def test_env_values_errors_name_the_variable(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        env_values(_Service, "SVC_", environ)
+
+
+def test_from_dict_names_a_missing_key_and_to_dict_inverts_it():
+    with pytest.raises(ConfigError, match="missing key name"):
+        from_dict(_Service, {"port": 1})
+    svc = _Service("n", shape=(2, 3))
+    assert to_dict(svc)["shape"] == [2, 3] and from_dict(_Service, to_dict(svc)) == svc
