@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from pep_torchrec.data.synthetic import SyntheticConfig
 from pep_torchrec.utils.errors import UserError
 
 
@@ -50,9 +51,11 @@ class DataConfig:
     """Batches decoded ahead by the loader's background thread (0 = synchronous)."""
     max_train_rows: int | None = None
     """Use only the first N training rows (smoke tests)."""
-    synthetic: dict[str, Any] = field(default_factory=dict)
+    synthetic: SyntheticConfig | None = None
     """If set and `path` holds no prepared dataset yet, rank 0 first generates the synthetic dataset
-    there with these generator options (e.g. {rows: 20000, cardinality: 1000}); other ranks wait."""
+    there with these generator options (the fields of `pep_torchrec.data.synthetic.SyntheticConfig`,
+    e.g. {rows: 20000, cardinality: 1000}; `seed` is also the split seed); other ranks wait. null
+    (or {}, as config.yaml files written before this was typed hold) generates nothing."""
 
 
 @dataclass
@@ -429,6 +432,15 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
+def _run_config(data: dict[str, Any]) -> RunConfig:
+    """`from_dict(RunConfig, data)`, reading config.yaml files of runs from before `data.synthetic`
+    was typed: there `synthetic: {}` (its default then) meant no synthetic dataset, as null does now."""
+    section = data.get("data")
+    if isinstance(section, dict) and section.get("synthetic") == {}:
+        data = {**data, "data": {**section, "synthetic": None}}
+    return from_dict(RunConfig, data)
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -458,7 +470,7 @@ def load_config(
             raise ConfigError(f"{p}: top level must be a mapping")
         # Validate the file on its own first so errors name the file.
         try:
-            check_values(from_dict(RunConfig, loaded))
+            check_values(_run_config(loaded))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from e
         data = _merge(data, loaded)
@@ -466,10 +478,10 @@ def load_config(
         keys, value = parse_override(text)
         data = _merge(data, _nest(keys, value))
         try:
-            check_values(from_dict(RunConfig, data))
+            check_values(_run_config(data))
         except ConfigError as e:
             raise ConfigError(f"--set {text}: {e}") from e
-    cfg = from_dict(RunConfig, data)
+    cfg = _run_config(data)
     check_values(cfg)
     return cfg
 
