@@ -1,22 +1,30 @@
-"""One typed config tree for every run.
+"""One typed config tree for every run, and the machinery every config of the project is built with.
 
 Precedence: command line (`--set a.b=value`, `--data`, `--run-dir`) > YAML file > dataclass defaults.
 Unknown keys and values of the wrong type are errors that name the key (and the file).
 YAML in `configs/` only serialises these dataclasses; the resolved config is saved in the run directory.
+
+The machinery (`from_dict`, `env_values`, `to_dict`) is generic over dataclasses: training's
+`RunConfig`, dataset specs (`pep_torchrec/data/spec.py`) and the service's `Settings`
+(`pep_torchrec/serving/app.py`, from PEP_SERVE_<FIELD> variables and flags) are built with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pep_torchrec.data.synthetic import SyntheticConfig
 from pep_torchrec.utils.errors import UserError
 
 
@@ -43,9 +51,11 @@ class DataConfig:
     """Batches decoded ahead by the loader's background thread (0 = synchronous)."""
     max_train_rows: int | None = None
     """Use only the first N training rows (smoke tests)."""
-    synthetic: dict[str, Any] = field(default_factory=dict)
+    synthetic: SyntheticConfig | None = None
     """If set and `path` holds no prepared dataset yet, rank 0 first generates the synthetic dataset
-    there with these generator options (e.g. {rows: 20000, cardinality: 1000}); other ranks wait."""
+    there with these generator options (the fields of `pep_torchrec.data.synthetic.SyntheticConfig`,
+    e.g. {rows: 20000, cardinality: 1000}; `seed` is also the split seed); other ranks wait. null
+    (or {}, as config.yaml files written before this was typed hold) generates nothing."""
 
 
 @dataclass
@@ -207,11 +217,12 @@ class RunConfig:
 
 
 def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    """`X | None` → (X, True); `X | Y | None` → (X | Y, True); anything else → (tp, False)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
+        if len(args) < len(typing.get_args(tp)):
+            return (args[0] if len(args) == 1 else functools.reduce(operator.or_, args)), True
     return tp, False
 
 
@@ -222,15 +233,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key}: null is not allowed (expected {getattr(tp, '__name__', tp)})")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # built already (`env_values` hands out typed values)
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, key)
     origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(value, list(typing.get_args(tp)), key)
+    if origin in (list, tuple):
+        return _coerce_sequence(value, tp, key)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -258,26 +270,134 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp}")
 
 
+def _coerce_sequence(value: Any, tp: Any, key: str) -> list | tuple:
+    """`list[X]` from a list; `tuple[X, ...]` from a list (YAML has no tuples) or a tuple."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = args or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if len(args) != 2 or args[1] is not Ellipsis:
+        raise ConfigError(f"{key}: unsupported field type {tp} (only tuple[X, ...])")
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+
+
+def _coerce_union(value: Any, arms: list[Any], key: str) -> Any:
+    """The first arm of `X | Y` that takes `value`. If none does: the error of an arm that took the
+    value's shape but not one of its items (`key[1]: ...`), else every arm's expectation."""
+    errors = []
+    for arm in arms:
+        try:
+            return _coerce(value, arm, key)
+        except ConfigError as e:
+            errors.append(str(e))
+    deeper = [e for e in errors if not e.startswith(f"{key}: ")]
+    if deeper:
+        raise ConfigError(deeper[0])
+    raise ConfigError(f"{key}: " + " or ".join(e.removeprefix(f"{key}: ") for e in errors))
+
+
+def _init_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields a config sets (a field with init=False is derived by the class itself)."""
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
 def from_dict(cls: type, obj: dict[str, Any], prefix: str = "") -> Any:
     """The dataclass `cls` built from plain data, every value checked against its field's type.
 
-    The one typed machinery of the project: training's `RunConfig` and dataset specs are built
-    with it. Raises ConfigError naming the dotted key (`prefix` first) and the known keys.
+    The one typed machinery of the project: training's `RunConfig`, dataset specs and the service's
+    `Settings` are built with it. Raises ConfigError naming the dotted key (`prefix` first) and the
+    known keys; a ValueError of the class's own checks (`__post_init__`) becomes a ConfigError
+    naming `prefix`.
     """
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = _init_fields(cls)
+    names = {f.name for f in fields}
+    where = f"{prefix}." if prefix else ""
     unknown = sorted(set(obj) - names)
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(
             f"unknown key {where}{unknown[0]} (known keys of {prefix or 'the config'}: {sorted(names)})"
         )
+    for f in fields:
+        if (
+            f.name not in obj
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            raise ConfigError(f"missing key {where}{f.name}")
     kwargs = {}
     for name, value in obj.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key)
     # Nested dataclasses not mentioned keep their defaults; given ones are merged field by field.
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        if not prefix:
+            raise ConfigError(str(e)) from None
+        # A class that labels its own errors (`synthetic: rows must be ...`) gets the dotted key instead.
+        message = str(e).removeprefix(f"{prefix.rsplit('.', 1)[-1]}: ")
+        raise ConfigError(f"{prefix}: {message}") from None
+
+
+def env_values(cls: type, prefix: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The fields of the dataclass `cls` that environment variables `<prefix><FIELD>` set, typed.
+
+    A value is YAML (`8080`, `true`, `[1, 2]`), checked against its field's type; a string field
+    takes the text verbatim (a token stays the text it is), a bool field also 1 and 0 (the shell's
+    idiom). Build the config with `from_dict(cls, values)` after laying other layers (flags) over it.
+
+    Args:
+        cls: a config dataclass.
+        prefix: the variables' common start, e.g. "PEP_SERVE_" (field `port` → PEP_SERVE_PORT).
+        environ: the environment to read (default `os.environ`).
+    Raises:
+        ConfigError naming the variable and its value (`PEP_SERVE_PORT='abc': expected an
+        integer, ...`), or a variable with the prefix that names no field.
+    """
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    known = {f"{prefix}{f.name.upper()}": f.name for f in _init_fields(cls)}
+    unknown = sorted(var for var in environ if var.startswith(prefix) and var not in known)
+    if unknown:
+        raise ConfigError(f"unknown variable {unknown[0]} (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for var, name in known.items():
+        raw = environ.get(var)
+        if raw is not None:
+            values[name] = _env_value(raw, hints[name], f"{var}={raw!r}")
+    return values
+
+
+def _env_value(raw: str, tp: Any, key: str) -> Any:
+    inner, _ = _strip_optional(tp)
+    if inner is str:
+        return raw
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse ({getattr(e, 'problem', None) or e})") from None
+    if inner is bool and type(value) is int and value in (0, 1):
+        return bool(value)
+    return _coerce(value, tp, key)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain data of a config (the fields `from_dict` takes; tuples as lists): what YAML stores and
+    `from_dict` reads back."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in _init_fields(type(cfg))}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -312,6 +432,15 @@ def _nest(path: list[str], value: Any) -> dict[str, Any]:
     return out
 
 
+def _run_config(data: dict[str, Any]) -> RunConfig:
+    """`from_dict(RunConfig, data)`, reading config.yaml files of runs from before `data.synthetic`
+    was typed: there `synthetic: {}` (its default then) meant no synthetic dataset, as null does now."""
+    section = data.get("data")
+    if isinstance(section, dict) and section.get("synthetic") == {}:
+        data = {**data, "data": {**section, "synthetic": None}}
+    return from_dict(RunConfig, data)
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -341,7 +470,7 @@ def load_config(
             raise ConfigError(f"{p}: top level must be a mapping")
         # Validate the file on its own first so errors name the file.
         try:
-            check_values(from_dict(RunConfig, loaded))
+            check_values(_run_config(loaded))
         except ConfigError as e:
             raise ConfigError(f"{p}: {e}") from e
         data = _merge(data, loaded)
@@ -349,10 +478,10 @@ def load_config(
         keys, value = parse_override(text)
         data = _merge(data, _nest(keys, value))
         try:
-            check_values(from_dict(RunConfig, data))
+            check_values(_run_config(data))
         except ConfigError as e:
             raise ConfigError(f"--set {text}: {e}") from e
-    cfg = from_dict(RunConfig, data)
+    cfg = _run_config(data)
     check_values(cfg)
     return cfg
 
@@ -393,10 +522,6 @@ def check_values(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"pep.budgets: {budget} is not a share of the embedding in (0, 1) (0.1 keeps 10 %)"
             )
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:

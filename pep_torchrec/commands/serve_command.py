@@ -35,18 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    try:
-        settings = Settings.from_env(
-            artifact=args.artifact,
-            host=args.host,
-            port=args.port,
-            max_instances=args.max_instances,
-            max_body_bytes=args.max_body_bytes,
-            num_threads=args.num_threads,
-            artifact_root=args.artifact_root,
-        )
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
+    # Flags > PEP_SERVE_<FIELD> variables > defaults; a bad one is a ConfigError naming both.
+    settings = Settings.from_env(
+        artifact=args.artifact,
+        host=args.host,
+        port=args.port,
+        max_instances=args.max_instances,
+        max_body_bytes=args.max_body_bytes,
+        num_threads=args.num_threads,
+        artifact_root=args.artifact_root,
+    )
     app = create_app(settings)
     torch.set_num_threads(max(1, settings.num_threads))
     try:  # load before binding: a bad artifact is refused with the loader's message (and read once)

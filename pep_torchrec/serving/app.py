@@ -42,7 +42,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -58,6 +57,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from starlette.concurrency import run_in_threadpool
 
+from pep_torchrec.config import ConfigError, env_values, from_dict
 from pep_torchrec.export.format import ArtifactError
 from pep_torchrec.serving.predictor import Predictor, RequestError
 from pep_torchrec.serving.prometheus import ServiceMetrics
@@ -65,9 +65,14 @@ from pep_torchrec.serving.prometheus import ServiceMetrics
 logger = logging.getLogger(__name__)
 
 
+ENV_PREFIX = "PEP_SERVE_"
+"""Each setting's environment variable: PEP_SERVE_<FIELD> (PEP_SERVE_PORT, PEP_SERVE_ADMIN_TOKEN, ...)."""
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Service settings; `from_env` reads PEP_SERVE_<FIELD> (the CLI overrides).
+    """Service settings, a typed config built by `pep_torchrec.config`'s machinery: flags (`overrides`
+    of `from_env`) > PEP_SERVE_<FIELD> environment variables > these defaults.
 
     Attributes:
         artifact: the artifact directory to serve.
@@ -97,35 +102,28 @@ class Settings:
         lowest = {"port": 1, "max_instances": 1, "max_body_bytes": 1, "num_threads": 1}
         for name, low in lowest.items():
             if getattr(self, name) < low:
-                raise ValueError(f"{_flag(name)}: must be at least {low}, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)}: must be at least {low}, got {getattr(self, name)}")
         if self.port > 65535:
-            raise ValueError(f"{_flag('port')}: {self.port} is not a TCP port (1-65535)")
+            raise ConfigError(f"{_flag('port')}: {self.port} is not a TCP port (1-65535)")
 
     @classmethod
     def from_env(cls, **overrides: Any) -> Settings:
-        values: dict[str, Any] = {}
-        for name, f in cls.__dataclass_fields__.items():
-            raw = os.environ.get(f"PEP_SERVE_{name.upper()}")
-            if raw is None:
-                continue
-            if f.type in ("bool", bool):
-                values[name] = raw.lower() in ("1", "true", "yes")
-            elif f.type in ("int", int):
-                try:
-                    values[name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"PEP_SERVE_{name.upper()}={raw!r}: expected an integer") from None
-            else:
-                values[name] = raw
+        """Settings from PEP_SERVE_<FIELD> variables (`config.env_values`: YAML values checked
+        against the field's type) with `overrides` (the flags; None = not given) over them.
+
+        Raises:
+            ConfigError naming the flag or the variable.
+        """
+        values = env_values(cls, ENV_PREFIX)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "artifact" not in values:
-            raise ValueError("no artifact: pass --artifact or set PEP_SERVE_ARTIFACT")
-        return cls(**values)
+            raise ConfigError(f"no artifact: pass --artifact or set {ENV_PREFIX}ARTIFACT")
+        return from_dict(cls, values)
 
 
 def _flag(name: str) -> str:
     """A setting as the user gives it: the flag and the environment variable."""
-    return f"--{name.replace('_', '-')} (PEP_SERVE_{name.upper()})"
+    return f"--{name.replace('_', '-')} ({ENV_PREFIX}{name.upper()})"
 
 
 class SchemaChange(ArtifactError):

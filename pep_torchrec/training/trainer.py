@@ -26,9 +26,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from pep_torchrec.config import ConfigError, RunConfig, save_config
+from pep_torchrec.config import ConfigError, RunConfig, save_config, to_dict
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import Schema
+from pep_torchrec.data.synthetic import SyntheticConfig
 from pep_torchrec.distributed.env import DistEnv, configure_threads
 from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_sharders
 from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerSync
@@ -110,13 +111,14 @@ def build_train_model(
     return TrainModel(model)
 
 
-def ensure_dataset(path: str, synthetic_options: dict[str, Any], env: DistEnv) -> None:
-    """Generate the configured synthetic dataset at `path` if it is not there yet (rank 0 writes,
-    atomically; the others wait at a barrier)."""
-    if synthetic_options and not (Path(path) / "schema.json").is_file():
+def ensure_dataset(path: str, synthetic: SyntheticConfig | None, env: DistEnv) -> None:
+    """Generate the configured synthetic dataset (`data.synthetic`) at `path` if it is not there
+    yet (rank 0 writes, atomically; the others wait at a barrier)."""
+    if synthetic is not None and not (Path(path) / "schema.json").is_file():
         if env.is_main:
             from pep_torchrec.data.prepare import prepare_dataset
 
+            synthetic_options = to_dict(synthetic)  # its fields as keywords (`seed` included)
             prepare_dataset("synthetic", None, path, **synthetic_options)
         dist.barrier()
 

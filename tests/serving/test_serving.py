@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pep_torchrec.config import ConfigError
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import MAX_VALUE_CHARS
 from pep_torchrec.data.vocab import load_vocab
@@ -312,7 +313,7 @@ def test_serve_bad_settings_are_one_error_line(tmp_path, capsys, flags, message)
 
 def test_serve_bad_env_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("PEP_SERVE_PORT", "80x")
-    with pytest.raises(ValueError, match=r"PEP_SERVE_PORT='80x': expected an integer"):
+    with pytest.raises(ConfigError, match=r"PEP_SERVE_PORT='80x': expected an integer"):
         Settings.from_env(artifact="a")
 
 
