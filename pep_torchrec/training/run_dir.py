@@ -120,9 +120,17 @@ def _drop_unknown(data: dict[str, Any], cls: type, prefix: str = "") -> list[str
         if key not in hints:
             dropped.append(prefix + key)
             del data[key]
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(data[key], dict):
-            dropped += _drop_unknown(data[key], hints[key], f"{prefix}{key}.")
+        elif isinstance(data[key], dict) and (inner := _dataclass_of(hints[key])) is not None:
+            dropped += _drop_unknown(data[key], inner, f"{prefix}{key}.")
     return dropped
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The config dataclass a field holds: the field's type, or the dataclass of `X | None`."""
+    for tp in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(tp):
+            return tp
+    return None
 
 
 class RunDir:

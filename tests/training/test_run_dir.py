@@ -88,13 +88,14 @@ def test_config_unknown_keys_dropped_with_a_warning(run, caplog):
     data = yaml.safe_load(run.config_path.read_text())
     data["train"]["renamed_option"] = 3
     data["gone_section"] = {"x": 1}
+    data["data"]["synthetic"] = {"rows": 100, "old_knob": 2}  # inside an optional dataclass field
     run.config_path.write_text(yaml.safe_dump(data))
     with caplog.at_level(logging.WARNING):
         cfg = run.config()
-    assert cfg.train.stage == "search"
+    assert cfg.train.stage == "search" and cfg.data.synthetic.rows == 100
     assert (
-        f"{run.config_path}: ignoring keys this version does not know: gone_section, train.renamed_option"
-        in (caplog.text)
+        f"{run.config_path}: ignoring keys this version does not know: data.synthetic.old_knob, "
+        "gone_section, train.renamed_option" in (caplog.text)
     )
     assert "renamed_option" not in run.config_data()["train"]
 
