@@ -8,8 +8,31 @@ Layout follows TorchRec's ITEP (torchrec/distributed/itep_embeddingbag.py): the 
 a sharded EmbeddingBagCollection of the STORED tables (`_embedding_bag_collection`), so TorchRec's
 planner plans ordinary [R, W] tables, and DMP, the fused optimizer (it updates v and s in backward),
 state_dict, DCP and resharding stay stock. What differs is the kernel each shard runs
-(`pep_lookup.py`): gather the looked-up rows, threshold and pool them on the shard; only the pooled
+(`pep_kernel.py`): gather the looked-up rows, threshold and pool them on the shard; only the pooled
 [B, D] per feature crosses ranks (the output dist is sized for D, not W).
+
+How TorchRec builds a sharded EBC, and where we plug in (torchrec 1.8 sources; our subclass of each
+link, and its module, on the right):
+
+    ShardedEmbeddingBagCollection.__init__                      (distributed/embeddingbag.py:628)
+        ShardedPEPInnerEmbeddingBagCollection, below
+      └─ self.create_embedding_bag_sharding(infos, ...)         (embeddingbag.py:732, one per type)
+           └─ Tw/Rw/TwRw/Cw/TwCwPooledEmbeddingSharding          (distributed/sharding/*.py)
+                PEPTw/Rw/TwRw/Cw/TwCwPooledEmbeddingSharding, `pep_sharding.py`
+      └─ _create_lookups(): sharding.create_lookup()            (embeddingbag.py:1676)
+           └─ GroupedPooledEmbeddingsLookup                      (distributed/embedding_lookup.py:605)
+                PEPGroupedPooledEmbeddingsLookup, `pep_lookup.py`
+                └─ _create_embedding_kernel(config, ...)         (embedding_lookup.py:686)
+                     └─ BatchedFusedEmbeddingBag (one fbgemm TBE per group of tables)
+                                                                 (distributed/batched_embedding_kernel.py:3724)
+                          PEPBatchedFusedEmbeddingBag, `pep_kernel.py`
+      └─ _create_output_dist(): sharding.create_output_dist() and sharding.embedding_dims()
+                                                                 (embeddingbag.py:1682)
+                the PEP shardings report D-wide outputs, `pep_sharding.py`
+
+The subclasses change only the kernel's `forward` and the output widths the shardings report.
+Everything else (planning, input distribution, state dict, checkpointing, the fused optimizer)
+stays TorchRec's.
 
 Gradient semantics (TorchRec's, kept for PEP): the output all-to-all / reduce-scatter divides the
 gradients it routes to the shards by the world size (`comm_ops.get_gradient_division()`), so a table
@@ -57,15 +80,14 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from pep_torchrec.distributed.pep_lookup import (
+from pep_torchrec.distributed.pep_kernel import (
     FULL_ROW_MODES,
-    PEP_SHARDINGS,
-    SHARDINGS_WITH_PERMUTE,
     PEPBatchedFusedEmbeddingBag,
     PEPStepParams,
     PEPTableSpec,
-    gradient_scale_factor,
 )
+from pep_torchrec.distributed.pep_lookup import gradient_scale_factor
+from pep_torchrec.distributed.pep_sharding import PEP_SHARDINGS, SHARDINGS_WITH_PERMUTE
 from pep_torchrec.distributed.s_optimizer import SOptimizerSync
 from pep_torchrec.distributed.sharding import EBCSharder
 from pep_torchrec.modules import PEPEmbeddingBagCollection

@@ -2,7 +2,6 @@
 reproduce."""
 
 from pep_torchrec.modules.pep_embedding_modules import (
-    ALIASES,
     COARSE_GRANULARITIES,
     GRANULARITIES,
     ROW_GRANULARITIES,
@@ -15,7 +14,6 @@ from pep_torchrec.modules.pep_embedding_modules import (
 )
 
 __all__ = [
-    "ALIASES",
     "COARSE_GRANULARITIES",
     "GRANULARITIES",
     "ROW_GRANULARITIES",

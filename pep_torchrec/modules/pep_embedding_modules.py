@@ -46,23 +46,6 @@ from pep_torchrec.ops import margins as margins_op
 GRANULARITIES = ("global", "dimension", "field", "field_dim", "feature", "feature_dim")
 COARSE_GRANULARITIES = ("global", "dimension", "field", "field_dim")
 ROW_GRANULARITIES = ("feature", "feature_dim")
-ALIASES = {
-    "dim": "dimension",
-    "dimension_wise": "dimension",
-    "table": "field",
-    "field_wise": "field",
-    "field_dimension": "field_dim",
-    "field_x_dim": "field_dim",
-    "table_dim": "field_dim",
-    "row": "feature",
-    "id": "feature",
-    "feature_wise": "feature",
-    "row_dim": "feature_dim",
-    "feature_dimension": "feature_dim",
-    "feature_x_dim": "feature_dim",
-    "element": "feature_dim",
-    "element_wise": "feature_dim",
-}
 
 # Rows per chunk when scanning a whole table (margins / kept counts): bounds the temporary memory
 # at eval time to a few MB per table whatever R is.
@@ -72,7 +55,9 @@ _POOLING_NAMES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
 
 
 def canonical_granularity(name: str) -> str:
-    """The canonical granularity name for `name` (case, '-' / ' ' and the `ALIASES` forgiven).
+    """`name` as one of `GRANULARITIES`. One concept, one name each: no aliases. Case and '-' / ' '
+    for '_' are forgiven, a spelling rule that never maps one word onto another (`Feature-Dim` is
+    `feature_dim`).
 
     Raises:
         ValueError: naming the bad value and the choices.
@@ -80,12 +65,8 @@ def canonical_granularity(name: str) -> str:
     if not isinstance(name, str):
         raise ValueError(f"PEP granularity must be a string, got {name!r}; choose one of {GRANULARITIES}")
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    key = ALIASES.get(key, key)
     if key not in GRANULARITIES:
-        raise ValueError(
-            f"unknown PEP granularity {name!r}; choose one of {GRANULARITIES} "
-            f"(aliases: {', '.join(sorted(ALIASES))})"
-        )
+        raise ValueError(f"unknown PEP granularity {name!r}; choose one of {GRANULARITIES}")
     return key
 
 
@@ -186,7 +167,7 @@ class PEPEmbeddingBagCollection(nn.Module):
     Args:
         tables: the LOGICAL tables: all with the same `embedding_dim` D, pooling SUM or MEAN. Each
             table's `init_fn` initialises v.
-        granularity: one of `GRANULARITIES` (or an alias); None = no thresholds (plain embedding).
+        granularity: one of `GRANULARITIES`; None = no thresholds (plain embedding).
         s0: initial threshold logit (the authors use −15 on MovieLens, −150 on Criteo/Avazu).
         gk: threshold scale: the threshold is gk·sigmoid(s) ∈ (0, gk).
         s_decay: L2 decay of s, added to its gradient where it is used (see `threshold_pool`).

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,24 +23,11 @@ from pep_torchrec.export.serving_model import load_artifact
 from pep_torchrec.pep.controls import load_full_tables
 from pep_torchrec.training.metrics import roc_auc
 from tests.helpers.export import reference_scores
-
-REPO = Path(__file__).resolve().parents[2]
-ENV = dict(
-    os.environ,
-    OMP_NUM_THREADS="1",
-    PYTHONPATH=str(REPO),
-    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-)
-TORCHX = Path(sys.executable).parent / "torchx"
-
-
-def _run(cmd: list[str], timeout: int = 400) -> None:
-    proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+from tests.helpers.launch import REPO, launch_torchx_ddp, needs_torchx, run_command
 
 
 def _train(config: str, run: Path, data: Path, *overrides: str) -> None:
-    _run(
+    run_command(
         [
             sys.executable,
             "-m",
@@ -124,34 +109,20 @@ def _reshard_to_one_rank(run: Path, step: int, out: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TORCHX.exists(), reason="torchx not installed in this environment")
+@needs_torchx
 def test_two_rank_export_equals_checkpoint_and_not_world_size(tmp_path):
     run, data = tmp_path / "run2", tmp_path / "data"
-    _run(
-        [
-            str(TORCHX),
-            "run",
-            "-s",
-            "local_cwd",
-            "dist.ddp",
-            "-j",
-            "1x2",
-            "--env",
-            "OMP_NUM_THREADS=1",
-            "--script",
-            "pep_torchrec/train.py",
-            "--",
-            "--config",
-            str(REPO / "configs" / "debug_cpu.yaml"),
-            "--run-dir",
-            str(run),
-            "--set",
-            f"data.path={data}",
-            "train.progress=false",
-            "train.max_steps=20",
-            "train.checkpoint_every=20",
-            "data.synthetic.rows=6000",
-        ]
+    launch_torchx_ddp(
+        "--config",
+        str(REPO / "configs" / "debug_cpu.yaml"),
+        "--run-dir",
+        str(run),
+        "--set",
+        f"data.path={data}",
+        "train.progress=false",
+        "train.max_steps=20",
+        "train.checkpoint_every=20",
+        "data.synthetic.rows=6000",
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -22,7 +23,6 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pep_torchrec.modules import (
-    ALIASES,
     GRANULARITIES,
     PEPEmbeddingBagCollection,
     PEPInitFn,
@@ -474,18 +474,28 @@ def test_shared_feature_across_tables_and_odd_dim() -> None:
 
 
 def test_granularity_names() -> None:
+    for name in GRANULARITIES:
+        assert canonical_granularity(name) == name
+    # Spelling is forgiven (case, '-' / ' ' for '_'); other words are not.
     assert canonical_granularity("Feature-Dim") == "feature_dim"
-    for alias, target in ALIASES.items():
-        assert canonical_granularity(alias) == target
-    with pytest.raises(ValueError, match=r"'rowwise'.*global"):
-        canonical_granularity("rowwise")
+    assert canonical_granularity(" field dim ") == "field_dim"
     assert stored_width(8, "feature_dim") == 16
-    assert stored_width(8, "row") == 12
+    assert stored_width(8, "feature") == 12
     assert stored_width(8, "global") == 8
     assert stored_width(8, None) == 8
     assert stored_width(8, "field", retrain=True) == 16
-    assert threshold_mode("dim") is ThresholdMode.COARSE
+    assert threshold_mode("dimension") is ThresholdMode.COARSE
     assert threshold_mode(None) is ThresholdMode.NONE
+
+
+@pytest.mark.parametrize("name", ["row_dim", "dim", "element_wise", "table", "rowwise"])
+def test_granularity_aliases_are_refused(name: str) -> None:
+    """The six names only: a former alias gets the one-line error with the choices, and no alias list."""
+    choices = re.escape(str(GRANULARITIES))
+    with pytest.raises(ValueError, match=rf"^unknown PEP granularity '{name}'; choose one of {choices}$"):
+        canonical_granularity(name)
+    with pytest.raises(ValueError, match=choices):
+        PEPEmbeddingBagCollection(make_tables(), granularity=name)
 
 
 def test_bad_tables_are_refused() -> None:

@@ -5,9 +5,6 @@ search + retrain on 2 ranks under torchx."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +13,7 @@ import pytest
 from pep_torchrec import cli
 from pep_torchrec.pep.controls import load_full_tables
 from pep_torchrec.training.run_dir import RunDir
+from tests.helpers.launch import launch_torchx_ddp, needs_torchx
 
 REPO = Path(__file__).resolve().parents[2]
 SEARCH = str(REPO / "configs" / "debug_cpu_search.yaml")
@@ -214,39 +212,13 @@ def test_budget_override_and_magnitude_baseline_and_report(tmp_path, debug_data,
         assert (tmp_path / "report" / name).is_file(), name
 
 
+@needs_torchx
 def test_torchx_two_rank_search_and_retrain(tmp_path, debug_data):
-    torchx = str(Path(sys.executable).parent / "torchx")
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(REPO),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    )
-
     def launch(config: str, run: Path, *extra: str) -> None:
-        cmd = [
-            torchx,
-            "run",
-            "-s",
-            "local_cwd",
-            "dist.ddp",
-            "-j",
-            "1x2",
-            "--script",
-            "pep_torchrec/train.py",
-            "--",
-            "--config",
-            config,
-            "--data",
-            str(debug_data),
-            "--run-dir",
-            str(run),
-            *extra,
-            "--set",
-            "train.progress=false",
-        ]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        launch_torchx_ddp(
+            "--config", config, "--data", str(debug_data), "--run-dir", str(run), *extra,
+            "--set", "train.progress=false",
+        )  # fmt: skip
 
     search = tmp_path / "search2"
     launch(SEARCH, search)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,22 +16,10 @@ import yaml
 
 from pep_torchrec import cli
 from pep_torchrec.train import main as train_main
+from tests.helpers.launch import REPO, TORCHX, launch_env, launch_torchx_ddp, needs_torchx, run_command
 
-REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("PEP_SHARED_DATA", REPO.parent / "shared" / "data"))
 DEBUG = str(REPO / "configs" / "debug_cpu.yaml")
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _run(cmd: list[str], timeout: float = 300) -> None:
-    """Run a command; on failure show the tail of its output, not just the exit code."""
-    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{cmd[:4]} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
 
 
 def _evals(run_dir: Path) -> list[dict]:
@@ -115,11 +102,11 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, debug_data):
         "train.max_steps=100",
     ]
     full, killed = tmp_path / "full", tmp_path / "killed"
-    _run([*args, "--run-dir", str(full)])
+    run_command([*args, "--run-dir", str(full)])
 
     proc = subprocess.Popen(
         [*args, "--run-dir", str(killed)],
-        env=_env(),
+        env=launch_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -133,7 +120,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, debug_data):
     assert first.exists(), "the run never wrote its first checkpoint"
     assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
 
-    _run([*args, "--run-dir", str(killed), "--resume"])
+    run_command([*args, "--run-dir", str(killed), "--resume"])
     a, b = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
     for key in ("steps", "best_step", "valid_auc", "valid_logloss", "test_auc", "test_logloss"):
         assert a[key] == b[key], key
@@ -269,37 +256,19 @@ def test_dry_run_plans_sixteen_ranks(debug_data, capsys):
     assert "  15 " in out  # a memory line for the last rank
 
 
-@pytest.mark.skipif(
-    shutil.which("torchx", path=str(Path(sys.executable).parent)) is None,
-    reason="torchx not installed in this environment",
-)
+@needs_torchx
 def test_torchx_two_ranks(tmp_path, debug_data):
     run = tmp_path / "run"
-    torchx = str(Path(sys.executable).parent / "torchx")
-    _run(
-        [
-            torchx,
-            "run",
-            "-s",
-            "local_cwd",
-            "dist.ddp",
-            "-j",
-            "1x2",
-            "--env",
-            "OMP_NUM_THREADS=1",
-            "--script",
-            "pep_torchrec/train.py",
-            "--",
-            "--config",
-            DEBUG,
-            "--data",
-            str(debug_data),
-            "--run-dir",
-            str(run),
-            "--set",
-            "train.progress=false",
-            "train.max_steps=50",
-        ]
+    launch_torchx_ddp(
+        "--config",
+        DEBUG,
+        "--data",
+        str(debug_data),
+        "--run-dir",
+        str(run),
+        "--set",
+        "train.progress=false",
+        "train.max_steps=50",
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2
@@ -321,24 +290,20 @@ def _rank_pid(run_dir: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.skipif(
-    shutil.which("torchx", path=str(Path(sys.executable).parent)) is None,
-    reason="torchx not installed in this environment",
-)
+@needs_torchx
 def test_torchx_run_resumes_by_itself_after_a_rank_dies(tmp_path, debug_data):
     """`pipelines/components.py:train --max_restarts 1`: rank 1 is killed after the first checkpoint;
     torchrun restarts both ranks, which resume from that checkpoint (--auto-resume) and finish with
     every eval equal to an uninterrupted run's (DeepFM's BatchNorm statistics included)."""
-    torchx = str(Path(sys.executable).parent / "torchx")
 
     def job(run: Path, *extra: str) -> list[str]:
-        return [torchx, "run", "-s", "local_cwd", "pipelines/components.py:train", "--config", DEBUG,
+        return [str(TORCHX), "run", "-s", "local_cwd", "pipelines/components.py:train", "--config", DEBUG,
                 "--data", str(debug_data), "--run_dir", str(run), "-j", "1x2", *extra,
                 "train.progress=false", "train.max_steps=100"]  # fmt: skip
 
     full, run = tmp_path / "full", tmp_path / "run"
-    _run(job(full))
-    proc = subprocess.Popen(job(run, "--max_restarts", "1"), env=_env(), cwd=REPO, stdout=subprocess.PIPE,
+    run_command(job(full))
+    proc = subprocess.Popen(job(run, "--max_restarts", "1"), env=launch_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     first = run / "checkpoints" / "step_00000025" / "trainer_state.json"
     deadline = time.monotonic() + 240
