@@ -37,6 +37,27 @@ MODEL_NAMES = ("fm", "deepfm", "autoint", "dlrm")
 equal; the config, at the bottom of the package, does not import the models)."""
 
 
+GRANULARITIES = ("global", "dimension", "field", "field_dim", "feature", "feature_dim")
+"""`pep.granularity` choices: where the thresholds s live (one, per column, per table, per table and
+column, per row, per element)."""
+
+
+def canonical_granularity(name: str) -> str:
+    """`name` as one of `GRANULARITIES`. One concept, one name each: no aliases. Case and '-' / ' '
+    for '_' are forgiven, a spelling rule that never maps one word onto another (`Feature-Dim` is
+    `feature_dim`).
+
+    Raises:
+        ConfigError (a ValueError): naming the bad value and the choices.
+    """
+    if not isinstance(name, str):
+        raise ConfigError(f"PEP granularity must be a string, got {name!r}; choose one of {GRANULARITIES}")
+    key = name.strip().lower().replace("-", "_").replace(" ", "_")
+    if key not in GRANULARITIES:
+        raise ConfigError(f"unknown PEP granularity {name!r}; choose one of {GRANULARITIES}")
+    return key
+
+
 @dataclass
 class DataConfig:
     path: str = ""
@@ -488,7 +509,12 @@ def load_config(
 
 def check_values(cfg: RunConfig) -> None:
     """The checks types cannot express (names, sizes, shares), where the config is parsed: a bad
-    value fails at start-up with its key, not as a traceback from inside a rank."""
+    value fails at start-up with its key, not as a traceback from inside a rank. Stores
+    `pep.granularity` by its canonical name, the one masks and artifacts record."""
+    try:
+        cfg.pep.granularity = canonical_granularity(cfg.pep.granularity)
+    except ConfigError as e:
+        raise ConfigError(f"pep.granularity: {e}") from None
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError(f"model.name: {cfg.model.name!r} is not one of {list(MODEL_NAMES)}")
     for key, value in (("model.embedding_dim", cfg.model.embedding_dim), ("data.batch_size", cfg.data.batch_size),

@@ -50,6 +50,7 @@ def test_defaults_file_and_overrides_precedence(tmp_path):
         ("model.embedding_dim=-4", "model.embedding_dim: must be at least 1"),
         ("pep.budgets=[0.1,1.5]", r"pep.budgets: 1.5 is not a share of the embedding in \(0, 1\)"),
         ("pep.budgets=[0]", r"pep.budgets: 0.0 is not a share"),
+        ("pep.granularity=row_dim", r"pep.granularity: unknown PEP granularity 'row_dim'; choose one of \("),
         # data.synthetic is the generator's typed config: refused at parse time, not in prepare.
         ("data.synthetic.rows=abc", "data.synthetic.rows: expected an integer, got 'abc'"),
         ("data.synthetic.rowz=5", r"unknown key data.synthetic.rowz \(known keys of data.synthetic: "),
@@ -63,6 +64,12 @@ def test_defaults_file_and_overrides_precedence(tmp_path):
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_granularity_stored_by_its_canonical_name():
+    """Masks and artifacts record `cfg.pep.granularity`: one spelling whatever the user typed."""
+    assert load_config(None, ["pep.granularity=Feature-Dim"]).pep.granularity == "feature_dim"
+    assert load_config(None, ["pep.granularity=field dim"]).pep.granularity == "field_dim"
 
 
 def test_bad_file_names_file_and_key(tmp_path):

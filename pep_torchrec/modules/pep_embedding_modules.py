@@ -40,10 +40,10 @@ from torchrec.modules.embedding_modules import (
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.tensor_dict import maybe_td_to_kjt
 
+from pep_torchrec.config import canonical_granularity
 from pep_torchrec.ops import ThresholdMode, row_width, threshold_pool
 from pep_torchrec.ops import margins as margins_op
 
-GRANULARITIES = ("global", "dimension", "field", "field_dim", "feature", "feature_dim")
 COARSE_GRANULARITIES = ("global", "dimension", "field", "field_dim")
 ROW_GRANULARITIES = ("feature", "feature_dim")
 
@@ -52,22 +52,6 @@ ROW_GRANULARITIES = ("feature", "feature_dim")
 _SCAN_CHUNK_ROWS = 1 << 16
 
 _POOLING_NAMES = {PoolingType.SUM: "sum", PoolingType.MEAN: "mean"}
-
-
-def canonical_granularity(name: str) -> str:
-    """`name` as one of `GRANULARITIES`. One concept, one name each: no aliases. Case and '-' / ' '
-    for '_' are forgiven, a spelling rule that never maps one word onto another (`Feature-Dim` is
-    `feature_dim`).
-
-    Raises:
-        ValueError: naming the bad value and the choices.
-    """
-    if not isinstance(name, str):
-        raise ValueError(f"PEP granularity must be a string, got {name!r}; choose one of {GRANULARITIES}")
-    key = name.strip().lower().replace("-", "_").replace(" ", "_")
-    if key not in GRANULARITIES:
-        raise ValueError(f"unknown PEP granularity {name!r}; choose one of {GRANULARITIES}")
-    return key
 
 
 def threshold_mode(granularity: str | None, retrain: bool = False) -> ThresholdMode:

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
+from pep_torchrec.config import GRANULARITIES
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.export.compact import CompactEmbeddingBag
 from pep_torchrec.export.converter import ArtifactConverter
 from pep_torchrec.export.format import ArtifactError, compress_table, decode_table, encode_table
 from pep_torchrec.export.serving_model import load_artifact
-from pep_torchrec.modules.pep_embedding_modules import GRANULARITIES
 from pep_torchrec.ops import margins
 from pep_torchrec.pep.masks import select_mask, write_arrays
 from pep_torchrec.training.metrics import roc_auc
