@@ -60,8 +60,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from benchmarks.common import machine_info, markdown_table, write_results
 from pep_torchrec.data.batch import Batch
 from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_modules, pep_sharders
+from pep_torchrec.distributed.planning import plan_sharding, shard_model
 from pep_torchrec.distributed.s_optimizer import SOptimizerSettings
-from pep_torchrec.distributed.sharding import plan_sharding, shard_model
 from pep_torchrec.models import TrainModel, build_model
 from pep_torchrec.modules import PEPEmbeddingBagCollection
 

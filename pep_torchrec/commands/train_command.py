@@ -152,7 +152,7 @@ def _dry_run(cfg) -> int:
     import torch
 
     from pep_torchrec.data.schema import Schema
-    from pep_torchrec.distributed.sharding import make_constraints, make_sharders, plan_sharding
+    from pep_torchrec.distributed.planning import make_constraints, make_sharders, plan_sharding
     from pep_torchrec.training.trainer import build_train_model
 
     schema = Schema.load(cfg.data.path)

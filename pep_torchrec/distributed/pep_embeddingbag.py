@@ -88,8 +88,8 @@ from pep_torchrec.distributed.pep_kernel import (
 )
 from pep_torchrec.distributed.pep_lookup import gradient_scale_factor
 from pep_torchrec.distributed.pep_sharding import PEP_SHARDINGS, SHARDINGS_WITH_PERMUTE
+from pep_torchrec.distributed.planning import EBCSharder
 from pep_torchrec.distributed.s_optimizer import SOptimizerSync
-from pep_torchrec.distributed.sharding import EBCSharder
 from pep_torchrec.modules import PEPEmbeddingBagCollection
 from pep_torchrec.ops import ThresholdMode
 from pep_torchrec.ops import margins as margins_op

@@ -32,14 +32,14 @@ from pep_torchrec.data.schema import Schema
 from pep_torchrec.data.synthetic import SyntheticConfig
 from pep_torchrec.distributed.env import DistEnv, configure_threads
 from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_sharders
-from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerSync
-from pep_torchrec.distributed.sharding import (
+from pep_torchrec.distributed.planning import (
     fused_params,
     make_constraints,
     make_sharders,
     plan_sharding,
     shard_model,
 )
+from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerSync
 from pep_torchrec.models import TrainModel, build_model, embedding_tables
 from pep_torchrec.modules import PEPEmbeddingBagCollection
 from pep_torchrec.pep.stage import PEPStage

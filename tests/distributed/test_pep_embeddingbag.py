@@ -5,7 +5,7 @@ weights in one case; plus plans mixing sharding types, which reorder keys inside
 outputs (by key, and in the unsharded key order), then one step — fused EXACT_SGD for the stored [v | s]
 tables, torch SGD for the replicated coarse thresholds — must equal the unsharded module stepped with
 the MEAN over ranks of each rank's gradient (TorchRec's semantics: the output all-to-all divides
-routed gradients by the world size, DDP averages replicated ones; see test_sharding.py). Sparsity
+routed gradients by the world size, DDP averages replicated ones; see test_planning.py). Sparsity
 pressure (s_decay, s_push) is on in every threshold case, so its rescaling is checked too. Also:
 kept counts / margins of local shards, refusal of unsupported plans, a DCP round trip of model +
 fused optimizer, and TrainPipelineSparseDist steps == eager steps.
@@ -35,7 +35,7 @@ from pep_torchrec.distributed.pep_embeddingbag import (
     pep_modules,
     pep_sharders,
 )
-from pep_torchrec.distributed.sharding import (
+from pep_torchrec.distributed.planning import (
     EBCSharder,
     fused_params,
     make_constraints,

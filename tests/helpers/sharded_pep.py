@@ -17,7 +17,7 @@ from torchrec.modules.embedding_configs import PoolingType
 
 from pep_torchrec.config import EmbeddingOptimizerConfig, ShardingConfig
 from pep_torchrec.distributed.pep_embeddingbag import pep_constraints, pep_sharders
-from pep_torchrec.distributed.sharding import fused_params, make_constraints, plan_sharding, shard_model
+from pep_torchrec.distributed.planning import fused_params, make_constraints, plan_sharding, shard_model
 from pep_torchrec.distributed.state import local_pieces
 from pep_torchrec.modules import PEPEmbeddingBagCollection, threshold_mode
 from pep_torchrec.ops import ThresholdMode, row_width

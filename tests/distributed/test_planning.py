@@ -15,7 +15,7 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 
 from pep_torchrec.config import EmbeddingOptimizerConfig, ShardingConfig
-from pep_torchrec.distributed.sharding import make_constraints, make_sharders, plan_sharding, shard_model
+from pep_torchrec.distributed.planning import make_constraints, make_sharders, plan_sharding, shard_model
 from pep_torchrec.distributed.state import copy_full_into_sharded, local_pieces
 from tests.helpers.dist import run_on_ranks
 
