@@ -41,11 +41,38 @@ from pep_torchrec.distributed.pep_lookup import PEPGroupedPooledEmbeddingsLookup
 
 class _PEPShardingMixin:
     """What every PEP sharding adds to its TorchRec base: the tables' PEP specs, PEP lookups, and
-    output widths of D (not the stored width W)."""
+    output widths of D (not the stored width W).
+
+    `create_lookup` is the stock one of each base with `PEPGroupedPooledEmbeddingsLookup` in place
+    of `GroupedPooledEmbeddingsLookup`; a subclass names only what differs between the bases: the
+    `sharding_type` its lookup is told and which grouped configs are this rank's (`_lookup_configs`).
+    """
+
+    _lookup_sharding_type: ShardingType | None = None
 
     def __init__(self, *args: Any, pep_specs: Mapping[str, PEPTableSpec], **kwargs: Any) -> None:
         self._pep_specs = pep_specs
         super().__init__(*args, **kwargs)
+
+    def _lookup_configs(self) -> list[GroupedEmbeddingConfig]:
+        return self._grouped_embedding_configs
+
+    def create_lookup(
+        self,
+        device: torch.device | None = None,
+        fused_params: dict[str, Any] | None = None,
+        feature_processor: BaseGroupedFeatureProcessor | None = None,
+    ) -> BaseEmbeddingLookup:
+        kwargs = {} if self._lookup_sharding_type is None else {"sharding_type": self._lookup_sharding_type}
+        return PEPGroupedPooledEmbeddingsLookup(
+            grouped_configs=self._lookup_configs(),
+            pep_specs=self._pep_specs,
+            pg=self._pg,
+            device=device if device is not None else self._device,
+            feature_processor=feature_processor,
+            env=self._env,
+            **kwargs,
+        )
 
     def _pep_output_dims(self, grouped_config: GroupedEmbeddingConfig) -> list[int]:
         """Per feature of `grouped_config`: the pooled width its kernel returns (replaces
@@ -56,66 +83,25 @@ class _PEPShardingMixin:
             for _ in range(table.num_features())
         ]
 
-    def _pep_lookup(
-        self, grouped_configs: list[GroupedEmbeddingConfig], **kwargs: Any
-    ) -> BaseEmbeddingLookup:
-        return PEPGroupedPooledEmbeddingsLookup(
-            grouped_configs=grouped_configs, pep_specs=self._pep_specs, **kwargs
-        )
+    def _pep_dims(self, groups: list[list[GroupedEmbeddingConfig]]) -> list[list[int]]:
+        """Per rank (or node) of `groups`: the output width of each of its features."""
+        return [[d for c in configs for d in self._pep_output_dims(c)] for configs in groups]
 
 
 class PEPTwPooledEmbeddingSharding(_PEPShardingMixin, TwPooledEmbeddingSharding):
-    def create_lookup(
-        self,
-        device: torch.device | None = None,
-        fused_params: dict[str, Any] | None = None,
-        feature_processor: BaseGroupedFeatureProcessor | None = None,
-    ) -> BaseEmbeddingLookup:
-        return self._pep_lookup(
-            self._grouped_embedding_configs,
-            pg=self._pg,
-            device=device if device is not None else self._device,
-            feature_processor=feature_processor,
-            env=self._env,
-        )
-
     # Output widths (tw_sharding.py:194-217).
     def _dim_sum_per_rank(self) -> list[int]:
-        return [
-            sum(sum(self._pep_output_dims(c)) for c in configs)
-            for configs in self._grouped_embedding_configs_per_rank
-        ]
+        return [sum(dims) for dims in self._pep_dims(self._grouped_embedding_configs_per_rank)]
 
     def _emb_dim_per_rank_per_feature(self) -> list[list[int]]:
-        return [
-            [d for c in configs for d in self._pep_output_dims(c)]
-            for configs in self._grouped_embedding_configs_per_rank
-        ]
+        return self._pep_dims(self._grouped_embedding_configs_per_rank)
 
     def embedding_dims(self) -> list[int]:
-        return [
-            d
-            for configs in self._grouped_embedding_configs_per_rank
-            for c in configs
-            for d in self._pep_output_dims(c)
-        ]
+        return [d for dims in self._pep_dims(self._grouped_embedding_configs_per_rank) for d in dims]
 
 
 class PEPRwPooledEmbeddingSharding(_PEPShardingMixin, RwPooledEmbeddingSharding):
-    def create_lookup(
-        self,
-        device: torch.device | None = None,
-        fused_params: dict[str, Any] | None = None,
-        feature_processor: BaseGroupedFeatureProcessor | None = None,
-    ) -> BaseEmbeddingLookup:
-        return self._pep_lookup(
-            self._grouped_embedding_configs,
-            pg=self._pg,
-            device=device if device is not None else self._device,
-            feature_processor=feature_processor,
-            sharding_type=ShardingType.ROW_WISE,
-            env=self._env,
-        )
+    _lookup_sharding_type = ShardingType.ROW_WISE
 
     # Output widths (rw_sharding.py:272).
     def embedding_dims(self) -> list[int]:
@@ -123,60 +109,25 @@ class PEPRwPooledEmbeddingSharding(_PEPShardingMixin, RwPooledEmbeddingSharding)
 
 
 class PEPTwRwPooledEmbeddingSharding(_PEPShardingMixin, TwRwPooledEmbeddingSharding):
-    def create_lookup(
-        self,
-        device: torch.device | None = None,
-        fused_params: dict[str, Any] | None = None,
-        feature_processor: BaseGroupedFeatureProcessor | None = None,
-    ) -> BaseEmbeddingLookup:
-        return self._pep_lookup(
-            self._grouped_embedding_configs_per_rank[self._rank],
-            pg=self._pg,
-            device=device if device is not None else self._device,
-            feature_processor=feature_processor,
-            sharding_type=ShardingType.TABLE_ROW_WISE,
-            env=self._env,
-        )
+    _lookup_sharding_type = ShardingType.TABLE_ROW_WISE
+
+    def _lookup_configs(self) -> list[GroupedEmbeddingConfig]:
+        return self._grouped_embedding_configs_per_rank[self._rank]
 
     # Output widths (twrw_sharding.py:237-291).
     def embedding_dims(self) -> list[int]:
-        return [
-            d
-            for configs in self._grouped_embedding_configs_per_node
-            for c in configs
-            for d in self._pep_output_dims(c)
-        ]
+        return [d for dims in self._pep_dims(self._grouped_embedding_configs_per_node) for d in dims]
 
     def _dim_sum_per_node(self) -> list[int]:
-        return [
-            sum(sum(self._pep_output_dims(c)) for c in configs)
-            for configs in self._grouped_embedding_configs_per_node
-        ]
+        return [sum(dims) for dims in self._pep_dims(self._grouped_embedding_configs_per_node)]
 
     def _emb_dim_per_node_per_feature(self) -> list[list[int]]:
-        return [
-            [d for c in configs for d in self._pep_output_dims(c)]
-            for configs in self._grouped_embedding_configs_per_node
-        ]
+        return self._pep_dims(self._grouped_embedding_configs_per_node)
 
 
 class PEPCwPooledEmbeddingSharding(_PEPShardingMixin, CwPooledEmbeddingSharding):
     """Column-wise: coarse / plain tables only (a column shard of v pools to its own columns, so the
     stock output widths are already right)."""
-
-    def create_lookup(
-        self,
-        device: torch.device | None = None,
-        fused_params: dict[str, Any] | None = None,
-        feature_processor: BaseGroupedFeatureProcessor | None = None,
-    ) -> BaseEmbeddingLookup:
-        return self._pep_lookup(
-            self._grouped_embedding_configs,
-            pg=self._pg,
-            device=device if device is not None else self._device,
-            feature_processor=feature_processor,
-            env=self._env,
-        )
 
 
 class PEPTwCwPooledEmbeddingSharding(PEPCwPooledEmbeddingSharding, TwCwPooledEmbeddingSharding):
