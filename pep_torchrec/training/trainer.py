@@ -115,9 +115,11 @@ def ensure_dataset(path: str, synthetic_options: dict[str, Any], env: DistEnv) -
     atomically; the others wait at a barrier)."""
     if synthetic_options and not (Path(path) / "schema.json").is_file():
         if env.is_main:
-            from pep_torchrec.data.prepare import prepare_dataset
+            from pep_torchrec.data.prepare import PrepareOptions, prepare_dataset, synthetic_config
 
-            prepare_dataset("synthetic", None, path, **synthetic_options)
+            # A dict of generator options or a SyntheticConfig, both become the typed config.
+            options = PrepareOptions(synthetic=synthetic_config(synthetic_options))
+            prepare_dataset("synthetic", None, path, options)
         dist.barrier()
 
 
