@@ -28,9 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.common import SHARED_DATA, machine_info, markdown_table, write_results
-from pep_torchrec.data.prepare import prepare_dataset
+from pep_torchrec.data.prepare import prepare_dataset, prepare_from_spec
 from pep_torchrec.data.schema import SPLITS
-from pep_torchrec.data.spec_prepare import prepare_from_spec
 
 REAL_CRITEO = SHARED_DATA / "criteo_kaggle_head10k" / "train_10k.txt.gz"
 

@@ -45,10 +45,18 @@ def debug_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> Path:
-    from pep_torchrec.data.prepare import prepare_dataset
+    from pep_torchrec.data.prepare import PrepareOptions, prepare_dataset
+    from pep_torchrec.data.synthetic import SyntheticConfig
 
     path = tmp_path_factory.mktemp("data") / "synthetic"
-    prepare_dataset("synthetic", None, path, rows=3000, num_sparse=4, num_dense=3, cardinality=300, seed=0)
+    prepare_dataset(
+        "synthetic",
+        None,
+        path,
+        PrepareOptions(
+            seed=0, synthetic=SyntheticConfig(rows=3000, num_sparse=4, num_dense=3, cardinality=300)
+        ),
+    )
     return path
 
 

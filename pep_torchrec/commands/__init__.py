@@ -17,5 +17,5 @@ module here as a subcommand and turns a `UserError` (pep_torchrec/utils/errors.p
     serve_command.py         pep-torchrec serve          an artifact over HTTP
 
 The modules carry a `_command` suffix because the package keeps one base name per module (`train.py`
-is the entry point torchx launches, `data/prepare.py` the preparation pipeline).
+is the entry point torchx launches, `data/prepare/` the preparation pipeline).
 """

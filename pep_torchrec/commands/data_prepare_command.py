@@ -1,27 +1,34 @@
 """`pep-torchrec data prepare` (and `python -m pep_torchrec.data.prepare`): raw files or a dataset spec
-→ a prepared dataset (pep_torchrec/data/prepare.py, pep_torchrec/data/spec_prepare.py)."""
+→ a prepared dataset (pep_torchrec/data/prepare/pipeline.py, pep_torchrec/data/prepare/from_spec.py).
+
+The flags become one `PrepareOptions` (pep_torchrec/data/prepare/options.py), built by the typed machinery."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
+from typing import Any
 
-from pep_torchrec.data import prepare
-from pep_torchrec.data.prepare import (
+from pep_torchrec.data.prepare import pipeline
+from pep_torchrec.data.prepare.from_spec import prepare_from_spec
+from pep_torchrec.data.prepare.options import (
     COMPRESSIONS,
     DATASETS,
     DEFAULT_ROW_GROUP_SIZE,
     DEFAULT_ROWS_PER_FILE,
-    DEFAULT_SPLIT_FRACTIONS,
     SPLIT_METHODS,
-    format_summary,
-    prepare_dataset,
+    SYNTHETIC_OPTIONS,
+    PrepareOptions,
+    prepare_options,
+    synthetic_config,
 )
-from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE
+from pep_torchrec.data.prepare.pipeline import check_options, format_summary, prepare_dataset
+from pep_torchrec.data.raw.readers import DEFAULT_BLOCK_SIZE
 from pep_torchrec.data.synthetic import SyntheticConfig
 from pep_torchrec.utils.errors import UserError
 
-DESCRIPTION = prepare.__doc__
+DESCRIPTION = pipeline.__doc__
 
 
 def _size(text: str) -> int:
@@ -95,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _add_synthetic_arguments(syn: argparse._ArgumentGroup) -> None:
-    """The generator's options (`_CLI_SYNTHETIC`), each defaulting to `SyntheticConfig`'s value."""
+    """The generator's options (`SYNTHETIC_OPTIONS` but seed), each defaulting to `SyntheticConfig`'s value."""
     defaults = SyntheticConfig()
     syn.add_argument("--rows", type=int, default=None, help=f"examples (default {defaults.rows:,})")
     syn.add_argument(
@@ -139,68 +146,35 @@ def _add_synthetic_arguments(syn: argparse._ArgumentGroup) -> None:
     )
 
 
-_CLI_SYNTHETIC = (
-    "rows",
-    "num_sparse",
-    "num_dense",
-    "cardinality",
-    "zipf_exponent",
-    "signal_fraction",
-    "interaction_rank",
-    "base_ctr",
-    "oov_rate",
-    "chunk_rows",
-)
+def _options(args: argparse.Namespace) -> tuple[PrepareOptions, dict[str, Any]]:
+    """The flags as one `PrepareOptions`, and the synthetic generator's flags that were given."""
+    synthetic = {
+        k: getattr(args, k) for k in SYNTHETIC_OPTIONS if k != "seed" and getattr(args, k, None) is not None
+    }
+    flags = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(PrepareOptions) if f.name != "synthetic"
+    }
+    return prepare_options(flags), synthetic
 
 
 def run(args: argparse.Namespace) -> int:
     """Run `data prepare` with parsed arguments; print the summary. Returns the exit code."""
-    options = {k: getattr(args, k) for k in _CLI_SYNTHETIC if getattr(args, k, None) is not None}
-    if getattr(args, "spec", None):  # a declared dataset: pep_torchrec/data/spec_prepare.py
-        if options:
-            raise UserError(f"options {sorted(options)} apply to the synthetic dataset only")
-        return _run_spec(args)
+    options, synthetic = _options(args)
+    if getattr(args, "spec", None):  # a declared dataset: pep_torchrec/data/prepare/from_spec.py
+        if synthetic:
+            raise UserError(f"options {sorted(synthetic)} apply to the synthetic dataset only")
+        report = prepare_from_spec(args.spec, args.raw or [], args.out, options)
+        print(format_summary(report))
+        return 0
     if args.raw is not None and len(args.raw) > 1:
         raise UserError(f"--dataset {args.dataset} takes one --raw path (several are for --spec)")
-    report = prepare_dataset(
-        args.dataset,
-        args.raw[0] if args.raw else None,
-        args.out,
-        min_count=args.min_count,
-        split=args.split or "random",
-        seed=args.seed or 0,
-        strict=args.strict,
-        split_fractions=args.split_fractions or DEFAULT_SPLIT_FRACTIONS,
-        overwrite=args.overwrite,
-        block_size=args.block_size,
-        row_group_size=args.row_group_size,
-        rows_per_file=args.rows_per_file,
-        compression=args.compression,
-        **options,
-    )
-    print(format_summary(report))
-    return 0
-
-
-def _run_spec(args: argparse.Namespace) -> int:
-    """`data prepare --spec ...`: any tabular data declared in a spec; prints the summary."""
-    from pep_torchrec.data.spec_prepare import prepare_from_spec
-
-    report = prepare_from_spec(
-        args.spec,
-        args.raw or [],
-        args.out,
-        min_count=args.min_count,
-        split=args.split,
-        split_fractions=args.split_fractions,
-        seed=args.seed,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        block_size=args.block_size,
-        row_group_size=args.row_group_size,
-        rows_per_file=args.rows_per_file,
-        compression=args.compression,
-    )
+    raw = args.raw[0] if args.raw else None
+    if synthetic:  # refused or built after the checks prepare_dataset makes first, as always
+        check_options(args.dataset, raw, options)
+        if args.dataset != "synthetic":
+            raise UserError(f"options {sorted(synthetic)} apply to the synthetic dataset only")
+        options = dataclasses.replace(options, synthetic=synthetic_config(synthetic))
+    report = prepare_dataset(args.dataset, raw, args.out, options)
     print(format_summary(report))
     return 0
 

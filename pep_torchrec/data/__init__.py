@@ -1,1 +1,2 @@
-"""Datasets: raw readers, the synthetic generator, the prepared (Parquet) format and its loader."""
+"""Datasets: raw files (`raw/`) → `data prepare` (`prepare/`) → the prepared Parquet format (`schema.py`)
+→ the loader (`loader.py`); the synthetic generator (`synthetic.py`) stands in for raw files."""

@@ -43,13 +43,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pep_torchrec.data.batch import Batch
-from pep_torchrec.data.schema import Schema
+from pep_torchrec.data.schema import Schema, check_parquet_file, check_table
 
 __all__ = ["BatchIterator", "ParquetBatchLoader"]
 
@@ -360,7 +359,7 @@ class ParquetBatchLoader:
                 f"{self.data_dir}: no split {split!r} in schema.json; have {sorted(self.schema.splits)}"
             )
         self._paths = [self.data_dir / f for f in info.files]
-        metadata = [self._check_file(path) for path in self._paths]
+        metadata = [check_parquet_file(self.schema, path) for path in self._paths]
         self._metadata = metadata
         total = sum(md.num_rows for md in metadata)
         if total != info.rows:
@@ -435,101 +434,6 @@ class ParquetBatchLoader:
         if self.drop_last and self.pad_to_equal:
             raise ValueError(
                 "drop_last and pad_to_equal are exclusive: padding keeps every row, drop_last drops some"
-            )
-
-    def _check_file(self, path: Path) -> pq.FileMetaData:
-        """Check a split file's columns (names, types) and its statistics; return its metadata."""
-        if not path.is_file():
-            raise ValueError(f"{path}: split file listed in schema.json is missing")
-        try:
-            with pq.ParquetFile(path) as pf:
-                arrow_schema = pf.schema_arrow
-                metadata = pf.metadata
-        except (pa.ArrowException, OSError) as e:
-            raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
-
-        # Every schema column must be present, even dense ones we are told to skip: the file must
-        # match the contract, not just this reader's current needs. Extra columns are ignored.
-        expected: list[tuple[str, str, Callable[[pa.DataType], bool]]] = [
-            (
-                self.schema.label,
-                "an integer label (int8 0/1)",
-                lambda t: pa.types.is_integer(t) or pa.types.is_boolean(t),
-            )
-        ]
-        for f in self._features:
-            if f.multi_hot:
-                expected.append((f.name, "list<int64> ids (multi-hot)", _is_integer_list))
-            else:
-                expected.append((f.name, "int64 ids (single-hot)", pa.types.is_integer))
-        for name in self.schema.dense_features:
-            expected.append((name, "float32 (dense)", pa.types.is_floating))
-        for name, want, ok in expected:
-            index = arrow_schema.get_field_index(name)
-            if index < 0:
-                raise ValueError(
-                    f"{path}: column {name!r} missing (want {want}); columns: {arrow_schema.names}"
-                )
-            if not ok(arrow_schema.field(index).type):
-                raise ValueError(
-                    f"{path}: column {name!r} has type {arrow_schema.field(index).type}, want {want}"
-                )
-
-        # Parquet statistics give min/max per row group for free: bad ids are reported here, on every
-        # rank alike, instead of on one rank mid-epoch (which would leave the others in a collective).
-        bounds = {f.name: (0, f.cardinality - 1) for f in self._features}
-        bounds[self.schema.label] = (0, 1)
-        for g in range(metadata.num_row_groups):
-            row_group = metadata.row_group(g)
-            for j in range(row_group.num_columns):
-                column = row_group.column(j)
-                name = column.path_in_schema.split(".")[0]
-                stats = column.statistics
-                if name in bounds and stats is not None and stats.has_min_max:
-                    _check_range(
-                        path, g, name, int(stats.min), int(stats.max), *bounds[name], self.schema.label
-                    )
-        return metadata
-
-    def _check_table(self, path: Path, row_group: int, table: pa.Table) -> None:
-        """Check the rows actually read: no nulls, ids in [0, cardinality), labels in {0, 1}."""
-        for name in self._columns:
-            column = table.column(name)
-            if column.null_count:
-                raise ValueError(
-                    f"{path}: row group {row_group}: column {name!r} has {column.null_count} nulls"
-                )
-        label_range = pc.min_max(table.column(self.schema.label))
-        _check_range(
-            path,
-            row_group,
-            self.schema.label,
-            label_range["min"].as_py(),
-            label_range["max"].as_py(),
-            0,
-            1,
-            self.schema.label,
-        )
-        for f in self._features:
-            column = table.column(f.name)
-            if f.multi_hot:
-                column = pc.list_flatten(column)
-                if column.null_count:
-                    raise ValueError(
-                        f"{path}: row group {row_group}: feature {f.name!r} has null ids in its lists"
-                    )
-            if len(column) == 0:
-                continue
-            id_range = pc.min_max(column)
-            _check_range(
-                path,
-                row_group,
-                f.name,
-                id_range["min"].as_py(),
-                id_range["max"].as_py(),
-                0,
-                f.cardinality - 1,
-                self.schema.label,
             )
 
     # ---- planning ---------------------------------------------------------------------------------
@@ -617,7 +521,7 @@ class ParquetBatchLoader:
             table = pf.read_row_group(piece.row_group, columns=self._columns)
             if piece.num_rows != table.num_rows:
                 table = table.slice(piece.start, piece.num_rows)
-            self._check_table(self._paths[piece.file_index], piece.row_group, table)
+            check_table(self.schema, self._paths[piece.file_index], piece.row_group, table, self._columns)
             tables.append(table)
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         num_rows = table.num_rows
@@ -701,19 +605,4 @@ class ParquetBatchLoader:
             sparse_features=kjt,
             labels=torch.from_numpy(labels_B),
             weights=torch.from_numpy(weights_B),
-        )
-
-
-def _is_integer_list(t: pa.DataType) -> bool:
-    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
-
-
-def _check_range(
-    path: Path, row_group: int, name: str, low: int, high: int, min_ok: int, max_ok: int, label: str
-) -> None:
-    if low < min_ok or high > max_ok:
-        what = f"label {name!r} has values" if name == label else f"feature {name!r} has ids"
-        raise ValueError(
-            f"{path}: row group {row_group}: {what} in [{low}, {high}], outside [{min_ok}, {max_ok}]"
-            + ("" if name == label else f" (cardinality {max_ok + 1})")
         )

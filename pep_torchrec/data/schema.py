@@ -11,11 +11,14 @@ A prepared dataset is a directory::
                                the fields read, as joined: what the service joins (schema extra.joins)
     DIR/train/part-00000.parquet, DIR/valid/..., DIR/test/...
 
-Parquet columns of every split file:
+Parquet columns of every split file (`arrow_schema` writes them, `check_parquet_file` and
+`check_table` hold a file to them when it is read):
     label            int8, 0 or 1
     <sparse name>    int64 id in [0, cardinality) for a single-hot feature,
                      list<int64> for a multi-hot one (an empty list is an empty bag)
     <dense name>     float32, already transformed (e.g. log1p), missing → 0
+Readers accept any integer type for label and ids and any float type for dense columns, and ignore
+extra columns; every schema column must be there, even one a reader skips.
 
 Id 0 of every sparse feature is its OOV id: values seen fewer than `min_count` times in the input
 (all splits, as the paper counts them), values unseen at serving time and missing values that were
@@ -27,9 +30,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pep_torchrec.utils.errors import UserError
 
@@ -108,6 +116,10 @@ class Schema:
     def cardinalities(self) -> list[int]:
         return [f.cardinality for f in self.sparse_features]
 
+    def arrow_schema(self) -> pa.Schema:
+        """The Arrow schema the split files are written with (`arrow_schema`)."""
+        return arrow_schema(self.sparse_features, self.dense_features, self.label)
+
     def feature(self, name: str) -> SparseFeature:
         for f in self.sparse_features:
             if f.name == name:
@@ -168,3 +180,132 @@ class Schema:
         except json.JSONDecodeError as e:
             raise SchemaError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
         return cls.from_json(obj, where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Parquet contract: what `data prepare` writes and what the loader checks
+
+
+def arrow_schema(
+    sparse_features: Sequence[SparseFeature], dense_features: Sequence[str], label: str = "label"
+) -> pa.Schema:
+    """The columns of a split file: label int8, ids int64 (list<int64> when multi-hot), dense float32.
+
+    A function of the features alone, so the writers can open the split files before the rest of
+    the `Schema` (row counts, files) is known.
+    """
+    fields = [pa.field(label, pa.int8())]
+    for f in sparse_features:
+        fields.append(pa.field(f.name, pa.list_(pa.int64()) if f.multi_hot else pa.int64()))
+    fields += [pa.field(name, pa.float32()) for name in dense_features]
+    return pa.schema(fields)
+
+
+def _is_integer_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_integer(t.value_type)
+
+
+def _expected_columns(schema: Schema) -> list[tuple[str, str, Callable[[pa.DataType], bool]]]:
+    """(column, what it must hold, type check) of every column the schema names."""
+    expected: list[tuple[str, str, Callable[[pa.DataType], bool]]] = [
+        (
+            schema.label,
+            "an integer label (int8 0/1)",
+            lambda t: pa.types.is_integer(t) or pa.types.is_boolean(t),
+        )
+    ]
+    for f in schema.sparse_features:
+        if f.multi_hot:
+            expected.append((f.name, "list<int64> ids (multi-hot)", _is_integer_list))
+        else:
+            expected.append((f.name, "int64 ids (single-hot)", pa.types.is_integer))
+    for name in schema.dense_features:
+        expected.append((name, "float32 (dense)", pa.types.is_floating))
+    return expected
+
+
+def check_parquet_file(schema: Schema, path: Path) -> pq.FileMetaData:
+    """Check a split file's columns (names, types) and its statistics; return its metadata.
+
+    Raises:
+        ValueError: the file is missing or unreadable, a column is missing or of the wrong type, or
+            the Parquet statistics show ids out of [0, cardinality) or labels outside {0, 1}.
+    """
+    if not path.is_file():
+        raise ValueError(f"{path}: split file listed in schema.json is missing")
+    try:
+        with pq.ParquetFile(path) as pf:
+            file_schema = pf.schema_arrow
+            metadata = pf.metadata
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from e
+
+    # Every schema column must be present, even dense ones a reader is told to skip: the file must
+    # match the contract, not just this reader's current needs. Extra columns are ignored.
+    for name, want, ok in _expected_columns(schema):
+        index = file_schema.get_field_index(name)
+        if index < 0:
+            raise ValueError(f"{path}: column {name!r} missing (want {want}); columns: {file_schema.names}")
+        if not ok(file_schema.field(index).type):
+            raise ValueError(f"{path}: column {name!r} has type {file_schema.field(index).type}, want {want}")
+
+    # Parquet statistics give min/max per row group for free: bad ids are reported here, on every
+    # rank alike, instead of on one rank mid-epoch (which would leave the others in a collective).
+    bounds = {f.name: (0, f.cardinality - 1) for f in schema.sparse_features}
+    bounds[schema.label] = (0, 1)
+    for g in range(metadata.num_row_groups):
+        row_group = metadata.row_group(g)
+        for j in range(row_group.num_columns):
+            column = row_group.column(j)
+            name = column.path_in_schema.split(".")[0]
+            stats = column.statistics
+            if name in bounds and stats is not None and stats.has_min_max:
+                _check_range(path, g, name, int(stats.min), int(stats.max), *bounds[name], schema.label)
+    return metadata
+
+
+def check_table(schema: Schema, path: Path, row_group: int, table: pa.Table, columns: Sequence[str]) -> None:
+    """Check rows read from a split file: no nulls in `columns`, ids in [0, cardinality), labels in {0, 1}.
+
+    Raises:
+        ValueError: naming the file, the row group and the column.
+    """
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            raise ValueError(f"{path}: row group {row_group}: column {name!r} has {column.null_count} nulls")
+    label_range = pc.min_max(table.column(schema.label))
+    _check_range(
+        path,
+        row_group,
+        schema.label,
+        label_range["min"].as_py(),
+        label_range["max"].as_py(),
+        0,
+        1,
+        schema.label,
+    )
+    for f in schema.sparse_features:
+        column = table.column(f.name)
+        if f.multi_hot:
+            column = pc.list_flatten(column)
+            if column.null_count:
+                raise ValueError(
+                    f"{path}: row group {row_group}: feature {f.name!r} has null ids in its lists"
+                )
+        if len(column) == 0:
+            continue
+        id_range = pc.min_max(column)
+        low, high = id_range["min"].as_py(), id_range["max"].as_py()
+        _check_range(path, row_group, f.name, low, high, 0, f.cardinality - 1, schema.label)
+
+
+def _check_range(
+    path: Path, row_group: int, name: str, low: int, high: int, min_ok: int, max_ok: int, label: str
+) -> None:
+    if low < min_ok or high > max_ok:
+        what = f"label {name!r} has values" if name == label else f"feature {name!r} has ids"
+        raise ValueError(
+            f"{path}: row group {row_group}: {what} in [{low}, {high}], outside [{min_ok}, {max_ok}]"
+            + ("" if name == label else f" (cardinality {max_ok + 1})")
+        )

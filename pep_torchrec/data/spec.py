@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from pep_torchrec.config import ConfigError, from_dict
-from pep_torchrec.data.rejections import PrepareError
+from pep_torchrec.data.raw.rejections import PrepareError
 
 FORMAT_TYPES = ("delimited", "libsvm", "libffm", "parquet")
 FIELD_TYPES = ("categorical", "flags", "numeric", "hour", "weekday", "regex", "cross")

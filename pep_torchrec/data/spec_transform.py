@@ -1,7 +1,7 @@
 """A spec'd dataset's per-row transform: checked raw rows (`SpecBlock`) → the model's ids and dense values.
 
 One implementation for the two places that compute features from a spec, so they cannot drift:
-`data prepare --spec` (pass 2, spec_prepare.py) and the service (`SpecInputs` below, behind
+`data prepare --spec` (pass 2, prepare/from_spec.py) and the service (`SpecInputs` below, behind
 `Predictor`). Both first turn raw string columns into a `SpecBlock` with `spec_reader.SpecRows`
 (joins, numbers, timestamps, regex, crosses, bags), then call `SpecTransform`:
 
@@ -30,10 +30,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pep_torchrec.data.readers import RawBlock
+from pep_torchrec.data.raw.readers import RawBlock
+from pep_torchrec.data.raw.spec_reader import SideTable, SpecBlock, SpecRows, clean_bags, fnv1a64
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.data.spec import DatasetSpec, FieldSpec, JoinSpec, spec_from_dict, spec_to_dict
-from pep_torchrec.data.spec_reader import SideTable, SpecBlock, SpecRows, clean_bags, fnv1a64
 from pep_torchrec.data.vocab import Vocabulary
 
 JOIN_FILE = "join_{}.parquet"

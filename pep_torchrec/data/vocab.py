@@ -129,7 +129,7 @@ def apply_transform(transform: str, raw: str) -> str:
 @functools.lru_cache(maxsize=4096)
 def _avazu_hour(raw: str) -> tuple[int, int]:
     """(weekday, hour of day) of an Avazu `hour` (YYMMDDHH), decoded by the pipeline's own function."""
-    from pep_torchrec.data.avazu import decode_hour  # the reader imports this module's neighbours
+    from pep_torchrec.data.raw.avazu import decode_hour  # the reader imports this module's neighbours
 
     ok, weekday, hour_of_day = decode_hour(pa.array([raw], pa.string()))
     if not ok[0]:

@@ -26,7 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from pep_torchrec.config import ConfigError, RunConfig, save_config, to_dict
+from pep_torchrec.config import ConfigError, RunConfig, save_config
 from pep_torchrec.data.loader import ParquetBatchLoader
 from pep_torchrec.data.schema import Schema
 from pep_torchrec.data.synthetic import SyntheticConfig
@@ -116,10 +116,9 @@ def ensure_dataset(path: str, synthetic: SyntheticConfig | None, env: DistEnv) -
     yet (rank 0 writes, atomically; the others wait at a barrier)."""
     if synthetic is not None and not (Path(path) / "schema.json").is_file():
         if env.is_main:
-            from pep_torchrec.data.prepare import prepare_dataset
+            from pep_torchrec.data.prepare import PrepareOptions, prepare_dataset
 
-            synthetic_options = to_dict(synthetic)  # its fields as keywords (`seed` included)
-            prepare_dataset("synthetic", None, path, **synthetic_options)
+            prepare_dataset("synthetic", None, path, PrepareOptions(synthetic=synthetic))
         dist.barrier()
 
 

@@ -18,7 +18,7 @@ COMMANDS = PACKAGE / "commands"
 ENTRY_POINTS = {"pep_torchrec/cli.py", "pep_torchrec/train.py"}
 # Library code that may print, and why: `prepare_dataset`'s progress line redraws itself in place (\r)
 # on a terminal's stderr, which a log handler cannot do (without a terminal it logs instead).
-PRINT_ALLOWED = {("pep_torchrec/data/prepare.py", "_Progress")}
+PRINT_ALLOWED = {("pep_torchrec/data/prepare/progress.py", "Progress")}
 
 
 def _library_modules() -> list[Path]:

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pep_torchrec.commands.data_prepare_command import main
-from pep_torchrec.data import prepare
-from pep_torchrec.data.prepare import prepare_dataset
-from pep_torchrec.data.rejections import MalformedRowError, PrepareError
+from pep_torchrec.data.prepare import PrepareOptions, format_summary, prepare_dataset, progress, splits
+from pep_torchrec.data.raw.rejections import MalformedRowError, PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
+from pep_torchrec.data.synthetic import SyntheticConfig
 from pep_torchrec.data.vocab import apply_transform, criteo_log_bucket, load_vocab
 from tests.helpers.data import AVAZU_HEADER, avazu_line
 
@@ -87,8 +87,8 @@ def test_criteo_plain_gzip_and_block_size_give_identical_output(tmp_path):
     text = criteo_text(3000)
     plain = write(tmp_path / "plain.txt", text)
     packed = write(tmp_path / "packed.txt.gz", text, gz=True)
-    a = prepare_dataset("criteo", plain, tmp_path / "a", min_count=3)
-    b = prepare_dataset("criteo", packed, tmp_path / "b", min_count=3, block_size=4096)
+    a = prepare_dataset("criteo", plain, tmp_path / "a", PrepareOptions(min_count=3))
+    b = prepare_dataset("criteo", packed, tmp_path / "b", PrepareOptions(min_count=3, block_size=4096))
     assert a["rows_read"] == b["rows_read"] == a["rows_kept"] == 3000
     assert a["cardinalities"] == b["cardinalities"]
     for split in SPLITS:
@@ -105,7 +105,7 @@ def test_criteo_features_buckets_dense_and_oov(tmp_path):
     lines = [criteo_line("1" if i % 2 else "0", [i1[i]] + ["5"] * 12, [c1[i]] + ["x"] * 25) for i in range(9)]
     raw = write(tmp_path / "train.txt", "\n".join(lines) + "\n")
     out = tmp_path / "out"
-    prepare_dataset("criteo", raw, out, min_count=2, split_fractions="1,0,0")
+    prepare_dataset("criteo", raw, out, PrepareOptions(min_count=2, split_fractions="1,0,0"))
     table = read_split(out, "train")
     vocab = load_vocab(out)
     assert vocab["C1"].values.to_pylist() == ["aa", "bb", "cc"]
@@ -166,7 +166,7 @@ def write_malformed_criteo(path: Path, *, gz: bool = False) -> Path:
 @pytest.mark.parametrize("gz", [False, True])
 def test_criteo_malformed_rows_are_counted_per_reason(tmp_path, gz):
     raw = write_malformed_criteo(tmp_path / "day_0", gz=gz)
-    report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1)
+    report = prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(min_count=1))
     assert report["rows_rejected"] == MALFORMED_COUNTS
     assert report["rows_read"] == 11
     assert report["rows_kept"] == 3
@@ -186,7 +186,7 @@ def test_overlong_lines_nul_bytes_and_long_values_are_counted(tmp_path, gz):
     """A 3 MiB line (past MAX_LINE_BYTES and the block: skipped unread), a 1.5 MiB one (inside a
     block), a NUL byte and a 2,000-character value are rejected with their reasons; line numbers
     after them stay exact. (A 40 MB line used to crash both modes with ArrowInvalid.)"""
-    from pep_torchrec.data.readers import MAX_LINE_BYTES
+    from pep_torchrec.data.raw.readers import MAX_LINE_BYTES
 
     lines = [criteo_line() for _ in range(20)]
     lines[3] = criteo_line(cats=["x" * (3 << 20)] + ["a"] * 25)
@@ -195,7 +195,7 @@ def test_overlong_lines_nul_bytes_and_long_values_are_counted(tmp_path, gz):
     lines[12] = criteo_line(cats=["z" * 2000] + ["a"] * 25)
     lines[15] = criteo_line(label="x")
     raw = write(tmp_path / "day_0", "\n".join(lines) + "\n", gz=gz)
-    report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1, block_size=2 << 20)
+    report = prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(min_count=1, block_size=2 << 20))
     assert report["rows_rejected"] == {"line_too_long": 2, "nul_byte": 1, "value_too_long": 1, "bad_label": 1}
     assert report["rows_read"] == 20 and report["rows_kept"] == 15
     assert_rows_add_up(report)
@@ -205,7 +205,7 @@ def test_overlong_lines_nul_bytes_and_long_values_are_counted(tmp_path, gz):
     assert examples["value_too_long"].startswith(f"{raw}:13: ")
     assert examples["bad_label"].startswith(f"{raw}:16: ")
     with pytest.raises(MalformedRowError) as info:
-        prepare_dataset("criteo", raw, tmp_path / "strict", strict=True, block_size=2 << 20)
+        prepare_dataset("criteo", raw, tmp_path / "strict", PrepareOptions(strict=True, block_size=2 << 20))
     assert (info.value.line, info.value.reason) == (4, "line_too_long")
 
 
@@ -214,12 +214,12 @@ def test_line_numbers_stay_exact_across_small_blocks(tmp_path):
     lines[137] = criteo_line(label="x")
     lines[401] = "\t".join(lines[401].split("\t")[:10])
     raw = write(tmp_path / "train.txt.gz", "\r\n".join(lines) + "\r\n", gz=True)  # CRLF is fine
-    report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1, block_size=1024)
+    report = prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(min_count=1, block_size=1024))
     assert report["rows_kept"] == 498
     assert report["rejected_examples"]["bad_label"].startswith(f"{raw}:138: ")
     assert report["rejected_examples"]["wrong_field_count"] == f"{raw}:402: expected 40 fields, found 10"
     with pytest.raises(MalformedRowError) as info:
-        prepare_dataset("criteo", raw, tmp_path / "strict", strict=True, block_size=1024)
+        prepare_dataset("criteo", raw, tmp_path / "strict", PrepareOptions(strict=True, block_size=1024))
     assert (info.value.line, info.value.reason) == (138, "bad_label")
 
 
@@ -242,7 +242,7 @@ def test_strict_reports_the_earliest_reason_within_a_block(tmp_path):
     with pytest.raises(
         MalformedRowError, match=r"train\.txt:2: bad_integer: field I1 = 'x' is not an integer"
     ):
-        prepare_dataset("criteo", raw, tmp_path / "out", strict=True)
+        prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(strict=True))
     assert leftovers(tmp_path, "out") == []
 
 
@@ -254,12 +254,12 @@ def test_truncated_gzip_keeps_rows_before_the_break(tmp_path):
     decoder = zlib.decompressobj(wbits=31)
     readable_lines = decoder.decompress(cut).count(b"\n")
     assert 0 < readable_lines < 4000
-    report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1)
+    report = prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(min_count=1))
     assert report["rows_rejected"] == {"broken_gzip": 1}
     assert report["rows_kept"] == report["rows_read"] == readable_lines
-    assert "DATA LOST: 1 gzip stream(s) break" in prepare.format_summary(report)
+    assert "DATA LOST: 1 gzip stream(s) break" in format_summary(report)
     with pytest.raises(MalformedRowError, match="broken_gzip: truncated gzip"):
-        prepare_dataset("criteo", raw, tmp_path / "strict", min_count=1, strict=True)
+        prepare_dataset("criteo", raw, tmp_path / "strict", PrepareOptions(min_count=1, strict=True))
     assert_rows_add_up(report)
     assert report["rejected_examples"]["broken_gzip"].startswith(
         f"{raw}:{readable_lines + 1}: truncated gzip"
@@ -269,7 +269,7 @@ def test_truncated_gzip_keeps_rows_before_the_break(tmp_path):
 
     assert report["files"][0]["sha256"] == hashlib.sha256(cut).hexdigest()
     with pytest.raises(MalformedRowError, match=rf"day_0\.gz:{readable_lines + 1}: broken_gzip"):
-        prepare_dataset("criteo", raw, tmp_path / "strict", strict=True)
+        prepare_dataset("criteo", raw, tmp_path / "strict", PrepareOptions(strict=True))
     assert leftovers(tmp_path, "strict") == []
 
 
@@ -279,18 +279,18 @@ def test_corrupt_gzip_is_counted_and_multi_member_gzip_is_read(tmp_path):
     for i in range(len(packed) // 2, len(packed) // 2 + 64):
         packed[i] ^= 0x5A
     raw = write(tmp_path / "day_0.gz", bytes(packed))
-    report = prepare_dataset("criteo", raw, tmp_path / "out", min_count=1)
+    report = prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(min_count=1))
     assert report["rows_rejected"]["broken_gzip"] == 1
     assert report["rows_kept"] < 3000
     # --strict names the break, not the garbage lines zlib put out before it noticed (it named
     # `wrong_field_count ... found 14` at one of those).
     with pytest.raises(MalformedRowError, match="broken_gzip: corrupt gzip stream"):
-        prepare_dataset("criteo", raw, tmp_path / "strict", min_count=1, strict=True)
+        prepare_dataset("criteo", raw, tmp_path / "strict", PrepareOptions(min_count=1, strict=True))
     # two concatenated gzip members (as `cat a.gz b.gz` makes) are one stream of lines
     half = data.index(b"\n", len(data) // 2) + 1
     members = gzip.compress(data[:half], mtime=0) + gzip.compress(data[half:], mtime=0)
     raw2 = write(tmp_path / "multi" / "day_0.gz", members)
-    report2 = prepare_dataset("criteo", raw2, tmp_path / "out2", min_count=1)
+    report2 = prepare_dataset("criteo", raw2, tmp_path / "out2", PrepareOptions(min_count=1))
     assert report2["rows_kept"] == 3000 and report2["rows_rejected"] == {}
 
 
@@ -300,7 +300,7 @@ def test_empty_files_are_counted_and_all_empty_input_fails(tmp_path):
     write(days / "day_1.gz", "", gz=True)
     write(days / "day_2", criteo_text(50))
     write(days / "notes.md", "not an input")
-    report = prepare_dataset("criteo", days, tmp_path / "out", min_count=1)
+    report = prepare_dataset("criteo", days, tmp_path / "out", PrepareOptions(min_count=1))
     assert report["rows_rejected"] == {"empty_file": 2}
     assert report["rows_kept"] == 50
     assert [Path(f["path"]).name for f in report["files"]] == ["day_0", "day_1.gz", "day_2"]
@@ -310,22 +310,24 @@ def test_empty_files_are_counted_and_all_empty_input_fails(tmp_path):
         prepare_dataset("criteo", only_empty, tmp_path / "out2")
     assert leftovers(tmp_path, "out2") == []
     with pytest.raises(MalformedRowError, match=r"day_0:1: empty_file"):
-        prepare_dataset("criteo", days, tmp_path / "out3", strict=True)
+        prepare_dataset("criteo", days, tmp_path / "out3", PrepareOptions(strict=True))
 
 
 def test_day_files_are_read_in_day_order(tmp_path):
     days = tmp_path / "days"
     for d in (10, 2, 1):
         write(days / f"day_{d}", criteo_line(ints=[str(d)] * 13) + "\n")
-    report = prepare_dataset("criteo", days, tmp_path / "out", min_count=1, split="temporal")
+    report = prepare_dataset("criteo", days, tmp_path / "out", PrepareOptions(min_count=1, split="temporal"))
     assert [Path(f["path"]).name for f in report["files"]] == ["day_1", "day_2", "day_10"]
 
 
 def test_random_split_is_deterministic_proportional_and_block_independent(tmp_path):
     raw = write(tmp_path / "train.txt", criteo_text(10000, seed=1))
-    a = prepare_dataset("criteo", raw, tmp_path / "a", seed=7)
-    prepare_dataset("criteo", raw, tmp_path / "b", seed=7, block_size=128 << 10, row_group_size=1000)
-    prepare_dataset("criteo", raw, tmp_path / "c", seed=8)
+    a = prepare_dataset("criteo", raw, tmp_path / "a", PrepareOptions(seed=7))
+    prepare_dataset(
+        "criteo", raw, tmp_path / "b", PrepareOptions(seed=7, block_size=128 << 10, row_group_size=1000)
+    )
+    prepare_dataset("criteo", raw, tmp_path / "c", PrepareOptions(seed=8))
     ta, tb, tc = read_all(tmp_path / "a"), read_all(tmp_path / "b"), read_all(tmp_path / "c")
     for s in SPLITS:
         assert ta[s].equals(tb[s])
@@ -338,14 +340,17 @@ def test_random_split_is_deterministic_proportional_and_block_independent(tmp_pa
     meta = pq.ParquetFile(tmp_path / "b" / "train" / "part-00000.parquet").metadata
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     assert set(sizes[:-1]) == {1000} and sizes[-1] <= 1000
-    custom = prepare_dataset("criteo", raw, tmp_path / "d", split_fractions="0.5,0.25,0.25")
+    custom = prepare_dataset("criteo", raw, tmp_path / "d", PrepareOptions(split_fractions="0.5,0.25,0.25"))
     assert abs(custom["rows_per_split"]["valid"] / 10000 - 0.25) < 0.02
 
 
 def test_rows_per_file_rolls_files(tmp_path):
     raw = write(tmp_path / "train.txt", criteo_text(2000))
     prepare_dataset(
-        "criteo", raw, tmp_path / "out", split_fractions="1,0,0", row_group_size=300, rows_per_file=600
+        "criteo",
+        raw,
+        tmp_path / "out",
+        PrepareOptions(split_fractions="1,0,0", row_group_size=300, rows_per_file=600),
     )
     schema = Schema.load(tmp_path / "out")
     assert schema.splits["train"].files == [f"train/part-{i:05d}.parquet" for i in range(4)]
@@ -362,7 +367,7 @@ def test_rows_per_file_rolls_files(tmp_path):
 
 def test_temporal_split_keeps_file_order(tmp_path):
     raw = write(tmp_path / "train.txt", criteo_text(1000, row_index_in_i1=True))
-    report = prepare_dataset("criteo", raw, tmp_path / "out", split="temporal")
+    report = prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(split="temporal"))
     assert report["rows_per_split"] == {"train": 800, "valid": 100, "test": 100}
     order = {
         s: np.rint(np.expm1(read_split(tmp_path / "out", s).column("I1_log").to_numpy())) for s in SPLITS
@@ -376,7 +381,7 @@ def test_temporal_split_keeps_file_order(tmp_path):
 def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
     raw = write(tmp_path / "train.txt", criteo_text(500))
     calls = {"n": 0}
-    original = prepare.SplitWriter.write
+    original = splits.SplitWriter.write
 
     def failing_write(self, table):
         calls["n"] += 1
@@ -384,7 +389,7 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
             raise OSError("disk full (simulated)")
         original(self, table)
 
-    monkeypatch.setattr(prepare.SplitWriter, "write", failing_write)
+    monkeypatch.setattr(splits.SplitWriter, "write", failing_write)
     with pytest.raises(OSError, match="simulated"):
         prepare_dataset("criteo", raw, tmp_path / "out")
     assert leftovers(tmp_path, "out") == []
@@ -393,7 +398,7 @@ def test_failure_midway_leaves_no_output(tmp_path, monkeypatch):
 def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     raw = write(tmp_path / "train.txt", criteo_text(200))
     out = tmp_path / "out"
-    prepare_dataset("criteo", raw, out, seed=1)
+    prepare_dataset("criteo", raw, out, PrepareOptions(seed=1))
     args = ["--dataset", "criteo", "--raw", str(raw), "--out", str(out), "--seed", "2"]
     assert main(args) == 2  # a user error (pep_torchrec/utils/errors.py)
     assert "already exists" in capsys.readouterr().err
@@ -405,14 +410,14 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
     precious = tmp_path / "precious"
     write(precious / "thesis.tex", "do not delete")
     with pytest.raises(PrepareError, match="not a prepared dataset"):
-        prepare_dataset("criteo", raw, precious, overwrite=True)
+        prepare_dataset("criteo", raw, precious, PrepareOptions(overwrite=True))
     assert (precious / "thesis.tex").exists()
 
 
 def test_schema_round_trip_and_report(tmp_path):
     raw = write(tmp_path / "train.txt.gz", criteo_text(300), gz=True)
     out = tmp_path / "out"
-    report = prepare_dataset("criteo", raw, out, min_count=2, seed=3)
+    report = prepare_dataset("criteo", raw, out, PrepareOptions(min_count=2, seed=3))
     schema = Schema.load(out)
     assert Schema.from_json(json.loads((out / "schema.json").read_text())) == schema
     assert schema.dataset == "criteo" and schema.seed == 3 and schema.min_count == 2
@@ -435,13 +440,13 @@ def test_schema_round_trip_and_report(tmp_path):
 def test_bad_options_are_clear_errors(tmp_path):
     raw = write(tmp_path / "train.txt", criteo_text(10))
     with pytest.raises(PrepareError, match="split fractions"):
-        prepare_dataset("criteo", raw, tmp_path / "o", split_fractions="0.8,0.3,0.1")
+        prepare_dataset("criteo", raw, tmp_path / "o", PrepareOptions(split_fractions="0.8,0.3,0.1"))
     with pytest.raises(PrepareError, match="--raw is required"):
         prepare_dataset("criteo", None, tmp_path / "o")
     with pytest.raises(PrepareError, match="no such file"):
         prepare_dataset("criteo", tmp_path / "missing.txt", tmp_path / "o")
     with pytest.raises(PrepareError, match="synthetic dataset only"):
-        prepare_dataset("criteo", raw, tmp_path / "o", rows=5)
+        prepare_dataset("criteo", raw, tmp_path / "o", PrepareOptions(synthetic=SyntheticConfig(rows=5)))
     assert leftovers(tmp_path, "o") == []
 
 
@@ -464,7 +469,7 @@ def test_avazu_hour_features_label_and_rejects(tmp_path, gz):
     ]
     raw = write(tmp_path / ("train.gz" if gz else "train.csv"), "\n".join(lines) + "\n", gz=gz)
     out = tmp_path / "out"
-    report = prepare_dataset("avazu", raw, out, min_count=1, split_fractions="1,0,0")
+    report = prepare_dataset("avazu", raw, out, PrepareOptions(min_count=1, split_fractions="1,0,0"))
     assert report["rows_rejected"] == {"bad_label": 1, "bad_hour": 3, "wrong_field_count": 1}
     assert report["rejected_examples"]["bad_hour"] == f"{raw}:5: hour '14023112' is not a valid YYMMDDHH"
     assert report["rows_read"] == 8 and report["rows_kept"] == 3
@@ -499,7 +504,7 @@ def test_avazu_empty_and_header_only_files_are_counted(tmp_path):
     write(parts / "part_0.csv", "")
     write(parts / "part_1.csv.gz", AVAZU_HEADER + "\n", gz=True)
     write(parts / "part_2.csv", AVAZU_HEADER + "\n" + avazu_line(1) + "\n" + avazu_line(2) + "\n")
-    report = prepare_dataset("avazu", parts, tmp_path / "out", min_count=1)
+    report = prepare_dataset("avazu", parts, tmp_path / "out", PrepareOptions(min_count=1))
     assert report["rows_rejected"] == {"empty_file": 2}
     assert report["rows_kept"] == 2
     assert_rows_add_up(report)
@@ -508,7 +513,7 @@ def test_avazu_empty_and_header_only_files_are_counted(tmp_path):
 def test_avazu_default_min_count_is_10(tmp_path):
     lines = [AVAZU_HEADER] + [avazu_line(i, site="common" if i < 12 else f"rare{i}") for i in range(20)]
     raw = write(tmp_path / "train.csv", "\n".join(lines) + "\n")
-    report = prepare_dataset("avazu", raw, tmp_path / "out", split_fractions="1,0,0")
+    report = prepare_dataset("avazu", raw, tmp_path / "out", PrepareOptions(split_fractions="1,0,0"))
     assert report["min_count"] == 10
     assert report["cardinalities"]["site_id"] == 2  # OOV + "common"
     ids = read_split(tmp_path / "out", "train").column("site_id").to_pylist()
@@ -553,7 +558,7 @@ def test_movielens_100k_labels_side_features_and_multi_hot_genres(tmp_path, gz):
     ]
     raw = write_ml100k(tmp_path / "ml-100k", ratings, gz=gz)
     out = tmp_path / "out"
-    report = prepare_dataset("movielens", raw, out, split_fractions="1,0,0")
+    report = prepare_dataset("movielens", raw, out, PrepareOptions(split_fractions="1,0,0"))
     assert report["min_count"] == 1
     assert report["rows_rejected"] == {
         "bad_label": 2,
@@ -594,12 +599,12 @@ def test_movielens_100k_labels_side_features_and_multi_hot_genres(tmp_path, gz):
 def test_movielens_strict_and_split_proportions(tmp_path):
     ratings = [f"{1 + i % 3}\t{1 + i % 2}\t{[1, 2, 4, 5][i % 4]}\t{10_000 + i}" for i in range(1000)]
     raw = write_ml100k(tmp_path / "ml", ratings)
-    report = prepare_dataset("movielens", raw, tmp_path / "out", split="temporal")
+    report = prepare_dataset("movielens", raw, tmp_path / "out", PrepareOptions(split="temporal"))
     assert report["rows_per_split"] == {"train": 800, "valid": 100, "test": 100}
     bad = [*ratings[:10], "1\t1\t0\t5", *ratings[10:]]
     raw2 = write_ml100k(tmp_path / "ml2", bad)
     with pytest.raises(MalformedRowError, match=r"u\.data:11: bad_label: rating '0'"):
-        prepare_dataset("movielens", raw2, tmp_path / "out2", strict=True)
+        prepare_dataset("movielens", raw2, tmp_path / "out2", PrepareOptions(strict=True))
     assert leftovers(tmp_path, "out2") == []
 
 
@@ -612,7 +617,7 @@ def test_movielens_temporal_split_orders_by_timestamp(tmp_path):
     write(ml / "u.user", "\n".join(users) + "\n")
     write(ml / "u.item", "\n".join(items) + "\n")
     write(ml / "u.data", "\n".join(f"{u}\t1\t5\t{1000 - u}" for u in range(1, n + 1)) + "\n")
-    prepare_dataset("movielens", ml, tmp_path / "out", split="temporal")
+    prepare_dataset("movielens", ml, tmp_path / "out", PrepareOptions(split="temporal"))
     vocab = ["<oov>", *load_vocab(tmp_path / "out")["user_id"].values.to_pylist()]
     got = {
         s: [int(vocab[i]) for i in read_split(tmp_path / "out", s).column("user_id").to_pylist()]
@@ -633,7 +638,7 @@ def test_movielens_bad_side_table_lines_are_counted(tmp_path):
     assert report["rows_kept"] == 2
     assert_rows_add_up(report)
     with pytest.raises(MalformedRowError, match=r"u\.user:2: bad_user_row"):
-        prepare_dataset("movielens", ml, tmp_path / "strict", strict=True)
+        prepare_dataset("movielens", ml, tmp_path / "strict", PrepareOptions(strict=True))
 
 
 def test_movielens_1m_format(tmp_path):
@@ -645,7 +650,7 @@ def test_movielens_1m_format(tmp_path):
         ml / "ratings.dat", "1::1::5::978300760\n2::2::1::978302109\n1::2::3::978301968\n2::3::4::1\n1::1\n"
     )
     out = tmp_path / "out"
-    report = prepare_dataset("movielens", ml, out, split_fractions="1,0,0")
+    report = prepare_dataset("movielens", ml, out, PrepareOptions(split_fractions="1,0,0"))
     assert report["rows_kept"] == 3
     assert report["rows_filtered"] == {"neutral_rating": 1}
     assert report["rows_rejected"] == {"wrong_field_count": 1}
@@ -716,10 +721,10 @@ def test_progress_is_logged_per_interval(tmp_path, monkeypatch, caplog):
     """Not a terminal (logs, CI): one INFO line per interval with rows, rows/s and files."""
     import logging
 
-    monkeypatch.setattr(prepare._Progress, "__init__", _fast_progress(prepare._Progress.__init__))
+    monkeypatch.setattr(progress.Progress, "__init__", _fast_progress(progress.Progress.__init__))
     raw = write(tmp_path / "day_0", criteo_text(3000))
     with caplog.at_level(logging.INFO, logger="pep_torchrec.data.prepare"):
-        prepare_dataset("criteo", raw, tmp_path / "out", min_count=1, block_size=4096)
+        prepare_dataset("criteo", raw, tmp_path / "out", PrepareOptions(min_count=1, block_size=4096))
     lines = [r.getMessage() for r in caplog.records if "rows/s" in r.getMessage()]
     assert any(m.startswith("pass 1/2 (count): ") and "file 1 of 1" in m for m in lines), lines
     assert any(m.startswith("pass 2/2 (write): ") and "% of 3,000" in m for m in lines), lines

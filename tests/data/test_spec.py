@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from pep_torchrec import cli
-from pep_torchrec.data.prepare import prepare_dataset, random_split_codes
-from pep_torchrec.data.rejections import MalformedRowError, PrepareError
+from pep_torchrec.data.prepare import PrepareOptions, prepare_dataset, prepare_from_spec
+from pep_torchrec.data.prepare.splits import random_split_codes
+from pep_torchrec.data.raw.rejections import MalformedRowError, PrepareError
+from pep_torchrec.data.raw.spec_reader import fnv1a64
 from pep_torchrec.data.schema import SPLITS, Schema
-from pep_torchrec.data.spec_prepare import prepare_from_spec
-from pep_torchrec.data.spec_reader import fnv1a64
 from pep_torchrec.data.vocab import load_vocab
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +53,8 @@ def vocab(out: Path, name: str) -> dict[str, int]:
 
 
 def prepare(tmp_path: Path, spec: dict, raws, out: str = "out", **kw) -> tuple[dict, Path]:
-    report = prepare_from_spec(write_spec(tmp_path, spec), [str(r) for r in raws], tmp_path / out, **kw)
+    options = PrepareOptions(**kw)
+    report = prepare_from_spec(write_spec(tmp_path, spec), [str(r) for r in raws], tmp_path / out, options)
     return report, tmp_path / out
 
 
@@ -397,8 +398,10 @@ def test_criteo_spec_equals_builtin_reader(tmp_path):
 @pytest.mark.skipif(not ML100K.is_dir(), reason=f"real MovieLens 100K not found at {ML100K}")
 @pytest.mark.parametrize("split", ["random", "temporal"])
 def test_movielens_100k_spec_equals_builtin_reader(tmp_path, split):
-    prepare_dataset("movielens", ML100K, tmp_path / "builtin", split=split, seed=3)
-    report = prepare_from_spec("movielens_100k", [ML100K], tmp_path / "spec", split=split, seed=3)
+    prepare_dataset("movielens", ML100K, tmp_path / "builtin", PrepareOptions(split=split, seed=3))
+    report = prepare_from_spec(
+        "movielens_100k", [ML100K], tmp_path / "spec", PrepareOptions(split=split, seed=3)
+    )
     assert_same_prepared(tmp_path / "spec", tmp_path / "builtin")
     builtin = json.loads((tmp_path / "builtin" / "report.json").read_text())
     assert report["rows_per_split"] == builtin["rows_per_split"] and report["rows_kept"] == 72_855
@@ -470,8 +473,8 @@ def test_avazu_spec_equals_builtin_reader(tmp_path):
         cats = [f"v{rng.integers(0, 12)}" for _ in range(21)]
         lines.append(",".join([str(i), str(rng.integers(0, 2)), hour, *cats]))
     raw = write(tmp_path / "train.csv", "\n".join(lines) + "\n", gz=True)
-    prepare_dataset("avazu", raw, tmp_path / "builtin", seed=5)
-    prepare_from_spec("avazu", [raw], tmp_path / "spec", seed=5)
+    prepare_dataset("avazu", raw, tmp_path / "builtin", PrepareOptions(seed=5))
+    prepare_from_spec("avazu", [raw], tmp_path / "spec", PrepareOptions(seed=5))
     assert_same_prepared(tmp_path / "spec", tmp_path / "builtin")
 
 
@@ -488,8 +491,8 @@ def test_movielens_1m_spec_equals_builtin_reader(tmp_path, split):
     write(ml / "users.dat", "\n".join(users) + "\n")
     write(ml / "movies.dat", "\n".join(movies) + "\n", encoding="latin-1")
     write(ml / "ratings.dat.gz", "\n".join(ratings) + "\n", gz=True)
-    prepare_dataset("movielens", ml, tmp_path / "builtin", split=split)
-    prepare_from_spec("movielens_1m", [ml], tmp_path / "spec", split=split)
+    prepare_dataset("movielens", ml, tmp_path / "builtin", PrepareOptions(split=split))
+    prepare_from_spec("movielens_1m", [ml], tmp_path / "spec", PrepareOptions(split=split))
     assert_same_prepared(tmp_path / "spec", tmp_path / "builtin")
 
 

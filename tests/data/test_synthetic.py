@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pep_torchrec.commands.data_prepare_command import main
-from pep_torchrec.data.prepare import prepare_dataset
-from pep_torchrec.data.rejections import PrepareError
+from pep_torchrec.config import ConfigError
+from pep_torchrec.data.prepare import PrepareOptions, prepare_dataset, synthetic_config
+from pep_torchrec.data.raw.rejections import PrepareError
 from pep_torchrec.data.schema import SPLITS, Schema
 from pep_torchrec.data.synthetic import SyntheticConfig, SyntheticGenerator, hash_uniform, mix_key, zipf_ids
 
@@ -44,16 +45,36 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("syn") / "data"
-    report = prepare_dataset("synthetic", None, out, rows=100_000, cardinality=2_000, seed=3)
+    report = prepare_dataset(
+        "synthetic",
+        None,
+        out,
+        PrepareOptions(seed=3, synthetic=SyntheticConfig(rows=100_000, cardinality=2_000)),
+    )
     return out, report
 
 
 def test_same_seed_same_bytes_any_chunking(tmp_path):
-    a = prepare_dataset("synthetic", None, tmp_path / "a", rows=5000, num_sparse=6, num_dense=3, seed=1)
-    prepare_dataset(
-        "synthetic", None, tmp_path / "b", rows=5000, num_sparse=6, num_dense=3, seed=1, chunk_rows=777
+    a = prepare_dataset(
+        "synthetic",
+        None,
+        tmp_path / "a",
+        PrepareOptions(seed=1, synthetic=SyntheticConfig(rows=5000, num_sparse=6, num_dense=3)),
     )
-    prepare_dataset("synthetic", None, tmp_path / "c", rows=5000, num_sparse=6, num_dense=3, seed=2)
+    prepare_dataset(
+        "synthetic",
+        None,
+        tmp_path / "b",
+        PrepareOptions(
+            seed=1, synthetic=SyntheticConfig(rows=5000, num_sparse=6, num_dense=3, chunk_rows=777)
+        ),
+    )
+    prepare_dataset(
+        "synthetic",
+        None,
+        tmp_path / "c",
+        PrepareOptions(seed=2, synthetic=SyntheticConfig(rows=5000, num_sparse=6, num_dense=3)),
+    )
     for s in SPLITS:
         assert read_split(tmp_path / "a", s).equals(read_split(tmp_path / "b", s))
     assert not read_all(tmp_path / "a").equals(read_all(tmp_path / "c"))
@@ -145,7 +166,12 @@ def test_signal_fields_are_predictive_and_noise_fields_are_not(small_dataset):
 
 def test_ten_million_row_tables_are_cheap(tmp_path):
     started = time.perf_counter()
-    report = prepare_dataset("synthetic", None, tmp_path / "big", rows=20_000, cardinality=10_000_000)
+    report = prepare_dataset(
+        "synthetic",
+        None,
+        tmp_path / "big",
+        PrepareOptions(synthetic=SyntheticConfig(rows=20_000, cardinality=10_000_000)),
+    )
     elapsed = time.perf_counter() - started
     assert elapsed < 10, elapsed
     schema = Schema.load(tmp_path / "big")
@@ -177,12 +203,18 @@ def test_per_table_cardinalities_and_cli(tmp_path, capsys):
 
 
 def test_bad_synthetic_options(tmp_path, capsys):
-    with pytest.raises(PrepareError, match="cardinality: 2 values for 26 tables"):
-        prepare_dataset("synthetic", None, tmp_path / "o", cardinality=(5, 6))
-    with pytest.raises(PrepareError, match="unknown synthetic options"):
-        prepare_dataset("synthetic", None, tmp_path / "o", cardinalty=5)
+    # The generator's options go through the typed machinery: every error names synthetic.<key>.
+    with pytest.raises(ConfigError, match="^synthetic: cardinality: 2 values for 26 tables"):
+        synthetic_config({"cardinality": (5, 6)})
+    with pytest.raises(ConfigError, match=r"^unknown key synthetic.cardinalty \(known keys of synthetic: "):
+        synthetic_config({"cardinalty": 5})
+    with pytest.raises(ConfigError, match="^synthetic.rows: expected an integer, got 'many'"):
+        synthetic_config({"rows": "many"})
+    with pytest.raises(ConfigError, match="^synthetic.cardinality: expected an integer, got 'big' or"):
+        synthetic_config({"cardinality": "big"})
+    assert synthetic_config({"cardinality": [5] * 26}).cardinality == (5,) * 26
     with pytest.raises(PrepareError, match="--min-count does not apply"):
-        prepare_dataset("synthetic", None, tmp_path / "o", min_count=3)
+        prepare_dataset("synthetic", None, tmp_path / "o", PrepareOptions(min_count=3))
     assert main(["--dataset", "synthetic", "--out", str(tmp_path / "o"), "--zipf-exponent", "-1"]) == 2
     assert "zipf_exponent must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

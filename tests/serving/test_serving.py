@@ -82,7 +82,7 @@ def test_raw_values_map_like_the_pipeline(artifacts, ml100k_data):  # noqa: F811
 def test_avazu_raw_hour_is_derived_like_the_pipeline(tmp_path):
     """Avazu clients send the raw `hour` (YYMMDDHH); the service derives hour_of_day and weekday with
     the pipeline's own decoder, and names the field when a value is not a date."""
-    from pep_torchrec.data.prepare import prepare_dataset
+    from pep_torchrec.data.prepare import PrepareOptions, prepare_dataset
     from pep_torchrec.serving.predictor import RequestError
     from tests.helpers.data import AVAZU_HEADER, avazu_line
 
@@ -99,7 +99,7 @@ def test_avazu_raw_hour_is_derived_like_the_pipeline(tmp_path):
         + "\n"
     )
     data = tmp_path / "avazu"
-    prepare_dataset("avazu", raw, data, min_count=1, split_fractions="1,0,0")
+    prepare_dataset("avazu", raw, data, PrepareOptions(min_count=1, split_fractions="1,0,0"))
     run = make_run(tmp_path, data, stage="retrain", model="fm", dim=8)
     ArtifactConverter(run).convert(tmp_path / "art")
     predictor = Predictor.from_path(tmp_path / "art")

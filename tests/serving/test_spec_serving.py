@@ -19,9 +19,9 @@ import torch
 import yaml
 
 from pep_torchrec import cli
-from pep_torchrec.data.prepare import random_split_codes
+from pep_torchrec.data.prepare import prepare_from_spec
+from pep_torchrec.data.prepare.splits import random_split_codes
 from pep_torchrec.data.schema import SPLITS, Schema
-from pep_torchrec.data.spec_prepare import prepare_from_spec
 from pep_torchrec.data.spec_transform import SpecInputError, SpecInputs, serving_inputs
 from pep_torchrec.data.vocab import load_vocab
 

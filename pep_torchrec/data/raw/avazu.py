@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pep_torchrec.data.readers import (
+from pep_torchrec.data.raw.readers import (
     DEFAULT_BLOCK_SIZE,
     DatasetReader,
     DelimitedFile,
@@ -39,7 +39,7 @@ from pep_torchrec.data.readers import (
     matches,
     to_int64,
 )
-from pep_torchrec.data.rejections import PrepareError
+from pep_torchrec.data.raw.rejections import PrepareError
 
 LABEL = "click"
 DROPPED = ("id",)

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pep_torchrec.data.readers import (
+from pep_torchrec.data.raw.readers import (
     DEFAULT_BLOCK_SIZE,
     UINT_PATTERN,
     DatasetReader,
@@ -43,7 +43,7 @@ from pep_torchrec.data.readers import (
     matches,
     to_int64,
 )
-from pep_torchrec.data.rejections import PrepareError, Reject
+from pep_torchrec.data.raw.rejections import PrepareError, Reject
 
 ML100K_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pep_torchrec.data.readers import (
+from pep_torchrec.data.raw.readers import (
     DEFAULT_BLOCK_SIZE,
     INT_PATTERN,
     DatasetReader,

@@ -1,4 +1,5 @@
-"""Bookkeeping of a preparation run: errors, rejected rows per reason, and `report.json`.
+"""What reading raw files rejects: errors, and rejected rows per reason (counted into report.json by
+`pep_torchrec.data.prepare`).
 
 Reasons a raw row (or file) is rejected, as counted in report.json["rows_rejected"]:
 
@@ -17,7 +18,7 @@ Reasons a raw row (or file) is rejected, as counted in report.json["rows_rejecte
                         side tables
     bad_user_row, bad_item_row, bad_side_row
                         (side-table lines) malformed MovieLens users/items lines; unusable lines of a
-                        spec's side table (see pep_torchrec/data/spec_reader.py for the spec's reasons)
+                        spec's side table (see pep_torchrec/data/raw/spec_reader.py for the spec's reasons)
     broken_gzip         (files) a truncated or corrupt gzip stream; the rows before the break are kept
     empty_file          (files) a file without any data line (a header alone is not data)
 
@@ -28,12 +29,8 @@ not rejected, and counted separately. So rows read = rows kept + rows rejected (
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -120,10 +117,3 @@ class RejectionLog:
         """Rejected rows of the main input: rows read = rows kept + this + rows filtered."""
         skip = FILE_REASONS + SIDE_TABLE_REASONS
         return sum(n for reason, n in self.rejected.items() if reason not in skip)
-
-
-def write_report(directory: str | os.PathLike, report: dict[str, Any]) -> Path:
-    """Write DIR/report.json (pretty, key order kept)."""
-    path = Path(directory) / "report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    return path

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pep_torchrec.data.readers import (
+from pep_torchrec.data.raw.readers import (
     DEFAULT_BLOCK_SIZE,
     INT_PATTERN,
     MAX_LINE_BYTES,
@@ -49,7 +49,7 @@ from pep_torchrec.data.readers import (
     natural_key,
     to_int64,
 )
-from pep_torchrec.data.rejections import FILE_REASONS, PrepareError, Reject
+from pep_torchrec.data.raw.rejections import FILE_REASONS, PrepareError, Reject
 from pep_torchrec.data.spec import (
     DatasetSpec,
     FieldSpec,

@@ -2,7 +2,7 @@
 in a spec (pep_torchrec/data/spec.py), → the same prepared format as the built-in readers
 (pep_torchrec/data/schema.py), so training, export and the loader need nothing new.
 
-The passes are those of `prepare` (streaming, one block at a time, bounded memory):
+The passes are those of `pipeline.py` (streaming, one block at a time, bounded memory):
 
 1. count: validate every row (bad rows counted per reason with the first file:line, or `--strict`
    stops), count the values of each vocabulary field over all splits (as the built-in readers do),
@@ -32,25 +32,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pep_torchrec.data.prepare import (
-    COMPRESSIONS,
-    DEFAULT_ROW_GROUP_SIZE,
-    DEFAULT_ROWS_PER_FILE,
+from pep_torchrec.data.prepare.options import COMPRESSIONS, PrepareOptions
+from pep_torchrec.data.prepare.output import atomic_output_dir, finish_report, rows_report, write_report
+from pep_torchrec.data.prepare.splits import (
     LABEL,
-    _finish_report,
-    _open_writers,
-    _rows_report,
-    _write_rows,
-    atomic_output_dir,
+    open_writers,
     parse_fractions,
     random_split_codes,
     rank_split_codes,
+    write_rows,
 )
-from pep_torchrec.data.readers import DEFAULT_BLOCK_SIZE, SourceFile
-from pep_torchrec.data.rejections import PrepareError, RejectionLog, write_report
-from pep_torchrec.data.schema import Schema, SparseFeature
-from pep_torchrec.data.spec import DatasetSpec, load_spec, resolve_spec_path, spec_to_dict
-from pep_torchrec.data.spec_reader import (
+from pep_torchrec.data.raw.readers import DEFAULT_BLOCK_SIZE, SourceFile
+from pep_torchrec.data.raw.rejections import PrepareError, RejectionLog
+from pep_torchrec.data.raw.spec_reader import (
     FieldMap,
     InputFile,
     SideTable,
@@ -60,6 +54,8 @@ from pep_torchrec.data.spec_reader import (
     side_table_path,
     split_of_file,
 )
+from pep_torchrec.data.schema import Schema, SparseFeature, arrow_schema
+from pep_torchrec.data.spec import DatasetSpec, load_spec, resolve_spec_path, spec_to_dict
 from pep_torchrec.data.spec_transform import (
     JOIN_FILE,
     SpecTransform,
@@ -229,27 +225,17 @@ def prepare_from_spec(
     spec_path: str | os.PathLike,
     raws: Sequence[str | os.PathLike],
     out: str | os.PathLike,
-    *,
-    min_count: int | None = None,
-    split: str | None = None,
-    split_fractions: str | Sequence[float] | None = None,
-    seed: int | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
-    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
-    compression: str = "snappy",
+    options: PrepareOptions | None = None,
 ) -> dict[str, Any]:
     """Prepare a dataset directory from raw files as a spec declares.
 
     Args:
         spec_path: the spec YAML, or a shipped spec's name (`criteo`, `movielens_100k`).
         raws: the raw inputs: files, directories (files matching `format.files`) or globs.
-        out: the directory to create (atomically; an existing one only with `overwrite`).
-        min_count, split, split_fractions, seed: override the spec's `min_count` and `split.method`,
-            `split.fractions`, `split.seed` when given.
-        strict, overwrite, block_size, row_group_size, rows_per_file, compression: as `prepare_dataset`.
+        out: the directory to create (atomically; an existing one only with `options.overwrite`).
+        options: as for `prepare_dataset` (None: defaults); `min_count`, `split`, `split_fractions`
+            and `seed`, when set, override the spec's `min_count` and `split.method`,
+            `split.fractions`, `split.seed`; `synthetic` does not apply.
 
     Returns:
         The report, also written to `out/report.json`.
@@ -260,25 +246,24 @@ def prepare_from_spec(
     """
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    options = options or PrepareOptions()
+    if options.synthetic is not None:
+        raise PrepareError("options ['synthetic'] apply to the synthetic dataset only")
     spec_file = resolve_spec_path(str(spec_path))
     spec = load_spec(spec_file)
-    _override(spec, min_count, split, split_fractions, seed)
+    _override(spec, options.min_count, options.split, options.split_fractions, options.seed)
     fractions = parse_fractions(spec.split.fractions)
-    if compression not in COMPRESSIONS:
-        raise PrepareError(f"unknown compression {compression!r}; have {list(COMPRESSIONS)}")
-    if block_size < 1 << 10 or row_group_size < 1 or rows_per_file < 0:
+    if options.compression not in COMPRESSIONS:
+        raise PrepareError(f"unknown compression {options.compression!r}; have {list(COMPRESSIONS)}")
+    if options.block_size < 1 << 10 or options.row_group_size < 1 or options.rows_per_file < 0:
         raise PrepareError("block_size must be >= 1024, row_group_size >= 1, rows_per_file >= 0")
     if not raws:
         raise PrepareError("--raw is required with --spec")
-    reader = SpecReader(spec, raws, block_size)
-    writer_options = {
-        "row_group_size": row_group_size,
-        "rows_per_file": rows_per_file,
-        "compression": compression,
-    }
-    with atomic_output_dir(out, overwrite) as tmp:
+    reader = SpecReader(spec, raws, options.block_size)
+    strict = options.strict
+    with atomic_output_dir(out, options.overwrite) as tmp:
         report = _prepare(
-            spec, reader, tmp, fractions=fractions, strict=strict, writer_options=writer_options
+            spec, reader, tmp, fractions=fractions, strict=strict, writer_options=options.writer_options()
         )
         report = {
             "dataset": spec.name,
@@ -378,7 +363,7 @@ def _prepare(spec: DatasetSpec, reader: SpecReader, tmp: Path, *, fractions, str
 
     schema = _spec_schema(spec, reader, features, dense, splits, fractions, train_stats, joins)
     schema.save(tmp)
-    return _finish_report(_rows_report(reader, num_kept, log), schema, writers, timings)
+    return finish_report(rows_report(reader, num_kept, log), schema, writers, timings)
 
 
 def _split_codes(
@@ -514,11 +499,8 @@ def _write_pass(
     """Pass 2: ids, dense values, split, Parquet. Returns the closed splits' info and the writers."""
     reader.check_unchanged()
     multi_names = {sf.name for sf in features if sf.multi_hot}
-    fields = [pa.field(LABEL, pa.int8())]
-    fields += [pa.field(sf.name, pa.list_(pa.int64()) if sf.multi_hot else pa.int64()) for sf in features]
-    fields += [pa.field(f.dense_name, pa.float32()) for f in dense]
-    arrow_schema = pa.schema(fields)
-    writers = _open_writers(tmp, arrow_schema, writer_options)
+    table_schema = arrow_schema(features, [f.dense_name for f in dense])
+    writers = open_writers(tmp, table_schema, writer_options)
     transform = SpecTransform(spec, vocabs, train_stats, multi_names)
     position = 0
     for block in reader.blocks():
@@ -528,8 +510,8 @@ def _write_pass(
         columns: list[pa.Array] = [pa.array(block.labels, pa.int8())]
         columns += transform.sparse_columns(block)
         columns += [pa.array(v, pa.float32()) for v in transform.dense_columns(block)]
-        table = pa.Table.from_arrays(columns, schema=arrow_schema)
-        _write_rows(writers, table, _split_codes(spec, block, fractions, position, num_kept, ranks))
+        table = pa.Table.from_arrays(columns, schema=table_schema)
+        write_rows(writers, table, _split_codes(spec, block, fractions, position, num_kept, ranks))
         position += n
     if position != num_kept:
         raise PrepareError(f"pass 2 read {position} rows, pass 1 {num_kept}: the input changed; run again")

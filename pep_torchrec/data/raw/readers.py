@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from pep_torchrec.data.rejections import PrepareError, Reject
+from pep_torchrec.data.raw.rejections import PrepareError, Reject
 from pep_torchrec.data.schema import MAX_VALUE_CHARS
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -115,7 +115,7 @@ class LineChunk:
 
 
 # Stored bytes read so far from each file in its current pass, by resolved path: for progress meters
-# (prepare's `_Progress`), which know the files and their sizes but not the readers' positions.
+# (`pep_torchrec.data.prepare.progress`), which know the files and their sizes but not the readers' positions.
 _BYTES_READ: dict[str, int] = {}
 
 
