@@ -446,6 +446,8 @@ def _check_split(split: SplitSpec) -> None:
         raise ValueError(
             f"split.fractions: {split.fractions} are not three non-negative numbers summing to 1"
         )
+    if split.seed < 0:
+        raise ValueError(f"split.seed: must be >= 0, got {split.seed}")
     if split.method == "files":
         if not split.train:
             raise ValueError("split.train: required with method files (glob patterns of file names)")

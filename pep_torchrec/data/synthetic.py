@@ -163,6 +163,7 @@ class SyntheticConfig:
             (0 < self.base_ctr < 1, f"base_ctr must be in (0, 1), got {self.base_ctr}"),
             (0 <= self.oov_rate <= 1, f"oov_rate must be in [0, 1], got {self.oov_rate}"),
             (self.chunk_rows >= 1, f"chunk_rows must be >= 1, got {self.chunk_rows}"),
+            (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -447,6 +447,11 @@ def test_bad_options_are_clear_errors(tmp_path):
         prepare_dataset("criteo", tmp_path / "missing.txt", tmp_path / "o")
     with pytest.raises(PrepareError, match="synthetic dataset only"):
         prepare_dataset("criteo", raw, tmp_path / "o", PrepareOptions(synthetic=SyntheticConfig(rows=5)))
+    # A negative seed was a numpy traceback from inside the hash (synthetic) or the split.
+    with pytest.raises(PrepareError, match="^--seed must be >= 0, got -1$"):
+        prepare_dataset("criteo", raw, tmp_path / "o", PrepareOptions(seed=-1))
+    with pytest.raises(PrepareError, match="^--seed must be >= 0, got -2$"):
+        prepare_dataset("synthetic", None, tmp_path / "o", PrepareOptions(seed=-2))
     assert leftovers(tmp_path, "o") == []
 
 

@@ -354,6 +354,7 @@ def test_unknown_spec_key_names_file_and_key(tmp_path, capsys):
             r"fields\[0\] \(k\).fields: 'k' is not an earlier",
         ),
         ({"split": {"method": "shuffle"}}, r"split.method: 'shuffle' is not one of"),
+        ({"split": {"seed": -1}}, r"split.seed: must be >= 0, got -1"),
     ],
 )
 def test_bad_spec_values_name_the_key(tmp_path, change, message):

@@ -212,6 +212,8 @@ def test_bad_synthetic_options(tmp_path, capsys):
         synthetic_config({"rows": "many"})
     with pytest.raises(ConfigError, match="^synthetic.cardinality: expected an integer, got 'big' or"):
         synthetic_config({"cardinality": "big"})
+    with pytest.raises(ConfigError, match="^synthetic: seed must be >= 0, got -1"):
+        synthetic_config({"seed": -1})
     assert synthetic_config({"cardinality": [5] * 26}).cardinality == (5,) * 26
     with pytest.raises(PrepareError, match="--min-count does not apply"):
         prepare_dataset("synthetic", None, tmp_path / "o", PrepareOptions(min_count=3))

@@ -304,6 +304,8 @@ def _override(
     if split_fractions is not None:
         spec.split.fractions = list(parse_fractions(split_fractions))
     if seed is not None:
+        if seed < 0:
+            raise PrepareError(f"--seed must be >= 0, got {seed}")
         spec.split.seed = seed
 
 

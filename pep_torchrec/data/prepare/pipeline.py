@@ -412,6 +412,8 @@ def check_options(
             raise PrepareError(f"{name} must be >= {low}, got {value}")
     if options.rows_per_file < 0:
         raise PrepareError(f"rows_per_file must be >= 0, got {options.rows_per_file}")
+    if options.seed is not None and options.seed < 0:
+        raise PrepareError(f"--seed must be >= 0, got {options.seed}")
     if dataset == "synthetic":
         if raw is not None:
             raise PrepareError("--raw does not apply to the synthetic dataset")
