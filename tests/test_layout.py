@@ -144,6 +144,35 @@ def test_code_and_docs_name_existing_modules() -> None:
     assert not bad, "references to modules that do not exist:\n" + "\n".join(sorted(bad))
 
 
+def test_short_module_paths_exist() -> None:
+    """A path written from inside the package (`data/raw/spec_reader.py`, `distributed/planning.py`)
+    names a file of the package (or, after `cf.`, of the installed TorchRec)."""
+    import torchrec
+
+    torchrec_root = Path(torchrec.__file__).parent
+    parts = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
+    alternatives = "|".join(parts)
+    pattern = re.compile(rf"(?<![\w/.-])((?:{alternatives})/[\w/]*\w\.(?:py|cpp))\b")
+    bad = []
+    for file in _tracked_text_files():
+        for path in set(pattern.findall(file.read_text(encoding="utf-8", errors="replace"))):
+            homes = (PACKAGE / path, ROOT / path, file.parent / path, torchrec_root / path)
+            if not any(home.is_file() for home in homes) and not any(PACKAGE.glob(f"*/{path}")):
+                bad.append(f"{file.relative_to(ROOT)}: {path}")
+    assert not bad, "paths to modules that do not exist:\n" + "\n".join(sorted(bad))
+
+
+def test_no_reference_to_documents_outside_the_repository() -> None:
+    """The team's working documents (DESIGN.md, STYLE.md) live outside the repository: code and docs
+    cite docs/architecture.md, which a fresh clone has."""
+    bad = [
+        f"{file.relative_to(ROOT)}: {name}"
+        for file in _tracked_text_files()
+        for name in sorted(set(re.findall(r"\b(?:DESIGN|STYLE)\.md\b", file.read_text(encoding="utf-8"))))
+    ]
+    assert not bad, "references to documents a clone does not have:\n" + "\n".join(bad)
+
+
 def test_test_folders_mirror_the_package() -> None:
     tests = ROOT / "tests"
     folders = {p.parent for p in tests.rglob("test_*.py") if p.parent != tests}

@@ -1,4 +1,4 @@
-"""The serving artifact: a directory of a JSON manifest and pickle-free tensor files (DESIGN.md decision 7).
+"""The serving artifact: a directory of a JSON manifest and pickle-free tensor files (docs/architecture.md, decision 7).
 
 Legend: R = table rows (num_embeddings), D = embedding dim, R_k = kept rows (rows with at least one
 kept element), K = kept elements of a table.

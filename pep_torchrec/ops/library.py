@@ -92,7 +92,7 @@ def default_impl(device: torch.device) -> str:
     beats the reference forward + backward in every mode, 1.9-3.9x at the train shape (4096 one-id
     bags, D = 16) and 3.8-10.6x at 20 ids per bag; NONE (no threshold: nothing to fuse but the
     pooling) by 1.7x; on an H200 the Triton kernels run at 0.80-0.99 of copy bandwidth
-    (`gpu_check.md`). STYLE.md: a fused path replaces the reference only once a benchmark shows it
+    (`gpu_check.md`). The rule: a fused path replaces the reference only once a benchmark shows it
     faster.
     """
     choice = os.environ.get("PEP_TORCHREC_OPS", "auto").strip().lower() or "auto"
