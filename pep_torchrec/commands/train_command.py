@@ -153,7 +153,7 @@ def _dry_run(cfg) -> int:
 
     from pep_torchrec.data.schema import Schema
     from pep_torchrec.distributed.planning import make_constraints, make_sharders, plan_sharding
-    from pep_torchrec.training.trainer import build_train_model
+    from pep_torchrec.models.run_model import build_train_model
 
     schema = Schema.load(cfg.data.path)
     world = cfg.sharding.dry_run_world_size

@@ -56,6 +56,7 @@ from pep_torchrec.export.format import (
     write_artifact,
 )
 from pep_torchrec.models.base import LINEAR_TABLE_PREFIX
+from pep_torchrec.models.run_model import build_train_model
 from pep_torchrec.ops import margins, threshold
 from pep_torchrec.pep.masks import open_array, top_per_row
 from pep_torchrec.training.run_dir import RunDir, read_meta
@@ -377,8 +378,6 @@ class ArtifactConverter:
 
     def load_model(self) -> tuple[torch.nn.Module, ExportSource]:
         """The unsharded TrainModel with the chosen checkpoint loaded (gk set), and what was read."""
-        from pep_torchrec.training.trainer import build_train_model
-
         mask_dir = self._mask_dir()
         mask_meta = read_meta(mask_dir) if mask_dir is not None else None
         if mask_meta is not None and mask_meta.get("kind") != "mask":

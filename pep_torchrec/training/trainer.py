@@ -39,8 +39,8 @@ from pep_torchrec.distributed.planning import (
     plan_sharding,
     shard_model,
 )
-from pep_torchrec.distributed.s_optimizer import SOptimizerSettings, SOptimizerSync
-from pep_torchrec.models import TrainModel, build_model, embedding_tables
+from pep_torchrec.distributed.s_optimizer import SOptimizerSync
+from pep_torchrec.models.run_model import PEP_STAGES, build_train_model
 from pep_torchrec.modules import PEPEmbeddingBagCollection
 from pep_torchrec.pep.stage import PEPStage
 from pep_torchrec.training.checkpoint import CheckpointManager
@@ -58,7 +58,6 @@ _DENSE_OPTIMIZERS = {
 
 
 STAGES = ("baseline", "search", "retrain")
-PEP_STAGES = ("search", "retrain")
 
 
 def all_table_names(model: nn.Module) -> list[str]:
@@ -81,34 +80,6 @@ def plan_inputs(cfg: RunConfig, model: nn.Module, device_type: str):
             raise ConfigError(f"sharding.types: {e}") from e
         return pep_sharders(fused), constraints
     return make_sharders(cfg.optim.embedding, device_type), constraints
-
-
-def build_train_model(
-    cfg: RunConfig, schema: Schema, *, embedding_device: torch.device, dense_device: torch.device
-) -> TrainModel:
-    """The unsharded model: one EBC table per sparse feature (on `embedding_device`, usually meta so
-    the full tables are never allocated before sharding), dense parts on `dense_device`."""
-    tables = embedding_tables(schema.sparse_features, cfg.model.embedding_dim, init_std=cfg.model.init_std)
-    if cfg.train.stage in PEP_STAGES:
-        ebc = PEPEmbeddingBagCollection(
-            tables,
-            granularity=cfg.pep.granularity,
-            s0=cfg.pep.s0,
-            gk=cfg.pep.gk,
-            s_decay=cfg.pep.s_decay,
-            s_push=cfg.pep.s_push,
-            retrain=cfg.train.stage == "retrain",
-            device=embedding_device,
-        )
-        if cfg.pep.s_optimizer == "sgd":  # read by the sharder (ShardedPEPEmbeddingBagCollection)
-            ebc.s_optimizer = SOptimizerSettings(lr=cfg.pep.s_lr, norm=cfg.pep.s_norm)
-    else:
-        ebc = EmbeddingBagCollection(tables=tables, device=embedding_device)
-    with torch.device(dense_device):
-        model = build_model(
-            cfg.model.name, ebc=ebc, num_dense=len(schema.dense_features), **cfg.model.options
-        )
-    return TrainModel(model)
 
 
 def ensure_dataset(path: str, synthetic: SyntheticConfig | None, env: DistEnv) -> None:

@@ -30,7 +30,7 @@ def make_run(
     step: int = 10,
 ) -> Path:
     """A finished-looking run directory with random weights, thresholds and a mask."""
-    from pep_torchrec.training.trainer import build_train_model
+    from pep_torchrec.models.run_model import build_train_model
 
     torch.manual_seed(seed)
     options = {"mlp_dims": [16], "dropout": 0.0} if model == "deepfm" else {}
