@@ -418,6 +418,12 @@ class DelimitedFile:
             i = int(np.flatnonzero(~ok & ~too_long)[0])
             detail = f"expected {num_fields} fields, found {int(num_found[i])}"
             rejects.append(Reject("wrong_field_count", lines[~ok & ~too_long], detail))
+        return self._finish(data, arr, starts, ends, lines, ok, rejects, f"{where}:{first_line}")
+
+    def _finish(self, data: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray, lines: np.ndarray,
+                ok: np.ndarray, rejects: list[Reject], where: str) -> RawBlock:  # fmt: skip
+        """The lines still `ok` after the format's own checks: rejected for bad values and bad
+        encoding, then parsed into a table of one row per line that passed."""
         for reason, bad, detail in self._bad_values(data, arr, starts, ends, ok):
             rejects.append(Reject(reason, lines[bad], detail))
             ok &= ~bad
@@ -432,9 +438,7 @@ class DelimitedFile:
             lines = lines[ok]
         table = self._read_csv(data) if len(lines) else self._empty_table()
         if table.num_rows != len(lines):  # internal invariant: one table row per line that passed
-            raise AssertionError(
-                f"{where}:{first_line}: parsed {table.num_rows} rows from {len(lines)} lines"
-            )
+            raise AssertionError(f"{where}: parsed {table.num_rows} rows from {len(lines)} lines")
         return RawBlock(table, lines, rejects)
 
     def _bad_values(self, data: bytes, arr: np.ndarray, starts: np.ndarray, ends: np.ndarray,

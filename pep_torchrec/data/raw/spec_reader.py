@@ -215,24 +215,7 @@ class SpecTextFile(DelimitedFile):
             rejects.append(Reject("wrong_field_count", lines[wrong],
                                   f"expected {num_fields} fields, found {int(num_found[i])}"))  # fmt: skip
             ok &= ~wrong
-        for reason, bad, detail in self._bad_values(data, arr, starts, ends, ok):
-            rejects.append(Reject(reason, lines[bad], detail))
-            ok &= ~bad
-        bad_enc = self._bad_encoding(data, arr, ends) & ok
-        if bad_enc.any():
-            rejects.append(
-                Reject("bad_encoding", lines[bad_enc], "not valid UTF-8 text, or a stray carriage return")
-            )
-            ok &= ~bad_enc
-        if not ok.all():
-            data = arr[np.repeat(ok, ends - starts + 1)].tobytes()
-            lines = lines[ok]
-        table = self._read_csv(data) if len(lines) else self._empty_table()
-        if table.num_rows != len(lines):
-            raise AssertionError(
-                f"{where}:{first_line}: parsed {table.num_rows} rows from {len(lines)} lines"
-            )
-        return RawBlock(table, lines, rejects)
+        return self._finish(data, arr, starts, ends, lines, ok, rejects, f"{where}:{first_line}")
 
     def _read_csv(self, data: bytes) -> pa.Table:
         if not self.quote:
