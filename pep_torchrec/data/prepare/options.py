@@ -71,14 +71,9 @@ class PrepareOptions:
 
 
 def prepare_options(obj: Mapping[str, Any]) -> PrepareOptions:
-    """`PrepareOptions` from plain data (the command's flags, a YAML mapping): types checked by
-    `config.from_dict` (`ConfigError` naming the key); `synthetic` by `synthetic_config`."""
-    obj = dict(obj)
-    synthetic = obj.pop("synthetic", None)
-    options = from_dict(PrepareOptions, obj)
-    if synthetic is None:
-        return options
-    return dataclasses.replace(options, synthetic=synthetic_config(synthetic))
+    """`PrepareOptions` from plain data (the command's flags, a YAML mapping), by `config.from_dict`:
+    a value of the wrong type, an unknown key or a bad `synthetic.<key>` is a `ConfigError` naming it."""
+    return from_dict(PrepareOptions, dict(obj))
 
 
 def synthetic_config(options: Mapping[str, Any] | SyntheticConfig) -> SyntheticConfig:

@@ -430,11 +430,8 @@ def _open_source(
     """The synthetic generator's config or the raw input's reader, the min_count and the seed that apply."""
     if dataset == "synthetic":  # `check_options` has checked raw and min_count
         config = options.synthetic or SyntheticConfig()
-        if options.seed is not None and options.seed != config.seed:  # `seed` seeds the generator too
-            try:
-                config = dataclasses.replace(config, seed=options.seed)
-            except ValueError as e:
-                raise PrepareError(str(e)) from None
+        if options.seed is not None:  # `seed` seeds the generator too (`check_options`: it is >= 0)
+            config = dataclasses.replace(config, seed=options.seed)
         return config, 1, config.seed
     assert raw is not None, "check_options requires it"
     if options.synthetic is not None:
